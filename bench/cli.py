@@ -1,0 +1,171 @@
+"""python -m bench {list,run}: the command line. Bad input is one line on stderr and exit 2."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from bench.errors import SpecError
+from bench.options import split_list
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        raise SpecError(message)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(item) for item in split_list(text)]
+    except ValueError:
+        raise SpecError(f"expected a comma-separated list of integers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from bench.runner import DEFAULT_ESTIMATORS
+
+    parser = _Parser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    lister = sub.add_parser("list", help="estimators (with options), tasks and targets")
+    lister.add_argument("--include", action="append", default=[], metavar="FILE.py",
+                        help="import a file that registers estimators or tasks")
+
+    run = sub.add_parser("run", help="run a sweep and write DIR/rows.jsonl and DIR/run.json")
+    run.add_argument("--tasks", default="toy", help="comma-separated task specs (default: toy)")
+    run.add_argument("--estimators", default=DEFAULT_ESTIMATORS,
+                     help=f"comma-separated estimator specs name[k=v,...] (default: {DEFAULT_ESTIMATORS})")
+    run.add_argument("--targets", default="latent,cond,weights", help="latent, cond, weights")
+    run.add_argument("--steps", default="10,20,50", help="sampler step counts N (default: 10,20,50)")
+    run.add_argument("--seeds", default="0", help="seeds (default: 0)")
+    run.add_argument("--iters", type=int, default=10, help="Adam iterations of the short optimisation")
+    run.add_argument("--rounds", type=int, default=5, help="timed rounds per cell")
+    run.add_argument("--warmup", type=int, default=1, help="untimed warm-up rounds per cell")
+    run.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    run.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    run.add_argument("--out", type=Path, default=None,
+                     help="run folder (default: results/<a name derived from the sweep>)")
+    run.add_argument("--force", action="store_true", help="rerun cells already in rows.jsonl")
+    run.add_argument("--include", action="append", default=[], metavar="FILE.py",
+                     help="import a file that registers estimators or tasks")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "list":
+            return _list(args)
+        return _run(args, argv)
+    except SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: completed cells are saved; run the same command again to resume",
+              file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug:
+            raise
+        print(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+def _list(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from bench.problem import TARGET_HELP
+    from bench.registry import ESTIMATORS, TASKS, include
+
+    for path in args.include:
+        include(path)
+    console = Console()
+    table = Table(title="Estimators", show_lines=False)
+    for column in ("name", "exact", "options (type = default)", "what it does"):
+        table.add_column(column)
+    for name in ESTIMATORS.names():
+        cls = ESTIMATORS.get(name)
+        options = "\n".join(opt.describe() for opt in cls.options) or "-"
+        table.add_row(name, "yes" if cls.exact else "no", options, cls.summary)
+    console.print(table)
+    table = Table(title="Tasks")
+    for column in ("name", "options (type = default)", "targets", "what it is"):
+        table.add_column(column)
+    for name in TASKS.names():
+        cls = TASKS.get(name)
+        options = "\n".join(opt.describe() for opt in cls.options) or "-"
+        table.add_row(name, options, ", ".join(cls.targets), cls.summary)
+    console.print(table)
+    table = Table(title="Targets")
+    table.add_column("name")
+    table.add_column("what is optimised")
+    for name, text in TARGET_HELP.items():
+        table.add_row(name, text)
+    console.print(table)
+    return 0
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from bench.runner import SweepSpec, run_sweep
+    from bench.summary import print_summary
+
+    spec = SweepSpec(
+        tasks=split_list(args.tasks), estimators=split_list(args.estimators),
+        targets=split_list(args.targets), steps=_int_list(args.steps), seeds=_int_list(args.seeds),
+        iters=args.iters, warmup=args.warmup, rounds=args.rounds, memory=not args.no_memory,
+        device=args.device, includes=[str(Path(p).resolve()) for p in args.include],
+    )
+    out = args.out or Path("results") / _default_name(spec)
+    console = Console(stderr=True)
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=console, disable=args.no_progress)
+    bar = None
+
+    def on_start(total: int, reused: int) -> None:
+        nonlocal bar
+        if reused:
+            console.print(f"{reused} of {total} cells already in {out / 'rows.jsonl'}; skipping them "
+                          f"(--force reruns)")
+        bar = progress.add_task("sweep", total=total, completed=reused)
+
+    def on_cell(cell) -> None:
+        progress.update(bar, description=escape(f"{cell.task.spec} {cell.target} {cell.estimator.spec} "
+                                                f"N={cell.steps} seed={cell.seed}"))
+
+    def on_row(row) -> None:
+        progress.advance(bar)
+        if row["status"] not in ("ok", "skipped"):
+            progress.console.print(f"[yellow]{row['status']}[/]: " + escape(
+                f"{row['estimator']} {row['target']} N={row['steps']}: {row.get('error', '')}"))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        with progress:
+            rows = run_sweep(spec, out, force=args.force, argv=argv, on_start=on_start,
+                             on_cell=on_cell, on_row=on_row)
+    print_summary(rows, Console())
+    Console().print(f"rows: {out / 'rows.jsonl'}   run: {out / 'run.json'}")
+    return 0
+
+
+def _default_name(spec) -> str:
+    text = json.dumps([spec.tasks, spec.estimators, spec.targets, spec.steps, spec.seeds, spec.iters,
+                       spec.device], sort_keys=True)
+    tasks = "-".join(t.split("[")[0] for t in spec.tasks)
+    return f"{tasks}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"

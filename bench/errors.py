@@ -1,0 +1,10 @@
+"""User-facing errors: the CLI prints these as one line and exits non-zero."""
+
+
+class SpecError(ValueError):
+    """Bad user input (a name, an option, a step count...). The message is one line that names
+    what is wrong and what is valid."""
+
+
+class SkipCell(Exception):
+    """Raised by an estimator or task when a cell cannot be computed by design (not a failure)."""

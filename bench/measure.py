@@ -1,0 +1,91 @@
+"""Timing and memory measurement. Time: warm-up rounds, then timed rounds with the device
+synchronised around each, median and IQR. Memory on CUDA: the allocator's own peak above the
+pre-call baseline. Memory on CPU: the process's resident high-water mark above the pre-call
+resident size, in a worker process started with glibc's mmap threshold at 64 KiB, so that large
+tensors are returned to the OS when freed and the high-water mark tracks live tensor bytes
+(see bench/memworker.py)."""
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_rounds(fn: Callable[[], object], device: torch.device, warmup: int, rounds: int) -> list[float]:
+    """Seconds per call for `rounds` timed calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(rounds):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def median_iqr(values: list[float]) -> tuple[float, float]:
+    if len(values) == 1:
+        return values[0], 0.0
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return statistics.median(values), q3 - q1
+
+
+def cuda_peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes allocated by CUDA during fn, above what was allocated before it."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    baseline = torch.cuda.memory_allocated(device)
+    fn()
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - baseline
+
+
+def rss_supported() -> bool:
+    return Path("/proc/self/clear_refs").exists() and Path("/proc/self/status").exists()
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} missing from /proc/self/status")
+
+
+def rss_peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak resident bytes during fn above the resident size before it (Linux; meaningful in a
+    process started with MALLOC_ENV)."""
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # reset the high-water mark VmHWM to the current VmRSS
+    baseline = _status_bytes("VmRSS")
+    fn()
+    return _status_bytes("VmHWM") - baseline
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes of distinct storages among tensors (what a problem holds before any gradient)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None:
+            continue
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total

@@ -1,0 +1,50 @@
+"""What a task hands an estimator: the chain, its inputs, the reward and the leaves to differentiate."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from bench.chain import Chain
+
+TARGETS = ("latent", "cond", "weights")
+TARGET_HELP = {
+    "latent": "the initial latent x_N (guided generation, adversarial auditing)",
+    "cond": "the conditioning embedding c (textual-inversion-like)",
+    "weights": "the denoiser's trainable parameters theta (reward fine-tuning)",
+}
+
+
+@dataclass
+class Problem:
+    """One differentiable sampling problem. `leaves` are the tensors whose `.grad` an estimator
+    fills; exactly one target's tensors require grad."""
+
+    chain: Chain
+    x_start: Tensor  # x_N
+    cond: Tensor | None
+    noises: list[Tensor] | None  # xi_i at [i - 1], present when eta > 0
+    reward_fn: Callable[[Tensor], Tensor]  # x_0 -> per-sample rewards (B,)
+    target: str
+    leaves: list[Tensor]
+
+    @property
+    def num_steps(self) -> int:
+        return self.chain.schedule.num_steps
+
+    def loss(self, x0: Tensor) -> tuple[Tensor, Tensor]:
+        """(loss, rewards) with loss = -mean(R(x_0))."""
+        rewards = self.reward_fn(x0)
+        return -rewards.mean(), rewards
+
+    def zero_grad(self) -> None:
+        for leaf in self.leaves:
+            leaf.grad = None
+
+    def flat_grad(self) -> Tensor:
+        """All leaves' gradients as one vector (zeros where a leaf received none)."""
+        parts = [(leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)).reshape(-1)
+                 for leaf in self.leaves]
+        return torch.cat(parts) if parts else torch.zeros(0)

@@ -1,0 +1,308 @@
+"""The sweep: expand a spec into cells, run each (gradient agreement, timing, memory, a short
+optimisation), append one row per cell as it finishes. A failing cell is a row, never fatal."""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import platform
+import random
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+import bench
+from bench import store
+from bench.errors import SkipCell, SpecError
+from bench.identity import cell_key, code_hash
+from bench.measure import cuda_peak_bytes, median_iqr, rss_supported, tensor_bytes, time_rounds
+from bench.memworker import MemoryWorker
+from bench.options import split_list
+from bench.problem import Problem
+from bench.registry import ESTIMATORS, TASKS, include
+
+DEFAULT_ESTIMATORS = "full,checkpoint,adjoint,sdo,truncated[k=2],truncated[k=2,latent_path=true]"
+
+
+@dataclass
+class SweepSpec:
+    tasks: list[str] = field(default_factory=lambda: ["toy"])
+    estimators: list[str] = field(default_factory=lambda: split_list(DEFAULT_ESTIMATORS))
+    targets: list[str] = field(default_factory=lambda: ["latent", "cond", "weights"])
+    steps: list[int] = field(default_factory=lambda: [10, 20, 50])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    iters: int = 10  # Adam iterations of the short optimisation
+    warmup: int = 1
+    rounds: int = 5
+    memory: bool = True
+    device: str = "cpu"
+    includes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Cell:
+    task: Any
+    estimator: Any
+    target: str
+    steps: int
+    seed: int
+    key: str
+    identity: dict[str, Any]
+
+
+def resolve(spec: SweepSpec) -> tuple[list[Any], list[Any]]:
+    """Build every task and estimator and check the whole sweep before anything runs."""
+    for path in spec.includes:
+        include(path)
+    if spec.device not in ("cpu", "cuda") and not spec.device.startswith("cuda:"):
+        raise SpecError(f"unknown device {spec.device!r}; valid: cpu, cuda, cuda:N")
+    if spec.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SpecError(f"device {spec.device!r} requested but CUDA is not available here; valid: cpu")
+    for name, values in (("steps", spec.steps), ("seeds", spec.seeds)):
+        if not values:
+            raise SpecError(f"--{name} is empty")
+    for steps in spec.steps:
+        if steps < 1:
+            raise SpecError(f"step count must be a positive integer, got {steps}")
+    for label, value, low in (("iters", spec.iters, 0), ("rounds", spec.rounds, 1), ("warmup", spec.warmup, 0)):
+        if value < low:
+            raise SpecError(f"--{label} must be >= {low}, got {value}")
+    tasks = [TASKS.create(name) for name in spec.tasks]
+    estimators = [ESTIMATORS.create(name) for name in spec.estimators]
+    for task in tasks:
+        for target in spec.targets:
+            if target not in task.targets:
+                raise SpecError(f"unknown target {target!r} for task {task.spec}; "
+                                f"valid: {', '.join(task.targets)}")
+    for estimator, steps in itertools.product(estimators, spec.steps):
+        estimator.check_steps(steps)
+    return tasks, estimators
+
+
+def expand(spec: SweepSpec, tasks: list[Any], estimators: list[Any]) -> list[Cell]:
+    cells = []
+    for task, target, estimator, steps, seed in itertools.product(
+            tasks, spec.targets, estimators, spec.steps, spec.seeds):
+        identity = {
+            "schema": store.SCHEMA, "task": task.spec, "task_version": task.version,
+            "task_code": code_hash(type(task)), "estimator": estimator.spec,
+            "estimator_code": code_hash(type(estimator)), "target": target, "steps": steps,
+            "seed": seed, "iters": spec.iters, "device": spec.device,
+        }
+        cells.append(Cell(task, estimator, target, steps, seed, cell_key(identity), identity))
+    return cells
+
+
+def environment(spec: SweepSpec, argv: list[str] | None) -> dict[str, Any]:
+    import diffusers
+
+    device = torch.device(spec.device)
+    return {
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "argv": argv, "spec": asdict(spec), "bench_version": bench.__version__,
+        "python": sys.version.split()[0], "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "cuda": torch.version.cuda, "device": spec.device,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(), "platform": platform.platform(), **_git_state(),
+    }
+
+
+def _git_state() -> dict[str, Any]:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True,
+                                    text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": None, "git_dirty": None}
+    return {"git_commit": commit, "git_dirty": dirty}
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    return bool(torch.isfinite(tensor).all())
+
+
+class Diverged(Exception):
+    pass
+
+
+class CellRunner:
+    """Runs cells of one sweep; caches the exact reference gradient per (task, target, N, seed)."""
+
+    def __init__(self, spec: SweepSpec) -> None:
+        self.spec = spec
+        self.device = torch.device(spec.device)
+        self.references: dict[tuple, torch.Tensor] = {}
+        self.ready_tasks: set[int] = set()
+        use_worker = spec.memory and self.device.type == "cpu" and rss_supported()
+        self.memory_worker = MemoryWorker(spec.includes) if use_worker else None
+
+    def close(self) -> None:
+        if self.memory_worker is not None:
+            self.memory_worker.close()
+
+    def _setup(self, task: Any) -> None:
+        if id(task) not in self.ready_tasks:
+            task.setup(self.device)
+            self.ready_tasks.add(id(task))
+
+    def reference(self, cell: Cell) -> torch.Tensor:
+        """The exact gradient of the discrete chain at the cell's point: full backprop in float64."""
+        key = (cell.task.spec, cell.target, cell.steps, cell.seed)
+        if key not in self.references:
+            problem = cell.task.make_problem(cell.target, cell.steps, cell.seed, dtype=torch.float64)
+            ESTIMATORS.create("full")(problem, random.Random(cell.seed))
+            self.references[key] = problem.flat_grad().detach().double()
+        return self.references[key]
+
+    def run(self, cell: Cell) -> dict[str, Any]:
+        row: dict[str, Any] = {"key": cell.key, **cell.identity, "options": cell.estimator.values,
+                               "status": "ok"}
+        started = time.perf_counter()
+        try:
+            self._setup(cell.task)
+            self._measure(cell, row)
+        except SkipCell as skip:
+            row.update(status="skipped", reason=str(skip))
+        except Diverged as exc:
+            row.update(status="diverged", error=str(exc))
+        except torch.OutOfMemoryError as exc:
+            row.update(status="oom", error=str(exc).splitlines()[0], error_type=type(exc).__name__)
+        except Exception as exc:  # a failing cell is data
+            row.update(status="error", error=f"{exc}".splitlines()[0] if str(exc) else repr(exc),
+                       error_type=type(exc).__name__,
+                       traceback=traceback.format_exc(limit=-3))
+        row["cell_seconds"] = round(time.perf_counter() - started, 3)
+        return row
+
+    def _measure(self, cell: Cell, row: dict[str, Any]) -> None:
+        estimator, spec = cell.estimator, self.spec
+        problem = cell.task.make_problem(cell.target, cell.steps, cell.seed)
+        reason = estimator.skip_reason(problem)
+        if reason:
+            raise SkipCell(reason)
+        cost = estimator.cost(cell.steps)
+        row.update(nfe_forward_pred=cost.nfe_forward, nfe_vjp_pred=cost.nfe_vjp, mem_class=cost.memory)
+        rng = random.Random(cell.seed)
+
+        # 1. Gradient agreement and counts (untimed).
+        problem.chain.counter.reset()
+        estimator(problem, rng)
+        row.update(nfe_forward=problem.chain.counter.forward, nfe_vjp=problem.chain.counter.vjp)
+        grad = problem.flat_grad().detach().double()
+        if not _finite(grad):
+            raise Diverged("non-finite gradient")
+        exact = self.reference(cell)
+        norm = float(grad.norm() * exact.norm())
+        row["grad_cos"] = float(grad @ exact) / norm if norm > 0 else float("nan")
+        row["grad_rel_err"] = float((grad - exact).norm() / exact.norm()) if float(exact.norm()) > 0 else float("nan")
+        row["grad_norm"], row["exact_grad_norm"] = float(grad.norm()), float(exact.norm())
+
+        # 2. Time per gradient.
+        times = time_rounds(lambda: estimator(problem, rng), self.device, spec.warmup, spec.rounds)
+        row["time_s"], row["time_iqr_s"] = median_iqr(times)
+        row["time_rounds_s"] = times
+
+        # 3. Peak memory of one gradient, above what the problem holds before it.
+        row["mem_baseline_bytes"] = tensor_bytes(_problem_tensors(problem))
+        row.update(self._memory(cell, problem, rng))
+
+        # 4. A short optimisation with this estimator (reward of the true sampler each iteration).
+        row.update(self._optimise(cell, rng))
+
+    def _memory(self, cell: Cell, problem: Problem, rng: random.Random) -> dict[str, Any]:
+        if not self.spec.memory:
+            return {"peak_mem_bytes": None, "mem_kind": "off"}
+        if self.device.type == "cuda":
+            problem.zero_grad()
+            return {"peak_mem_bytes": cuda_peak_bytes(lambda: cell.estimator(problem, rng), self.device),
+                    "mem_kind": "cuda_max_allocated"}
+        if self.memory_worker is None:
+            return {"peak_mem_bytes": None, "mem_kind": "unavailable"}
+        result = self.memory_worker.measure({"task": cell.task.spec, "estimator": cell.estimator.spec,
+                                             "target": cell.target, "steps": cell.steps, "seed": cell.seed})
+        if "error" in result:
+            return {"peak_mem_bytes": None, "mem_kind": "rss_peak", "mem_error": result["error"]}
+        return {"peak_mem_bytes": result["peak"], "mem_kind": "rss_peak"}
+
+    def _optimise(self, cell: Cell, rng: random.Random) -> dict[str, Any]:
+        problem = cell.task.make_problem(cell.target, cell.steps, cell.seed)
+        optimiser = torch.optim.Adam(problem.leaves, lr=cell.task.learning_rates[cell.target])
+        curve = []
+        for _ in range(self.spec.iters):
+            outcome = cell.estimator(problem, rng)
+            curve.append(float(outcome.rewards.mean()))
+            if not (math.isfinite(outcome.loss) and _finite(problem.flat_grad())):
+                raise Diverged(f"non-finite loss or gradient at optimisation iteration {len(curve)}")
+            optimiser.step()
+        x0 = problem.chain.sample(problem.x_start, problem.cond, problem.noises)
+        metrics = cell.task.evaluate(problem, x0)
+        if not all(math.isfinite(v) for v in metrics.values()):
+            raise Diverged(f"non-finite evaluation after optimisation: {metrics}")
+        initial = curve[0] if curve else metrics["reward"]
+        return {"reward_init": initial, "reward_final": metrics["reward"], "reward_curve": curve,
+                **{f"eval_{name}": value for name, value in metrics.items()}}
+
+
+def _problem_tensors(problem: Problem) -> Iterator[torch.Tensor]:
+    yield from problem.chain.denoiser.parameters()
+    yield from problem.chain.denoiser.buffers()
+    yield problem.x_start
+    if problem.cond is not None:
+        yield problem.cond
+    yield from problem.noises or ()
+
+
+def run_sweep(spec: SweepSpec, out: Path, force: bool = False, argv: list[str] | None = None,
+              on_start: Callable[[int, int], None] | None = None,
+              on_cell: Callable[[Cell], None] | None = None,
+              on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Run every cell not already in OUT/rows.jsonl (all of them with force); return the rows of
+    this sweep's cells (fresh or reused)."""
+    tasks, estimators = resolve(spec)
+    cells = expand(spec, tasks, estimators)
+    out.mkdir(parents=True, exist_ok=True)
+    rows_path = out / store.ROWS
+    store.repair(rows_path)
+    done = store.latest_by_key(store.read_rows(rows_path))
+    _write_run_json(out, spec, argv)
+    todo = [cell for cell in cells if force or cell.key not in done]
+    if on_start:
+        on_start(len(cells), len(cells) - len(todo))
+    runner = CellRunner(spec)
+    try:
+        for cell in todo:
+            if on_cell:
+                on_cell(cell)
+            row = runner.run(cell)
+            store.append_row(rows_path, row)
+            done[cell.key] = row
+            if on_row:
+                on_row(row)
+    finally:
+        runner.close()
+    return [done[cell.key] for cell in cells]
+
+
+def _write_run_json(out: Path, spec: SweepSpec, argv: list[str] | None) -> None:
+    path = out / "run.json"
+    history = []
+    if path.exists():
+        try:
+            previous = json.loads(path.read_text())
+            history = previous.pop("history", []) + [previous]
+        except (json.JSONDecodeError, AttributeError):
+            history = []
+    record = environment(spec, argv)
+    record["history"] = history
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    tmp.replace(path)

@@ -1,0 +1,65 @@
+"""The estimator contract. Subclass `Estimator`, declare `options`, implement `estimate`."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import Tensor
+
+from bench.options import Configurable, Option
+from bench.problem import Problem
+
+
+@dataclass
+class Estimate:
+    """What one gradient call returns besides the `.grad` it fills (all detached)."""
+
+    loss: float
+    rewards: Tensor  # per-sample rewards of the sampler's x_0 at the current point
+    x0: Tensor
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Predicted cost per gradient (ESTIMATORS.md, 'Cost model'): denoiser forwards, VJPs, and the
+    memory class in the symbols A (one call's activations) and S (one latent)."""
+
+    nfe_forward: int
+    nfe_vjp: int
+    memory: str
+
+
+class Estimator(Configurable):
+    """Base class. One call of `estimate` returns the reward and fills `.grad` of `problem.leaves`;
+    only that call is timed. An estimator that cannot serve a problem returns a reason from
+    `skip_reason` instead of a silent zero gradient."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    exact: ClassVar[bool] = False  # True: the gradient equals the exact gradient of the chain
+    options: ClassVar[tuple[Option, ...]] = ()
+
+    def check_steps(self, steps: int) -> None:
+        """Raise SpecError if these options cannot run an N-step chain (e.g. k > N)."""
+
+    def skip_reason(self, problem: Problem) -> str | None:
+        """Why this estimator gives no gradient to this problem's target, or None."""
+        return None
+
+    def cost(self, steps: int) -> Cost:
+        raise NotImplementedError
+
+    def estimate(self, problem: Problem, rng: random.Random) -> Estimate:
+        raise NotImplementedError
+
+    def __call__(self, problem: Problem, rng: random.Random) -> Estimate:
+        problem.zero_grad()
+        return self.estimate(problem, rng)
+
+
+def backprop(problem: Problem, x0: Tensor) -> Estimate:
+    """Loss at x_0, backward into the leaves, and the detached outcome."""
+    loss, rewards = problem.loss(x0)
+    loss.backward()
+    return Estimate(loss=float(loss.detach()), rewards=rewards.detach(), x0=x0.detach())

@@ -1,0 +1,22 @@
+"""full: backpropagation through the whole sampling chain (the exact gradient of the discrete
+chain, ESTIMATORS.md section 1). Memory N*A, time about NF + NV = 3NF."""
+from __future__ import annotations
+
+import random
+
+from estimators.base import Cost, Estimate, Estimator, backprop
+from estimators.masked_chain import run_masked_chain
+from bench.problem import Problem
+
+
+class Full(Estimator):
+    name = "full"
+    summary = "backprop through all N denoiser calls (exact; memory grows with N)"
+    exact = True
+
+    def cost(self, steps: int) -> Cost:
+        return Cost(nfe_forward=steps, nfe_vjp=steps, memory="N·A")
+
+    def estimate(self, problem: Problem, rng: random.Random) -> Estimate:
+        x0 = run_masked_chain(problem, keep_graph=lambda i: True, keep_latent_path=True)
+        return backprop(problem, x0)

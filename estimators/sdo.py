@@ -1,0 +1,84 @@
+"""sdo: the one-step shortcut (SDO, arXiv 2505.07477; ESTIMATORS.md section 4).
+
+Sample without graph except at one step k, and keep the linear DDIM arithmetic of every step as
+an identity path. With beta_i = b_i / alpha_{i-1} (= rho_{i-1} - rho_i at eta = 0):
+
+    dx_0/dx_N   ~ (alpha_0 / alpha_N) [I + beta_k alpha_k J_x(eps_k)]   (J term only if k = N)
+    dx_0/dtheta ~ alpha_0 beta_k d eps_k / d theta
+
+computed as x_0 = x_0^ng + alpha_0 [(x_N - sg(x_N)) / alpha_N + beta_k (eps_k - sg(eps_k))],
+where sg stops the gradient; no rescaling, as in the reference code. `step` picks k: first (the
+call that consumes x_N; the reference code's choice for latent optimisation), last, random
+(uniform on every call; the paper's choice for weight tuning), or a 0-based index in sampling
+order (0 = first). Memory A, time about NF + V.
+"""
+from __future__ import annotations
+
+import random
+
+import torch
+
+from bench.chain import noise_for
+from bench.errors import SpecError
+from bench.options import Option
+from bench.problem import Problem
+from estimators.base import Cost, Estimate, Estimator, backprop
+
+_NAMED_STEPS = ("first", "last", "random")
+
+
+def _step_choice(value: str) -> str | None:
+    if value in _NAMED_STEPS or (value.isdigit()):
+        return None
+    return "must be first, last, random or a 0-based step index"
+
+
+class SDO(Estimator):
+    name = "sdo"
+    summary = "one-step shortcut: identity path plus one kept denoiser call (SDO)"
+    options = (
+        Option("step", str, "first", "which call keeps its graph: first|last|random|<index>",
+               check=_step_choice),
+    )
+
+    def __init__(self, **values):
+        if isinstance(values.get("step"), int) and not isinstance(values.get("step"), bool):
+            values["step"] = str(values["step"])
+        super().__init__(**values)
+
+    def check_steps(self, steps: int) -> None:
+        if self.step.isdigit() and int(self.step) >= steps:
+            raise SpecError(f"{self.spec}: step index {self.step} is outside the chain; "
+                            f"valid: 0..{steps - 1}, first, last, random")
+
+    def kept_grid_index(self, steps: int, rng: random.Random) -> int:
+        """Grid index i (N = first call, 1 = last) of the call that keeps its graph."""
+        if self.step == "first":
+            return steps
+        if self.step == "last":
+            return 1
+        if self.step == "random":
+            return rng.randint(1, steps)
+        return steps - int(self.step)
+
+    def cost(self, steps: int) -> Cost:
+        return Cost(nfe_forward=steps, nfe_vjp=1, memory="A")
+
+    def estimate(self, problem: Problem, rng: random.Random) -> Estimate:
+        chain, schedule, cond = problem.chain, problem.chain.schedule, problem.cond
+        steps = schedule.num_steps
+        k = self.kept_grid_index(steps, rng)
+        x_start = problem.x_start
+        x = x_start.detach()
+        for i in range(steps, 0, -1):
+            if i == k:
+                kept_eps = chain.eps(x_start if i == steps else x, i, cond)
+                eps = kept_eps.detach()
+            else:
+                with torch.no_grad():
+                    eps = chain.eps(x, i, cond)
+            x = schedule.step(x, i, eps, noise_for(problem.noises, i))
+        identity_path = (x_start - x_start.detach()) / schedule.alpha(steps)
+        kept_path = schedule.eps_weight(k) * (kept_eps - kept_eps.detach())
+        x0 = x + schedule.alpha(0) * (identity_path + kept_path)
+        return backprop(problem, x0)

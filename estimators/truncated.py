@@ -1,0 +1,72 @@
+"""truncated: backprop through the last K denoiser calls only (DRaFT-K, arXiv 2309.17400;
+AlignProp, arXiv 2310.03739; ESTIMATORS.md section 5).
+
+The first N - K steps run without graph. DRaFT detaches the latent before the last K steps, so
+x_N gets no gradient unless K = N. AlignProp (`latent_path=true`) detaches only the early
+denoiser outputs and keeps the linear latent path back to x_N. `rand=true` draws K uniformly
+from [k_min, k_max] on every call (AlignProp's `truncated_backprop_rand`).
+Memory K*A, time about NF + K(F + V)."""
+from __future__ import annotations
+
+import random
+
+from bench.errors import SpecError
+from bench.options import Option
+from bench.problem import Problem
+from estimators.base import Cost, Estimate, Estimator, backprop
+from estimators.masked_chain import run_masked_chain
+
+
+def _positive(value: int) -> str | None:
+    return None if value >= 1 else "must be >= 1"
+
+
+def _non_negative(value: int) -> str | None:
+    return None if value >= 0 else "must be >= 0"
+
+
+class Truncated(Estimator):
+    name = "truncated"
+    summary = "backprop through the last K steps only (DRaFT-K / AlignProp)"
+    options = (
+        Option("k", int, 1, "number of final steps that keep their graph", check=_positive),
+        Option("latent_path", bool, False, "keep the linear latent path through early steps (AlignProp)"),
+        Option("rand", bool, False, "draw K uniformly from [k_min, k_max] on every call"),
+        Option("k_min", int, 1, "smallest K when rand=true", check=_positive),
+        Option("k_max", int, 0, "largest K when rand=true (0: the step count N)", check=_non_negative),
+    )
+
+    def __init__(self, **values):
+        super().__init__(**values)
+        if self.rand and self.k_max and self.k_min > self.k_max:
+            raise SpecError(f"truncated: k_min={self.k_min} is above k_max={self.k_max}")
+
+    def _k_range(self, steps: int) -> tuple[int, int]:
+        if not self.rand:
+            return self.k, self.k
+        return self.k_min, (self.k_max or steps)
+
+    def check_steps(self, steps: int) -> None:
+        low, high = self._k_range(steps)
+        if high > steps or low > steps:
+            which = f"k={self.k}" if not self.rand else f"k_min={self.k_min}, k_max={self.k_max}"
+            raise SpecError(f"{self.spec}: {which} exceeds the step count N={steps}; "
+                            f"valid: 1 <= k <= {steps}")
+
+    def skip_reason(self, problem: Problem) -> str | None:
+        low, _ = self._k_range(problem.num_steps)
+        if problem.target == "latent" and not self.latent_path and low < problem.num_steps:
+            return ("DRaFT detaches the latent before the last K steps, so x_N gets no gradient "
+                    "unless K = N; use latent_path=true (AlignProp) or k=N")
+        return None
+
+    def cost(self, steps: int) -> Cost:
+        low, high = self._k_range(steps)
+        k = self.k if not self.rand else (low + high) / 2  # expected K when random
+        return Cost(nfe_forward=steps, nfe_vjp=k, memory="K·A")
+
+    def estimate(self, problem: Problem, rng: random.Random) -> Estimate:
+        low, high = self._k_range(problem.num_steps)
+        k = rng.randint(low, high)
+        x0 = run_masked_chain(problem, keep_graph=lambda i: i <= k, keep_latent_path=self.latent_path)
+        return backprop(problem, x0)

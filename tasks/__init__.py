@@ -1,0 +1,1 @@
+"""Standardized tasks: a model, sampler settings, rewards, targets and evaluation metrics."""

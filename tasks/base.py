@@ -1,0 +1,34 @@
+"""The task contract: set up once (untimed), build a fresh Problem per (target, N, seed),
+evaluate samples (untimed)."""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from bench.options import Configurable, Option
+from bench.problem import TARGETS, Problem
+
+
+class Task(Configurable):
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    version: ClassVar[str] = "1"  # bump when results change meaning; part of every row's key
+    options: ClassVar[tuple[Option, ...]] = ()
+    targets: ClassVar[tuple[str, ...]] = TARGETS
+    dtype: ClassVar[torch.dtype] = torch.float32  # precision of the estimators' runs
+    learning_rates: ClassVar[dict[str, float]] = {"latent": 0.05, "cond": 0.05, "weights": 1e-3}
+
+    def setup(self, device: torch.device) -> None:
+        """Load or train-and-cache what the task needs. Called once per sweep, untimed."""
+        self.device = device
+
+    def make_problem(self, target: str, steps: int, seed: int,
+                     dtype: torch.dtype | None = None) -> Problem:
+        """A fresh problem (fresh copies of anything an optimiser will change)."""
+        raise NotImplementedError
+
+    def evaluate(self, problem: Problem, x0: torch.Tensor) -> dict[str, float]:
+        """Metrics of final samples, outside any timed part."""
+        _, rewards = problem.loss(x0)
+        return {"reward": float(rewards.mean())}

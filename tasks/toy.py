@@ -1,0 +1,131 @@
+"""toy: a Gaussian mixture in d dimensions with the exact closed-form denoiser (no training).
+
+Data: p_0 = sum_k w_k N(mu_k + shift, s^2 I) with w = softmax(logits + offsets). Noised by
+x_t = alpha x_0 + sigma eps it stays a mixture, N(alpha (mu_k + shift), (alpha^2 s^2 + sigma^2) I),
+so the optimal noise prediction is exact:
+
+    eps(x, t, c) = -sigma * grad_x log p_t(x) = sigma * sum_k gamma_k(x) (x - alpha mu_k') / v_k
+
+with gamma_k the posterior responsibilities and v_k = alpha^2 s^2 + sigma^2.
+theta (the `weights` target) is (mu, logits); the conditioning c = [offsets (K), shift (d)]
+selects components and shifts them. Everything runs in float64: this is where estimators are
+checked against the exact gradient.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers import DDIMScheduler
+from torch import Tensor, nn
+
+from bench.chain import Chain, Schedule, alpha_bar_at_time
+from bench.errors import SpecError
+from bench.options import Option
+from bench.problem import Problem
+from tasks.base import Task
+
+# Stable Diffusion 1.x's noise levels, with trailing spacing: every N starts at t = 999, so runs at
+# different N integrate the same ODE interval (with leading spacing t_N moves: 901 at N = 10, 991 at
+# N = 100, 799 at N = 400) and a convergence study in N compares like with like.
+SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                        beta_end=0.012, clip_sample=False, set_alpha_to_one=False,
+                        prediction_type="epsilon", timestep_spacing="trailing")
+
+
+class MixtureDenoiser(nn.Module):
+    """Exact eps-prediction for a Gaussian mixture, differentiable in x, t-free parameters and c."""
+
+    def __init__(self, means: Tensor, logits: Tensor, std: float, train_alpha_bar: Tensor) -> None:
+        super().__init__()
+        self.means = nn.Parameter(means.clone())
+        self.logits = nn.Parameter(logits.clone())
+        self.std = std
+        self.register_buffer("train_alpha_bar", train_alpha_bar.clone())
+
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
+        k, d = self.means.shape
+        offsets, shift = (cond[..., :k], cond[..., k:]) if cond is not None else (0.0, 0.0)
+        abar = alpha_bar_at_time(t, self.train_alpha_bar).to(x.dtype)[:, None, None]  # (B, 1, 1)
+        alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+        centers = alpha * (self.means + shift)  # (B, K, d)
+        var = alpha**2 * self.std**2 + sigma**2  # (B, 1, 1)
+        diff = x[:, None, :] - centers
+        log_w = torch.log_softmax(self.logits + offsets, dim=-1)
+        log_p = log_w - 0.5 * (diff**2).sum(-1) / var[..., 0] - 0.5 * d * torch.log(2 * math.pi * var[..., 0])
+        gamma = torch.softmax(log_p, dim=-1)[..., None]  # (B, K, 1)
+        return sigma[:, 0] * (gamma * diff / var).sum(1)
+
+
+def _at_least(low: float):
+    return lambda v: None if v >= low else f"must be >= {low}"
+
+
+class Toy(Task):
+    name = "toy"
+    summary = "Gaussian mixture with the exact closed-form denoiser (float64, no training)"
+    version = "1"
+    dtype = torch.float64
+    learning_rates = {"latent": 0.05, "cond": 0.05, "weights": 0.02}
+    options = (
+        Option("d", int, 2, "dimension", check=_at_least(1)),
+        Option("modes", int, 8, "mixture components (a ring of radius 2 in the first two axes)",
+               check=_at_least(1)),
+        Option("std", float, 0.5, "standard deviation of each component (smaller: stiffer ODE)",
+               check=_at_least(1e-3)),
+        Option("batch", int, 16, "samples per problem", check=_at_least(1)),
+        Option("eta", float, 0.0, "DDIM eta (0: deterministic ODE sampler)", check=_at_least(0.0)),
+        Option("reward", str, "region", "region: log soft-probability of a ball between two modes; "
+               "distance: -|x-c|^2 (both in the ring's plane)",
+               choices=("region", "distance")),
+    )
+
+    def setup(self, device: torch.device) -> None:
+        super().setup(device)
+        self.scheduler = DDIMScheduler(**SCHEDULER_CONFIG)
+        angles = torch.arange(self.modes, dtype=torch.float64) * 2 * math.pi / self.modes
+        means = torch.zeros(self.modes, self.d, dtype=torch.float64)
+        if self.d == 1:
+            means[:, 0] = torch.linspace(-2, 2, self.modes, dtype=torch.float64)
+        else:
+            means[:, 0], means[:, 1] = 2 * angles.cos(), 2 * angles.sin()
+        self.means = means
+        # The target lies between the first two modes (off the data), where no sample starts.
+        self.center = (means[0] + means[1]) / 2 if self.modes > 1 else means[0] + 1.0
+        self.train_alpha_bar = self.scheduler.alphas_cumprod.double()
+
+    def reward_of(self, x: Tensor) -> Tensor:
+        """Per-sample reward of final samples x_0 (B, d)."""
+        plane = min(self.d, 2)  # the ring's plane: extra dimensions change the cost, not the goal
+        center = self.center[:plane].to(x)
+        dist2 = ((x[:, :plane] - center) ** 2).sum(-1)
+        if self.reward == "distance":
+            return -dist2
+        radius, temperature = 0.5, 0.1
+        return nn.functional.logsigmoid((radius**2 - dist2) / temperature)
+
+    def make_problem(self, target: str, steps: int, seed: int,
+                     dtype: torch.dtype | None = None) -> Problem:
+        if target not in self.targets:
+            raise SpecError(f"unknown target {target!r}; valid: {', '.join(self.targets)}")
+        dtype = dtype or self.dtype
+        device = self.device
+        denoiser = MixtureDenoiser(self.means, torch.zeros(self.modes, dtype=torch.float64), self.std,
+                                   self.train_alpha_bar).to(device=device, dtype=dtype)
+        denoiser.train_alpha_bar = self.train_alpha_bar.to(device)  # the table stays float64
+        generator = torch.Generator().manual_seed(seed)
+        x_start = torch.randn(self.batch, self.d, generator=generator, dtype=torch.float64)
+        noises = None
+        if self.eta > 0:
+            noises = [torch.randn(self.batch, self.d, generator=generator, dtype=torch.float64)
+                      .to(device=device, dtype=dtype) for _ in range(steps)]
+        x_start = x_start.to(device=device, dtype=dtype)
+        cond = torch.zeros(self.modes + self.d, device=device, dtype=dtype)
+        schedule = Schedule.from_scheduler(self.scheduler, steps, eta=self.eta)
+        for p in denoiser.parameters():
+            p.requires_grad_(target == "weights")
+        leaves = {"latent": [x_start], "cond": [cond], "weights": list(denoiser.parameters())}[target]
+        for leaf in leaves:
+            leaf.requires_grad_(True)
+        return Problem(chain=Chain(denoiser, schedule), x_start=x_start, cond=cond, noises=noises,
+                       reward_fn=self.reward_of, target=target, leaves=leaves)
