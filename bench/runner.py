@@ -189,7 +189,7 @@ class CellRunner:
         reason = estimator.skip_reason(problem)
         if reason:
             raise SkipCell(reason)
-        cost = estimator.cost(cell.steps)
+        cost = estimator.cost(cell.steps, cell.target)
         row.update(nfe_forward_pred=cost.nfe_forward, nfe_vjp_pred=cost.nfe_vjp, mem_class=cost.memory)
         rng = random.Random(cell.seed)
 

@@ -46,7 +46,7 @@ class Adjoint(Estimator):
             return "the adjoint ODE needs the deterministic sampler (eta = 0)"
         return None
 
-    def cost(self, steps: int) -> Cost:
+    def cost(self, steps: int, target: str) -> Cost:
         m = self.steps or steps
         return Cost(nfe_forward=steps + m, nfe_vjp=m,
                     memory="A" if self.recover == "backward" else "A + N·S")

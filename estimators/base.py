@@ -25,8 +25,8 @@ class Cost:
     """Predicted cost per gradient (ESTIMATORS.md, 'Cost model'): denoiser forwards, VJPs, and the
     memory class in the symbols A (one call's activations) and S (one latent)."""
 
-    nfe_forward: int
-    nfe_vjp: int
+    nfe_forward: float  # expected counts where the estimator draws at random
+    nfe_vjp: float
     memory: str
 
 
@@ -47,7 +47,7 @@ class Estimator(Configurable):
         """Why this estimator gives no gradient to this problem's target, or None."""
         return None
 
-    def cost(self, steps: int) -> Cost:
+    def cost(self, steps: int, target: str) -> Cost:
         raise NotImplementedError
 
     def estimate(self, problem: Problem, rng: random.Random) -> Estimate:

@@ -15,7 +15,7 @@ class Checkpoint(Estimator):
     summary = "exact backprop, each step recomputed in backward (memory A + N·S)"
     exact = True
 
-    def cost(self, steps: int) -> Cost:
+    def cost(self, steps: int, target: str) -> Cost:
         return Cost(nfe_forward=2 * steps, nfe_vjp=steps, memory="A + N·S")
 
     def estimate(self, problem: Problem, rng: random.Random) -> Estimate:

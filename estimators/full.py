@@ -14,7 +14,7 @@ class Full(Estimator):
     summary = "backprop through all N denoiser calls (exact; memory grows with N)"
     exact = True
 
-    def cost(self, steps: int) -> Cost:
+    def cost(self, steps: int, target: str) -> Cost:
         return Cost(nfe_forward=steps, nfe_vjp=steps, memory="N·A")
 
     def estimate(self, problem: Problem, rng: random.Random) -> Estimate:

@@ -10,7 +10,7 @@ computed as x_0 = x_0^ng + alpha_0 [(x_N - sg(x_N)) / alpha_N + beta_k (eps_k - 
 where sg stops the gradient; no rescaling, as in the reference code. `step` picks k: first (the
 call that consumes x_N; the reference code's choice for latent optimisation), last, random
 (uniform on every call; the paper's choice for weight tuning), or a 0-based index in sampling
-order (0 = first). Memory A, time about NF + V.
+order (0 = first). Memory A, time about NF + V (NF alone for x_N when k != N: no VJP is needed).
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ class SDO(Estimator):
             raise SpecError(f"{self.spec}: step index {self.step} is outside the chain; "
                             f"valid: 0..{steps - 1}, first, last, random")
 
-    def kept_grid_index(self, steps: int, rng: random.Random) -> int:
+    def kept_grid_index(self, steps: int, rng: random.Random | None) -> int:
         """Grid index i (N = first call, 1 = last) of the call that keeps its graph."""
         if self.step == "first":
             return steps
@@ -61,8 +61,13 @@ class SDO(Estimator):
             return rng.randint(1, steps)
         return steps - int(self.step)
 
-    def cost(self, steps: int) -> Cost:
-        return Cost(nfe_forward=steps, nfe_vjp=1, memory="A")
+    def cost(self, steps: int, target: str) -> Cost:
+        vjp = 1.0
+        if target == "latent":
+            # x_N reaches eps_k only when k = N; otherwise the latent's gradient is the identity
+            # path alone and no VJP is taken (with step=random, that happens with prob. 1 - 1/N)
+            vjp = 1.0 / steps if self.step == "random" else float(self.kept_grid_index(steps, None) == steps)
+        return Cost(nfe_forward=steps, nfe_vjp=vjp, memory="A")
 
     def estimate(self, problem: Problem, rng: random.Random) -> Estimate:
         chain, schedule, cond = problem.chain, problem.chain.schedule, problem.cond

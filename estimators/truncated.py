@@ -60,7 +60,7 @@ class Truncated(Estimator):
                     "unless K = N; use latent_path=true (AlignProp) or k=N")
         return None
 
-    def cost(self, steps: int) -> Cost:
+    def cost(self, steps: int, target: str) -> Cost:
         low, high = self._k_range(steps)
         k = self.k if not self.rand else (low + high) / 2  # expected K when random
         return Cost(nfe_forward=steps, nfe_vjp=k, memory="K·A")
