@@ -28,18 +28,19 @@ def _int_list(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bench.runner import DEFAULT_ESTIMATORS
+    from bench.runner import DEFAULT_ESTIMATORS, DEFAULT_TASK
 
     parser = _Parser(prog="python -m bench", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     lister = sub.add_parser("list", help="estimators (with options), tasks and targets")
+    lister.add_argument("name", nargs="?", help="an estimator or task: show its documentation")
     lister.add_argument("--include", action="append", default=[], metavar="FILE.py",
                         help="import a file that registers estimators or tasks")
 
     run = sub.add_parser("run", help="run a sweep and write DIR/rows.jsonl and DIR/run.json")
-    run.add_argument("--tasks", default="toy", help="comma-separated task specs (default: toy)")
+    run.add_argument("--tasks", default=DEFAULT_TASK, help=f"comma-separated task specs (default: {DEFAULT_TASK})")
     run.add_argument("--estimators", default=DEFAULT_ESTIMATORS,
                      help=f"comma-separated estimator specs name[k=v,...] (default: {DEFAULT_ESTIMATORS})")
     run.add_argument("--targets", default="latent,cond,weights", help="latent, cond, weights")
@@ -92,9 +93,11 @@ def _list(args: argparse.Namespace) -> int:
     for path in args.include:
         include(path)
     console = Console()
+    if args.name:
+        return _describe(args.name, console)
     table = Table(title="Estimators", show_lines=False)
     for column in ("name", "exact", "options (type = default)", "what it does"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column != "what it does")
     for name in ESTIMATORS.names():
         cls = ESTIMATORS.get(name)
         options = "\n".join(opt.describe() for opt in cls.options) or "-"
@@ -102,7 +105,7 @@ def _list(args: argparse.Namespace) -> int:
     console.print(table)
     table = Table(title="Tasks")
     for column in ("name", "options (type = default)", "targets", "what it is"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column != "what it is")
     for name in TASKS.names():
         cls = TASKS.get(name)
         options = "\n".join(opt.describe() for opt in cls.options) or "-"
@@ -114,6 +117,24 @@ def _list(args: argparse.Namespace) -> int:
     for name, text in TARGET_HELP.items():
         table.add_row(name, text)
     console.print(table)
+    return 0
+
+
+def _describe(name: str, console) -> int:
+    import inspect
+
+    from rich.markup import escape
+
+    from bench.registry import ESTIMATORS, TASKS
+
+    registry = TASKS if name in TASKS.names() else ESTIMATORS
+    cls = registry.get(name)
+    console.print(f"[bold]{registry.kind} {escape(cls.name)}[/]  ({cls.__module__})")
+    doc = inspect.getdoc(sys.modules[cls.__module__]) or inspect.getdoc(cls) or ""
+    console.print(escape(doc), soft_wrap=True)
+    console.print("\n[bold]options[/]" if cls.options else "\nno options")
+    for opt in cls.options:
+        console.print(f"  {escape(opt.describe())}  [dim]{escape(opt.help)}[/]", soft_wrap=True)
     return 0
 
 
@@ -143,6 +164,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             console.print(f"{reused} of {total} cells already in {out / 'rows.jsonl'}; skipping them "
                           f"(--force reruns)")
         bar = progress.add_task("sweep", total=total, completed=reused)
+        progress.start()  # only once the whole sweep has been checked
 
     def on_cell(cell) -> None:
         progress.update(bar, description=escape(f"{cell.task.spec} {cell.target} {cell.estimator.spec} "
@@ -156,9 +178,12 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        with progress:
+        try:
             rows = run_sweep(spec, out, force=args.force, argv=argv, on_start=on_start,
                              on_cell=on_cell, on_row=on_row)
+        finally:
+            if bar is not None:  # stopping a bar that never started prints a stray newline
+                progress.stop()
     print_summary(rows, Console())
     Console().print(f"rows: {out / 'rows.jsonl'}   run: {out / 'run.json'}")
     return 0

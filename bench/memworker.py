@@ -2,8 +2,8 @@
 
 It is started once per sweep with MALLOC_MMAP_THRESHOLD_ set before the interpreter starts (the
 setting only takes effect at start-up), so timing in the main process is not slowed by it.
-Measured there: the resident high-water rise matches live tensor bytes within about 1 % and
-repeats within one process (MACHINE-FACTS.md)."""
+The resident high-water rise then tracks live tensor bytes and repeats within one process
+(MACHINE-FACTS.md; bench/measure.py says why the threshold is one page here)."""
 from __future__ import annotations
 
 import multiprocessing as mp

@@ -24,9 +24,10 @@ class Option:
     help: str = ""
     choices: tuple | None = None
     check: Callable[[Any], str | None] | None = field(default=None, compare=False)
+    metavar: str | None = None  # how `list` shows the accepted values, where the type says too little
 
     def describe(self) -> str:
-        kind = "|".join(map(str, self.choices)) if self.choices else self.type.__name__
+        kind = self.metavar or ("|".join(map(str, self.choices)) if self.choices else self.type.__name__)
         return f"{self.name}: {kind} = {format_value(self.default)}"
 
     def parse(self, raw: Any, owner: str) -> Any:

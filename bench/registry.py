@@ -72,7 +72,7 @@ class Registry:
                                 f"{type(exc).__name__}: {exc}") from None
             if not isinstance(entry, type) or not issubclass(entry, self.base):
                 raise SpecError(f"{self.kind} {name!r} ({self._entries[name]}) is not a "
-                                f"{self.base.__name__} subclass")
+                                f"subclass of {self.base.__name__}")
             self._entries[name] = entry
         return entry
 

@@ -28,12 +28,14 @@ from bench.options import split_list
 from bench.problem import Problem
 from bench.registry import ESTIMATORS, TASKS, include
 
+DEFAULT_TASK = "toy[d=128,batch=32]"
 DEFAULT_ESTIMATORS = "full,checkpoint,adjoint,sdo,truncated[k=2],truncated[k=2,latent_path=true]"
 
 
 @dataclass
 class SweepSpec:
-    tasks: list[str] = field(default_factory=lambda: ["toy"])
+    # d=128: tensors above a page, so that CPU memory figures resolve the N*S and N*A terms
+    tasks: list[str] = field(default_factory=lambda: [DEFAULT_TASK])
     estimators: list[str] = field(default_factory=lambda: split_list(DEFAULT_ESTIMATORS))
     targets: list[str] = field(default_factory=lambda: ["latent", "cond", "weights"])
     steps: list[int] = field(default_factory=lambda: [10, 20, 50])

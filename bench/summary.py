@@ -44,7 +44,7 @@ def print_summary(rows: list[dict[str, Any]], console: Console) -> None:
         tables[(row["task"], row["target"])][(row["estimator"], row["steps"])].append(row)
     for (task, target), groups in tables.items():
         table = Table(title=escape(f"{task} · target {target}"), title_justify="left")
-        table.add_column("estimator", overflow="fold")
+        table.add_column("estimator", overflow="fold", min_width=14)
         for column in ("N", "cos", "rel err", "ms/grad", "peak mem", "fwd/vjp", "reward"):
             table.add_column(column, justify="right", no_wrap=True)
         notes = []

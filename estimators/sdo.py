@@ -37,8 +37,8 @@ class SDO(Estimator):
     name = "sdo"
     summary = "one-step shortcut: identity path plus one kept denoiser call (SDO)"
     options = (
-        Option("step", str, "first", "which call keeps its graph: first|last|random|<index>",
-               check=_step_choice),
+        Option("step", str, "first", "which call keeps its graph (index: 0-based, sampling order)",
+               check=_step_choice, metavar="first|last|random|<index>"),
     )
 
     def __init__(self, **values):
