@@ -47,14 +47,13 @@ def print_summary(rows: list[dict[str, Any]], console: Console) -> None:
         table.add_column("estimator", overflow="fold", min_width=14)
         for column in ("N", "cos", "rel err", "ms/grad", "peak mem", "fwd/vjp", "reward"):
             table.add_column(column, justify="right", no_wrap=True)
-        notes = []
+        notes: dict[tuple, list[str]] = defaultdict(list)  # (estimator, status, text) -> cells
         for (estimator, steps), group in groups.items():
             ok = [row for row in group if row["status"] == "ok"]
-            if len(ok) < len(group):
-                for row in group:
-                    if row["status"] != "ok":
-                        text = row.get("reason") or row.get("error") or ""
-                        notes.append(f"{estimator} N={steps} seed={row['seed']}: {row['status']}: {text}")
+            for row in group:
+                if row["status"] != "ok":
+                    text = row.get("reason") or row.get("error") or ""
+                    notes[(estimator, row["status"], text)].append(f"N={steps} seed={row['seed']}")
             if not ok:
                 table.add_row(escape(estimator), str(steps), *["" for _ in range(5)],
                               group[0]["status"])
@@ -67,7 +66,8 @@ def print_summary(rows: list[dict[str, Any]], console: Console) -> None:
                           format_bytes(_mean(ok, "peak_mem_bytes"),
                                        RSS_PAGE if ok[0].get("mem_kind") == "rss_peak" else 0), counts, reward)
         console.print(table)
-        for note in dict.fromkeys(notes):
-            console.print(f"  [dim]{escape(note)}[/]")
+        for (estimator, status, text), cells in notes.items():
+            where = ", ".join(cells)
+            console.print(f"  [dim]{escape(f'{estimator} {status} ({where}): {text}')}[/]")
     totals = Counter(row["status"] for row in rows)
     console.print("cells: " + ", ".join(f"{count} {status}" for status, count in sorted(totals.items())))
