@@ -159,3 +159,18 @@ def test_memory_in_a_worker_follows_the_cost_model(tmp_path):
     assert 0.9 * 35 * latent < growth["checkpoint"] < 1.5 * 35 * latent
     for flat in ("adjoint", "sdo"):
         assert abs(growth[flat]) < 0.1 * peak[(flat, 5)], (flat, growth[flat])
+
+
+def test_readme_example_estimator_runs_as_documented(tmp_path):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    code = readme.split("# my_estimator.py\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "my_estimator.py").write_text(code)
+    out = tmp_path / "run"
+    assert main(["run", "--include", str(tmp_path / "my_estimator.py"), "--estimators",
+                 "full,every-other[phase=1]", "--targets", "cond", "--out", str(out), "--no-memory",
+                 *SMALL]) == 0
+    rows = {(r["estimator"], r["steps"]): r for r in _rows(out)}
+    assert rows[("every-other[phase=1]", 6)]["status"] == "ok"
+    assert rows[("every-other[phase=1]", 6)]["nfe_vjp"] == rows[("every-other[phase=1]", 6)]["nfe_vjp_pred"] == 3
