@@ -28,7 +28,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bench.runner import DEFAULT_ESTIMATORS, DEFAULT_TASK
+    from bench.runner import DEFAULT_ESTIMATORS, DEFAULT_STEPS, DEFAULT_TASK
 
     parser = _Parser(prog="python -m bench", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--estimators", default=DEFAULT_ESTIMATORS,
                      help=f"comma-separated estimator specs name[k=v,...] (default: {DEFAULT_ESTIMATORS})")
     run.add_argument("--targets", default="latent,cond,weights", help="latent, cond, weights")
-    run.add_argument("--steps", default="10,20,50", help="sampler step counts N (default: 10,20,50)")
+    default_steps = ",".join(map(str, DEFAULT_STEPS))
+    run.add_argument("--steps", default=default_steps, help=f"sampler step counts N (default: {default_steps})")
     run.add_argument("--seeds", default="0", help="seeds (default: 0)")
     run.add_argument("--iters", type=int, default=10, help="Adam iterations of the short optimisation")
     run.add_argument("--rounds", type=int, default=5, help="timed rounds per cell")

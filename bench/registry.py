@@ -103,7 +103,8 @@ ESTIMATORS = Registry(
     aliases={"bptt": "full", "draft": "truncated", "alignprop": "truncated", "adjointdpm": "adjoint"},
 )
 
-TASKS = Registry("task", "tasks.base:Task", TASK_GROUP, builtins={"toy": "tasks.toy:Toy"})
+TASKS = Registry("task", "tasks.base:Task", TASK_GROUP,
+                 builtins={"toy": "tasks.toy:Toy", "digits": "tasks.digits.task:Digits"})
 
 
 def register_estimator(cls: type | None = None, *, name: str | None = None,

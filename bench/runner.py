@@ -28,17 +28,17 @@ from bench.options import split_list
 from bench.problem import Problem
 from bench.registry import ESTIMATORS, TASKS, include
 
-DEFAULT_TASK = "toy[d=128,batch=32]"
-DEFAULT_ESTIMATORS = "full,checkpoint,adjoint,sdo,truncated[k=2],truncated[k=2,latent_path=true]"
+DEFAULT_TASK = "digits"
+DEFAULT_ESTIMATORS = "full,checkpoint,adjoint,sdo,truncated[k=2]"
+DEFAULT_STEPS = (10, 20)
 
 
 @dataclass
 class SweepSpec:
-    # d=128: tensors above a page, so that CPU memory figures resolve the N*S and N*A terms
     tasks: list[str] = field(default_factory=lambda: [DEFAULT_TASK])
     estimators: list[str] = field(default_factory=lambda: split_list(DEFAULT_ESTIMATORS))
     targets: list[str] = field(default_factory=lambda: ["latent", "cond", "weights"])
-    steps: list[int] = field(default_factory=lambda: [10, 20, 50])
+    steps: list[int] = field(default_factory=lambda: list(DEFAULT_STEPS))
     seeds: list[int] = field(default_factory=lambda: [0])
     iters: int = 10  # Adam iterations of the short optimisation
     warmup: int = 1

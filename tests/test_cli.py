@@ -9,7 +9,8 @@ import pytest
 from bench import store
 from bench.cli import main
 
-SMALL = ["--steps", "4,6", "--iters", "2", "--rounds", "2", "--warmup", "0", "--no-progress"]
+TOY = "toy[d=128,batch=32]"
+SMALL = ["--tasks", TOY, "--steps", "4,6", "--iters", "2", "--rounds", "2", "--warmup", "0", "--no-progress"]
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -17,9 +18,9 @@ SMALL = ["--steps", "4,6", "--iters", "2", "--rounds", "2", "--warmup", "0", "--
     (["run", "--estimators", "truncated[j=1]"], "unknown option 'j'"),
     (["run", "--estimators", "truncated[k=0]"], "must be >= 1"),
     (["run", "--estimators", "truncated[k=30]", "--steps", "10,20"], "exceeds the step count N=10"),
-    (["run", "--steps", "-5"], "step count must be a positive integer, got -5"),
+    (["run", "--tasks", TOY, "--steps", "-5"], "step count must be a positive integer, got -5"),
     (["run", "--steps", "ten"], "comma-separated list of integers"),
-    (["run", "--targets", "noise"], "unknown target 'noise' for task toy[d=128,batch=32]; valid: latent, cond, weights"),
+    (["run", "--targets", "noise"], "unknown target 'noise' for task digits; valid: latent, cond, weights"),
     (["run", "--tasks", "toy[d=0]"], "must be >= 1"),
     (["run", "--tasks", "tyo"], "did you mean 'toy'?"),
     (["run", "--device", "tpu"], "unknown device 'tpu'"),

@@ -1,0 +1,32 @@
+"""Where the digits models live: committed in tasks/digits/weights/ (trained by
+`python -m tasks.digits.train --out tasks/digits/weights`), else the user's cache, where they are
+trained on first use."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+COMMITTED = Path(__file__).resolve().parent / "weights"
+FILES = ("unet/config.json", "unet/diffusion_pytorch_model.safetensors", "embedding.safetensors",
+         "classifier.safetensors")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("DIFFGRAD_BENCH_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "diffgrad-bench")
+    return Path(root) / "digits"
+
+
+def default_dir() -> Path:
+    return cache_dir()
+
+
+def complete(folder: Path) -> bool:
+    return all((folder / name).exists() for name in FILES)
+
+
+def locate() -> Path | None:
+    for folder in (COMMITTED, cache_dir()):
+        if complete(folder):
+            return folder
+    return None

@@ -1,0 +1,170 @@
+"""digits: latent, conditioning and weight optimisation through a trained class-conditional U-Net.
+
+The sampler is conditioned on class `cls` (its learned embedding, with classifier-free guidance
+`guidance`); the default reward, `classify`, is the log-probability of class `digit` under the
+trained classifier, so every target has something to gain: move the initial latent (SDO's
+"control generation"), the embedding (AdjointDPM's embedding inversion), or the network
+(DRaFT/AlignProp reward fine-tuning, LoRA adapters through peft, or all weights with tune=full).
+Other rewards: `ink` (mean brightness, the analogue of DDPO's brightness/compressibility rewards)
+and `symmetry` (negative left-right mirror error)."""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from diffusers import DDIMScheduler, UNet2DConditionModel
+from diffusers.utils import logging as diffusers_logging
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from bench.chain import Chain, Schedule
+from bench.errors import SpecError
+from bench.options import Option
+from bench.problem import Problem
+from tasks.base import Task
+from tasks.digits import data, metrics, paths
+from tasks.digits.classifier import DigitClassifier
+from tasks.digits.model import NULL_CLASS, SCHEDULER_CONFIG, TOKENS, WIDTH, GuidedDenoiser
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
+
+
+def _digit(value: int) -> str | None:
+    return None if 0 <= value <= 9 else "must be a digit 0..9"
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be > 0"
+
+
+def _at_least(low: float):
+    return lambda v: None if v >= low else f"must be >= {low}"
+
+
+class Digits(Task):
+    name = "digits"
+    summary = "class-conditional U-Net trained on sklearn digits; classifier rewards; digits-FID"
+    version = "1"
+    dtype = torch.float32
+    options = (
+        Option("reward", str, "classify", "classify: log p(digit | x); ink: mean brightness; "
+               "symmetry: -(left-right mirror error)", choices=("classify", "ink", "symmetry")),
+        Option("digit", int, 7, "the class the classify reward asks for", check=_digit),
+        Option("cls", int, 1, "the class the sampler is conditioned on", check=_digit),
+        Option("batch", int, 8, "samples per problem", check=_at_least(1)),
+        Option("guidance", float, 2.0, "classifier-free guidance scale (1: none)", check=_positive),
+        Option("eta", float, 0.0, "DDIM eta (0: deterministic)", check=_at_least(0.0)),
+        Option("tune", str, "lora", "weights target: LoRA adapters (peft) or all U-Net weights",
+               choices=("lora", "full")),
+        Option("lora_rank", int, 4, "LoRA rank", check=_at_least(1)),
+        Option("fid_samples", int, 64, "samples drawn for FID after optimising cond or weights",
+               check=_at_least(2)),
+        Option("models", str, "", "folder of trained models (default: shipped, else cache, else train)"),
+    )
+
+    @property
+    def learning_rates(self) -> dict[str, float]:
+        return {"latent": 0.05, "cond": 0.05, "weights": 3e-3 if self.tune == "lora" else 1e-4}
+
+    def setup(self, device: torch.device) -> None:
+        super().setup(device)
+        diffusers_logging.set_verbosity_error()  # casting a copy to float64 is deliberate here
+        folder = paths.locate() if not self.models else paths.Path(self.models).expanduser()
+        if folder is None:
+            folder = self._train_and_cache()
+        if not paths.complete(folder):
+            raise SpecError(f"digits[models={self.models}]: missing {', '.join(paths.FILES)} there")
+        self.unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True).eval()
+        self.unet.requires_grad_(False)
+        self.embeddings = load_file(folder / "embedding.safetensors")["table"].view(-1, TOKENS, WIDTH)
+        self.classifier = DigitClassifier()
+        self.classifier.load_state_dict(load_file(folder / "classifier.safetensors"))
+        self.classifier.eval().requires_grad_(False)
+        self.scheduler = DDIMScheduler(**SCHEDULER_CONFIG)
+        self.held_out = data.split("held_out")[0]
+        self._classifiers: dict[torch.dtype, DigitClassifier] = {}
+
+    @staticmethod
+    def _train_and_cache():
+        from tasks.digits import train
+
+        out = paths.cache_dir()
+        record = train.train_and_save_classifier(out)
+        train.record(out, "classifier", record)
+        train.record(out, "unet", train.train_unet(out))
+        return out
+
+    def classifier_in(self, dtype: torch.dtype) -> DigitClassifier:
+        if dtype not in self._classifiers:
+            self._classifiers[dtype] = copy.deepcopy(self.classifier).to(device=self.device, dtype=dtype)
+        return self._classifiers[dtype]
+
+    def reward_of(self, x: Tensor) -> Tensor:
+        """Per-sample reward of x_0 in [-1, 1], shape (B, 1, 8, 8)."""
+        if self.reward == "classify":
+            return torch.log_softmax(self.classifier_in(x.dtype)(x), dim=-1)[:, self.digit]
+        if self.reward == "ink":
+            return ((x + 1) / 2).mean(dim=(1, 2, 3))
+        return -((x - x.flip(-1)) ** 2).mean(dim=(1, 2, 3))
+
+    def denoiser(self, target: str, dtype: torch.dtype, seed: int) -> GuidedDenoiser:
+        unet = copy.deepcopy(self.unet).to(device=self.device, dtype=dtype)
+        if target == "weights":
+            if self.tune == "lora":
+                from peft import LoraConfig
+
+                with torch.random.fork_rng(devices=[]):  # the same adapters in every copy of a problem
+                    torch.manual_seed(seed)
+                    unet.add_adapter(LoraConfig(r=self.lora_rank, lora_alpha=self.lora_rank,
+                                                init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+            else:
+                unet.requires_grad_(True)
+        null = self.embeddings[NULL_CLASS].to(device=self.device, dtype=dtype)
+        return GuidedDenoiser(unet, null, self.guidance)
+
+    def make_problem(self, target: str, steps: int, seed: int,
+                     dtype: torch.dtype | None = None) -> Problem:
+        if target not in self.targets:
+            raise SpecError(f"unknown target {target!r}; valid: {', '.join(self.targets)}")
+        dtype = dtype or self.dtype
+        denoiser = self.denoiser(target, dtype, seed)
+        generator = torch.Generator().manual_seed(seed)
+        x_start = torch.randn(self.batch, 1, 8, 8, generator=generator).to(device=self.device, dtype=dtype)
+        noises = None
+        if self.eta > 0:
+            noises = [torch.randn(self.batch, 1, 8, 8, generator=generator).to(device=self.device, dtype=dtype)
+                      for _ in range(steps)]
+        cond = self.embeddings[self.cls].clone().to(device=self.device, dtype=dtype)
+        leaves = {"latent": [x_start], "cond": [cond],
+                  "weights": [p for p in denoiser.parameters() if p.requires_grad]}[target]
+        for leaf in leaves:
+            leaf.requires_grad_(True)
+        schedule = Schedule.from_scheduler(self.scheduler, steps, eta=self.eta)
+        return Problem(chain=Chain(denoiser, schedule), x_start=x_start, cond=cond, noises=noises,
+                       reward_fn=self.reward_of, target=target, leaves=leaves)
+
+    @torch.no_grad()
+    def evaluate(self, problem: Problem, x0: Tensor) -> dict[str, float]:
+        """Reward of the problem's own samples; FID, accuracy and diversity on fresh samples where
+        the optimised quantity allows drawing more (cond, weights), else on the batch itself."""
+        rewards = self.reward_of(x0)
+        samples = x0
+        if problem.target != "latent":
+            generator = torch.Generator().manual_seed(10_000)
+            fresh = torch.randn(self.fid_samples, 1, 8, 8, generator=generator).to(x0)
+            noises = None if problem.noises is None else [
+                torch.randn(fresh.shape, generator=generator).to(x0) for _ in problem.noises]
+            samples = problem.chain.sample(fresh, problem.cond, noises)
+        classifier = self.classifier_in(torch.float32)
+        result = {
+            "reward": float(rewards.mean()),
+            "fid": metrics.digits_fid(classifier, samples, self.held_out.to(self.device)),
+            "fid_samples": float(len(samples)),
+            "accuracy": metrics.class_accuracy(classifier, samples, self.digit),
+            "diversity": metrics.diversity(classifier, samples),
+        }
+        value, _ = metrics.clean_fid(samples, self.held_out) if metrics.CLEANFID_WEIGHTS.exists() else (None, "")
+        if value is not None:
+            result["clean_fid"] = value
+        return {k: v for k, v in result.items() if not (isinstance(v, float) and math.isnan(v))}
