@@ -1,11 +1,20 @@
-"""A long-lived worker process that measures CPU peak memory of one gradient call per request.
+"""CPU peak memory of one gradient call, each measured in a fresh forked process.
 
-It is started once per sweep with MALLOC_MMAP_THRESHOLD_ set before the interpreter starts (the
-setting only takes effect at start-up), so timing in the main process is not slowed by it.
-The resident high-water rise then tracks live tensor bytes and repeats within one process
-(MACHINE-FACTS.md; bench/measure.py says why the threshold is one page here)."""
+A long-lived measuring process is not enough: after one large peak (full backprop at N = 20)
+glibc's heap keeps the thousands of small autograd allocations it grew for, and later cells
+reuse it (sdo then measured 0 MB instead of 13 MB on digits). A fresh interpreter per cell costs
+7 s of imports. So a "zygote" process, started once per sweep with MALLOC_MMAP_THRESHOLD_ set
+before its interpreter starts (glibc reads it only then), imports everything and sets up tasks but
+never computes a gradient; for each cell it forks a child that builds the problem, runs one
+warm-up call and one measured call, reports the peak, and exits. Every child starts from the same
+clean heap.
+
+The zygote runs with one intra-op thread so that no OpenMP pool exists at fork time (a child of a
+process with a live pool can hang): memory figures are single-threaded runs of the same code.
+The main process waits for the zygote to be idle before timing anything."""
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import random
@@ -14,32 +23,64 @@ from typing import Any
 from bench.measure import MALLOC_ENV
 
 
+def _measure_in_child(task, request: dict[str, Any]) -> dict[str, Any]:
+    from bench.measure import rss_peak_bytes
+    from bench.registry import ESTIMATORS
+
+    try:
+        estimator = ESTIMATORS.create(request["estimator"])
+        problem = task.make_problem(request["target"], request["steps"], request["seed"])
+        rng = random.Random(request["seed"])
+        estimator(problem, rng)  # warm-up: first-call allocations are not the estimator's
+        problem.zero_grad()
+        return {"peak": rss_peak_bytes(lambda: estimator(problem, rng))}
+    except Exception as exc:  # reported; the sweep decides what to do
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def _fork_and_measure(task, request: dict[str, Any]) -> dict[str, Any]:
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: measure, report, leave without running any exit handlers
+        os.close(read_end)
+        try:
+            payload = json.dumps(_measure_in_child(task, request)).encode()
+            with os.fdopen(write_end, "wb") as out:
+                out.write(payload)
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as source:
+        payload = source.read()
+    _, status = os.waitpid(pid, 0)
+    if not payload:
+        return {"error": f"memory measurement process died (wait status {status})"}
+    return json.loads(payload)
+
+
 def _serve(conn, includes: list[str]) -> None:
     import torch
 
-    from bench.measure import rss_peak_bytes
-    from bench.registry import ESTIMATORS, TASKS, include
+    torch.set_num_threads(1)
+    from bench.registry import TASKS, include
 
     for path in includes:
         include(path)
     tasks: dict[str, Any] = {}
+    conn.send({"ready": True})
     while True:
         request = conn.recv()
         if request is None:
             return
         try:
-            task = tasks.get(request["task"])
-            if task is None:
-                task = tasks[request["task"]] = TASKS.create(request["task"])
+            if request["task"] not in tasks:
+                task = TASKS.create(request["task"])
                 task.setup(torch.device("cpu"))
-            estimator = ESTIMATORS.create(request["estimator"])
-            problem = task.make_problem(request["target"], request["steps"], request["seed"])
-            rng = random.Random(request["seed"])
-            estimator(problem, rng)  # warm-up: first-call allocations are not the estimator's
-            problem.zero_grad()
-            conn.send({"peak": rss_peak_bytes(lambda: estimator(problem, rng))})
-        except Exception as exc:  # reported, the sweep decides what to do
+                tasks[request["task"]] = task
+        except Exception as exc:
             conn.send({"error": f"{type(exc).__name__}: {exc}"})
+            continue
+        conn.send(_fork_and_measure(tasks[request["task"]], request))
 
 
 class MemoryWorker:
@@ -47,6 +88,7 @@ class MemoryWorker:
         self.includes = list(includes)
         self.process = None
         self.conn = None
+        self.ready = False
 
     def _start(self) -> None:
         context = mp.get_context("spawn")
@@ -63,34 +105,46 @@ class MemoryWorker:
                 else:
                     os.environ[key] = value
         child.close()
-        self.conn = parent
+        self.conn, self.ready = parent, False
+
+    def wait_ready(self, timeout_s: float = 600.0) -> None:
+        """Block until the zygote has started and is idle (call before timing anything)."""
+        if self.process is None:
+            self._start()
+        if self.ready:
+            return
+        try:
+            if self.conn.poll(timeout_s):
+                self.ready = bool(self.conn.recv().get("ready"))
+        except (EOFError, OSError):
+            self.close()
 
     def measure(self, request: dict[str, Any], timeout_s: float = 600.0) -> dict[str, Any]:
-        """{'peak': bytes} or {'error': message}; a crashed worker is restarted next time."""
+        """{'peak': bytes} or {'error': message}; a dead or stuck zygote is replaced next time."""
         if self.process is None or not self.process.is_alive():
-            self._start()
+            self.close()
+        self.wait_ready(timeout_s)
         try:
             self.conn.send(request)
             if not self.conn.poll(timeout_s):
-                self.close(kill=True)
+                self.close()
                 return {"error": f"memory measurement took over {timeout_s:.0f} s"}
             return self.conn.recv()
-        except (EOFError, BrokenPipeError, ConnectionResetError) as exc:
-            self.close(kill=True)
+        except (EOFError, BrokenPipeError, ConnectionResetError, AttributeError) as exc:
+            self.close()
             return {"error": f"memory worker died ({type(exc).__name__})"}
 
-    def close(self, kill: bool = False) -> None:
+    def close(self) -> None:
         if self.process is None:
             return
         try:
-            if not kill:
-                self.conn.send(None)
-                self.process.join(timeout=5)
+            self.conn.send(None)
         except (BrokenPipeError, OSError):
             pass
+        self.process.join(timeout=5)
         if self.process.is_alive():
             self.process.kill()
+            self.process.join(timeout=5)
         self.process = None
         self.conn = None
-
-
+        self.ready = False
