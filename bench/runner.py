@@ -40,7 +40,7 @@ class SweepSpec:
     targets: list[str] = field(default_factory=lambda: ["latent", "cond", "weights"])
     steps: list[int] = field(default_factory=lambda: list(DEFAULT_STEPS))
     seeds: list[int] = field(default_factory=lambda: [0])
-    iters: int = 8  # Adam iterations of the short optimisation
+    iters: int = 5  # Adam iterations of the short optimisation
     warmup: int = 1
     rounds: int = 3
     memory: bool = True
