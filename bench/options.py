@@ -62,6 +62,11 @@ class Option:
         return value
 
 
+def at_least(low: float, note: str = "") -> Callable[[Any], str | None]:
+    """An Option check: the value must be >= low."""
+    return lambda value: None if value >= low else f"must be >= {low}{note}"
+
+
 def format_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"

@@ -23,20 +23,16 @@ import random
 
 import torch
 
-from bench.options import Option
+from bench.options import Option, at_least
 from bench.problem import Problem
 from estimators.base import Cost, Estimate, Estimator
-
-
-def _non_negative(value: int) -> str | None:
-    return None if value >= 0 else "must be >= 0 (0: the sampler's grid)"
 
 
 class Adjoint(Estimator):
     name = "adjoint"
     summary = "continuous adjoint ODE in (rho, y), Euler (AdjointDPM)"
     options = (
-        Option("steps", int, 0, "adjoint Euler steps (0: the sampler's own grid)", check=_non_negative),
+        Option("steps", int, 0, "adjoint Euler steps (0: the sampler's own grid)", check=at_least(0, " (0: the sampler's grid)")),
         Option("recover", str, "backward", "how states are recovered: backward (O(1) memory) or cache",
                choices=("backward", "cache")),
     )

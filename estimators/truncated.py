@@ -11,29 +11,21 @@ from __future__ import annotations
 import random
 
 from bench.errors import SpecError
-from bench.options import Option
+from bench.options import Option, at_least
 from bench.problem import Problem
 from estimators.base import Cost, Estimate, Estimator, backprop
 from estimators.masked_chain import run_masked_chain
-
-
-def _positive(value: int) -> str | None:
-    return None if value >= 1 else "must be >= 1"
-
-
-def _non_negative(value: int) -> str | None:
-    return None if value >= 0 else "must be >= 0"
 
 
 class Truncated(Estimator):
     name = "truncated"
     summary = "backprop through the last K steps only (DRaFT-K / AlignProp)"
     options = (
-        Option("k", int, 1, "number of final steps that keep their graph", check=_positive),
+        Option("k", int, 1, "number of final steps that keep their graph", check=at_least(1)),
         Option("latent_path", bool, False, "keep the linear latent path through early steps (AlignProp)"),
         Option("rand", bool, False, "draw K uniformly from [k_min, k_max] on every call"),
-        Option("k_min", int, 1, "smallest K when rand=true", check=_positive),
-        Option("k_max", int, 0, "largest K when rand=true (0: the step count N)", check=_non_negative),
+        Option("k_min", int, 1, "smallest K when rand=true", check=at_least(1)),
+        Option("k_max", int, 0, "largest K when rand=true (0: the step count N)", check=at_least(0)),
     )
 
     def __init__(self, **values):

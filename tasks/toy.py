@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from bench.chain import Chain, Schedule, alpha_bar_at_time
 from bench.errors import SpecError
-from bench.options import Option
+from bench.options import Option, at_least
 from bench.problem import Problem
 from tasks.base import Task
 
@@ -57,10 +57,6 @@ class MixtureDenoiser(nn.Module):
         return sigma[:, 0] * (gamma * diff / var).sum(1)
 
 
-def _at_least(low: float):
-    return lambda v: None if v >= low else f"must be >= {low}"
-
-
 class Toy(Task):
     name = "toy"
     summary = "Gaussian mixture with the exact closed-form denoiser (float64, no training)"
@@ -68,13 +64,13 @@ class Toy(Task):
     dtype = torch.float64
     learning_rates = {"latent": 0.05, "cond": 0.05, "weights": 0.02}
     options = (
-        Option("d", int, 2, "dimension", check=_at_least(1)),
+        Option("d", int, 2, "dimension", check=at_least(1)),
         Option("modes", int, 8, "mixture components (a ring of radius 2 in the first two axes)",
-               check=_at_least(1)),
+               check=at_least(1)),
         Option("std", float, 0.5, "standard deviation of each component (smaller: stiffer ODE)",
-               check=_at_least(1e-3)),
-        Option("batch", int, 16, "samples per problem", check=_at_least(1)),
-        Option("eta", float, 0.0, "DDIM eta (0: deterministic ODE sampler)", check=_at_least(0.0)),
+               check=at_least(1e-3)),
+        Option("batch", int, 16, "samples per problem", check=at_least(1)),
+        Option("eta", float, 0.0, "DDIM eta (0: deterministic ODE sampler)", check=at_least(0.0)),
         Option("reward", str, "region", "region: log soft-probability of a ball between two modes; "
                "distance: -|x-c|^2 (both in the ring's plane)",
                choices=("region", "distance")),

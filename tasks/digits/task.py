@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from bench.chain import Chain, Schedule
 from bench.errors import SpecError
-from bench.options import Option
+from bench.options import Option, at_least
 from bench.problem import Problem
 from tasks.base import Task
 from tasks.digits import data, metrics, paths
@@ -38,10 +38,6 @@ def _positive(value: float) -> str | None:
     return None if value > 0 else "must be > 0"
 
 
-def _at_least(low: float):
-    return lambda v: None if v >= low else f"must be >= {low}"
-
-
 class Digits(Task):
     name = "digits"
     summary = "class-conditional U-Net trained on sklearn digits; classifier rewards; digits-FID"
@@ -52,14 +48,14 @@ class Digits(Task):
                "symmetry: -(left-right mirror error)", choices=("classify", "ink", "symmetry")),
         Option("digit", int, 7, "the class the classify reward asks for", check=_digit),
         Option("cls", int, 1, "the class the sampler is conditioned on", check=_digit),
-        Option("batch", int, 8, "samples per problem", check=_at_least(1)),
+        Option("batch", int, 8, "samples per problem", check=at_least(1)),
         Option("guidance", float, 2.0, "classifier-free guidance scale (1: none)", check=_positive),
-        Option("eta", float, 0.0, "DDIM eta (0: deterministic)", check=_at_least(0.0)),
+        Option("eta", float, 0.0, "DDIM eta (0: deterministic)", check=at_least(0.0)),
         Option("tune", str, "lora", "weights target: LoRA adapters (peft) or all U-Net weights",
                choices=("lora", "full")),
-        Option("lora_rank", int, 4, "LoRA rank", check=_at_least(1)),
+        Option("lora_rank", int, 4, "LoRA rank", check=at_least(1)),
         Option("fid_samples", int, 64, "samples drawn for FID after optimising cond or weights",
-               check=_at_least(2)),
+               check=at_least(2)),
         Option("models", str, "", "folder of trained models (default: shipped, else cache, else train)"),
     )
 
