@@ -124,13 +124,15 @@ class MemoryWorker:
         if self.process is None or not self.process.is_alive():
             self.close()
         self.wait_ready(timeout_s)
+        if self.process is None:
+            return {"error": "memory worker failed to start"}
         try:
             self.conn.send(request)
             if not self.conn.poll(timeout_s):
                 self.close()
                 return {"error": f"memory measurement took over {timeout_s:.0f} s"}
             return self.conn.recv()
-        except (EOFError, BrokenPipeError, ConnectionResetError, AttributeError) as exc:
+        except (EOFError, BrokenPipeError, ConnectionResetError) as exc:
             self.close()
             return {"error": f"memory worker died ({type(exc).__name__})"}
 

@@ -32,7 +32,8 @@ class Adjoint(Estimator):
     name = "adjoint"
     summary = "continuous adjoint ODE in (rho, y), Euler (AdjointDPM)"
     options = (
-        Option("steps", int, 0, "adjoint Euler steps (0: the sampler's own grid)", check=at_least(0, " (0: the sampler's grid)")),
+        Option("steps", int, 0, "adjoint Euler steps (0: the sampler's own grid)",
+               check=at_least(0, " (0: the sampler's grid)")),
         Option("recover", str, "backward", "how states are recovered: backward (O(1) memory) or cache",
                choices=("backward", "cache")),
     )

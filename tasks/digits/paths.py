@@ -17,10 +17,6 @@ def cache_dir() -> Path:
     return Path(root) / "digits"
 
 
-def default_dir() -> Path:
-    return cache_dir()
-
-
 def complete(folder: Path) -> bool:
     return all((folder / name).exists() for name in FILES)
 

@@ -107,24 +107,28 @@ def record(out: Path, key: str, info: dict) -> None:
     path.write_text(json.dumps(existing, indent=2) + "\n")
 
 
+def train_all(out: Path, what: str = "all", steps: int = 3000) -> None:
+    """Train what is asked for, write it to `out` with its record in training.json."""
+    if what in ("classifier", "all"):
+        info = train_and_save_classifier(out)
+        record(out, "classifier", info)
+        print(f"classifier: held-out accuracy {info['held_out_accuracy']:.4f} in {info['seconds']} s")
+    if what in ("unet", "all"):
+        info = train_unet(out, steps=steps)
+        record(out, "unet", info)
+        print(f"unet: {info['steps']} steps in {info['seconds']} s, loss {info['final_loss_mean_last_200']:.4f}")
+    print(f"written to {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    from tasks.digits.paths import default_dir
+    from tasks.digits.paths import cache_dir
 
     parser = argparse.ArgumentParser(prog="python -m tasks.digits.train", description=__doc__)
     parser.add_argument("--what", choices=("unet", "classifier", "all"), default="all")
     parser.add_argument("--steps", type=int, default=3000, help="U-Net training steps")
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: the cache)")
     args = parser.parse_args(argv)
-    out = args.out or default_dir()
-    if args.what in ("classifier", "all"):
-        info = train_and_save_classifier(out)
-        record(out, "classifier", info)
-        print(f"classifier: held-out accuracy {info['held_out_accuracy']:.4f} in {info['seconds']} s")
-    if args.what in ("unet", "all"):
-        info = train_unet(out, steps=args.steps)
-        record(out, "unet", info)
-        print(f"unet: {info['steps']} steps in {info['seconds']} s, loss {info['final_loss_mean_last_200']:.4f}")
-    print(f"written to {out}")
+    train_all(args.out or cache_dir(), args.what, args.steps)
     return 0
 
 
