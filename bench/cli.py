@@ -28,7 +28,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bench.runner import DEFAULT_ESTIMATORS, DEFAULT_STEPS, DEFAULT_TASK
+    from bench.runner import DEFAULT_ESTIMATORS, DEFAULT_STEPS, DEFAULT_TASK, DEFAULT_TIMEOUT_S, MEMORY_MODES
 
     parser = _Parser(prog="python -m bench", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
@@ -52,7 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--warmup", type=int, default=0,
                      help="extra untimed calls before timing (the untimed agreement call always runs first)")
     run.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    run.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    run.add_argument("--memory", default="auto", metavar="MODE",
+                     help="peak-memory measurement: " + "; ".join(f"{k}: {v}" for k, v in MEMORY_MODES.items()))
+    run.add_argument("--no-memory", action="store_true", help="same as --memory off")
+    run.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                     help=f"limit per cell; a cell over it is recorded as 'timeout' (0: none; default {DEFAULT_TIMEOUT_S:g})")
     run.add_argument("--out", type=Path, default=None,
                      help="run folder (default: results/<a name derived from the sweep>)")
     run.add_argument("--force", action="store_true", help="rerun cells already in rows.jsonl")
@@ -151,7 +155,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     spec = SweepSpec(
         tasks=split_list(args.tasks), estimators=split_list(args.estimators),
         targets=split_list(args.targets), steps=_int_list(args.steps), seeds=_int_list(args.seeds),
-        iters=args.iters, warmup=args.warmup, rounds=args.rounds, memory=not args.no_memory,
+        iters=args.iters, warmup=args.warmup, rounds=args.rounds,
+        memory="off" if args.no_memory else args.memory, timeout=args.timeout or None,
         device=args.device, includes=[str(Path(p).resolve()) for p in args.include],
     )
     out = args.out or Path("results") / _default_name(spec)

@@ -45,8 +45,9 @@ def median_iqr(values: list[float]) -> tuple[float, float]:
     return statistics.median(values), q3 - q1
 
 
-def cuda_peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
-    """Peak bytes allocated by CUDA during fn, above what was allocated before it."""
+def cuda_peak_bytes(fn: Callable[[], object], device: torch.device) -> dict[str, int]:
+    """{'peak': bytes allocated by CUDA at the peak during fn above what was allocated before it,
+    'before': that baseline}."""
     gc.collect()
     torch.cuda.empty_cache()
     synchronize(device)
@@ -54,7 +55,7 @@ def cuda_peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
     baseline = torch.cuda.memory_allocated(device)
     fn()
     synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - baseline
+    return {"peak": torch.cuda.max_memory_allocated(device) - baseline, "before": baseline}
 
 
 def rss_supported() -> bool:
@@ -69,15 +70,15 @@ def _status_bytes(key: str) -> int:
     raise RuntimeError(f"{key} missing from /proc/self/status")
 
 
-def rss_peak_bytes(fn: Callable[[], object]) -> int:
-    """Peak resident bytes during fn above the resident size before it (Linux; meaningful in a
-    process started with MALLOC_ENV)."""
+def rss_peak_bytes(fn: Callable[[], object]) -> dict[str, int]:
+    """{'peak': resident high-water mark during fn above the resident size before it, 'before':
+    that resident size} (Linux; meaningful in a process started with MALLOC_ENV)."""
     gc.collect()
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")  # reset the high-water mark VmHWM to the current VmRSS
     baseline = _status_bytes("VmRSS")
     fn()
-    return _status_bytes("VmHWM") - baseline
+    return {"peak": _status_bytes("VmHWM") - baseline, "before": baseline}
 
 
 def tensor_bytes(tensors) -> int:

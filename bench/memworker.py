@@ -23,19 +23,39 @@ from typing import Any
 from bench.measure import MALLOC_ENV
 
 
+def one_kept_call(problem) -> object:
+    """One denoiser call at x_N with its graph kept: the unit A of the cost model's memory."""
+    return problem.chain.eps(problem.x_start, problem.num_steps, problem.cond)
+
+
 def _measure_in_child(task, request: dict[str, Any]) -> dict[str, Any]:
     from bench.measure import rss_peak_bytes
     from bench.registry import ESTIMATORS
 
     try:
-        estimator = ESTIMATORS.create(request["estimator"])
         problem = task.make_problem(request["target"], request["steps"], request["seed"])
+        if request.get("unit"):
+            one_kept_call(problem)  # warm-up
+            return rss_peak_bytes(lambda: one_kept_call(problem))
+        estimator = ESTIMATORS.create(request["estimator"])
         rng = random.Random(request["seed"])
         estimator(problem, rng)  # warm-up: first-call allocations are not the estimator's
         problem.zero_grad()
-        return {"peak": rss_peak_bytes(lambda: estimator(problem, rng))}
+        return rss_peak_bytes(lambda: estimator(problem, rng))
     except Exception as exc:  # reported; the sweep decides what to do
         return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel kill this process when its parent dies (a killed sweep leaves no
+    orphan computing on)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _fork_and_measure(task, request: dict[str, Any]) -> dict[str, Any]:
@@ -44,6 +64,7 @@ def _fork_and_measure(task, request: dict[str, Any]) -> dict[str, Any]:
     if pid == 0:  # the child: measure, report, leave without running any exit handlers
         os.close(read_end)
         try:
+            _die_with_parent()
             payload = json.dumps(_measure_in_child(task, request)).encode()
             with os.fdopen(write_end, "wb") as out:
                 out.write(payload)
@@ -61,6 +82,7 @@ def _fork_and_measure(task, request: dict[str, Any]) -> dict[str, Any]:
 def _serve(conn, includes: list[str]) -> None:
     import torch
 
+    _die_with_parent()
     torch.set_num_threads(1)
     from bench.registry import TASKS, include
 
@@ -119,8 +141,9 @@ class MemoryWorker:
         except (EOFError, OSError):
             self.close()
 
-    def measure(self, request: dict[str, Any], timeout_s: float = 600.0) -> dict[str, Any]:
-        """{'peak': bytes} or {'error': message}; a dead or stuck zygote is replaced next time."""
+    def measure(self, request: dict[str, Any], timeout_s: float = 3600.0) -> dict[str, Any]:
+        """{'peak': bytes, 'before': bytes} or {'error': message}; a dead or stuck zygote is
+        replaced next time. With request['unit'], the measured call is one_kept_call."""
         if self.process is None or not self.process.is_alive():
             self.close()
         self.wait_ready(timeout_s)
@@ -135,15 +158,19 @@ class MemoryWorker:
         except (EOFError, BrokenPipeError, ConnectionResetError) as exc:
             self.close()
             return {"error": f"memory worker died ({type(exc).__name__})"}
+        except BaseException:  # a cell timeout or Ctrl-C mid-measurement: the zygote is mid-request
+            self.close(kill=True)
+            raise
 
-    def close(self) -> None:
+    def close(self, kill: bool = False) -> None:
         if self.process is None:
             return
-        try:
-            self.conn.send(None)
-        except (BrokenPipeError, OSError):
-            pass
-        self.process.join(timeout=5)
+        if not kill:
+            try:
+                self.conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+            self.process.join(timeout=5)
         if self.process.is_alive():
             self.process.kill()
             self.process.join(timeout=5)

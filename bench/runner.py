@@ -7,10 +7,13 @@ import json
 import math
 import platform
 import random
+import signal
 import subprocess
+import threading
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,8 +25,8 @@ import bench
 from bench import store
 from bench.errors import SkipCell, SpecError
 from bench.identity import cell_key, code_hash
-from bench.measure import cuda_peak_bytes, median_iqr, rss_supported, tensor_bytes, time_rounds
-from bench.memworker import MemoryWorker
+from bench.measure import cuda_peak_bytes, synchronize, median_iqr, rss_peak_bytes, rss_supported, tensor_bytes, time_rounds
+from bench.memworker import MemoryWorker, one_kept_call
 from bench.options import split_list
 from bench.problem import Problem
 from bench.registry import ESTIMATORS, TASKS, include
@@ -31,6 +34,14 @@ from bench.registry import ESTIMATORS, TASKS, include
 DEFAULT_TASK = "digits"
 DEFAULT_ESTIMATORS = "full,checkpoint,adjoint,sdo,truncated[k=2]"
 DEFAULT_STEPS = (10, 20)
+DEFAULT_TIMEOUT_S = 1800.0
+MEMORY_MODES = {
+    "auto": "process on CPU, inprocess on CUDA",
+    "process": "CPU: peak resident memory of a process forked per cell from a clean worker",
+    "inprocess": "CUDA: the allocator's peak; CPU: resident high-water mark in the sweep's own "
+                 "process (heap reuse can hide memory)",
+    "off": "no memory measurement",
+}
 
 
 @dataclass
@@ -43,7 +54,8 @@ class SweepSpec:
     iters: int = 4  # Adam iterations of the short optimisation
     warmup: int = 0  # extra untimed calls: the gradient-agreement call already precedes timing
     rounds: int = 3
-    memory: bool = True
+    memory: str = "auto"  # one of MEMORY_MODES
+    timeout: float | None = DEFAULT_TIMEOUT_S  # seconds per cell; None or 0: no limit
     device: str = "cpu"
     includes: list[str] = field(default_factory=list)
 
@@ -76,6 +88,12 @@ def resolve(spec: SweepSpec) -> tuple[list[Any], list[Any]]:
     for label, value, low in (("iters", spec.iters, 0), ("rounds", spec.rounds, 1), ("warmup", spec.warmup, 0)):
         if value < low:
             raise SpecError(f"--{label} must be >= {low}, got {value}")
+    if spec.timeout is not None and not spec.timeout >= 0:
+        raise SpecError(f"--timeout must be a number of seconds >= 0 (0: no limit), got {spec.timeout}")
+    if spec.memory not in MEMORY_MODES:
+        raise SpecError(f"unknown memory mode {spec.memory!r}; valid: {', '.join(MEMORY_MODES)}")
+    if spec.memory == "process" and spec.device != "cpu":
+        raise SpecError("--memory process measures CPU resident memory; on CUDA use inprocess or auto")
     tasks = [TASKS.create(name) for name in spec.tasks]
     estimators = [ESTIMATORS.create(name) for name in spec.estimators]
     for task in tasks:
@@ -136,6 +154,31 @@ class Diverged(Exception):
     pass
 
 
+class CellTimeout(Exception):
+    pass
+
+
+@contextmanager
+def time_limit(seconds: float | None):
+    """Raise CellTimeout in the main thread after `seconds` (a SIGALRM timer; the exception
+    surfaces at the next Python-level instruction, so within one denoiser call)."""
+    usable = seconds and hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+    if not usable:
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise CellTimeout(f"cell exceeded the {seconds:g} s limit (--timeout)")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 class CellRunner:
     """Runs cells of one sweep; caches the exact reference gradient per (task, target, N, seed)."""
 
@@ -143,8 +186,14 @@ class CellRunner:
         self.spec = spec
         self.device = torch.device(spec.device)
         self.references: dict[tuple, torch.Tensor] = {}
+        self.units: dict[tuple, dict[str, Any]] = {}
         self.ready_tasks: set[int] = set()
-        use_worker = spec.memory and self.device.type == "cpu" and rss_supported()
+        self.memory_mode = spec.memory
+        if spec.memory == "auto":
+            self.memory_mode = "inprocess" if self.device.type == "cuda" else "process"
+        if self.memory_mode in ("process", "inprocess") and self.device.type == "cpu" and not rss_supported():
+            self.memory_mode = "unavailable"
+        use_worker = self.memory_mode == "process"
         self.memory_worker = MemoryWorker(spec.includes) if use_worker else None
 
     def close(self) -> None:
@@ -170,12 +219,15 @@ class CellRunner:
                                "status": "ok"}
         started = time.perf_counter()
         try:
-            self._setup(cell.task)
-            self._measure(cell, row)
+            with time_limit(self.spec.timeout):
+                self._setup(cell.task)
+                self._measure(cell, row)
         except SkipCell as skip:
             row.update(status="skipped", reason=str(skip))
         except Diverged as exc:
             row.update(status="diverged", error=str(exc))
+        except CellTimeout as exc:
+            row.update(status="timeout", error=str(exc))
         except torch.OutOfMemoryError as exc:
             row.update(status="oom", error=str(exc).splitlines()[0], error_type=type(exc).__name__)
         except Exception as exc:  # a failing cell is data
@@ -192,7 +244,8 @@ class CellRunner:
         if reason:
             raise SkipCell(reason)
         cost = estimator.cost(cell.steps, cell.target)
-        row.update(nfe_forward_pred=cost.nfe_forward, nfe_vjp_pred=cost.nfe_vjp, mem_class=cost.memory)
+        row.update(nfe_forward_pred=cost.nfe_forward, nfe_vjp_pred=cost.nfe_vjp, mem_class=cost.memory,
+                   mem_pred_activations=cost.activations, mem_pred_latents=cost.latents)
         rng = random.Random(cell.seed)
 
         # 1. Gradient agreement and counts (untimed).
@@ -215,44 +268,79 @@ class CellRunner:
         row["time_s"], row["time_iqr_s"] = median_iqr(times)
         row["time_rounds_s"] = times
 
-        # 3. Peak memory of one gradient, above what the problem holds before it.
+        # 3. Peak memory of one gradient, above what the problem holds before it, and the cost
+        #    model's prediction from the measured units A (one kept call) and S (one latent).
         row["mem_baseline_bytes"] = tensor_bytes(_problem_tensors(problem))
         row.update(self._memory(cell, problem, rng))
+        if row.get("peak_mem_bytes") is not None:
+            unit_a = self._unit_activation(cell, problem)
+            unit_s = problem.x_start.numel() * problem.x_start.element_size()
+            row.update(mem_unit_a_bytes=unit_a, mem_unit_s_bytes=unit_s,
+                       mem_pred_bytes=cost.predicted_bytes(unit_a, unit_s))
 
         # 4. A short optimisation with this estimator (reward of the true sampler each iteration).
         row.update(self._optimise(cell, rng))
 
     def _memory(self, cell: Cell, problem: Problem, rng: random.Random) -> dict[str, Any]:
-        if not self.spec.memory:
-            return {"peak_mem_bytes": None, "mem_kind": "off"}
-        if self.device.type == "cuda":
+        mode = self.memory_mode
+        if mode in ("off", "unavailable"):
+            return {"peak_mem_bytes": None, "mem_kind": mode}
+        if mode == "process":
+            result = self.memory_worker.measure({"task": cell.task.spec, "estimator": cell.estimator.spec,
+                                                 "target": cell.target, "steps": cell.steps, "seed": cell.seed})
+            kind = "rss_peak"
+        else:
             problem.zero_grad()
-            return {"peak_mem_bytes": cuda_peak_bytes(lambda: cell.estimator(problem, rng), self.device),
-                    "mem_kind": "cuda_max_allocated"}
-        if self.memory_worker is None:
-            return {"peak_mem_bytes": None, "mem_kind": "unavailable"}
-        result = self.memory_worker.measure({"task": cell.task.spec, "estimator": cell.estimator.spec,
-                                             "target": cell.target, "steps": cell.steps, "seed": cell.seed})
+            result = self._inprocess_peak(lambda: cell.estimator(problem, rng))
+            kind = "cuda_max_allocated" if self.device.type == "cuda" else "rss_peak_inprocess"
         if "error" in result:
-            return {"peak_mem_bytes": None, "mem_kind": "rss_peak", "mem_error": result["error"]}
-        return {"peak_mem_bytes": result["peak"], "mem_kind": "rss_peak"}
+            return {"peak_mem_bytes": None, "mem_kind": kind, "mem_error": result["error"]}
+        return {"peak_mem_bytes": result["peak"], "mem_process_before_bytes": result["before"], "mem_kind": kind}
+
+    def _inprocess_peak(self, fn: Callable[[], object]) -> dict[str, int]:
+        if self.device.type == "cuda":
+            return cuda_peak_bytes(fn, self.device)
+        return rss_peak_bytes(fn)
+
+    def _unit_activation(self, cell: Cell, problem: Problem) -> float | None:
+        """A: peak memory of one denoiser call with its graph kept, measured like the cells
+        (cached per task, target and seed)."""
+        key = (cell.task.spec, cell.target, cell.seed)
+        if key not in self.units:
+            if self.memory_mode == "process":
+                self.units[key] = self.memory_worker.measure(
+                    {"task": cell.task.spec, "target": cell.target, "steps": cell.steps,
+                     "seed": cell.seed, "unit": True})
+            else:
+                one_kept_call(problem)  # warm-up
+                self.units[key] = self._inprocess_peak(lambda: one_kept_call(problem))
+        return self.units[key].get("peak")
 
     def _optimise(self, cell: Cell, rng: random.Random) -> dict[str, Any]:
         problem = cell.task.make_problem(cell.target, cell.steps, cell.seed)
         optimiser = torch.optim.Adam(problem.leaves, lr=cell.task.learning_rates[cell.target])
-        curve = []
+        # curve[i]: mean reward of the chain's own samples at iterate i; seconds[i]: optimisation
+        # wall-clock (gradients and Adam steps, no evaluation) spent to reach iterate i.
+        curve, seconds, elapsed = [], [], 0.0
         for _ in range(self.spec.iters):
+            synchronize(self.device)
+            start = time.perf_counter()
             outcome = cell.estimator(problem, rng)
-            curve.append(float(outcome.rewards.mean()))
             if not (math.isfinite(outcome.loss) and _finite(problem.flat_grad())):
-                raise Diverged(f"non-finite loss or gradient at optimisation iteration {len(curve)}")
+                raise Diverged(f"non-finite loss or gradient at optimisation iteration {len(curve) + 1}")
             optimiser.step()
+            synchronize(self.device)
+            curve.append(float(outcome.rewards.mean()))
+            seconds.append(elapsed)
+            elapsed += time.perf_counter() - start
         x0 = problem.chain.sample(problem.x_start, problem.cond, problem.noises)
+        curve.append(float(problem.reward_fn(x0).mean()))
+        seconds.append(elapsed)
         metrics = cell.task.evaluate(problem, x0)
         if not all(math.isfinite(v) for v in metrics.values()):
             raise Diverged(f"non-finite evaluation after optimisation: {metrics}")
-        initial = curve[0] if curve else metrics["reward"]
-        return {"reward_init": initial, "reward_final": metrics["reward"], "reward_curve": curve,
+        return {"reward_init": curve[0], "reward_final": metrics["reward"], "reward_curve": curve,
+                "reward_curve_s": seconds, "optim_seconds": elapsed,
                 **{f"eval_{name}": value for name, value in metrics.items()}}
 
 

@@ -46,7 +46,8 @@ class Adjoint(Estimator):
     def cost(self, steps: int, target: str) -> Cost:
         m = self.steps or steps
         return Cost(nfe_forward=steps + m, nfe_vjp=m,
-                    memory="A" if self.recover == "backward" else "A + N·S")
+                    memory="A" if self.recover == "backward" else "A + N·S", activations=1,
+                    latents=0 if self.recover == "backward" else steps)
 
     def adjoint_grid(self, steps: int, rhos: list[float]) -> list[float]:
         """rho values of the adjoint's grid, increasing from rho_0 to rho_N. With M steps, the

@@ -23,11 +23,20 @@ class Estimate:
 @dataclass(frozen=True)
 class Cost:
     """Predicted cost per gradient (ESTIMATORS.md, 'Cost model'): denoiser forwards, VJPs, and the
-    memory class in the symbols A (one call's activations) and S (one latent)."""
+    memory class in the symbols A (one call's activations) and S (one latent). `activations` and
+    `latents` are the class's coefficients (N·A + ... as numbers), so that the runner can predict
+    bytes as activations·A + latents·S from A and S measured on the task; None: no prediction."""
 
     nfe_forward: float  # expected counts where the estimator draws at random
     nfe_vjp: float
     memory: str
+    activations: float | None = None
+    latents: float = 0.0
+
+    def predicted_bytes(self, a_bytes: float | None, s_bytes: float | None) -> float | None:
+        if self.activations is None or a_bytes is None or s_bytes is None:
+            return None
+        return self.activations * a_bytes + self.latents * s_bytes
 
 
 class Estimator(Configurable):

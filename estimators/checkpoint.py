@@ -16,7 +16,7 @@ class Checkpoint(Estimator):
     exact = True
 
     def cost(self, steps: int, target: str) -> Cost:
-        return Cost(nfe_forward=2 * steps, nfe_vjp=steps, memory="A + N·S")
+        return Cost(nfe_forward=2 * steps, nfe_vjp=steps, memory="A + N·S", activations=1, latents=steps)
 
     def estimate(self, problem: Problem, rng: random.Random) -> Estimate:
         x0 = run_masked_chain(problem, keep_graph=lambda i: True, keep_latent_path=True,

@@ -15,7 +15,7 @@ class Full(Estimator):
     exact = True
 
     def cost(self, steps: int, target: str) -> Cost:
-        return Cost(nfe_forward=steps, nfe_vjp=steps, memory="N·A")
+        return Cost(nfe_forward=steps, nfe_vjp=steps, memory="N·A", activations=steps)
 
     def estimate(self, problem: Problem, rng: random.Random) -> Estimate:
         x0 = run_masked_chain(problem, keep_graph=lambda i: True, keep_latent_path=True)

@@ -67,7 +67,7 @@ class SDO(Estimator):
             # x_N reaches eps_k only when k = N; otherwise the latent's gradient is the identity
             # path alone and no VJP is taken (with step=random, that happens with prob. 1 - 1/N)
             vjp = 1.0 / steps if self.step == "random" else float(self.kept_grid_index(steps, None) == steps)
-        return Cost(nfe_forward=steps, nfe_vjp=vjp, memory="A")
+        return Cost(nfe_forward=steps, nfe_vjp=vjp, memory="A", activations=1)
 
     def estimate(self, problem: Problem, rng: random.Random) -> Estimate:
         chain, schedule, cond = problem.chain, problem.chain.schedule, problem.cond

@@ -55,7 +55,7 @@ class Truncated(Estimator):
     def cost(self, steps: int, target: str) -> Cost:
         low, high = self._k_range(steps)
         k = self.k if not self.rand else (low + high) / 2  # expected K when random
-        return Cost(nfe_forward=steps, nfe_vjp=k, memory="K·A")
+        return Cost(nfe_forward=steps, nfe_vjp=k, memory="K·A", activations=k)
 
     def estimate(self, problem: Problem, rng: random.Random) -> Estimate:
         low, high = self._k_range(problem.num_steps)
