@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test clean-venv
+.PHONY: run test bench figures clean-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,12 @@ run: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m benchmark tests/benchmarks --benchmark-sort=name
+
+figures: $(STAMP)
+	$(PY) -m bench figures
 
 clean-venv:
 	rm -rf $(VENV)

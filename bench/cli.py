@@ -1,4 +1,4 @@
-"""python -m bench {list,run}: the command line. Bad input is one line on stderr and exit 2."""
+"""python -m bench {list,run,report,compare,figures,check}: the command line. Bad input is one line on stderr and exit 2."""
 from __future__ import annotations
 
 import argparse
@@ -63,6 +63,29 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--include", action="append", default=[], metavar="FILE.py",
                      help="import a file that registers estimators or tasks")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    report = sub.add_parser("report", help="Markdown + HTML page with tables and plots of a run folder")
+    report.add_argument("run_dir", type=Path, metavar="DIR", help="a run folder (holds rows.jsonl)")
+    report.add_argument("--out", type=Path, default=None, help="output folder (default: reports/<run name>)")
+    report.add_argument("--svg", action="store_true", help="write SVG next to each PNG")
+
+    compare = sub.add_parser("compare", help="per-cell ratios B / A of two run folders, changes flagged")
+    compare.add_argument("run_a", type=Path, metavar="DIR_A")
+    compare.add_argument("run_b", type=Path, metavar="DIR_B")
+    compare.add_argument("--factor", type=float, default=1.1,
+                         help="flag ratios beyond this factor (default 1.1), if the spread does not explain them")
+    compare.add_argument("--only-changed", action="store_true", help="show flagged cells only")
+    compare.add_argument("--strict", action="store_true", help="exit 1 if any cell got slower, larger or changed its gradient")
+
+    check = sub.add_parser("check", help="the conformance suite: estimators against the contract on the toy")
+    check.add_argument("estimators", nargs="*", metavar="SPEC", help="estimator specs (default: all registered)")
+    check.add_argument("--include", action="append", default=[], metavar="FILE.py",
+                       help="import a file that registers estimators")
+
+    figures = sub.add_parser("figures", help="redraw the papers' figures from reference results (reports/figures)")
+    figures.add_argument("--only", default="", help="comma-separated figure names (spec file stems)")
+    figures.add_argument("--specs", type=Path, default=None, help="folder of figure specs (default: reports/figures)")
+    figures.add_argument("--out", type=Path, default=None, help="output folder (default: the specs folder)")
     return parser
 
 
@@ -73,6 +96,14 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "list":
             return _list(args)
+        if args.command == "report":
+            return _report(args)
+        if args.command == "compare":
+            return _compare(args)
+        if args.command == "figures":
+            return _figures(args)
+        if args.command == "check":
+            return _check(args)
         return _run(args, argv)
     except SpecError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -193,6 +224,47 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
                 progress.stop()
     print_summary(rows, Console())
     Console().print(f"rows: {out / 'rows.jsonl'}   run: {out / 'run.json'}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from bench.report import write_report
+
+    out = write_report(args.run_dir, args.out, formats=("png", "svg") if args.svg else ("png",))
+    print(f"report: {out / 'index.md'}  {out / 'index.html'}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from bench.compare import compare, print_comparison
+
+    table = compare(args.run_a, args.run_b, args.factor)
+    print_comparison(table, Console(), args.only_changed)
+    worse = table["flags"].str.contains("slower|larger|gradient", regex=True)
+    return 1 if args.strict and worse.any() else 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from bench.conformance import check_all, print_checks
+    from bench.registry import include
+
+    for path in args.include:
+        include(path)
+    checks = check_all(args.estimators or None)
+    print_checks(checks, Console())
+    return 1 if any(c.status == "fail" for c in checks) else 0
+
+
+def _figures(args: argparse.Namespace) -> int:
+    from bench.figures import FIGURES, render_all
+
+    results = render_all(args.specs or FIGURES, args.out, split_list(args.only) or None)
+    for result in results:
+        print(f"{result['name']}: {', '.join(result['files'])}")
     return 0
 
 

@@ -99,8 +99,12 @@ ESTIMATORS = Registry(
         "adjoint": "estimators.adjoint:Adjoint",
         "sdo": "estimators.sdo:SDO",
         "truncated": "estimators.truncated:Truncated",
+        "draft-lv": "estimators.draft_lv:DraftLV",
+        "zeroth-order": "estimators.zeroth_order:ZerothOrder",
+        "score-function": "estimators.score_function:ScoreFunction",
     },
-    aliases={"bptt": "full", "draft": "truncated", "alignprop": "truncated", "adjointdpm": "adjoint"},
+    aliases={"bptt": "full", "draft": "truncated", "alignprop": "truncated", "adjointdpm": "adjoint",
+             "ddpo": "score-function", "spsa": "zeroth-order", "es": "zeroth-order"},
 )
 
 TASKS = Registry("task", "tasks.base:Task", TASK_GROUP,

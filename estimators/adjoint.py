@@ -96,10 +96,7 @@ class Adjoint(Estimator):
             if cache:
                 y = ys[j - 1] if on_sampler_grid else cached_y(rho)
             t = schedule.model_time(j - 1) if on_sampler_grid else schedule.time_at_rho(rho)
-            y_var = y.detach().requires_grad_(True)
-            with torch.enable_grad():
-                f = chain.denoise_at(y_var / math.sqrt(1 + rho * rho), t, cond)  # alpha(rho) y
-                vjps = torch.autograd.grad(f, [y_var, *params], grad_outputs=a_y, allow_unused=True)
+            f, vjps = drift_and_vjp(chain, y, rho, t, cond, a_y, params)
             a_y = a_y - h * vjps[0]
             for acc, vjp in zip(a_params, vjps[1:]):
                 if vjp is not None:
@@ -112,3 +109,14 @@ class Adjoint(Estimator):
         for param, acc in zip(params, a_params):
             param.grad = acc
         return Estimate(loss=float(loss.detach()), rewards=rewards.detach(), x0=x0.detach())
+
+
+def drift_and_vjp(chain, y: torch.Tensor, rho: float, t: float, cond: torch.Tensor | None,
+                  a_y: torch.Tensor, params: list[torch.Tensor]) -> tuple[torch.Tensor, tuple]:
+    """The ODE's drift f = eps(alpha(rho) y, t, c), alpha(rho) = 1/sqrt(1 + rho^2), and the
+    adjoint's VJPs a_y^T df/dy, a_y^T df/dparams: one step of the augmented system."""
+    y_var = y.detach().requires_grad_(True)
+    with torch.enable_grad():
+        f = chain.denoise_at(y_var / math.sqrt(1 + rho * rho), t, cond)
+        vjps = torch.autograd.grad(f, [y_var, *params], grad_outputs=a_y, allow_unused=True)
+    return f, vjps

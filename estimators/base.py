@@ -7,6 +7,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
+from bench.errors import SkipCell
 from bench.options import Configurable, Option
 from bench.problem import Problem
 
@@ -70,5 +71,8 @@ class Estimator(Configurable):
 def backprop(problem: Problem, x0: Tensor) -> Estimate:
     """Loss at x_0, backward into the leaves, and the detached outcome."""
     loss, rewards = problem.loss(x0)
+    if not loss.requires_grad:
+        raise SkipCell("the reward is not differentiable (no graph from x_0 to the reward): "
+                       "backprop estimators get no gradient; use score-function or zeroth-order")
     loss.backward()
     return Estimate(loss=float(loss.detach()), rewards=rewards.detach(), x0=x0.detach())

@@ -1,24 +1,109 @@
-"""checkpoint: backprop through the whole chain, recomputing each step's graph during backward
+"""checkpoint: backprop through the whole chain, recomputing the graph during backward
 (torch.utils.checkpoint, non-reentrant; ESTIMATORS.md section 2). The same gradient as `full` to
-float rounding. Memory A + N*S, time about 2NF + NV = 4NF."""
+float rounding.
+
+- segment = s (default 1): checkpoint runs of s steps; only each run's input latent is stored.
+  Memory s*A + (N/s)*S, time about 2NF + NV = 4NF.
+- recursive = true: binomial (divide-and-conquer) checkpointing. The chain is split in halves,
+  each half checkpointed, recursively down to single steps, so at most one stored latent per
+  level is live: memory A + O(log2 N)*S, at the price of about N*log2(N)/2 extra forwards.
+  With torch's early-stopping recomputation, replaying a region only runs its first half (the
+  second half's input is all it must save), so a region of m = a + b steps costs
+  D(m) = a + D(a) + D(b) forwards in backward, D(1) = 1, and a gradient N + D(first) + D(second).
+"""
 from __future__ import annotations
 
+import math
 import random
 
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint as recompute_in_backward
+
+from bench.chain import noise_for
+from bench.errors import SpecError
+from bench.options import Option, at_least
 from bench.problem import Problem
 from estimators.base import Cost, Estimate, Estimator, backprop
 from estimators.masked_chain import run_masked_chain
 
 
+def run_steps(problem: Problem, x: Tensor, high: int, low: int) -> Tensor:
+    """x_low from x_high: the sampler's steps i = high, ..., low + 1 with their graph."""
+    chain, schedule = problem.chain, problem.chain.schedule
+    for i in range(high, low, -1):
+        x = schedule.step(x, i, chain.eps(x, i, problem.cond), noise_for(problem.noises, i))
+    return x
+
+
+def run_recursive(problem: Problem, x: Tensor, high: int, low: int) -> Tensor:
+    if high - low <= 1:
+        return run_steps(problem, x, high, low)
+    middle = (high + low + 1) // 2
+    x = recompute_in_backward(run_recursive, problem, x, high, middle, use_reentrant=False)
+    return recompute_in_backward(run_recursive, problem, x, middle, low, use_reentrant=False)
+
+
+def recursion_depth(steps: int) -> int:
+    return math.ceil(math.log2(steps)) if steps > 1 else 0
+
+
+def _halves(steps: int) -> tuple[int, int]:
+    """Step counts of run_recursive's first and second half of a region of `steps` steps."""
+    first = steps - (steps + 1) // 2
+    return first, steps - first
+
+
+def recursive_forwards(steps: int) -> int:
+    """Denoiser forwards of one recursive-checkpoint gradient (see the module docstring)."""
+    def backward_forwards(m: int) -> int:
+        if m == 1:
+            return 1
+        a, b = _halves(m)
+        return a + backward_forwards(a) + backward_forwards(b)
+
+    if steps == 1:
+        return 1
+    a, b = _halves(steps)
+    return steps + backward_forwards(a) + backward_forwards(b)
+
+
 class Checkpoint(Estimator):
     name = "checkpoint"
-    summary = "exact backprop, each step recomputed in backward (memory A + N·S)"
+    summary = "exact backprop, graph recomputed in backward (per step, in segments, or recursively)"
     exact = True
+    options = (
+        Option("segment", int, 1, "steps per checkpointed segment", check=at_least(1)),
+        Option("recursive", bool, False, "binomial checkpointing: O(log N) stored latents"),
+    )
+
+    def __init__(self, **values):
+        super().__init__(**values)
+        if self.recursive and self.segment != 1:
+            raise SpecError("checkpoint: recursive=true and segment > 1 are exclusive; choose one")
+
+    def check_steps(self, steps: int) -> None:
+        if self.segment > steps:
+            raise SpecError(f"{self.spec}: segment={self.segment} exceeds the step count N={steps}")
 
     def cost(self, steps: int, target: str) -> Cost:
-        return Cost(nfe_forward=2 * steps, nfe_vjp=steps, memory="A + N·S", activations=1, latents=steps)
+        if self.recursive:
+            depth = recursion_depth(steps)
+            return Cost(nfe_forward=recursive_forwards(steps), nfe_vjp=steps, memory="A + log2(N)·S",
+                        activations=1, latents=depth)
+        segments = math.ceil(steps / self.segment)
+        return Cost(nfe_forward=2 * steps, nfe_vjp=steps,
+                    memory="A + N·S" if self.segment == 1 else "s·A + (N/s)·S",
+                    activations=self.segment, latents=segments)
 
     def estimate(self, problem: Problem, rng: random.Random) -> Estimate:
-        x0 = run_masked_chain(problem, keep_graph=lambda i: True, keep_latent_path=True,
-                              checkpoint=True)
+        steps = problem.num_steps
+        if self.recursive:
+            x0 = run_recursive(problem, problem.x_start, steps, 0)
+        elif self.segment == 1:
+            x0 = run_masked_chain(problem, keep_graph=lambda i: True, keep_latent_path=True, checkpoint=True)
+        else:
+            x0 = problem.x_start
+            for high in range(steps, 0, -self.segment):
+                low = max(high - self.segment, 0)
+                x0 = recompute_in_backward(run_steps, problem, x0, high, low, use_reentrant=False)
         return backprop(problem, x0)

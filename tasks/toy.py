@@ -72,8 +72,8 @@ class Toy(Task):
         Option("batch", int, 16, "samples per problem", check=at_least(1)),
         Option("eta", float, 0.0, "DDIM eta (0: deterministic ODE sampler)", check=at_least(0.0)),
         Option("reward", str, "region", "region: log soft-probability of a ball between two modes; "
-               "distance: -|x-c|^2 (both in the ring's plane)",
-               choices=("region", "distance")),
+               "distance: -|x-c|^2; inside: 1 in the ball, else 0 (not differentiable; all in the "
+               "ring's plane)", choices=("region", "distance", "inside")),
     )
 
     def setup(self, device: torch.device) -> None:
@@ -98,6 +98,8 @@ class Toy(Task):
         if self.reward == "distance":
             return -dist2
         radius, temperature = 0.5, 0.1
+        if self.reward == "inside":
+            return (dist2 < radius**2).to(x.dtype)
         return nn.functional.logsigmoid((radius**2 - dist2) / temperature)
 
     def make_problem(self, target: str, steps: int, seed: int,

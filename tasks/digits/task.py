@@ -45,7 +45,8 @@ class Digits(Task):
     dtype = torch.float32
     options = (
         Option("reward", str, "classify", "classify: log p(digit | x); ink: mean brightness; "
-               "symmetry: -(left-right mirror error)", choices=("classify", "ink", "symmetry")),
+               "symmetry: -(left-right mirror error); decision: 1 if the classifier's top class is "
+               "`digit`, else 0 (not differentiable)", choices=("classify", "ink", "symmetry", "decision")),
         Option("digit", int, 7, "the class the classify reward asks for", check=_digit),
         Option("cls", int, 1, "the class the sampler is conditioned on", check=_digit),
         Option("batch", int, 8, "samples per problem", check=at_least(1)),
@@ -97,6 +98,8 @@ class Digits(Task):
         """Per-sample reward of x_0 in [-1, 1], shape (B, 1, 8, 8)."""
         if self.reward == "classify":
             return torch.log_softmax(self.classifier_in(x.dtype)(x), dim=-1)[:, self.digit]
+        if self.reward == "decision":  # a thresholded decision: zero gradient almost everywhere
+            return (self.classifier_in(x.dtype)(x).argmax(dim=-1) == self.digit).to(x.dtype)
         if self.reward == "ink":
             return ((x + 1) / 2).mean(dim=(1, 2, 3))
         return -((x - x.flip(-1)) ** 2).mean(dim=(1, 2, 3))

@@ -1,0 +1,253 @@
+"""The conformance suite every estimator passes, built in or your own:
+
+    python -m bench check                      # every registered estimator
+    python -m bench check my-est --include my_estimator.py
+
+On the float64 toy (deterministic and stochastic sampler, every target) it checks the contract:
+options declared and validated, gradients only on the requested leaves, no stale `.grad`
+accumulated across calls, counts equal to the cost model where it predicts whole numbers, skip
+reasons that are real strings, agreement with the exact gradient (reported; required for an
+estimator that declares itself exact), the same gradient under the same seed, and nothing left
+behind (no graph on what it returns, no tensors piling up over repeated calls)."""
+from __future__ import annotations
+
+import gc
+import math
+import random
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from bench.errors import SkipCell, SpecError
+from bench.options import Option
+from bench.problem import Problem
+from bench.registry import ESTIMATORS, TASKS
+
+TOYS = ("toy[d=3,batch=6]", "toy[d=3,batch=6,eta=1.0]")  # the deterministic and the stochastic sampler
+STEPS = 4
+EXACT_TOLERANCE = 1e-8
+
+
+@dataclass
+class Check:
+    estimator: str
+    name: str
+    status: str  # pass, fail, n/a
+    detail: str = ""
+
+
+class Failed(Exception):
+    pass
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise Failed(message)
+
+
+class Suite:
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        self.cls = ESTIMATORS.get(spec.split("[")[0])
+        self.checks: list[Check] = []
+        self.tasks = {}
+        for toy in TOYS:
+            task = TASKS.create(toy)
+            task.setup(torch.device("cpu"))
+            self.tasks[toy] = task
+        self.served: dict[str, tuple[str, Problem]] = {}  # target -> (toy, a problem it serves)
+
+    def estimator(self):
+        return ESTIMATORS.create(self.spec)
+
+    def run(self, name: str, fn: Callable[[], str | None]) -> None:
+        try:
+            detail = fn()
+            status = "pass"
+            if isinstance(detail, tuple):
+                status, detail = detail
+            self.checks.append(Check(self.spec, name, status, detail or ""))
+        except Failed as exc:
+            self.checks.append(Check(self.spec, name, "fail", str(exc)))
+        except Exception as exc:  # the estimator crashed: that is a failed check, with the reason
+            self.checks.append(Check(self.spec, name, "fail", f"{type(exc).__name__}: {exc}"))
+
+    # -- the checks ---------------------------------------------------------------------------
+    def options(self) -> str:
+        names = [opt.name for opt in self.cls.options]
+        _require(len(set(names)) == len(names), f"duplicate option names {names}")
+        for opt in self.cls.options:
+            _require(isinstance(opt, Option), f"{opt!r} is not a bench.options.Option")
+            _require(opt.type in (int, float, bool, str), f"option {opt.name}: type {opt.type} unsupported")
+            _require(opt.help, f"option {opt.name} has no help text")
+            opt.parse(opt.default, self.cls.name)  # the default itself is valid
+        try:
+            ESTIMATORS.create(f"{self.cls.name}[no_such_option=1]")
+            raise Failed("an unknown option was accepted")
+        except SpecError:
+            pass
+        _require(bool(self.cls.summary), "no summary (shown by `python -m bench list`)")
+        return f"{len(names)} option(s): {', '.join(names) or 'none'}"
+
+    def skips(self) -> str:
+        estimator, notes = self.estimator(), {}
+        for target in ("latent", "cond", "weights"):
+            for toy, task in self.tasks.items():
+                problem = task.make_problem(target, STEPS, 0)
+                reason = estimator.skip_reason(problem)
+                _require(reason is None or (isinstance(reason, str) and reason.strip()),
+                         f"skip_reason returned {reason!r}: None or a sentence")
+                if reason is None:
+                    self.served.setdefault(target, (toy, problem))
+                else:
+                    notes.setdefault(reason, []).append(f"{target} (eta={'1' if 'eta' in toy else '0'})")
+        _require(bool(self.served), "skips every target on both samplers")
+        return "; ".join(f"skips {', '.join(where)}: {reason}" for reason, where in notes.items()) or "serves every target"
+
+    def _each_target(self, fn: Callable[[str, str, Problem], str]) -> str:
+        _require(bool(self.served), "no target served (see the skip check)")
+        return "; ".join(f"{target}: {fn(target, toy, problem)}" for target, (toy, problem) in self.served.items())
+
+    def _fresh(self, toy: str, target: str, seed: int = 0) -> Problem:
+        return self.tasks[toy].make_problem(target, STEPS, seed)
+
+    def _call(self, problem: Problem, rng_seed: int = 0):
+        try:
+            return self.estimator()(problem, random.Random(rng_seed))
+        except SkipCell as skip:
+            raise Failed(f"raised SkipCell at run time ({skip}); report it from skip_reason") from None
+
+    def leaves(self) -> str:
+        def check(target, toy, _):
+            problem = self._fresh(toy, target)
+            outcome = self._call(problem)
+            others = [("x_N", problem.x_start), ("cond", problem.cond),
+                      *((f"weight {n}", p) for n, p in problem.chain.denoiser.named_parameters()),
+                      *((f"noise {i}", t) for i, t in enumerate(problem.noises or []))]
+            leaf_ids = {id(leaf) for leaf in problem.leaves}
+            stray = [name for name, t in others if t is not None and id(t) not in leaf_ids and t.grad is not None]
+            _require(not stray, f"gradient on tensors that are not the target's: {stray[:3]}")
+            for leaf in problem.leaves:
+                _require(leaf.grad is not None, "a target leaf got no .grad (set zeros if that is the estimate)")
+                _require(leaf.grad.shape == leaf.shape, f".grad shape {tuple(leaf.grad.shape)} != {tuple(leaf.shape)}")
+                _require(leaf.grad.grad_fn is None, ".grad carries an autograd graph")
+                _require(bool(torch.isfinite(leaf.grad).all()), "non-finite gradient")
+            _require(float(problem.flat_grad().norm()) > 0, "all-zero gradient (use skip_reason instead)")
+            _require(outcome.x0.grad_fn is None and outcome.rewards.grad_fn is None,
+                     "the returned x0 or rewards still hold a graph")
+            _require(math.isfinite(outcome.loss), f"loss {outcome.loss}")
+            return "ok"
+        return self._each_target(check)
+
+    def no_accumulation(self) -> str:
+        def check(target, toy, _):
+            problem = self._fresh(toy, target)
+            estimator = self.estimator()
+            estimator(problem, random.Random(3))
+            first = problem.flat_grad().clone()
+            second_estimator = self.estimator()
+            second_estimator(problem, random.Random(3))  # same draws again on the same problem
+            _require(torch.allclose(problem.flat_grad(), first, rtol=1e-10, atol=0),
+                     "a second call on the same problem changed the gradient: stale .grad accumulated?")
+            return "ok"
+        return self._each_target(check)
+
+    def counts(self) -> str:
+        def check(target, toy, _):
+            problem = self._fresh(toy, target)
+            problem.chain.counter.reset()
+            self._call(problem)
+            cost = self.estimator().cost(STEPS, target)
+            measured = (problem.chain.counter.forward, problem.chain.counter.vjp)
+            predicted = (cost.nfe_forward, cost.nfe_vjp)
+            if all(float(p).is_integer() for p in predicted):
+                _require(measured == tuple(int(p) for p in predicted),
+                         f"counted fwd/vjp {measured}, cost model says {predicted}")
+                return f"{measured[0]}/{measured[1]} as predicted"
+            return f"{measured[0]}/{measured[1]} (expected {predicted[0]:g}/{predicted[1]:g}: random)"
+        return self._each_target(check)
+
+    def agreement(self):
+        def check(target, toy, _):
+            problem = self._fresh(toy, target)
+            ESTIMATORS.create("full")(problem, random.Random(0))
+            exact = problem.flat_grad().clone()
+            problem = self._fresh(toy, target)
+            self._call(problem)
+            grad = problem.flat_grad()
+            err = float((grad - exact).norm() / exact.norm())
+            cos = float(grad @ exact / (grad.norm() * exact.norm()))
+            if self.cls.exact:
+                _require(err < EXACT_TOLERANCE, f"declared exact, but rel. error {err:.2e} to full")
+            return f"cos {cos:.3f}, rel err {err:.1e}"
+        return self._each_target(check)
+
+    def determinism(self) -> str:
+        def check(target, toy, _):
+            grads = []
+            for _ in range(2):
+                problem = self._fresh(toy, target)
+                self._call(problem, rng_seed=11)
+                grads.append(problem.flat_grad())
+            _require(torch.equal(*grads), "two runs with the same seed gave different gradients")
+            return "ok"
+        return self._each_target(check)
+
+    def nothing_left_behind(self) -> str:
+        target, (toy, _) = next(iter(self.served.items()))
+        problem = self._fresh(toy, target)
+        estimator, rng = self.estimator(), random.Random(0)
+
+        def live_tensors() -> int:
+            gc.collect()
+            with warnings.catch_warnings():  # isinstance on some deprecated torch objects warns
+                warnings.simplefilter("ignore")
+                return sum(1 for obj in gc.get_objects() if isinstance(obj, torch.Tensor))
+
+        for _ in range(3):
+            estimator(problem, rng)
+        before = live_tensors()
+        for _ in range(20):
+            estimator(problem, rng)
+        growth = live_tensors() - before
+        _require(growth <= 4, f"{growth} more live tensors after 20 more calls (a graph or a hook kept?)")
+        return f"{target}: {growth:+d} live tensors over 20 calls"
+
+
+def check_estimator(spec: str) -> list[Check]:
+    suite = Suite(spec)
+    suite.run("options declared and validated", suite.options)
+    suite.run("skip reasons", suite.skips)
+    suite.run("gradients on the target's leaves only", suite.leaves)
+    suite.run("no stale .grad across calls", suite.no_accumulation)
+    suite.run("counts match the cost model", suite.counts)
+    suite.run("agreement with the exact gradient" + (" (required)" if suite.cls.exact else ""), suite.agreement)
+    suite.run("same seed, same gradient", suite.determinism)
+    suite.run("nothing left behind", suite.nothing_left_behind)
+    return suite.checks
+
+
+def check_all(specs: list[str] | None = None) -> list[Check]:
+    specs = specs or ESTIMATORS.names()
+    for spec in specs:
+        ESTIMATORS.create(spec)  # a bad name or option is a SpecError before anything runs
+    return [check for spec in specs for check in check_estimator(spec)]
+
+
+def print_checks(checks: list[Check], console: Any) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title="Conformance (toy, float64, N = 4)", title_justify="left", show_lines=False)
+    for column in ("estimator", "check", "result", "detail"):
+        table.add_column(column, overflow="fold")
+    colours = {"pass": "green", "fail": "bold red", "n/a": "dim"}
+    for check in checks:
+        table.add_row(escape(check.estimator), escape(check.name),
+                      f"[{colours[check.status]}]{check.status}[/]", escape(check.detail))
+    console.print(table)
+    failed = sorted({c.estimator for c in checks if c.status == "fail"})
+    console.print(f"{len({c.estimator for c in checks})} estimator(s), "
+                  + (f"[bold red]failing: {', '.join(failed)}[/]" if failed else "[green]all checks pass[/]"))

@@ -1,0 +1,262 @@
+"""python -m bench figures: the papers' figures, redrawn from committed reference results.
+
+Each figure is a small TOML spec in reports/figures/: a title, the kind of figure (one of KINDS
+below), the run folder it reads, the paper's claim, and the kind's options. Each writes
+reports/figures/<spec name>.png and .svg, and reports/figures/README.md lists every figure with a
+caption that states the claim and what the suite measured (computed from the rows)."""
+from __future__ import annotations
+
+import math
+import tomllib
+from pathlib import Path
+from typing import Any, Callable
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib import ticker
+
+from bench import analysis, plots
+from bench.errors import SpecError
+
+ROOT = Path(__file__).resolve().parent.parent
+FIGURES = ROOT / "reports" / "figures"
+KINDS: dict[str, Callable[..., tuple[Any, str]]] = {}
+
+
+def kind(name: str):
+    def register(fn):
+        KINDS[name] = fn
+        return fn
+    return register
+
+
+def _pick(means: pd.DataFrame, target: str, estimator: str, steps: int) -> pd.Series:
+    part = means[(means["target"] == target) & (means["estimator"] == estimator) & (means["steps"] == steps)]
+    if part.empty:
+        raise SpecError(f"the reference rows have no ok cell {estimator} on {target} at N={steps}")
+    return part.iloc[0]
+
+
+def _pct_lower(ratio: float) -> str:
+    return f"{(1 - ratio) * 100:.0f} % lower" if ratio < 1 else f"{(ratio - 1) * 100:.0f} % higher"
+
+
+@kind("cost_and_reward")
+def cost_and_reward(frame: pd.DataFrame, steps: int, estimator: str, baseline: str = "full",
+                    targets: list[str] | None = None):
+    """Per target: time and memory per gradient of `estimator` and `baseline` at N = steps, and
+    the reward after the same number of Adam iterations (mean over seeds; band: min to max)."""
+    means, curves = analysis.cell_means(frame), analysis.curves(frame)
+    targets = targets or sorted(means["target"].unique())
+    fig, axes = plt.subplots(len(targets), 3, figsize=(15, 4.2 * len(targets)), squeeze=False)
+    notes = []
+    for row_axes, target in zip(axes, targets):
+        a, b = _pick(means, target, baseline, steps), _pick(means, target, estimator, steps)
+        for ax, column, scale, label in ((row_axes[0], "time_s", 1e3, "time per gradient (ms)"),
+                                         (row_axes[1], "peak_mem_bytes", 1 / plots.MIB, "peak memory per gradient (MiB)")):
+            values = [a[column] * scale, b[column] * scale]
+            bars = ax.bar([baseline, estimator], values, color=[plots.colour(baseline), plots.colour(estimator)])
+            ax.bar_label(bars, labels=[f"{v:.3g}" for v in values])
+            ax.set_ylabel(label)
+            ax.set_title(f"{target}: {label.split(' per')[0]} (×{b[column] / a[column]:.2f})")
+        ax = row_axes[2]
+        part = curves[(curves["target"] == target) & (curves["steps"] == steps)]
+        for spec in (baseline, estimator):
+            per_seed = part[part["estimator"] == spec].pivot_table(index="iteration", columns="seed", values="reward")
+            ax.plot(per_seed.index, per_seed.mean(axis=1), **plots.style(spec))
+            ax.fill_between(per_seed.index, per_seed.min(axis=1), per_seed.max(axis=1),
+                            color=plots.colour(spec), alpha=0.15)
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+        ax.set_xlabel("Adam iteration")
+        ax.set_ylabel("mean reward")
+        ax.set_title(f"{target}: reward, {int(a['seeds'])} seed(s)")
+        ax.legend()
+        ax.grid(True, alpha=0.3)
+        cost = b["time_s"] / a["time_s"]
+        notes.append(
+            f"{target}: {estimator} takes {b['time_s']:.2f} s per gradient against {a['time_s']:.2f} s "
+            f"({_pct_lower(cost)} time) and {b['peak_mem_bytes'] / plots.MIB:.0f} MiB against "
+            f"{a['peak_mem_bytes'] / plots.MIB:.0f} MiB ({_pct_lower(b['peak_mem_bytes'] / a['peak_mem_bytes'])} "
+            f"memory); after the same iterations its reward is {b['reward_final']:.2f} against "
+            f"{a['reward_final']:.2f} (start {a['reward_init']:.2f}), gradient cosine {b['grad_cos']:.2f}.")
+    return fig, " ".join(notes)
+
+
+@kind("memory_and_error_vs_n")
+def memory_and_error_vs_n(frame: pd.DataFrame, estimator: str, baseline: str = "full",
+                          context: list[str] | None = None, target: str | None = None):
+    """Memory per gradient against N for the estimator, the baseline (and context estimators),
+    and the estimator's relative gradient error and cosine against N."""
+    means = analysis.cell_means(frame)
+    target = target or means["target"].iloc[0]
+    means = means[means["target"] == target]
+    shown = means[means["estimator"].isin([baseline, estimator, *(context or [])])]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    plots.lines_vs_steps(axes[0], shown, "peak_mem_bytes", "peak memory per gradient (MiB)", scale=1 / plots.MIB)
+    axes[0].set_title(f"{target}: memory vs N")
+    axes[0].legend()
+    own = means[means["estimator"] == estimator].sort_values("steps")
+    ax = axes[1]
+    ax.plot(own["steps"], own["grad_rel_err"], **plots.style(estimator))
+    ax.set_xscale("log")
+    plots.plain_log(ax, "y")
+    ax.set_xticks(own["steps"], [str(s) for s in own["steps"]])
+    ax.xaxis.set_minor_locator(ticker.NullLocator())
+    ax.set_xlabel("sampler steps N")
+    ax.set_ylabel("relative error to the exact gradient")
+    ax.grid(True, alpha=0.3)
+    twin = ax.twinx()
+    twin.plot(own["steps"], own["grad_cos"], linestyle=":", color=plots.colour(estimator), marker="x",
+              label="cosine (right axis)")
+    twin.set_ylabel("cosine to the exact gradient")
+    twin.legend(loc="center right")
+    ax.set_title(f"{target}: {estimator}'s gradient error vs N")
+    lo, hi = int(own["steps"].min()), int(own["steps"].max())
+    growth = {spec: _pick(means, target, spec, hi)["peak_mem_bytes"] / _pick(means, target, spec, lo)["peak_mem_bytes"]
+              for spec in (baseline, estimator)}
+    errors = ", ".join(f"{e:.2f} at N={n}" for n, e in zip(own["steps"], own["grad_rel_err"]))
+    cosines = ", ".join(f"{c:.3f}" for c in own["grad_cos"])
+    note = (f"From N={lo} to N={hi} ({hi / lo:.0f}× the steps) {baseline}'s peak memory grows "
+            f"{growth[baseline]:.1f}× while {estimator}'s changes {growth[estimator]:.2f}×. "
+            f"{estimator}'s relative error to the exact gradient of the discrete chain: {errors} "
+            f"(cosine {cosines}).")
+    fig.tight_layout()
+    return fig, note
+
+
+@kind("k_ablation")
+def k_ablation(frame: pd.DataFrame, steps: int, family: str = "truncated", baseline: str = "full",
+               target: str | None = None):
+    """Reward reached and cost per gradient against the truncation depth K, with the baseline as
+    a horizontal line."""
+    means = analysis.cell_means(frame)
+    target = target or means["target"].iloc[0]
+    means = means[(means["target"] == target) & (means["steps"] == steps)]
+    own = means[means["family"] == family].copy()
+    own["K"] = own["estimator"].str.extract(r"\bk=(\d+)").fillna(1).astype(int)[0]
+    own = own.sort_values("K")
+    if own.empty:
+        raise SpecError(f"the reference rows have no ok {family} cell on {target} at N={steps}")
+    base = _pick(means, target, baseline, steps)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    panels = ((axes[0], "reward_final", 1.0, "reward after the optimisation"),
+              (axes[1], "time_s", 1e3, "time per gradient (ms)"),
+              (axes[2], "peak_mem_bytes", 1 / plots.MIB, "peak memory per gradient (MiB)"))
+    for ax, column, scale, label in panels:
+        ax.plot(own["K"], own[column] * scale, marker="v", color=plots.colour(family), label=f"{family}[k=K]")
+        ax.axhline(base[column] * scale, color=plots.colour(baseline), linestyle="--", label=baseline)
+        ax.set_xscale("log")
+        ax.set_xticks(own["K"], [str(k) for k in own["K"]])
+        ax.xaxis.set_minor_locator(ticker.NullLocator())
+        ax.set_xlabel(f"K (denoiser calls differentiated, of N = {steps})")
+        ax.set_ylabel(label)
+        ax.set_title(label.split(" (")[0])
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    axes[0].axhline(base["reward_init"], color="#999999", linestyle=":", label="start")
+    best = own.loc[own["reward_final"].idxmax()]
+    k1 = own.iloc[0]
+    note = (f"At N={steps} on {target}, after the same Adam iterations: K={int(k1['K'])} reaches reward "
+            f"{k1['reward_final']:.2f} at {k1['time_s'] / base['time_s']:.2f}× {baseline}'s time and "
+            f"{k1['peak_mem_bytes'] / base['peak_mem_bytes']:.2f}× its memory; the best K is {int(best['K'])} "
+            f"({best['reward_final']:.2f}); {baseline} reaches {base['reward_final']:.2f} from "
+            f"{base['reward_init']:.2f}. Time and memory grow with K: "
+            + ", ".join(f"K={int(r.K)}: {r.time_s * 1e3:.0f} ms, {r.peak_mem_bytes / plots.MIB:.0f} MiB"
+                        for r in own.itertuples()) + ".")
+    fig.tight_layout()
+    return fig, note
+
+
+@kind("tradeoff")
+def tradeoff(frame: pd.DataFrame, baseline: str = "full", target: str | None = None):
+    """Cosine to the exact gradient against time and memory per gradient relative to the baseline
+    at the same N: one point per estimator and N."""
+    means = analysis.cell_means(frame)
+    target = target or means["target"].iloc[0]
+    means = means[means["target"] == target].dropna(subset=["grad_cos"])
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5.2))
+    for ax, column, label in ((axes[0], "time_s_vs_full", f"time per gradient ÷ {baseline}'s at the same N"),
+                              (axes[1], "peak_mem_bytes_vs_full", f"peak memory ÷ {baseline}'s at the same N")):
+        for spec in plots.order(means["estimator"]):
+            part = means[means["estimator"] == spec]
+            ax.scatter(part[column], part["grad_cos"], color=plots.colour(spec), marker=plots.marker(spec),
+                       s=25 + 60 * np.log10(part["steps"]), label=spec, edgecolors="white", linewidths=0.5)
+            for _, r in part.iterrows():
+                ax.annotate(f"N={r['steps']}", (r[column], r["grad_cos"]), fontsize=6, xytext=(3, 3),
+                            textcoords="offset points", color="#555555")
+        plots.plain_log(ax, "x")
+        ax.axhline(1.0, color="#bbbbbb", linewidth=0.8)
+        ax.set_xlabel(label)
+        ax.set_ylabel("cosine to the exact gradient")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_title(f"{target}: agreement vs time (marker size grows with N)")
+    axes[1].set_title(f"{target}: agreement vs memory")
+    plots.legend_below(fig, axes)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    parts = []
+    for spec in plots.order(means["estimator"]):
+        part = means[means["estimator"] == spec]
+        parts.append(f"{spec}: cosine {part['grad_cos'].min():.2f}–{part['grad_cos'].max():.2f} at "
+                     f"{part['time_s_vs_full'].min():.2f}–{part['time_s_vs_full'].max():.2f}× the time and "
+                     f"{part['peak_mem_bytes_vs_full'].min():.2f}–{part['peak_mem_bytes_vs_full'].max():.2f}× "
+                     f"the memory")
+    return fig, f"On {target} (N = {', '.join(map(str, sorted(means['steps'].unique())))}): " + "; ".join(parts) + "."
+
+
+def load_spec(path: Path) -> dict[str, Any]:
+    try:
+        spec = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"{path}: not valid TOML ({exc})") from None
+    for key in ("title", "kind", "source", "claim"):
+        if key not in spec:
+            raise SpecError(f"{path}: missing '{key}' (a figure spec needs title, kind, source, claim)")
+    if spec["kind"] not in KINDS:
+        raise SpecError(f"{path}: unknown kind {spec['kind']!r}; valid: {', '.join(KINDS)}")
+    return spec
+
+
+def render(path: Path, out: Path, formats=("png", "svg")) -> dict[str, Any]:
+    spec = load_spec(path)
+    source = Path(spec["source"])
+    source = source if source.is_absolute() else ROOT / source
+    frame, meta = analysis.load_run(source)
+    try:
+        fig, measured = KINDS[spec["kind"]](frame, **spec.get("options", {}))
+    except TypeError as exc:
+        raise SpecError(f"{path}: bad options for kind {spec['kind']!r} ({exc})") from None
+    fig.suptitle(spec["title"], fontsize=13, y=1.02)
+    written = plots.save(fig, out / path.stem, formats)
+    device = f"{meta.get('device')} ({meta.get('device_name')})" if meta else "unknown device"
+    return {"name": path.stem, "title": spec["title"], "claim": spec["claim"].strip(), "measured": measured,
+            "files": written, "source": spec["source"], "device": device}
+
+
+def render_all(folder: Path = FIGURES, out: Path | None = None, only: list[str] | None = None,
+               formats=("png", "svg")) -> list[dict[str, Any]]:
+    out = out or folder
+    out.mkdir(parents=True, exist_ok=True)
+    specs = sorted(folder.glob("*.toml"))
+    if only:
+        unknown = set(only) - {p.stem for p in specs}
+        if unknown:
+            raise SpecError(f"unknown figure {sorted(unknown)[0]!r}; valid: {', '.join(p.stem for p in specs)}")
+        specs = [p for p in specs if p.stem in only]
+    if not specs:
+        raise SpecError(f"no figure specs (*.toml) in {folder}")
+    results = [render(path, out, formats) for path in specs]
+    if not only:
+        _write_index(out, results)
+    return results
+
+
+def _write_index(out: Path, results: list[dict[str, Any]]) -> None:
+    lines = ["# The papers' figures, measured", "",
+             "Written by `python -m bench figures` from the reference results named under each figure "
+             "(regenerate those with `results/reference/run_all.sh`). Edit a figure's `.toml` to change it.", ""]
+    for r in results:
+        lines += [f"## {r['title']}", "", f"![{r['name']}]({r['name']}.png)", "",
+                  f"**Claim.** {r['claim']}", "", f"**Measured** ({r['device']}; rows in `{r['source']}`). "
+                  f"{r['measured']}", ""]
+    (out / "README.md").write_text("\n".join(lines))

@@ -1,0 +1,163 @@
+"""python -m bench report DIR: a Markdown and an HTML page with one comparison table and one
+six-panel figure per task and target (memory, time and gradient cosine against N; reward against
+iteration and against wall-clock; memory against time coloured by reward)."""
+from __future__ import annotations
+
+import html
+import math
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from bench import analysis, plots
+
+MEMORY_KINDS = {
+    "rss_peak": "peak resident memory of a process forked per cell, above its resident size before the call",
+    "rss_peak_inprocess": "resident high-water mark in the sweep's process, above the size before the call",
+    "cuda_max_allocated": "torch.cuda.max_memory_allocated during the call, above the allocation before it",
+}
+
+
+def _fmt(value: Any, spec: str, suffix: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return format(value, spec) + suffix
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
+
+
+def comparison_table(means: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    header = ["estimator", "N", "seeds", "ms / grad", "× full", "peak mem (MiB)", "× full",
+              "mem ÷ model", "fwd / vjp (model)", "grad cos", "rel err", "reward init → final", "gain", "FID"]
+    body = []
+    for spec in plots.order(means["estimator"]):
+        for _, r in means[means["estimator"] == spec].sort_values("steps").iterrows():
+            counts = (f"{_fmt(r['nfe_forward'], '.0f')} / {_fmt(r['nfe_vjp'], '.0f')} "
+                      f"({_fmt(r['nfe_forward_pred'], '.0f')} / {_fmt(r['nfe_vjp_pred'], '.3g')})")
+            body.append([
+                spec, str(r["steps"]), str(r["seeds"]), _fmt(r["time_s"] * 1e3, ".1f"),
+                _fmt(r["time_s_vs_full"], ".2f"), _fmt(r["peak_mem_bytes"] / plots.MIB, ".1f"),
+                _fmt(r["peak_mem_bytes_vs_full"], ".2f"),
+                f"{_fmt(r['mem_over_pred'], '.2f')} ({r['mem_class'] or '–'})", counts,
+                _fmt(r["grad_cos"], ".4f"), _fmt(r["grad_rel_err"], ".2e"),
+                f"{_fmt(r['reward_init'], '.3g')} → {_fmt(r['reward_final'], '.3g')}",
+                _fmt(r["reward_gain"], "+.3g"), _fmt(r["eval_fid"], ".1f"),
+            ])
+    return header, body
+
+
+def panel_figure(means: pd.DataFrame, curves: pd.DataFrame, title: str):
+    fig, axes = plt.subplots(2, 3, figsize=(17, 10))
+    plots.lines_vs_steps(axes[0, 0], means, "peak_mem_bytes", "peak memory per gradient (MiB)",
+                         scale=1 / plots.MIB)
+    axes[0, 0].set_title("memory vs N")
+    plots.lines_vs_steps(axes[0, 1], means, "time_s", "time per gradient (ms)", scale=1e3)
+    axes[0, 1].set_title("time vs N")
+    plots.lines_vs_steps(axes[0, 2], means, "grad_cos", "cosine to the exact gradient", log=False)
+    axes[0, 2].set_title("gradient agreement vs N")
+    axes[0, 2].axhline(1.0, color="#bbbbbb", linewidth=0.8)
+    largest = int(curves["steps"].max()) if not curves.empty else None
+    at_largest = curves[curves["steps"] == largest]
+    plots.reward_curves(axes[1, 0], at_largest, "iteration")
+    axes[1, 0].set_title(f"reward vs iteration (N = {largest})")
+    plots.reward_curves(axes[1, 1], at_largest, "seconds")
+    axes[1, 1].set_title(f"reward vs wall-clock (N = {largest})")
+    plots.pareto(axes[1, 2], means)
+    axes[1, 2].set_title("memory vs time (colour: reward gain)")
+    fig.suptitle(title, fontsize=14)
+    plots.legend_below(fig, axes)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
+    return fig
+
+
+class Page:
+    """The same content rendered as Markdown and as HTML."""
+
+    def __init__(self) -> None:
+        self.md: list[str] = []
+        self.html: list[str] = []
+
+    def heading(self, text: str, level: int = 2) -> None:
+        self.md.append(f"{'#' * level} {text}\n")
+        self.html.append(f"<h{level}>{html.escape(text)}</h{level}>")
+
+    def text(self, text: str) -> None:
+        self.md.append(text + "\n")
+        self.html.append(f"<p>{html.escape(text)}</p>")
+
+    def items(self, lines: list[str]) -> None:
+        if lines:
+            self.md.append("\n".join(f"- {line}" for line in lines) + "\n")
+            self.html.append("<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in lines) + "</ul>")
+
+    def image(self, path: str, alt: str) -> None:
+        self.md.append(f"![{alt}]({path})\n")
+        self.html.append(f'<img src="{html.escape(path)}" alt="{html.escape(alt)}" style="max-width:100%">')
+
+    def table(self, header: list[str], body: list[list[str]]) -> None:
+        cell = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+        lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(map(cell, row)) + " |" for row in body]
+        self.md.append("\n".join(lines) + "\n")
+        rows = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in body)
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+        self.html.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+
+    def write(self, folder: Path, title: str) -> tuple[Path, Path]:
+        md_path, html_path = folder / "index.md", folder / "index.html"
+        md_path.write_text("\n".join(self.md))
+        style = ("body{font-family:sans-serif;max-width:1400px;margin:auto;padding:1em}"
+                 "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;"
+                 "text-align:right}td:first-child{text-align:left}th{background:#f3f3f3}")
+        html_path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+                             f"</title><style>{style}</style></head><body>{''.join(self.html)}</body></html>")
+        return md_path, html_path
+
+
+def environment_line(meta: dict[str, Any]) -> str:
+    if not meta:
+        return "No run.json: environment unknown."
+    commit = (meta.get("git_commit") or "unknown")[:10] + (" (dirty)" if meta.get("git_dirty") else "")
+    return (f"Device {meta.get('device')} ({meta.get('device_name')}), {meta.get('cpu_threads')} CPU threads, "
+            f"torch {meta.get('torch')}, diffusers {meta.get('diffusers')}, commit {commit}, "
+            f"last started {meta.get('started')}.")
+
+
+def write_report(run_dir: Path, out: Path | None = None, formats=("png",)) -> Path:
+    frame, meta = analysis.load_run(run_dir)
+    out = out or Path("reports") / _slug(Path(run_dir).resolve().name)
+    out.mkdir(parents=True, exist_ok=True)
+    means, curves = analysis.cell_means(frame), analysis.curves(frame)
+    page = Page()
+    title = f"Report: {Path(run_dir).name}"
+    page.heading(title, 1)
+    page.text(environment_line(meta))
+    counts = Counter(frame["status"])
+    page.text("Cells: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) +
+              f". Rows: {Path(run_dir) / 'rows.jsonl'}.")
+    kinds = sorted(k for k in frame["mem_kind"].dropna().unique() if k in MEMORY_KINDS)
+    page.text("Memory: " + ("; ".join(f"{k}: {MEMORY_KINDS[k]}" for k in kinds) or "not measured") +
+              ". 'mem ÷ model' divides the peak by the cost model's prediction (ESTIMATORS.md), "
+              "with A = peak of one denoiser call with graph and S = one latent, both measured on the task. "
+              "Times: median of the timed rounds. Means over seeds.")
+    for (task, target), part in frame.groupby(["task", "target"], sort=False):
+        page.heading(f"{task} · target {target}")
+        cell_means = means[(means["task"] == task) & (means["target"] == target)]
+        cell_curves = curves[(curves["task"] == task) & (curves["target"] == target)]
+        if not cell_means.empty:
+            fig = panel_figure(cell_means, cell_curves, f"{task} · target {target}")
+            name = _slug(f"{task}-{target}")
+            plots.save(fig, out / name, formats)
+            page.image(f"{name}.png", f"{task} {target}")
+            page.table(*comparison_table(cell_means))
+        bad = analysis.failures(part)
+        page.items([f"{r.estimator} N={r.steps} seed={r.seed}: {r.status}" + (f" ({r.why})" if r.why else "")
+                    for r in bad.itertuples()])
+    page.write(out, title)
+    return out

@@ -1,0 +1,54 @@
+"""draft-lv: DRaFT-LV (arXiv 2309.17400, section 4.2; ESTIMATORS.md section 6).
+
+Sample x_0 without graph, then n times re-noise it to the last step's noise level and take that
+one step again with its graph kept:
+
+    x_1^j = alpha_1 x_0 + sigma_1 xi_j,   x_0^j = step_1(x_1^j, eps(x_1^j, t_1, c)),
+    loss  = -(1/n) sum_j mean R(x_0^j)
+
+The gradient reaches the conditioning and the weights through the n final calls only; x_N gets
+none, which is a skip reason. Each copy is backpropagated as soon as it is built, so memory is one
+call's activations A (the paper's n-fold graph is not needed). Time about NF + n(F + V).
+The reward returned is the sampler's own x_0's."""
+from __future__ import annotations
+
+import random
+
+import torch
+
+from bench.chain import noise_for
+from bench.options import Option, at_least
+from bench.problem import Problem
+from estimators.base import Cost, Estimate, Estimator
+
+
+def torch_generator(rng: random.Random) -> torch.Generator:
+    """A CPU torch generator seeded from the estimator's rng (deterministic under a fixed seed)."""
+    return torch.Generator().manual_seed(rng.getrandbits(63))
+
+
+class DraftLV(Estimator):
+    name = "draft-lv"
+    summary = "re-noise x_0 n times and backprop through the last step only (DRaFT-LV)"
+    options = (Option("n", int, 2, "re-noised copies of x_0 (the paper uses 2)", check=at_least(1)),)
+
+    def skip_reason(self, problem: Problem) -> str | None:
+        if problem.target == "latent":
+            return "draft-lv restarts from a re-noised x_0, so no gradient reaches x_N"
+        return None
+
+    def cost(self, steps: int, target: str) -> Cost:
+        return Cost(nfe_forward=steps + self.n, nfe_vjp=self.n, memory="A", activations=1)
+
+    def estimate(self, problem: Problem, rng: random.Random) -> Estimate:
+        chain, schedule, cond = problem.chain, problem.chain.schedule, problem.cond
+        x0 = chain.sample(problem.x_start, cond, problem.noises)
+        generator = torch_generator(rng)
+        for _ in range(self.n):
+            xi = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+            x1 = schedule.alpha(1) * x0 + schedule.sigma(1) * xi
+            x0_j = schedule.step(x1, 1, chain.eps(x1, 1, cond), noise_for(problem.noises, 1))
+            loss_j, _ = problem.loss(x0_j)
+            (loss_j / self.n).backward()
+        loss, rewards = problem.loss(x0)
+        return Estimate(loss=float(loss), rewards=rewards.detach(), x0=x0)

@@ -1,0 +1,115 @@
+"""score-function: the likelihood-ratio (REINFORCE) estimator of DDPO (arXiv 2305.13301;
+ESTIMATORS.md section 7). No backprop through the chain, and the reward need not be
+differentiable.
+
+With eta > 0 every step is Gaussian, p(x_{i-1} | x_i) = N(mu_i, s_i^2 I) with
+mu_i = a_i x_i + b_i eps(x_i, t_i, c). For a sampled trajectory,
+
+    grad E[R] = E[ sum_i grad log p(x_{i-1} | x_i) (R - b) ],
+    log p(x_{i-1} | x_i) = -||x_{i-1} - mu_i||^2 / (2 s_i^2) + const,
+
+where the baseline b does not change the expectation: `loo` (leave-one-out batch mean; keeps
+the estimate unbiased), `mean` (batch mean, DDPO's choice, O(1/B) biased) or `none`. The
+trajectory is sampled without graph (fresh injected noise from the estimator's rng, or the
+problem's own with fresh=false), then each step's mean is recomputed with its graph and
+backpropagated at once: memory A, time 2NF + NV.
+
+PPO (DDPO's default): with clip = epsilon > 0, the surrogate is
+-min(r A, clip(r, 1 - eps, 1 + eps) A) with r = p_theta / p_old per step. On freshly sampled data
+r = 1 and the gradient equals REINFORCE's; with reuse = k the sampled trajectories and their
+old log-probabilities serve k consecutive calls on the same problem (DDPO's inner epochs), and
+clipping bounds how far the later calls move. Those calls sample nothing and return the rewards
+of the reused samples."""
+from __future__ import annotations
+
+import random
+import weakref
+
+import torch
+
+from bench.chain import noise_for
+from bench.options import Option, at_least
+from bench.problem import Problem
+from estimators.base import Cost, Estimate, Estimator
+from estimators.draft_lv import torch_generator
+
+
+def _clip_range(value: float) -> str | None:
+    return None if 0 <= value < 1 else "must be in [0, 1) (0: no PPO clipping)"
+
+
+class ScoreFunction(Estimator):
+    name = "score-function"
+    summary = "REINFORCE / DDPO likelihood ratio on the eta > 0 sampler; reward may be non-differentiable"
+    options = (
+        Option("baseline", str, "loo", "loo: leave-one-out mean (unbiased); mean: batch mean; none",
+               choices=("loo", "mean", "none")),
+        Option("fresh", bool, True, "draw fresh injected noise each call (false: the problem's own)"),
+        Option("clip", float, 0.0, "PPO clip range epsilon (0: plain REINFORCE)", check=_clip_range),
+        Option("reuse", int, 1, "calls served by one sampled batch (DDPO's inner epochs; needs clip > 0)",
+               check=at_least(1)),
+    )
+
+    def __init__(self, **values):
+        super().__init__(**values)
+        self._batch: dict | None = None  # the sampled trajectories being reused
+
+    def skip_reason(self, problem: Problem) -> str | None:
+        if problem.chain.schedule.eta <= 0:
+            return "the score function needs a stochastic sampler (eta > 0; DDPO uses eta = 1)"
+        return None
+
+    def cost(self, steps: int, target: str) -> Cost:
+        scored = 1 if target == "latent" else steps  # x_N enters only the first transition
+        return Cost(nfe_forward=steps / self.reuse + scored, nfe_vjp=scored, memory="A", activations=1)
+
+    def _advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        if self.baseline == "none" or rewards.numel() < 2:
+            return rewards
+        if self.baseline == "mean":
+            return rewards - rewards.mean()
+        return rewards - (rewards.sum() - rewards) / (rewards.numel() - 1)
+
+    @torch.no_grad()
+    def _sample(self, problem: Problem, rng: random.Random) -> dict:
+        chain, schedule = problem.chain, problem.chain.schedule
+        generator = torch_generator(rng) if self.fresh else None
+        x, states = problem.x_start.detach(), []
+        for i in range(schedule.num_steps, 0, -1):
+            if generator is None:
+                noise = noise_for(problem.noises, i)
+            else:
+                noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+            x_next = schedule.step(x, i, chain.eps(x, i, problem.cond), noise)
+            states.append((i, x, x_next))
+            x = x_next
+        loss, rewards = problem.loss(x)
+        return {"problem": weakref.ref(problem), "uses": 0, "states": states, "x0": x, "loss": float(loss),
+                "rewards": rewards, "advantages": self._advantages(rewards.to(x.dtype)), "old_logp": {}}
+
+    def estimate(self, problem: Problem, rng: random.Random) -> Estimate:
+        batch = self._batch
+        if batch is None or batch["problem"]() is not problem or batch["uses"] >= self.reuse:
+            batch = self._batch = self._sample(problem, rng)
+        batch["uses"] += 1
+        chain, schedule = problem.chain, problem.chain.schedule
+        advantages = batch["advantages"]
+        states = batch["states"]
+        if all(leaf is problem.x_start for leaf in problem.leaves):
+            states = states[:1]  # only p(x_{N-1} | x_N) depends on x_N
+        for i, x_i, x_prev in states:
+            a, b, s = schedule.coefficients(i)
+            x_in = problem.x_start if i == schedule.num_steps else x_i  # x_N is a leaf when optimised
+            mean = a * x_in + b * chain.eps(x_in, i, problem.cond)
+            logp = -((x_prev - mean) ** 2).flatten(1).sum(1) / (2 * s * s)
+            if self.clip > 0:
+                old = batch["old_logp"].setdefault(i, logp.detach())
+                ratio = torch.exp(logp - old)
+                surrogate = torch.minimum(ratio * advantages,
+                                          ratio.clamp(1 - self.clip, 1 + self.clip) * advantages)
+            else:
+                surrogate = logp * advantages
+            (-surrogate.mean()).backward()
+        if batch["uses"] >= self.reuse:
+            self._batch = None  # do not hold the trajectories longer than needed
+        return Estimate(loss=batch["loss"], rewards=batch["rewards"], x0=batch["x0"])

@@ -1,0 +1,93 @@
+"""Reports, comparisons and the papers' figures, from rows."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bench import store
+from bench.cli import main
+from bench.compare import compare
+from bench.figures import ROOT, render_all
+
+TOY = "toy[d=64,batch=16]"
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "toy-run"
+    assert main(["run", "--tasks", TOY, "--estimators", "full,checkpoint,sdo,truncated[k=1]", "--targets",
+                 "latent,cond", "--steps", "4,8", "--iters", "2", "--rounds", "3", "--no-progress",
+                 "--out", str(out)]) == 0
+    return out
+
+
+def test_report_has_a_table_and_a_figure_per_task_and_target(toy_run, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["report", str(toy_run), "--out", str(out)]) == 0
+    page = (out / "index.md").read_text()
+    assert page.count("## toy[d=64,batch=16] · target") == 2
+    for name in ("latent", "cond"):
+        assert (out / f"toy_d_64_batch_16_-{name}.png").stat().st_size > 20_000
+    full_rows = [line for line in page.splitlines() if line.startswith("| full |")]
+    assert len(full_rows) == 4 and all("| 1.00 |" in line for line in full_rows)  # × full of full
+    assert "truncated[k=1] N=4 seed=0: skipped (" in page  # the latent skip, with its reason
+    assert "(N·A)" in page and "rss_peak" in page
+    assert "<table>" in (out / "index.html").read_text()
+
+
+def test_report_of_a_missing_folder_is_one_line(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "not a run folder" in err
+
+
+def _rewrite(src: Path, dst: Path, change) -> None:
+    dst.mkdir()
+    shutil.copy(src / "run.json", dst / "run.json")
+    for row in store.read_rows(src):
+        change(row)
+        store.append_row(dst / store.ROWS, row)
+
+
+def test_compare_flags_changes_beyond_the_factor_and_the_spread(toy_run, tmp_path):
+    def slower_tight(row):
+        if row.get("estimator") == "full" and row.get("status") == "ok":
+            row["time_rounds_s"] = [t * 2 for t in row["time_rounds_s"]]
+            row["time_s"] *= 2
+
+    def slower_noisy(row):  # same median ratio, but rounds that scatter over both
+        if row.get("estimator") == "full" and row.get("status") == "ok":
+            base = row["time_s"]
+            row["time_rounds_s"] = [base * 0.5, base * 2, base * 4]
+            row["time_s"] = base * 2
+
+    _rewrite(toy_run, tmp_path / "tight", slower_tight)
+    _rewrite(toy_run, tmp_path / "noisy", slower_noisy)
+    table = compare(toy_run, tmp_path / "tight")
+    flagged = table[table["flags"] != ""]
+    assert set(flagged["estimator"]) == {"full"} and (flagged["flags"] == "time slower").all()
+    assert table.loc[table["estimator"] == "full", "time_ratio"].round(6).eq(2).all()
+    assert (compare(toy_run, tmp_path / "noisy")["flags"] == "").all()  # the spread explains it
+    assert main(["compare", str(toy_run), str(tmp_path / "tight"), "--strict"]) == 1
+    assert main(["compare", str(toy_run), str(tmp_path / "noisy"), "--strict"]) == 0
+
+
+def test_figures_redraw_from_the_committed_reference_results(tmp_path):
+    results = render_all(out=tmp_path)
+    assert [r["name"] for r in results] == ["1_sdo_headline", "2_adjoint_memory", "3_draft_k", "4_tradeoff"]
+    for r in results:
+        for suffix in ("png", "svg"):
+            assert (tmp_path / f"{r['name']}.{suffix}").stat().st_size > 10_000
+        assert r["claim"] and any(ch.isdigit() for ch in r["measured"])
+    index = (tmp_path / "README.md").read_text()
+    assert index.count("**Claim.**") == 4 and "digits-scaling" in index
+    for spec in (ROOT / "reports" / "figures").glob("*.toml"):
+        source = ROOT / __import__("tomllib").loads(spec.read_text())["source"]
+        assert json.loads((source / "run.json").read_text())["device"]  # the device is recorded
+
+
+def test_a_bad_figure_spec_is_one_line(tmp_path, capsys):
+    (tmp_path / "broken.toml").write_text('title = "x"\nkind = "pie"\nsource = "results"\nclaim = "c"\n')
+    assert main(["figures", "--specs", str(tmp_path)]) == 2
+    assert "unknown kind 'pie'; valid: cost_and_reward" in capsys.readouterr().err
