@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tasks", default=DEFAULT_TASK, help=f"comma-separated task specs (default: {DEFAULT_TASK})")
     run.add_argument("--estimators", default=DEFAULT_ESTIMATORS,
                      help=f"comma-separated estimator specs name[k=v,...] (default: {DEFAULT_ESTIMATORS})")
-    run.add_argument("--targets", default="latent,cond,weights", help="latent, cond, weights")
+    run.add_argument("--targets", default="latent,cond,weights", help="latent, cond, weights (default), noise (needs eta > 0)")
     default_steps = ",".join(map(str, DEFAULT_STEPS))
     run.add_argument("--steps", default=default_steps, help=f"sampler step counts N (default: {default_steps})")
     run.add_argument("--seeds", default="0", help="seeds (default: 0)")

@@ -6,7 +6,6 @@ reports/figures/<spec name>.png and .svg, and reports/figures/README.md lists ev
 caption that states the claim and what the suite measured (computed from the rows)."""
 from __future__ import annotations
 
-import math
 import tomllib
 from pathlib import Path
 from typing import Any, Callable

@@ -9,9 +9,10 @@ from torch import Tensor
 
 from bench.chain import Chain
 
-TARGETS = ("latent", "cond", "weights")
+TARGETS = ("latent", "cond", "weights", "noise")
 TARGET_HELP = {
     "latent": "the initial latent x_N (guided generation, adversarial auditing)",
+    "noise": "x_N and every injected noise xi_i of the eta > 0 sampler (DNO)",
     "cond": "the conditioning embedding c (textual-inversion-like)",
     "weights": "the denoiser's trainable parameters theta (reward fine-tuning)",
 }

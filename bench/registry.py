@@ -102,9 +102,12 @@ ESTIMATORS = Registry(
         "draft-lv": "estimators.draft_lv:DraftLV",
         "zeroth-order": "estimators.zeroth_order:ZerothOrder",
         "score-function": "estimators.score_function:ScoreFunction",
+        "dno": "estimators.dno:DNO",
+        "edict": "estimators.edict:EDICT",
+        "torchdiffeq-adjoint": "estimators.torchdiffeq_adjoint:TorchdiffeqAdjoint",
     },
     aliases={"bptt": "full", "draft": "truncated", "alignprop": "truncated", "adjointdpm": "adjoint",
-             "ddpo": "score-function", "spsa": "zeroth-order", "es": "zeroth-order"},
+             "ddpo": "score-function", "doodl": "edict", "spsa": "zeroth-order", "es": "zeroth-order"},
 )
 
 TASKS = Registry("task", "tasks.base:Task", TASK_GROUP,

@@ -98,9 +98,7 @@ def resolve(spec: SweepSpec) -> tuple[list[Any], list[Any]]:
     estimators = [ESTIMATORS.create(name) for name in spec.estimators]
     for task in tasks:
         for target in spec.targets:
-            if target not in task.targets:
-                raise SpecError(f"unknown target {target!r} for task {task.spec}; "
-                                f"valid: {', '.join(task.targets)}")
+            task.check_target(target)
     for estimator, steps in itertools.product(estimators, spec.steps):
         estimator.check_steps(steps)
     return tasks, estimators
@@ -206,11 +204,13 @@ class CellRunner:
             self.ready_tasks.add(id(task))
 
     def reference(self, cell: Cell) -> torch.Tensor:
-        """The exact gradient of the discrete chain at the cell's point: full backprop in float64."""
-        key = (cell.task.spec, cell.target, cell.steps, cell.seed)
+        """The exact gradient of the cell's discrete chain at its point in float64: full backprop,
+        or the estimator's own reference where it samples another chain (edict)."""
+        spec = cell.estimator.reference_spec()
+        key = (cell.task.spec, cell.target, cell.steps, cell.seed, spec)
         if key not in self.references:
             problem = cell.task.make_problem(cell.target, cell.steps, cell.seed, dtype=torch.float64)
-            ESTIMATORS.create("full")(problem, random.Random(cell.seed))
+            ESTIMATORS.create(spec)(problem, random.Random(cell.seed))
             self.references[key] = problem.flat_grad().detach().double()
         return self.references[key]
 
@@ -244,6 +244,7 @@ class CellRunner:
         if reason:
             raise SkipCell(reason)
         cost = estimator.cost(cell.steps, cell.target)
+        row.update(sampler=estimator.sampler, reference=estimator.reference_spec())
         row.update(nfe_forward_pred=cost.nfe_forward, nfe_vjp_pred=cost.nfe_vjp, mem_class=cost.memory,
                    mem_pred_activations=cost.activations, mem_pred_latents=cost.latents)
         rng = random.Random(cell.seed)
@@ -333,7 +334,7 @@ class CellRunner:
             curve.append(float(outcome.rewards.mean()))
             seconds.append(elapsed)
             elapsed += time.perf_counter() - start
-        x0 = problem.chain.sample(problem.x_start, problem.cond, problem.noises)
+        x0 = cell.estimator.sample(problem)
         curve.append(float(problem.reward_fn(x0).mean()))
         seconds.append(elapsed)
         metrics = cell.task.evaluate(problem, x0)

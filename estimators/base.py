@@ -49,6 +49,16 @@ class Estimator(Configurable):
     summary: ClassVar[str] = ""
     exact: ClassVar[bool] = False  # True: the gradient equals the exact gradient of the chain
     options: ClassVar[tuple[Option, ...]] = ()
+    sampler: ClassVar[str] = "ddim"  # the chain differentiated; another one (edict) samples its own
+
+    def reference_spec(self) -> str:
+        """An estimator whose gradient is the exact gradient of the chain this one differentiates
+        (what its agreement is measured against)."""
+        return "full"
+
+    def sample(self, problem: Problem) -> Tensor:
+        """x_0 of the sampler this estimator differentiates, without graph (for evaluation)."""
+        return problem.chain.sample(problem.x_start, problem.cond, problem.noises)
 
     def check_steps(self, steps: int) -> None:
         """Raise SpecError if these options cannot run an N-step chain (e.g. k > N)."""
@@ -68,11 +78,16 @@ class Estimator(Configurable):
         return self.estimate(problem, rng)
 
 
-def backprop(problem: Problem, x0: Tensor) -> Estimate:
-    """Loss at x_0, backward into the leaves, and the detached outcome."""
-    loss, rewards = problem.loss(x0)
+def require_graph(loss: Tensor) -> None:
+    """A backprop estimator's loss must reach its leaves; a non-differentiable reward is a skip."""
     if not loss.requires_grad:
         raise SkipCell("the reward is not differentiable (no graph from x_0 to the reward): "
                        "backprop estimators get no gradient; use score-function or zeroth-order")
+
+
+def backprop(problem: Problem, x0: Tensor) -> Estimate:
+    """Loss at x_0, backward into the leaves, and the detached outcome."""
+    loss, rewards = problem.loss(x0)
+    require_graph(loss)
     loss.backward()
     return Estimate(loss=float(loss.detach()), rewards=rewards.detach(), x0=x0.detach())

@@ -33,8 +33,8 @@ class DraftLV(Estimator):
     options = (Option("n", int, 2, "re-noised copies of x_0 (the paper uses 2)", check=at_least(1)),)
 
     def skip_reason(self, problem: Problem) -> str | None:
-        if problem.target == "latent":
-            return "draft-lv restarts from a re-noised x_0, so no gradient reaches x_N"
+        if problem.target in ("latent", "noise"):
+            return "draft-lv restarts from a re-noised x_0, so no gradient reaches x_N or the injected noise"
         return None
 
     def cost(self, steps: int, target: str) -> Cost:

@@ -57,6 +57,8 @@ class ScoreFunction(Estimator):
     def skip_reason(self, problem: Problem) -> str | None:
         if problem.chain.schedule.eta <= 0:
             return "the score function needs a stochastic sampler (eta > 0; DDPO uses eta = 1)"
+        if problem.target == "noise":
+            return "the score function treats the injected noise as random draws, not as parameters"
         return None
 
     def cost(self, steps: int, target: str) -> Cost:

@@ -47,7 +47,7 @@ class Truncated(Estimator):
 
     def skip_reason(self, problem: Problem) -> str | None:
         low, _ = self._k_range(problem.num_steps)
-        if problem.target == "latent" and not self.latent_path and low < problem.num_steps:
+        if problem.target in ("latent", "noise") and not self.latent_path and low < problem.num_steps:
             return ("DRaFT detaches the latent before the last K steps, so x_N gets no gradient "
                     "unless K = N; use latent_path=true (AlignProp) or k=N")
         return None

@@ -6,6 +6,7 @@ from typing import ClassVar
 
 import torch
 
+from bench.errors import SpecError
 from bench.options import Configurable, Option
 from bench.problem import TARGETS, Problem
 
@@ -17,7 +18,23 @@ class Task(Configurable):
     options: ClassVar[tuple[Option, ...]] = ()
     targets: ClassVar[tuple[str, ...]] = TARGETS
     dtype: ClassVar[torch.dtype] = torch.float32  # precision of the estimators' runs
-    learning_rates: ClassVar[dict[str, float]] = {"latent": 0.05, "cond": 0.05, "weights": 1e-3}
+    learning_rates: ClassVar[dict[str, float]] = {"latent": 0.05, "cond": 0.05, "weights": 1e-3, "noise": 0.05}
+    eta: float = 0.0  # tasks with an eta option override it
+
+    def check_target(self, target: str) -> None:
+        """SpecError unless this task can build problems for `target`."""
+        if target not in self.targets:
+            raise SpecError(f"unknown target {target!r} for task {self.spec}; valid: {', '.join(self.targets)}")
+        if target == "noise" and not self.eta > 0:
+            raise SpecError(f"target 'noise' needs a stochastic sampler: set eta > 0, e.g. {self.name}[eta=1.0]")
+
+    def leaves_for(self, target: str, x_start, cond, noises, denoiser) -> list:
+        """The tensors an estimator differentiates for `target` (made to require grad)."""
+        leaves = {"latent": [x_start], "cond": [cond], "noise": [x_start, *(noises or [])],
+                  "weights": [p for p in denoiser.parameters() if p.requires_grad]}[target]
+        for leaf in leaves:
+            leaf.requires_grad_(True)
+        return leaves
 
     def setup(self, device: torch.device) -> None:
         """Load or train-and-cache what the task needs. Called once per sweep, untimed."""

@@ -20,7 +20,6 @@ from diffusers import DDIMScheduler
 from torch import Tensor, nn
 
 from bench.chain import Chain, Schedule, alpha_bar_at_time
-from bench.errors import SpecError
 from bench.options import Option, at_least
 from bench.problem import Problem
 from tasks.base import Task
@@ -62,7 +61,7 @@ class Toy(Task):
     summary = "Gaussian mixture with the exact closed-form denoiser (float64, no training)"
     version = "1"
     dtype = torch.float64
-    learning_rates = {"latent": 0.05, "cond": 0.05, "weights": 0.02}
+    learning_rates = {"latent": 0.05, "cond": 0.05, "weights": 0.02, "noise": 0.05}
     options = (
         Option("d", int, 2, "dimension", check=at_least(1)),
         Option("modes", int, 8, "mixture components (a ring of radius 2 in the first two axes)",
@@ -104,8 +103,7 @@ class Toy(Task):
 
     def make_problem(self, target: str, steps: int, seed: int,
                      dtype: torch.dtype | None = None) -> Problem:
-        if target not in self.targets:
-            raise SpecError(f"unknown target {target!r}; valid: {', '.join(self.targets)}")
+        self.check_target(target)
         dtype = dtype or self.dtype
         device = self.device
         denoiser = MixtureDenoiser(self.means, torch.zeros(self.modes, dtype=torch.float64), self.std,
@@ -122,8 +120,6 @@ class Toy(Task):
         schedule = Schedule.from_scheduler(self.scheduler, steps, eta=self.eta)
         for p in denoiser.parameters():
             p.requires_grad_(target == "weights")
-        leaves = {"latent": [x_start], "cond": [cond], "weights": list(denoiser.parameters())}[target]
-        for leaf in leaves:
-            leaf.requires_grad_(True)
+        leaves = self.leaves_for(target, x_start, cond, noises, denoiser)
         return Problem(chain=Chain(denoiser, schedule), x_start=x_start, cond=cond, noises=noises,
                        reward_fn=self.reward_of, target=target, leaves=leaves)

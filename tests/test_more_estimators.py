@@ -142,3 +142,59 @@ def test_new_estimators_follow_the_rng(spec, noisy_toy):
     b, _ = gradient(noisy_toy, spec, "cond", 4, rng_seed=1)
     c, _ = gradient(noisy_toy, spec, "cond", 4, rng_seed=2)
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("target", ["latent", "noise"])
+def test_dno_without_regulariser_is_the_exact_gradient(noisy_toy, target):
+    exact, _ = gradient(noisy_toy, "full", target, 5)
+    grad, problem = gradient(noisy_toy, "dno", target, 5)
+    assert rel_err(grad, exact) < 1e-10
+    assert len(problem.leaves) == (6 if target == "noise" else 1)  # x_N and the 5 injected noises
+
+
+def test_dno_regulariser_pulls_noise_towards_a_gaussian():
+    """The regulariser is minimal for Gaussian-looking noise and grows for a shifted or inflated
+    one; its gradient alone moves a shifted noise back."""
+    from estimators.dno import probability_regulariser
+
+    generator = torch.Generator().manual_seed(0)
+    gaussian = torch.randn(4, 4096, generator=generator, dtype=torch.float64)
+    values = {name: float(probability_regulariser(z, 4, 8, torch.Generator().manual_seed(1)))
+              for name, z in (("gaussian", gaussian), ("shifted", gaussian + 0.3), ("inflated", 2 * gaussian))}
+    assert values["gaussian"] < values["shifted"] and values["gaussian"] < values["inflated"]
+    shifted = (gaussian + 0.3).requires_grad_(True)
+    probability_regulariser(shifted, 4, 8, torch.Generator().manual_seed(1)).backward()
+    assert float(shifted.grad.mean()) > 0  # descent lowers the mean back towards zero
+
+
+@pytest.mark.parametrize("target", ["latent", "cond", "weights"])
+def test_edict_is_the_exact_gradient_of_its_own_chain(toy, target):
+    own, _ = gradient(toy, "edict[reconstruct=false]", target, 6)
+    grad, problem = gradient(toy, "edict", target, 6)
+    assert rel_err(grad, own) < 1e-6
+    cost = ESTIMATORS.create("edict").cost(6, target)
+    assert (problem.chain.counter.forward, problem.chain.counter.vjp) == (cost.nfe_forward, cost.nfe_vjp)
+    ddim, _ = gradient(toy, "full", target, 6)
+    assert rel_err(grad, ddim) > 1e-3  # another sampler, another gradient: rows must say so
+
+
+def test_edict_samples_its_own_chain_and_inverts_it(toy):
+    problem = toy.make_problem("latent", 8, 0)
+    edict = ESTIMATORS.create("edict")
+    x, y = edict.run(problem, problem.x_start.detach())
+    for i in range(1, 9):
+        x, y = edict.invert(problem, i, x, y)
+    assert torch.allclose(x, problem.x_start, atol=1e-9) and torch.allclose(y, problem.x_start, atol=1e-9)
+    assert edict.sampler == "edict" and edict.reference_spec() == "edict[p=0.93,reconstruct=false]"
+
+
+@pytest.mark.parametrize("target", ["latent", "cond", "weights"])
+def test_torchdiffeq_adjoint_is_the_cached_state_adjoint(toy, target):
+    """torchdiffeq resets y to the forward solution at every output time: with the sampler's grid
+    as output times it equals adjoint[recover=cache] (N = 10 divides 1000: DDIM is exactly Euler)."""
+    ours, _ = gradient(toy, "adjoint[recover=cache]", target, 10)
+    theirs, problem = gradient(toy, "torchdiffeq-adjoint", target, 10)
+    assert rel_err(theirs, ours) < 1e-10
+    recovered, _ = gradient(toy, "adjoint", target, 10)
+    assert rel_err(theirs, recovered) > 1e-3
+    assert (problem.chain.counter.forward, problem.chain.counter.vjp) == (20, 10)

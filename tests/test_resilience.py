@@ -1,7 +1,6 @@
 """Failure is data: killed or interrupted sweeps lose at most the cells in flight and resume; a
 cell over its time limit is a 'timeout' row; a changed estimator never reuses a stale row."""
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -16,7 +16,7 @@ import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
 from safetensors.torch import load_file
-from torch import Tensor, nn
+from torch import Tensor
 
 from bench.chain import Chain, Schedule
 from bench.errors import SpecError
@@ -62,7 +62,7 @@ class Digits(Task):
 
     @property
     def learning_rates(self) -> dict[str, float]:
-        return {"latent": 0.05, "cond": 0.05, "weights": 3e-3 if self.tune == "lora" else 1e-4}
+        return {"latent": 0.05, "cond": 0.05, "noise": 0.05, "weights": 3e-3 if self.tune == "lora" else 1e-4}
 
     def setup(self, device: torch.device) -> None:
         super().setup(device)
@@ -121,8 +121,7 @@ class Digits(Task):
 
     def make_problem(self, target: str, steps: int, seed: int,
                      dtype: torch.dtype | None = None) -> Problem:
-        if target not in self.targets:
-            raise SpecError(f"unknown target {target!r}; valid: {', '.join(self.targets)}")
+        self.check_target(target)
         dtype = dtype or self.dtype
         denoiser = self.denoiser(target, dtype, seed)
         generator = torch.Generator().manual_seed(seed)
@@ -132,10 +131,7 @@ class Digits(Task):
             noises = [torch.randn(self.batch, 1, 8, 8, generator=generator).to(device=self.device, dtype=dtype)
                       for _ in range(steps)]
         cond = self.embeddings[self.cls].clone().to(device=self.device, dtype=dtype)
-        leaves = {"latent": [x_start], "cond": [cond],
-                  "weights": [p for p in denoiser.parameters() if p.requires_grad]}[target]
-        for leaf in leaves:
-            leaf.requires_grad_(True)
+        leaves = self.leaves_for(target, x_start, cond, noises, denoiser)
         schedule = Schedule.from_scheduler(self.scheduler, steps, eta=self.eta)
         return Problem(chain=Chain(denoiser, schedule), x_start=x_start, cond=cond, noises=noises,
                        reward_fn=self.reward_of, target=target, leaves=leaves)
@@ -143,10 +139,11 @@ class Digits(Task):
     @torch.no_grad()
     def evaluate(self, problem: Problem, x0: Tensor) -> dict[str, float]:
         """Reward of the problem's own samples; FID, accuracy and diversity on fresh samples where
-        the optimised quantity allows drawing more (cond, weights), else on the batch itself."""
+        the optimised quantity allows drawing more (cond, weights), else on the batch itself
+        (latent, noise)."""
         rewards = self.reward_of(x0)
         samples = x0
-        if problem.target != "latent":
+        if problem.target in ("cond", "weights"):
             generator = torch.Generator().manual_seed(10_000)
             fresh = torch.randn(self.fid_samples, 1, 8, 8, generator=generator).to(x0)
             noises = None if problem.noises is None else [
