@@ -43,7 +43,7 @@ def derive(frame: pd.DataFrame) -> pd.DataFrame:
             frame[column] = None
     frame["family"] = frame["estimator"].str.split("[").str[0]
     frame["reward_gain"] = frame["reward_final"] - frame["reward_init"]
-    frame["mem_over_pred"] = frame["peak_mem_bytes"] / frame["mem_pred_bytes"]
+    frame["mem_over_pred"] = frame["peak_mem_bytes"] / frame["mem_pred_bytes"].where(frame["mem_pred_bytes"] > 0)
     frame["fwd_over_pred"] = frame["nfe_forward"] / frame["nfe_forward_pred"]
     frame["vjp_over_pred"] = frame["nfe_vjp"] / frame["nfe_vjp_pred"].replace(0, np.nan)
     return frame

@@ -134,7 +134,7 @@ def _list(args: argparse.Namespace) -> int:
         return _describe(args.name, console)
     table = Table(title="Estimators", show_lines=False)
     for column in ("name", "exact", "options (type = default)", "what it does"):
-        table.add_column(column, no_wrap=column != "what it does")
+        table.add_column(column, no_wrap=column in ("name", "exact"))
     for name in ESTIMATORS.names():
         cls = ESTIMATORS.get(name)
         options = "\n".join(opt.describe() for opt in cls.options) or "-"
@@ -142,7 +142,7 @@ def _list(args: argparse.Namespace) -> int:
     console.print(table)
     table = Table(title="Tasks")
     for column in ("name", "options (type = default)", "targets", "what it is"):
-        table.add_column(column, no_wrap=column != "what it is")
+        table.add_column(column, no_wrap=column == "name")
     for name in TASKS.names():
         cls = TASKS.get(name)
         options = "\n".join(opt.describe() for opt in cls.options) or "-"

@@ -56,7 +56,7 @@ def cost_and_reward(frame: pd.DataFrame, steps: int, estimator: str, baseline: s
                                          (row_axes[1], "peak_mem_bytes", 1 / plots.MIB, "peak memory per gradient (MiB)")):
             values = [a[column] * scale, b[column] * scale]
             bars = ax.bar([baseline, estimator], values, color=[plots.colour(baseline), plots.colour(estimator)])
-            ax.bar_label(bars, labels=[f"{v:.3g}" for v in values])
+            ax.bar_label(bars, labels=[f"{v:.0f}" if v >= 100 else f"{v:.3g}" for v in values])
             ax.set_ylabel(label)
             ax.set_title(f"{target}: {label.split(' per')[0]} (×{b[column] / a[column]:.2f})")
         ax = row_axes[2]
@@ -79,6 +79,7 @@ def cost_and_reward(frame: pd.DataFrame, steps: int, estimator: str, baseline: s
             f"{a['peak_mem_bytes'] / plots.MIB:.0f} MiB ({_pct_lower(b['peak_mem_bytes'] / a['peak_mem_bytes'])} "
             f"memory); after the same iterations its reward is {b['reward_final']:.2f} against "
             f"{a['reward_final']:.2f} (start {a['reward_init']:.2f}), gradient cosine {b['grad_cos']:.2f}.")
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
     return fig, " ".join(notes)
 
 
@@ -120,7 +121,7 @@ def memory_and_error_vs_n(frame: pd.DataFrame, estimator: str, baseline: str = "
             f"{growth[baseline]:.1f}× while {estimator}'s changes {growth[estimator]:.2f}×. "
             f"{estimator}'s relative error to the exact gradient of the discrete chain: {errors} "
             f"(cosine {cosines}).")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
     return fig, note
 
 
@@ -163,7 +164,7 @@ def k_ablation(frame: pd.DataFrame, steps: int, family: str = "truncated", basel
             f"{base['reward_init']:.2f}. Time and memory grow with K: "
             + ", ".join(f"K={int(r.K)}: {r.time_s * 1e3:.0f} ms, {r.peak_mem_bytes / plots.MIB:.0f} MiB"
                         for r in own.itertuples()) + ".")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
     return fig, note
 
 
@@ -192,7 +193,7 @@ def tradeoff(frame: pd.DataFrame, baseline: str = "full", target: str | None = N
     axes[0].set_title(f"{target}: agreement vs time (marker size grows with N)")
     axes[1].set_title(f"{target}: agreement vs memory")
     plots.legend_below(fig, axes)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.tight_layout(rect=(0, 0.07, 1, 0.94))
     parts = []
     for spec in plots.order(means["estimator"]):
         part = means[means["estimator"] == spec]
@@ -225,7 +226,7 @@ def render(path: Path, out: Path, formats=("png", "svg")) -> dict[str, Any]:
         fig, measured = KINDS[spec["kind"]](frame, **spec.get("options", {}))
     except TypeError as exc:
         raise SpecError(f"{path}: bad options for kind {spec['kind']!r} ({exc})") from None
-    fig.suptitle(spec["title"], fontsize=13, y=1.02)
+    fig.suptitle(spec["title"], fontsize=13)
     written = plots.save(fig, out / path.stem, formats)
     device = f"{meta.get('device')} ({meta.get('device_name')})" if meta else "unknown device"
     return {"name": path.stem, "title": spec["title"], "claim": spec["claim"].strip(), "measured": measured,

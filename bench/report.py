@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from bench import analysis, plots
+from bench.summary import RSS_PAGE, format_bytes
 
 MEMORY_KINDS = {
     "rss_peak": "peak resident memory of a process forked per cell, above its resident size before the call",
@@ -33,7 +34,7 @@ def _slug(text: str) -> str:
 
 
 def comparison_table(means: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
-    header = ["estimator", "N", "seeds", "ms / grad", "× full", "peak mem (MiB)", "× full",
+    header = ["estimator", "N", "seeds", "ms / grad", "× full", "peak mem", "× full",
               "mem ÷ model", "fwd / vjp (model)", "grad cos", "rel err", "reward init → final", "gain", "FID"]
     body = []
     for spec in plots.order(means["estimator"]):
@@ -42,7 +43,7 @@ def comparison_table(means: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
                       f"({_fmt(r['nfe_forward_pred'], '.0f')} / {_fmt(r['nfe_vjp_pred'], '.3g')})")
             body.append([
                 spec, str(r["steps"]), str(r["seeds"]), _fmt(r["time_s"] * 1e3, ".1f"),
-                _fmt(r["time_s_vs_full"], ".2f"), _fmt(r["peak_mem_bytes"] / plots.MIB, ".1f"),
+                _fmt(r["time_s_vs_full"], ".2f"), format_bytes(r["peak_mem_bytes"], RSS_PAGE if r["mem_kind"] == "rss_peak" else 0),
                 _fmt(r["peak_mem_bytes_vs_full"], ".2f"),
                 f"{_fmt(r['mem_over_pred'], '.2f')} ({r['mem_class'] or '–'})", counts,
                 _fmt(r["grad_cos"], ".4f"), _fmt(r["grad_rel_err"], ".2e"),

@@ -127,9 +127,20 @@ def environment(spec: SweepSpec, argv: list[str] | None) -> dict[str, Any]:
         "argv": argv, "spec": asdict(spec), "bench_version": bench.__version__,
         "python": sys.version.split()[0], "torch": torch.__version__, "diffusers": diffusers.__version__,
         "cuda": torch.version.cuda, "device": spec.device,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "cpu_threads": torch.get_num_threads(), "platform": platform.platform(), **_git_state(),
     }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _git_state() -> dict[str, Any]:

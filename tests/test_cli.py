@@ -45,10 +45,12 @@ def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
     assert result.stderr.strip() == "error: truncated: option k='0' must be >= 1"
 
 
-def test_list_shows_estimators_options_tasks_and_targets(capsys):
+def test_list_shows_estimators_options_tasks_and_targets(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # rich wraps at the terminal's width
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    for text in ("full", "checkpoint", "adjoint", "sdo", "truncated", "k: int = 1",
+    for text in ("full", "checkpoint", "adjoint", "sdo", "truncated", "k: int = 1", "draft-lv", "dno",
+                 "edict", "zeroth-order", "score-function", "torchdiffeq-adjoint", "noise",
                  "recover: backward|cache = backward", "toy", "latent", "cond", "weights"):
         assert text in out
 
@@ -170,16 +172,29 @@ def test_memory_in_a_worker_follows_the_cost_model(tmp_path):
         assert 0.2 < row["peak_mem_bytes"] / row["mem_pred_bytes"] < 5, row["estimator"]
 
 
-def test_readme_example_estimator_runs_as_documented(tmp_path):
+def test_readme_add_an_estimator_commands_end_in_a_report(tmp_path):
+    """The README's 'Add an estimator and compare' commands, in order, on the toy (the README
+    runs digits; the test overrides the task and sizes, everything else is the README's)."""
+    import shlex
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    code = readme.split("# my_estimator.py\n", 1)[1].split("```", 1)[0]
-    (tmp_path / "my_estimator.py").write_text(code)
-    out = tmp_path / "run"
-    assert main(["run", "--include", str(tmp_path / "my_estimator.py"), "--estimators",
-                 "full,every-other[phase=1]", "--targets", "cond", "--out", str(out), "--no-memory",
-                 *SMALL]) == 0
-    rows = {(r["estimator"], r["steps"]): r for r in _rows(out)}
-    assert rows[("every-other[phase=1]", 6)]["status"] == "ok"
-    assert rows[("every-other[phase=1]", 6)]["nfe_vjp"] == rows[("every-other[phase=1]", 6)]["nfe_vjp_pred"] == 3
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    block = readme.split("# add-an-estimator\n", 1)[1].split("```", 1)[0]
+    lines = [line.split("  #")[0] for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+    commands = [shlex.split(line) for line in lines]
+    assert [c[3] for c in commands if c[:3] == ["python", "-m", "bench"]] == ["list", "check", "run", "report"]
+    mine = tmp_path / "my_estimator.py"
+    for command in commands:
+        if command[0] == "cp":
+            mine.write_text((root / command[1]).read_text())
+            continue
+        argv = [str(mine) if arg == "my_estimator.py" else arg for arg in command[3:]]
+        if argv[0] == "run":
+            argv += ["--tasks", TOY, "--steps", "4,6", "--iters", "1", "--rounds", "1", "--no-progress",
+                     "--out", str(tmp_path / "mine")]
+        if argv[0] == "report":
+            argv = ["report", str(tmp_path / "mine"), "--out", str(tmp_path / "report")]
+        assert main(argv) == 0, command
+    page = (tmp_path / "report" / "index.md").read_text()
+    assert "| draft-ckpt[k=2] | 6 |" in page and "| truncated[k=2] | 6 |" in page

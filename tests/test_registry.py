@@ -2,6 +2,7 @@
 import importlib.metadata
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -123,3 +124,32 @@ def test_entry_point_group_registers_installed_plugins(tmp_path, monkeypatch):
         fresh.get("not-an-estimator")
     sys.modules.pop("myplugin.est", None)
     sys.modules.pop("myplugin", None)
+
+
+def test_an_installed_plugin_package_registers_through_its_entry_point(tmp_path):
+    """A real distribution on the path (package + dist-info with entry_points.txt), found by
+    importlib.metadata in a fresh interpreter: no monkeypatching."""
+    import os
+    import subprocess
+
+    site = tmp_path / "site"
+    (site / "my_grad_plugin").mkdir(parents=True)
+    (site / "my_grad_plugin" / "__init__.py").write_text(textwrap.dedent('''
+        from estimators.sdo import SDO
+
+        class LastStep(SDO):
+            """sdo with the last step kept, shipped by another package."""
+            name = "last-step-plugin"
+            summary = "sdo[step=last] from an installed plug-in"
+    '''))
+    info = site / "my_grad_plugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: my-grad-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        f"[{registry.ESTIMATOR_GROUP}]\nlast-step-plugin = my_grad_plugin:LastStep\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    root = Path(__file__).resolve().parent.parent
+    listing = subprocess.run([sys.executable, "-m", "bench", "list", "last-step-plugin"], cwd=root, env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert listing.returncode == 0, listing.stderr
+    assert "estimator last-step-plugin" in listing.stdout and "(my_grad_plugin)" in listing.stdout
