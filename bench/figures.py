@@ -161,7 +161,7 @@ def k_ablation(frame: pd.DataFrame, steps: int, family: str = "truncated", basel
             f"{k1['reward_final']:.2f} at {k1['time_s'] / base['time_s']:.2f}× {baseline}'s time and "
             f"{k1['peak_mem_bytes'] / base['peak_mem_bytes']:.2f}× its memory; the best K is {int(best['K'])} "
             f"({best['reward_final']:.2f}); {baseline} reaches {base['reward_final']:.2f} from "
-            f"{base['reward_init']:.2f}. Time and memory grow with K: "
+            f"{base['reward_init']:.2f}. Per gradient (median of the timed rounds): "
             + ", ".join(f"K={int(r.K)}: {r.time_s * 1e3:.0f} ms, {r.peak_mem_bytes / plots.MIB:.0f} MiB"
                         for r in own.itertuples()) + ".")
     fig.tight_layout(rect=(0, 0, 1, 0.94))
