@@ -134,7 +134,7 @@ def k_ablation(frame: pd.DataFrame, steps: int, family: str = "truncated", basel
     target = target or means["target"].iloc[0]
     means = means[(means["target"] == target) & (means["steps"] == steps)]
     own = means[means["family"] == family].copy()
-    own["K"] = own["estimator"].str.extract(r"\bk=(\d+)").fillna(1).astype(int)[0]
+    own["K"] = own["estimator"].str.extract(r"\bk=(\d+)")[0].fillna("1").astype(int)  # default k=1
     own = own.sort_values("K")
     if own.empty:
         raise SpecError(f"the reference rows have no ok {family} cell on {target} at N={steps}")
