@@ -57,7 +57,7 @@ class Suite:
             task = TASKS.create(toy)
             task.setup(torch.device("cpu"))
             self.tasks[toy] = task
-        self.served: dict[str, tuple[str, Problem]] = {}  # target -> (toy, a problem it serves)
+        self.served: dict[str, str] = {}  # target -> the first toy whose problems the estimator serves
 
     def estimator(self):
         return ESTIMATORS.create(self.spec)
@@ -102,15 +102,15 @@ class Suite:
                 _require(reason is None or (isinstance(reason, str) and reason.strip()),
                          f"skip_reason returned {reason!r}: None or a sentence")
                 if reason is None:
-                    self.served.setdefault(target, (toy, problem))
+                    self.served.setdefault(target, toy)
                 else:
                     notes.setdefault(reason, []).append(f"{target} (eta={'1' if 'eta' in toy else '0'})")
         _require(bool(self.served), "skips every target on both samplers")
         return "; ".join(f"skips {', '.join(where)}: {reason}" for reason, where in notes.items()) or "serves every target"
 
-    def _each_target(self, fn: Callable[[str, str, Problem], str]) -> str:
+    def _each_target(self, fn: Callable[[str, str], str]) -> str:
         _require(bool(self.served), "no target served (see the skip check)")
-        return "; ".join(f"{target}: {fn(target, toy, problem)}" for target, (toy, problem) in self.served.items())
+        return "; ".join(f"{target}: {fn(target, toy)}" for target, toy in self.served.items())
 
     def _fresh(self, toy: str, target: str, seed: int = 0) -> Problem:
         return self.tasks[toy].make_problem(target, STEPS, seed)
@@ -122,7 +122,7 @@ class Suite:
             raise Failed(f"raised SkipCell at run time ({skip}); report it from skip_reason") from None
 
     def leaves(self) -> str:
-        def check(target, toy, _):
+        def check(target, toy):
             problem = self._fresh(toy, target)
             outcome = self._call(problem)
             others = [("x_N", problem.x_start), ("cond", problem.cond),
@@ -144,7 +144,7 @@ class Suite:
         return self._each_target(check)
 
     def no_accumulation(self) -> str:
-        def check(target, toy, _):
+        def check(target, toy):
             problem = self._fresh(toy, target)
             estimator = self.estimator()
             estimator(problem, random.Random(3))
@@ -157,7 +157,7 @@ class Suite:
         return self._each_target(check)
 
     def counts(self) -> str:
-        def check(target, toy, _):
+        def check(target, toy):
             problem = self._fresh(toy, target)
             problem.chain.counter.reset()
             self._call(problem)
@@ -172,7 +172,7 @@ class Suite:
         return self._each_target(check)
 
     def agreement(self):
-        def check(target, toy, _):
+        def check(target, toy):
             problem = self._fresh(toy, target)
             reference = self.estimator().reference_spec()  # "full", or the exact gradient of its own chain
             ESTIMATORS.create(reference)(problem, random.Random(0))
@@ -188,7 +188,7 @@ class Suite:
         return self._each_target(check)
 
     def determinism(self) -> str:
-        def check(target, toy, _):
+        def check(target, toy):
             grads = []
             for _ in range(2):
                 problem = self._fresh(toy, target)
@@ -199,7 +199,7 @@ class Suite:
         return self._each_target(check)
 
     def nothing_left_behind(self) -> str:
-        target, (toy, _) = next(iter(self.served.items()))
+        target, toy = next(iter(self.served.items()))
         problem = self._fresh(toy, target)
         estimator, rng = self.estimator(), random.Random(0)
 

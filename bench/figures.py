@@ -99,10 +99,8 @@ def memory_and_error_vs_n(frame: pd.DataFrame, estimator: str, baseline: str = "
     own = means[means["estimator"] == estimator].sort_values("steps")
     ax = axes[1]
     ax.plot(own["steps"], own["grad_rel_err"], **plots.style(estimator))
-    ax.set_xscale("log")
+    plots.log_x_at(ax, own["steps"])
     plots.plain_log(ax, "y")
-    ax.set_xticks(own["steps"], [str(s) for s in own["steps"]])
-    ax.xaxis.set_minor_locator(ticker.NullLocator())
     ax.set_xlabel("sampler steps N")
     ax.set_ylabel("relative error to the exact gradient")
     ax.grid(True, alpha=0.3)
@@ -146,9 +144,7 @@ def k_ablation(frame: pd.DataFrame, steps: int, family: str = "truncated", basel
     for ax, column, scale, label in panels:
         ax.plot(own["K"], own[column] * scale, marker="v", color=plots.colour(family), label=f"{family}[k=K]")
         ax.axhline(base[column] * scale, color=plots.colour(baseline), linestyle="--", label=baseline)
-        ax.set_xscale("log")
-        ax.set_xticks(own["K"], [str(k) for k in own["K"]])
-        ax.xaxis.set_minor_locator(ticker.NullLocator())
+        plots.log_x_at(ax, own["K"])
         ax.set_xlabel(f"K (denoiser calls differentiated, of N = {steps})")
         ax.set_ylabel(label)
         ax.set_title(label.split(" (")[0])

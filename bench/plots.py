@@ -75,6 +75,14 @@ def plain_log(ax, axis: str = "y") -> None:
     target.set_minor_formatter(ticker.NullFormatter())
 
 
+def log_x_at(ax, values) -> None:
+    """Log x axis with a labelled tick at exactly these values (step counts, K) and no others."""
+    ticks = sorted(set(int(v) for v in values))
+    ax.set_xscale("log")
+    ax.set_xticks(ticks, [str(v) for v in ticks])
+    ax.xaxis.set_minor_locator(ticker.NullLocator())
+
+
 def lines_vs_steps(ax, means: pd.DataFrame, column: str, ylabel: str, log: bool = True,
                    scale: float = 1.0) -> None:
     """One line per estimator: `column` (times scale) against the step count N."""
@@ -86,11 +94,8 @@ def lines_vs_steps(ax, means: pd.DataFrame, column: str, ylabel: str, log: bool 
     ax.set_xlabel("sampler steps N")
     ax.set_ylabel(ylabel)
     if log:
-        ax.set_xscale("log")
+        log_x_at(ax, means["steps"])
         plain_log(ax, "y")
-        steps = sorted(means["steps"].unique())
-        ax.set_xticks(steps, [str(s) for s in steps])
-        ax.xaxis.set_minor_locator(ticker.NullLocator())
     ax.grid(True, which="major", alpha=0.3)
 
 

@@ -27,7 +27,7 @@ from torch import Tensor
 from bench.options import Option, at_least
 from bench.problem import Problem
 from estimators.base import Cost, Estimate, Estimator, require_graph
-from estimators.draft_lv import torch_generator
+from estimators.randomness import torch_generator
 from estimators.masked_chain import run_masked_chain
 
 

@@ -20,11 +20,7 @@ from bench.chain import noise_for
 from bench.options import Option, at_least
 from bench.problem import Problem
 from estimators.base import Cost, Estimate, Estimator
-
-
-def torch_generator(rng: random.Random) -> torch.Generator:
-    """A CPU torch generator seeded from the estimator's rng (deterministic under a fixed seed)."""
-    return torch.Generator().manual_seed(rng.getrandbits(63))
+from estimators.randomness import torch_generator
 
 
 class DraftLV(Estimator):

@@ -31,7 +31,7 @@ from bench.chain import noise_for
 from bench.options import Option, at_least
 from bench.problem import Problem
 from estimators.base import Cost, Estimate, Estimator
-from estimators.draft_lv import torch_generator
+from estimators.randomness import torch_generator
 
 
 def _clip_range(value: float) -> str | None:

@@ -16,7 +16,7 @@ import torch
 from bench.options import Option, at_least
 from bench.problem import Problem
 from estimators.base import Cost, Estimate, Estimator
-from estimators.draft_lv import torch_generator
+from estimators.randomness import torch_generator
 
 
 def _positive(value: float) -> str | None:

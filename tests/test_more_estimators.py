@@ -7,7 +7,7 @@ import torch
 from bench.errors import SkipCell
 from bench.registry import ESTIMATORS, TASKS
 from estimators.checkpoint import recursive_forwards
-from estimators.draft_lv import torch_generator
+from estimators.randomness import torch_generator
 
 from conftest import gradient, rel_err
 
