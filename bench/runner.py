@@ -25,7 +25,8 @@ import bench
 from bench import store
 from bench.errors import SkipCell, SpecError
 from bench.identity import cell_key, code_hash
-from bench.measure import cuda_peak_bytes, synchronize, median_iqr, rss_peak_bytes, rss_supported, tensor_bytes, time_rounds
+from bench.measure import (cuda_peak_bytes, median_iqr, rss_peak_bytes, rss_supported, synchronize,
+                           tensor_bytes, time_rounds)
 from bench.memworker import MemoryWorker, one_kept_call
 from bench.options import split_list
 from bench.problem import Problem
@@ -228,6 +229,9 @@ class CellRunner:
     def run(self, cell: Cell) -> dict[str, Any]:
         row: dict[str, Any] = {"key": cell.key, **cell.identity, "options": cell.estimator.values,
                                "status": "ok"}
+        if self.memory_worker is not None:
+            # (Re)starting the memory process is the sweep's cost, outside the cell's time limit.
+            self.memory_worker.wait_ready()
         started = time.perf_counter()
         try:
             with time_limit(self.spec.timeout):
@@ -273,9 +277,8 @@ class CellRunner:
         row["grad_rel_err"] = float((grad - exact).norm() / exact.norm()) if float(exact.norm()) > 0 else float("nan")
         row["grad_norm"], row["exact_grad_norm"] = float(grad.norm()), float(exact.norm())
 
-        # 2. Time per gradient (with the memory worker idle: the cores are the timing's alone).
-        if self.memory_worker is not None:
-            self.memory_worker.wait_ready()
+        # 2. Time per gradient. The memory worker is idle (run() waited until it was ready, and it
+        #    works only when asked): the cores are the timing's alone.
         times = time_rounds(lambda: estimator(problem, rng), self.device, spec.warmup, spec.rounds)
         row["time_s"], row["time_iqr_s"] = median_iqr(times)
         row["time_rounds_s"] = times

@@ -108,9 +108,9 @@ def test_a_timeout_inside_the_memory_process_replaces_it(tmp_path):
                  "test-slow-worker[sleep=60,in_worker=true],sdo", "--targets", "cond", "--steps", "3",
                  "--iters", "1", "--rounds", "1", "--no-progress", "--timeout", "8", "--out", str(out)]) == 0
     rows = {r["estimator"].split("[")[0]: r for r in store.read_rows(out)}
-    assert rows["test-slow-worker"]["status"] == "timeout"
+    assert rows["test-slow-worker"]["status"] == "timeout", rows["test-slow-worker"]
     sdo = rows["sdo"]
-    assert sdo["status"] == "ok" and sdo["mem_kind"] == "rss_peak" and sdo["peak_mem_bytes"] > 0
+    assert sdo["status"] == "ok" and sdo["mem_kind"] == "rss_peak" and sdo["peak_mem_bytes"] > 0, sdo
 
 
 def test_a_changed_estimator_does_not_reuse_its_rows(tmp_path):
