@@ -2,7 +2,6 @@
 Raw rows stay as written; every derived number is computed here, at report time."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +26,7 @@ def load_run(run_dir: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     frame = store.load_frame(run_dir)
     if frame.empty:
         raise SpecError(f"{run_dir / store.ROWS} holds no rows")
-    run_json = run_dir / "run.json"
-    meta = json.loads(run_json.read_text()) if run_json.exists() else {}
+    meta = store.read_run_json(run_dir) or {}
     return derive(frame), meta
 
 

@@ -90,11 +90,25 @@ class Schedule:
 
     def coefficients(self, i: int) -> tuple[float, float, float]:
         """(a_i, b_i, s_i) of step i: x_{i-1} = a_i x_i + b_i eps + s_i xi."""
+        if self.is_identity(i):
+            return 1.0, 0.0, 0.0  # exactly (the formula leaves b at rounding level, not 0)
         s = self.noise_std(i)
         ab, ab_prev = self.alpha_bar[i], self.alpha_bar_prev[i - 1]
         a = math.sqrt(ab_prev / ab)
         b = math.sqrt(max(1 - ab_prev - s * s, 0.0)) - math.sqrt(ab_prev) * math.sqrt(1 - ab) / math.sqrt(ab)
         return a, b, s
+
+    def is_identity(self, i: int) -> bool:
+        """Step i lands on its own noise level (abar_{i-1} = abar_i): x_{i-1} = x_i, the denoiser
+        output has weight 0 and no noise is injected. diffusers' DDIMScheduler defaults (leading
+        spacing, steps_offset = 0, set_alpha_to_one = False) end on such a step, and so does
+        trailing spacing at N = T: two grid points share one rho."""
+        return self.alpha_bar_prev[i - 1] == self.alpha_bar[i]
+
+    def effective_steps(self) -> tuple[int, ...]:
+        """Grid indices N..1 (sampling order) of the steps whose denoiser output enters the chain
+        (b_i != 0): the steps an estimator that keeps only some calls can usefully keep."""
+        return tuple(i for i in range(self.num_steps, 0, -1) if self.coefficients(i)[1] != 0.0)
 
     def eps_weight(self, i: int) -> float:
         """beta_i = b_i / alpha_{i-1}: weight of eps_i in y_0 = y_N + sum_i beta_i eps_i + noise."""

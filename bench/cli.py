@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import hashlib
 import json
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -17,7 +19,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run tim
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, no usage dump
+        choice = re.match(r"argument (\S+): invalid choice: '(.*?)' \(choose from (.*)\)", message)
+        if choice:
+            valid = [c.strip(" '") for c in choice.group(3).split(",")]
+            close = difflib.get_close_matches(choice.group(2), valid, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            message = f"unknown {choice.group(1)} {choice.group(2)!r}; {hint}valid: {', '.join(valid)}"
         raise SpecError(message)
+
+
+def _folder_arg(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty; give a folder")
+    return Path(text)
 
 
 def _int_list(text: str) -> list[int]:
@@ -57,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-memory", action="store_true", help="same as --memory off")
     run.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
                      help=f"limit per cell; a cell over it is recorded as 'timeout' (0: none; default {DEFAULT_TIMEOUT_S:g})")
-    run.add_argument("--out", type=Path, default=None,
+    run.add_argument("--out", type=_folder_arg, default=None,
                      help="run folder (default: results/<a name derived from the sweep>)")
     run.add_argument("--force", action="store_true", help="rerun cells already in rows.jsonl")
     run.add_argument("--include", action="append", default=[], metavar="FILE.py",
@@ -65,13 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     report = sub.add_parser("report", help="Markdown + HTML page with tables and plots of a run folder")
-    report.add_argument("run_dir", type=Path, metavar="DIR", help="a run folder (holds rows.jsonl)")
-    report.add_argument("--out", type=Path, default=None, help="output folder (default: reports/<run name>)")
+    report.add_argument("run_dir", type=_folder_arg, metavar="DIR", help="a run folder (holds rows.jsonl)")
+    report.add_argument("--out", type=_folder_arg, default=None, help="output folder (default: reports/<run name>)")
     report.add_argument("--svg", action="store_true", help="write SVG next to each PNG")
 
     compare = sub.add_parser("compare", help="per-cell ratios B / A of two run folders, changes flagged")
-    compare.add_argument("run_a", type=Path, metavar="DIR_A")
-    compare.add_argument("run_b", type=Path, metavar="DIR_B")
+    compare.add_argument("run_a", type=_folder_arg, metavar="DIR_A")
+    compare.add_argument("run_b", type=_folder_arg, metavar="DIR_B")
     compare.add_argument("--factor", type=float, default=1.1,
                          help="flag ratios beyond this factor (default 1.1), if the spread does not explain them")
     compare.add_argument("--only-changed", action="store_true", help="show flagged cells only")
@@ -84,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     figures = sub.add_parser("figures", help="redraw the papers' figures from reference results (reports/figures)")
     figures.add_argument("--only", default="", help="comma-separated figure names (spec file stems)")
-    figures.add_argument("--specs", type=Path, default=None, help="folder of figure specs (default: reports/figures)")
-    figures.add_argument("--out", type=Path, default=None, help="output folder (default: the specs folder)")
+    figures.add_argument("--specs", type=_folder_arg, default=None, help="folder of figure specs (default: reports/figures)")
+    figures.add_argument("--out", type=_folder_arg, default=None, help="output folder (default: the specs folder)")
     return parser
 
 
@@ -162,11 +176,11 @@ def _describe(name: str, console) -> int:
 
     from rich.markup import escape
 
-    from bench.registry import ESTIMATORS, TASKS
+    from bench.registry import ESTIMATORS, TASKS, origin
 
     registry = TASKS if name in TASKS.names() else ESTIMATORS
     cls = registry.get(name)
-    console.print(f"[bold]{registry.kind} {escape(cls.name)}[/]  ({cls.__module__})")
+    console.print(f"[bold]{registry.kind} {escape(cls.name)}[/]  ({escape(origin(cls))})")
     doc = inspect.getdoc(sys.modules[cls.__module__]) or inspect.getdoc(cls) or ""
     console.print(escape(doc), soft_wrap=True)
     console.print("\n[bold]options[/]" if cls.options else "\nno options")
@@ -229,7 +243,10 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from bench.report import write_report
+    from bench.store import writable_folder
 
+    if args.out is not None:
+        writable_folder(args.out)
     out = write_report(args.run_dir, args.out, formats=("png", "svg") if args.svg else ("png",))
     print(f"report: {out / 'index.md'}  {out / 'index.html'}")
     return 0
@@ -261,6 +278,12 @@ def _check(args: argparse.Namespace) -> int:
 
 def _figures(args: argparse.Namespace) -> int:
     from bench.figures import FIGURES, render_all
+    from bench.store import writable_folder
+
+    if args.specs is not None and not args.specs.is_dir():
+        raise SpecError(f"--specs {args.specs} is not a folder of figure specs")
+    if args.out is not None:
+        writable_folder(args.out)
 
     results = render_all(args.specs or FIGURES, args.out, split_list(args.only) or None)
     for result in results:

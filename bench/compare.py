@@ -9,6 +9,8 @@ factor, above one page of resolution. A gradient whose cosine to the exact one m
 than 1e-3 is flagged too."""
 from __future__ import annotations
 
+import math
+
 import statistics
 from pathlib import Path
 from typing import Any
@@ -43,8 +45,8 @@ def time_verdict(a: pd.Series, b: pd.Series, factor: float) -> str:
 
 
 def compare(dir_a: Path, dir_b: Path, factor: float = 1.1) -> pd.DataFrame:
-    if factor <= 1:
-        raise SpecError(f"--factor must be > 1, got {factor}")
+    if not (math.isfinite(factor) and factor > 1):
+        raise SpecError(f"--factor must be a finite number > 1, got {factor}")
     a, _ = analysis.load_run(dir_a)
     b, _ = analysis.load_run(dir_b)
     a, b = a[a["status"] == "ok"], b[b["status"] == "ok"]

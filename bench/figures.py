@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from matplotlib import ticker
 
-from bench import analysis, plots
+from bench import analysis, plots, store
 from bench.errors import SpecError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -232,7 +232,7 @@ def render(path: Path, out: Path, formats=("png", "svg")) -> dict[str, Any]:
 def render_all(folder: Path = FIGURES, out: Path | None = None, only: list[str] | None = None,
                formats=("png", "svg")) -> list[dict[str, Any]]:
     out = out or folder
-    out.mkdir(parents=True, exist_ok=True)
+    store.writable_folder(out, "--out")
     specs = sorted(folder.glob("*.toml"))
     if only:
         unknown = set(only) - {p.stem for p in specs}

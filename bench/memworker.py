@@ -18,6 +18,7 @@ import json
 import multiprocessing as mp
 import os
 import random
+import signal
 from typing import Any
 
 from bench.measure import MALLOC_ENV
@@ -32,7 +33,7 @@ def _measure_in_child(task, request: dict[str, Any]) -> dict[str, Any]:
     from bench.measure import rss_peak_bytes
     from bench.registry import ESTIMATORS
 
-    try:
+    try:  # SystemExit from a plug-in is a measurement error too, never a silent death
         problem = task.make_problem(request["target"], request["steps"], request["seed"])
         if request.get("unit"):
             one_kept_call(problem)  # warm-up
@@ -42,7 +43,7 @@ def _measure_in_child(task, request: dict[str, Any]) -> dict[str, Any]:
         estimator(problem, rng)  # warm-up: first-call allocations are not the estimator's
         problem.zero_grad()
         return rss_peak_bytes(lambda: estimator(problem, rng))
-    except Exception as exc:  # reported; the sweep decides what to do
+    except BaseException as exc:  # reported; the sweep decides what to do
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
@@ -64,6 +65,7 @@ def _fork_and_measure(task, request: dict[str, Any]) -> dict[str, Any]:
     if pid == 0:  # the child: measure, report, leave without running any exit handlers
         os.close(read_end)
         try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             _die_with_parent()
             payload = json.dumps(_measure_in_child(task, request)).encode()
             with os.fdopen(write_end, "wb") as out:
@@ -80,6 +82,18 @@ def _fork_and_measure(task, request: dict[str, Any]) -> dict[str, Any]:
 
 
 def _serve(conn, includes: list[str]) -> None:
+    """The zygote's loop. Ctrl-C reaches the whole process group; the sweep handles it and kills
+    this process, so here SIGINT is ignored (no second traceback on the user's terminal)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _serve_requests(conn, includes)
+    except (EOFError, BrokenPipeError, ConnectionResetError, KeyboardInterrupt):
+        pass  # the sweep went away: leave quietly
+
+
+def _serve_requests(conn, includes: list[str]) -> None:
     import torch
 
     _die_with_parent()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -52,6 +53,8 @@ class Option:
         if not isinstance(value, self.type) or (self.type is int and isinstance(value, bool)):
             raise SpecError(f"{owner}: option {self.name}={raw!r} must be {self.type.__name__} "
                             f"({self.describe()})")
+        if self.type is float and not math.isfinite(value):
+            raise SpecError(f"{owner}: option {self.name}={raw!r} must be a finite number ({self.describe()})")
         if self.choices is not None and value not in self.choices:
             raise SpecError(f"{owner}: option {self.name}={raw!r} is not one of "
                             f"{', '.join(map(str, self.choices))}")

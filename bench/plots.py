@@ -9,6 +9,10 @@ import re
 import matplotlib
 
 matplotlib.use("Agg")
+# Labels come from rows (specs, task names): plain text, never mathtext ('$...$' must not parse).
+matplotlib.rcParams["text.parse_math"] = False
+# Byte-identical SVGs from identical rows: fixed ids, no date (git status stays clean).
+matplotlib.rcParams["svg.hashsalt"] = "diffgrad-bench"
 import matplotlib.colors as mcolors  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import ticker  # noqa: E402
@@ -161,7 +165,8 @@ def save(fig, path_without_suffix, formats=("png",)) -> list[str]:
     written = []
     for fmt in formats:
         target = f"{path_without_suffix}.{fmt}"
-        fig.savefig(target, dpi=130 if fmt == "png" else None, bbox_inches="tight")
+        metadata = {"Date": None} if fmt in ("svg", "pdf") else {"Software": None} if fmt == "png" else None
+        fig.savefig(target, dpi=130 if fmt == "png" else None, bbox_inches="tight", metadata=metadata)
         written.append(target)
     plt.close(fig)
     return written

@@ -3,6 +3,7 @@ plug-ins come from a Python entry-point group or from `--include path/to/file.py
 from __future__ import annotations
 
 import difflib
+import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -88,7 +89,15 @@ def _load(path: str) -> Any:
 
 
 def _describe(entry: str | type) -> str:
-    return entry if isinstance(entry, str) else f"{entry.__module__}:{entry.__qualname__}"
+    return entry if isinstance(entry, str) else origin(entry)
+
+
+def origin(cls: type) -> str:
+    """Where a registered class comes from: module:Class, or the file an --include loaded it from."""
+    module = sys.modules.get(cls.__module__)
+    if cls.__module__.startswith("_bench_include_") and getattr(module, "__file__", None):
+        return f"{module.__file__}:{cls.__qualname__}"
+    return f"{cls.__module__}:{cls.__qualname__}"
 
 
 ESTIMATORS = Registry(
@@ -138,7 +147,8 @@ def include(path: str | Path) -> None:
         raise SpecError(f"--include {path}: no such Python file")
     if str(file) in _INCLUDED:
         return
-    module_name = f"_bench_include_{len(_INCLUDED)}_{file.stem}"
+    # The module name depends on the file alone (not on the order of --include flags).
+    module_name = f"_bench_include_{file.stem}_{hashlib.sha256(str(file).encode()).hexdigest()[:8]}"
     spec = importlib.util.spec_from_file_location(module_name, file)
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module

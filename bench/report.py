@@ -13,7 +13,7 @@ from typing import Any
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from bench import analysis, plots
+from bench import analysis, plots, store
 from bench.summary import RSS_PAGE, format_bytes
 
 MEMORY_KINDS = {
@@ -77,32 +77,41 @@ def panel_figure(means: pd.DataFrame, curves: pd.DataFrame, title: str):
     return fig
 
 
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]<>|$~])")
+
+
+def md_escape(text: str) -> str:
+    """Plain text for Markdown: every character Markdown (or a renderer's math) could read as
+    markup is backslash-escaped, so row strings (specs, reasons, errors) show as written."""
+    return _MD_SPECIAL.sub(r"\\\1", str(text))
+
+
 class Page:
-    """The same content rendered as Markdown and as HTML."""
+    """The same content rendered as Markdown and as HTML; every text is plain text in both."""
 
     def __init__(self) -> None:
         self.md: list[str] = []
         self.html: list[str] = []
 
     def heading(self, text: str, level: int = 2) -> None:
-        self.md.append(f"{'#' * level} {text}\n")
+        self.md.append(f"{'#' * level} {md_escape(text)}\n")
         self.html.append(f"<h{level}>{html.escape(text)}</h{level}>")
 
     def text(self, text: str) -> None:
-        self.md.append(text + "\n")
+        self.md.append(md_escape(text) + "\n")
         self.html.append(f"<p>{html.escape(text)}</p>")
 
     def items(self, lines: list[str]) -> None:
         if lines:
-            self.md.append("\n".join(f"- {line}" for line in lines) + "\n")
+            self.md.append("\n".join(f"- {md_escape(line)}" for line in lines) + "\n")
             self.html.append("<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in lines) + "</ul>")
 
     def image(self, path: str, alt: str) -> None:
-        self.md.append(f"![{alt}]({path})\n")
+        self.md.append(f"![{md_escape(alt)}]({path})\n")
         self.html.append(f'<img src="{html.escape(path)}" alt="{html.escape(alt)}" style="max-width:100%">')
 
     def table(self, header: list[str], body: list[list[str]]) -> None:
-        cell = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+        cell = md_escape
         lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(map(cell, row)) + " |" for row in body]
         self.md.append("\n".join(lines) + "\n")
@@ -133,7 +142,7 @@ def environment_line(meta: dict[str, Any]) -> str:
 def write_report(run_dir: Path, out: Path | None = None, formats=("png",)) -> Path:
     frame, meta = analysis.load_run(run_dir)
     out = out or Path("reports") / _slug(Path(run_dir).resolve().name)
-    out.mkdir(parents=True, exist_ok=True)
+    store.writable_folder(out, "--out")
     means, curves = analysis.cell_means(frame), analysis.curves(frame)
     page = Page()
     title = f"Report: {Path(run_dir).name}"

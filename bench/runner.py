@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import platform
 import random
 import signal
@@ -36,6 +37,7 @@ DEFAULT_TASK = "digits"
 DEFAULT_ESTIMATORS = "full,checkpoint,adjoint,sdo,truncated[k=2]"
 DEFAULT_STEPS = (10, 20)
 DEFAULT_TIMEOUT_S = 1800.0
+MAX_SEED = 2**63 - 1
 MEMORY_MODES = {
     "auto": "process on CPU, inprocess on CUDA",
     "process": "CPU: peak resident memory of a process forked per cell from a clean worker",
@@ -80,43 +82,61 @@ def resolve(spec: SweepSpec) -> tuple[list[Any], list[Any]]:
         raise SpecError(f"unknown device {spec.device!r}; valid: cpu, cuda, cuda:N")
     if spec.device.startswith("cuda") and not torch.cuda.is_available():
         raise SpecError(f"device {spec.device!r} requested but CUDA is not available here; valid: cpu")
-    for name, values in (("steps", spec.steps), ("seeds", spec.seeds)):
+    for name, values in (("tasks", spec.tasks), ("estimators", spec.estimators), ("targets", spec.targets),
+                         ("steps", spec.steps), ("seeds", spec.seeds)):
         if not values:
-            raise SpecError(f"--{name} is empty")
+            raise SpecError(f"--{name} is empty; give at least one")
     for steps in spec.steps:
-        if steps < 1:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise SpecError(f"step count must be a positive integer, got {steps}")
+    for seed in spec.seeds:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise SpecError(f"seed {seed} is out of range; valid: 0..{MAX_SEED} (torch generators take 64 bits)")
     for label, value, low in (("iters", spec.iters, 0), ("rounds", spec.rounds, 1), ("warmup", spec.warmup, 0)):
         if value < low:
             raise SpecError(f"--{label} must be >= {low}, got {value}")
-    if spec.timeout is not None and not spec.timeout >= 0:
-        raise SpecError(f"--timeout must be a number of seconds >= 0 (0: no limit), got {spec.timeout}")
+    if spec.timeout is not None and not (math.isfinite(spec.timeout) and spec.timeout >= 0):
+        raise SpecError(f"--timeout must be a finite number of seconds >= 0 (0: no limit), got {spec.timeout}")
     if spec.memory not in MEMORY_MODES:
         raise SpecError(f"unknown memory mode {spec.memory!r}; valid: {', '.join(MEMORY_MODES)}")
     if spec.memory == "process" and spec.device != "cpu":
         raise SpecError("--memory process measures CPU resident memory; on CUDA use inprocess or auto")
-    tasks = [TASKS.create(name) for name in spec.tasks]
-    estimators = [ESTIMATORS.create(name) for name in spec.estimators]
+    tasks = _distinct([TASKS.create(name) for name in spec.tasks])  # aliases and repeats run once
+    estimators = _distinct([ESTIMATORS.create(name) for name in spec.estimators])
     for task in tasks:
+        task.preflight()
         for target in spec.targets:
             task.check_target(target)
+        for steps in spec.steps:
+            task.check_steps(steps)
     for estimator, steps in itertools.product(estimators, spec.steps):
         estimator.check_steps(steps)
     return tasks, estimators
 
 
+def _distinct(items: list[Any]) -> list[Any]:
+    """The first of each canonical spec ('bptt' is 'full'; 'truncated[k=1]' is 'truncated')."""
+    seen: dict[str, Any] = {}
+    for item in items:
+        seen.setdefault(item.spec, item)
+    return list(seen.values())
+
+
 def expand(spec: SweepSpec, tasks: list[Any], estimators: list[Any]) -> list[Cell]:
-    cells = []
+    cells: dict[str, Cell] = {}
+    task_code = {id(task): (code_hash(type(task)), task.data_fingerprint()) for task in tasks}
+    estimator_code = {id(estimator): code_hash(type(estimator)) for estimator in estimators}
     for task, target, estimator, steps, seed in itertools.product(
-            tasks, spec.targets, estimators, spec.steps, spec.seeds):
+            tasks, dict.fromkeys(spec.targets), estimators, dict.fromkeys(spec.steps), dict.fromkeys(spec.seeds)):
         identity = {
             "schema": store.SCHEMA, "task": task.spec, "task_version": task.version,
-            "task_code": code_hash(type(task)), "estimator": estimator.spec,
-            "estimator_code": code_hash(type(estimator)), "target": target, "steps": steps,
-            "seed": seed, "iters": spec.iters, "device": spec.device,
+            "task_code": task_code[id(task)][0], "task_data": task_code[id(task)][1],
+            "estimator": estimator.spec, "estimator_code": estimator_code[id(estimator)],
+            "target": target, "steps": steps, "seed": seed, "iters": spec.iters, "device": spec.device,
         }
-        cells.append(Cell(task, estimator, target, steps, seed, cell_key(identity), identity))
-    return cells
+        key = cell_key(identity)
+        cells.setdefault(key, Cell(task, estimator, target, steps, seed, key, identity))
+    return list(cells.values())
 
 
 def environment(spec: SweepSpec, argv: list[str] | None) -> dict[str, Any]:
@@ -162,6 +182,37 @@ def _finite(tensor: torch.Tensor) -> bool:
 
 class Diverged(Exception):
     pass
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """An allocation failure on any device: torch's OutOfMemoryError (CUDA, MPS, XPU), Python's
+    MemoryError, or the CPU allocator's RuntimeError."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+
+
+_user_interrupts: list[int] = []  # SIGINTs received during the sweep (see _sigint_recorded)
+
+
+@contextmanager
+def _sigint_recorded():
+    """Tell the user's Ctrl-C (a real SIGINT) apart from a KeyboardInterrupt an estimator raises."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigint(signum, frame):
+        _user_interrupts.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _user_interrupts.clear()
 
 
 class CellTimeout(Exception):
@@ -243,22 +294,25 @@ class CellRunner:
             row.update(status="diverged", error=str(exc))
         except CellTimeout as exc:
             row.update(status="timeout", error=str(exc))
-        except torch.OutOfMemoryError as exc:
-            row.update(status="oom", error=str(exc).splitlines()[0], error_type=type(exc).__name__)
-        except Exception as exc:  # a failing cell is data
-            row.update(status="error", error=f"{exc}".splitlines()[0] if str(exc) else repr(exc),
-                       error_type=type(exc).__name__,
-                       traceback=traceback.format_exc(limit=-3))
+        except BaseException as exc:  # a failing cell is data, even sys.exit() in a plug-in
+            if isinstance(exc, KeyboardInterrupt) and _user_interrupts:
+                raise  # the user's Ctrl-C (a SIGINT) ends the sweep; completed rows are saved
+            message = str(exc).splitlines()[0] if str(exc).strip() else repr(exc)
+            row.update(status="oom" if is_out_of_memory(exc) else "error", error=message,
+                       error_type=type(exc).__name__, traceback=traceback.format_exc(limit=-3))
         row["cell_seconds"] = round(time.perf_counter() - started, 3)
         return row
 
     def _measure(self, cell: Cell, row: dict[str, Any]) -> None:
         estimator, spec = cell.estimator, self.spec
         problem = cell.task.make_problem(cell.target, cell.steps, cell.seed)
+        if cell.target in ("cond", "weights") and not problem.chain.schedule.effective_steps():
+            raise SkipCell("every step of this schedule is an identity step (the denoiser's output "
+                           "has weight 0), so cond and weights do not change the samples")
         reason = estimator.skip_reason(problem)
         if reason:
             raise SkipCell(reason)
-        cost = estimator.cost(cell.steps, cell.target)
+        cost = estimator.cost_for(problem)
         row.update(sampler=estimator.sampler, reference=estimator.reference_spec())
         row.update(nfe_forward_pred=cost.nfe_forward, nfe_vjp_pred=cost.nfe_vjp, mem_class=cost.memory,
                    mem_pred_activations=cost.activations, mem_pred_latents=cost.latents)
@@ -376,40 +430,46 @@ def run_sweep(spec: SweepSpec, out: Path, force: bool = False, argv: list[str] |
     this sweep's cells (fresh or reused)."""
     tasks, estimators = resolve(spec)
     cells = expand(spec, tasks, estimators)
-    out.mkdir(parents=True, exist_ok=True)
-    rows_path = out / store.ROWS
-    store.repair(rows_path)
-    done = store.latest_by_key(store.read_rows(rows_path))
-    _write_run_json(out, spec, argv)
-    todo = [cell for cell in cells if force or cell.key not in done]
-    if on_start:
-        on_start(len(cells), len(cells) - len(todo))
-    runner = CellRunner(spec)
-    try:
-        for cell in todo:
-            if on_cell:
-                on_cell(cell)
-            row = runner.run(cell)
-            store.append_row(rows_path, row)
-            done[cell.key] = row
-            if on_row:
-                on_row(row)
-    finally:
-        runner.close()
+    with store.locked(out):
+        rows_path = out / store.ROWS
+        store.repair(rows_path)
+        done = store.latest_by_key(store.read_rows(rows_path))
+        _write_run_json(out, spec, argv)
+        todo = [cell for cell in cells if force or cell.key not in done]
+        if on_start:
+            on_start(len(cells), len(cells) - len(todo))
+        runner = CellRunner(spec)
+        try:
+            with _sigint_recorded():
+                for cell in todo:
+                    if on_cell:
+                        on_cell(cell)
+                    row = runner.run(cell)
+                    store.append_row(rows_path, row)
+                    done[cell.key] = row
+                    if on_row:
+                        on_row(row)
+        finally:
+            runner.close()
     return [done[cell.key] for cell in cells]
 
 
 def _write_run_json(out: Path, spec: SweepSpec, argv: list[str] | None) -> None:
-    path = out / "run.json"
-    history = []
+    """run.json: this invocation, with every earlier one under `history` (called under the folder's
+    lock). An unreadable run.json is kept aside as run.json.unreadable-<time>, never dropped."""
+    path = out / store.RUN
+    history: list[Any] = []
     if path.exists():
-        try:
-            previous = json.loads(path.read_text())
-            history = previous.pop("history", []) + [previous]
-        except (json.JSONDecodeError, AttributeError):
-            history = []
+        previous = store.read_run_json(path)
+        if previous is None:
+            aside = path.with_name(f"{store.RUN}.unreadable-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}")
+            path.replace(aside)
+            history = [{"unreadable_record_moved_to": aside.name}]
+        else:
+            earlier = previous.pop("history", [])
+            history = (earlier if isinstance(earlier, list) else [earlier]) + [previous]
     record = environment(spec, argv)
     record["history"] = history
-    tmp = path.with_suffix(".json.tmp")
+    tmp = path.with_name(f".{store.RUN}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(record, indent=2, default=str))
     tmp.replace(path)

@@ -1,15 +1,22 @@
 """Result rows: one JSON object per line in DIR/rows.jsonl, appended and flushed per cell.
-A torn last line (a run killed mid-write) is dropped on read with a warning."""
+A torn last line (a run killed mid-write) or any other unusable line is skipped on read with a
+warning that names it."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+from bench.errors import SpecError
 
 SCHEMA = 1
 ROWS = "rows.jsonl"
+RUN = "run.json"
 
 
 def repair(path: Path) -> None:
@@ -32,23 +39,63 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
         os.fsync(handle.fileno())
 
 
+REQUIRED = {"key": str, "status": str, "task": str, "estimator": str, "target": str, "steps": int, "seed": int}
+
+
+def _row_problem(row: Any) -> str | None:
+    """Why a parsed line is not a usable row, or None."""
+    if not isinstance(row, dict):
+        return f"not a JSON object ({type(row).__name__})"
+    for name, kind in REQUIRED.items():
+        value = row.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return f"no {kind.__name__} field {name!r}" if name not in row else f"field {name!r} is not a {kind.__name__}"
+    return None
+
+
 def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a rows.jsonl file. A line that is torn, not UTF-8, not JSON, not an object or
+    without the identity fields (REQUIRED) is skipped with a warning that names it."""
     path = Path(path)
     if path.is_dir():
         path = path / ROWS
     if not path.exists():
         return []
     rows = []
-    lines = path.read_text().split("\n")
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
+    lines = path.read_bytes().split(b"\n")
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
             continue
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            where = "torn last line" if number >= len(lines) - 1 else f"unreadable line {number}"
-            warnings.warn(f"{path}: dropping {where}", stacklevel=2)
+            row = json.loads(raw.decode("utf-8"))
+            problem = _row_problem(row)
+        except UnicodeDecodeError:
+            problem = "not UTF-8"
+        except (json.JSONDecodeError, RecursionError):
+            problem = "torn last line" if number >= len(lines) - 1 else "not JSON"
+        if problem:
+            warnings.warn(f"{path}: skipping line {number}: {problem}", stacklevel=2)
+            continue
+        rows.append(row)
     return rows
+
+
+def read_run_json(path: Path) -> dict[str, Any] | None:
+    """DIR/run.json as a dict; None (with a warning) if it is missing or unreadable."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RUN
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, OSError) as exc:
+        warnings.warn(f"{path}: unreadable ({type(exc).__name__}); ignored", stacklevel=2)
+        return None
+    if not isinstance(record, dict):
+        warnings.warn(f"{path}: not a JSON object; ignored", stacklevel=2)
+        return None
+    return record
 
 
 def latest_by_key(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -61,3 +108,52 @@ def load_frame(run_dir: str | Path):
     import pandas as pd
 
     return pd.DataFrame(list(latest_by_key(read_rows(Path(run_dir))).values()))
+
+
+LOCK = ".lock"
+
+
+def writable_folder(folder: Path, flag: str = "--out") -> Path:
+    """Create `folder` if needed; SpecError (one line) unless it is a folder this process can write."""
+    folder = Path(folder)
+    if str(folder).strip() == "":
+        raise SpecError(f"{flag} is empty; give a folder")
+    if folder.exists() and not folder.is_dir():
+        raise SpecError(f"{flag} {folder} is not a folder (it is a file or a device); give a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SpecError(f"{flag} {folder}: cannot create the folder ({exc.strerror or exc})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise SpecError(f"{flag} {folder}: the folder is not writable")
+    return folder
+
+
+@contextmanager
+def locked(folder: Path) -> Iterator[Path]:
+    """Hold an exclusive lock on a run folder while a sweep writes to it: a second sweep on the same
+    folder is refused with a one-line error (SpecError) instead of computing every cell twice."""
+    folder = writable_folder(folder)
+    path = folder / LOCK
+    try:
+        handle = open(path, "a+")
+    except OSError as exc:
+        raise SpecError(f"--out {folder}: cannot create {LOCK} ({exc.strerror or exc})") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise SpecError(f"another sweep is writing to {folder} ({holder}); wait for it to finish "
+                            "or choose another --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        try:
+            yield folder
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            fcntl.flock(handle, fcntl.LOCK_UN)

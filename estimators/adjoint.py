@@ -37,6 +37,13 @@ class Adjoint(Estimator):
         Option("recover", str, "backward", "how states are recovered: backward (O(1) memory) or cache",
                choices=("backward", "cache")),
     )
+    variants = ("recover=cache", "steps=7", "steps=7,recover=cache")
+
+    @property
+    def convergence_order(self) -> float | None:
+        """First order in N on the sampler's own grid (Euler, VJP at the clean end); a fixed M
+        does not converge to the N-step chain's gradient."""
+        return 1.0 if self.steps == 0 else None
 
     def skip_reason(self, problem: Problem) -> str | None:
         if problem.chain.schedule.eta > 0:
@@ -84,6 +91,8 @@ class Adjoint(Estimator):
 
         def cached_y(rho: float) -> torch.Tensor:
             i = min(max(bisect.bisect_left(rhos, rho), 1), steps)
+            if rhos[i] == rhos[i - 1]:  # an identity step: both grid points hold the same state
+                return ys[i]
             w = (rho - rhos[i - 1]) / (rhos[i] - rhos[i - 1])
             return ys[i - 1] + w * (ys[i] - ys[i - 1])
 

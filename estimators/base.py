@@ -50,6 +50,12 @@ class Estimator(Configurable):
     exact: ClassVar[bool] = False  # True: the gradient equals the exact gradient of the chain
     options: ClassVar[tuple[Option, ...]] = ()
     sampler: ClassVar[str] = "ddim"  # the chain differentiated; another one (edict) samples its own
+    # Option strings worth checking beside the defaults: `python -m bench check NAME` and make test
+    # run the conformance suite on each, e.g. ("k=2,latent_path=true",).
+    variants: ClassVar[tuple[str, ...]] = ()
+    # p if the error to the exact gradient falls like N^-p (checked by the suite); None: no claim.
+    convergence_order: ClassVar[float | None] = None
+    random_counts: ClassVar[bool] = False  # True if call counts depend on random draws (reported, not checked)
 
     def reference_spec(self) -> str:
         """An estimator whose gradient is the exact gradient of the chain this one differentiates
@@ -69,6 +75,11 @@ class Estimator(Configurable):
 
     def cost(self, steps: int, target: str) -> Cost:
         raise NotImplementedError
+
+    def cost_for(self, problem: Problem) -> Cost:
+        """The cost model for this problem (what rows and the conformance suite compare counts
+        against). Override where the cost depends on the schedule, not only on N and the target."""
+        return self.cost(problem.num_steps, problem.target)
 
     def estimate(self, problem: Problem, rng: random.Random) -> Estimate:
         raise NotImplementedError

@@ -75,6 +75,7 @@ class Checkpoint(Estimator):
         Option("segment", int, 1, "steps per checkpointed segment", check=at_least(1)),
         Option("recursive", bool, False, "binomial checkpointing: O(log N) stored latents"),
     )
+    variants = ("segment=3", "recursive=true")
 
     def __init__(self, **values):
         super().__init__(**values)

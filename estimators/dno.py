@@ -69,6 +69,7 @@ class DNO(Estimator):
         Option("perms", int, 8, "random permutations averaged in the regulariser (DNO: 100)", check=at_least(0)),
         Option("checkpoint", bool, True, "recompute each step in backward (false: keep the whole graph)"),
     )
+    variants = ("reg=0.1", "reg=0.1,block=2,perms=0", "checkpoint=false")
 
     def skip_reason(self, problem: Problem) -> str | None:
         if problem.target not in ("latent", "noise"):

@@ -9,7 +9,10 @@ one step again with its graph kept:
 The gradient reaches the conditioning and the weights through the n final calls only; x_N gets
 none, which is a skip reason. Each copy is backpropagated as soon as it is built, so memory is one
 call's activations A (the paper's n-fold graph is not needed). Time about NF + n(F + V).
-The reward returned is the sampler's own x_0's."""
+The reward returned is the sampler's own x_0's. "The last step" is the last one whose denoiser
+output enters the chain: a schedule ending on identity steps (leading spacing with
+steps_offset = 0) would otherwise give a zero gradient; the identity steps after it change nothing.
+"""
 from __future__ import annotations
 
 import random
@@ -27,6 +30,7 @@ class DraftLV(Estimator):
     name = "draft-lv"
     summary = "re-noise x_0 n times and backprop through the last step only (DRaFT-LV)"
     options = (Option("n", int, 2, "re-noised copies of x_0 (the paper uses 2)", check=at_least(1)),)
+    variants = ("n=1", "n=5")
 
     def skip_reason(self, problem: Problem) -> str | None:
         if problem.target in ("latent", "noise"):
@@ -40,10 +44,11 @@ class DraftLV(Estimator):
         chain, schedule, cond = problem.chain, problem.chain.schedule, problem.cond
         x0 = chain.sample(problem.x_start, cond, problem.noises)
         generator = torch_generator(rng)
+        last = schedule.effective_steps()[-1]  # the steps after it are identities
         for _ in range(self.n):
             xi = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
-            x1 = schedule.alpha(1) * x0 + schedule.sigma(1) * xi
-            x0_j = schedule.step(x1, 1, chain.eps(x1, 1, cond), noise_for(problem.noises, 1))
+            x1 = schedule.alpha(last) * x0 + schedule.sigma(last) * xi
+            x0_j = schedule.step(x1, last, chain.eps(x1, last, cond), noise_for(problem.noises, last))
             loss_j, _ = problem.loss(x0_j)
             (loss_j / self.n).backward()
         loss, rewards = problem.loss(x0)

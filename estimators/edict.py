@@ -46,6 +46,7 @@ class EDICT(Estimator):
         Option("p", float, 0.93, "mixing weight of the coupled updates (the paper's 0.93)", check=_mixing),
         Option("reconstruct", bool, True, "recompute states by the inverse (false: keep the whole graph)"),
     )
+    variants = ("reconstruct=false", "p=0.8")
 
     def reference_spec(self) -> str:
         return f"edict[p={self.p},reconstruct=false]"

@@ -5,6 +5,10 @@
 - keep_latent_path: across the other calls, does the linear DDIM arithmetic x_{i-1} = a_i x_i + ...
   stay in the graph (an identity path back to x_N), or is the latent detached?
 - checkpoint: store each kept step's graph (False) or recompute it during backward (True).
+
+An identity step (Schedule.is_identity: the denoiser output has weight 0) never cuts the latent
+path, whatever the mask: there is nothing to truncate there, and detaching at the final identity
+step of a leading-spacing schedule would silently zero every gradient.
 """
 from __future__ import annotations
 
@@ -32,5 +36,6 @@ def run_masked_chain(problem: Problem, keep_graph: Callable[[int], bool], keep_l
         else:
             with torch.no_grad():
                 eps = chain.eps(x.detach(), i, cond)
-            x = schedule.step(x if keep_latent_path else x.detach(), i, eps, noise)
+            cut = not keep_latent_path and not schedule.is_identity(i)
+            x = schedule.step(x.detach() if cut else x, i, eps, noise)
     return x

@@ -19,7 +19,14 @@ PPO (DDPO's default): with clip = epsilon > 0, the surrogate is
 r = 1 and the gradient equals REINFORCE's; with reuse = k the sampled trajectories and their
 old log-probabilities serve k consecutive calls on the same problem (DDPO's inner epochs), and
 clipping bounds how far the later calls move. Those calls sample nothing and return the rewards
-of the reused samples."""
+of the reused samples.
+
+A step that injects no noise (s_i = 0: set_alpha_to_one = True makes the last step so, and an
+identity step is one) has no density. Such steps at the end of the chain are a deterministic map
+x_0 = g(x_m) of the last stochastic state, so R(g(x_m)) is the reward and its parameter dependence
+is a pathwise term added to the score term: grad E[R] = E[grad log p(tau) (R - b)] + E[grad R(g(x_m))]
+(only where g depends on the target; it needs a differentiable reward, else the cell is skipped).
+A deterministic step before a stochastic one has neither, and is a skip reason."""
 from __future__ import annotations
 
 import random
@@ -28,6 +35,7 @@ import weakref
 import torch
 
 from bench.chain import noise_for
+from bench.errors import SkipCell
 from bench.options import Option, at_least
 from bench.problem import Problem
 from estimators.base import Cost, Estimate, Estimator
@@ -49,6 +57,7 @@ class ScoreFunction(Estimator):
         Option("reuse", int, 1, "calls served by one sampled batch (DDPO's inner epochs; needs clip > 0)",
                check=at_least(1)),
     )
+    variants = ("baseline=mean", "baseline=none,fresh=false", "clip=0.2,reuse=2", "clip=0.1,reuse=3")
 
     def __init__(self, **values):
         super().__init__(**values)
@@ -59,11 +68,30 @@ class ScoreFunction(Estimator):
             return "the score function needs a stochastic sampler (eta > 0; DDPO uses eta = 1)"
         if problem.target == "noise":
             return "the score function treats the injected noise as random draws, not as parameters"
+        schedule = problem.chain.schedule
+        stochastic = _stochastic_steps(schedule)
+        if not stochastic:
+            return "no step of this schedule injects noise (every s_i = 0): the chain has no density"
+        inside = [i for i in range(schedule.num_steps, stochastic[-1], -1) if i not in stochastic]
+        if inside:
+            return (f"step {inside[0]} injects no noise (s_i = 0) but a noisy step follows it: the "
+                    "trajectory has no density there and no pathwise term is taken")
         return None
 
     def cost(self, steps: int, target: str) -> Cost:
         scored = 1 if target == "latent" else steps  # x_N enters only the first transition
         return Cost(nfe_forward=steps / self.reuse + scored, nfe_vjp=scored, memory="A", activations=1)
+
+    def cost_for(self, problem: Problem) -> Cost:
+        schedule, target = problem.chain.schedule, problem.target
+        stochastic = _stochastic_steps(schedule)
+        if len(stochastic) == schedule.num_steps or not stochastic:
+            return self.cost(schedule.num_steps, target)
+        scored = 1 if target == "latent" else len(stochastic)
+        pathwise = 0 if target == "latent" else len(_pathwise_steps(schedule))
+        calls = scored + pathwise
+        return Cost(nfe_forward=schedule.num_steps / self.reuse + calls, nfe_vjp=calls, memory="A",
+                    activations=1)
 
     def _advantages(self, rewards: torch.Tensor) -> torch.Tensor:
         if self.baseline == "none" or rewards.numel() < 2:
@@ -96,8 +124,9 @@ class ScoreFunction(Estimator):
         batch["uses"] += 1
         chain, schedule = problem.chain, problem.chain.schedule
         advantages = batch["advantages"]
-        states = batch["states"]
-        if all(leaf is problem.x_start for leaf in problem.leaves):
+        latent_only = all(leaf is problem.x_start for leaf in problem.leaves)
+        states = [state for state in batch["states"] if schedule.coefficients(state[0])[2] > 0]
+        if latent_only:
             states = states[:1]  # only p(x_{N-1} | x_N) depends on x_N
         for i, x_i, x_prev in states:
             a, b, s = schedule.coefficients(i)
@@ -112,6 +141,38 @@ class ScoreFunction(Estimator):
             else:
                 surrogate = logp * advantages
             (-surrogate.mean()).backward()
+        pathwise = _pathwise_steps(schedule)
+        if pathwise and not latent_only:
+            self._pathwise_term(problem, batch, pathwise)
         if batch["uses"] >= self.reuse:
             self._batch = None  # do not hold the trajectories longer than needed
         return Estimate(loss=batch["loss"], rewards=batch["rewards"], x0=batch["x0"])
+
+    @staticmethod
+    def _pathwise_term(problem: Problem, batch: dict, pathwise: tuple[int, ...]) -> None:
+        """grad of mean R(g(x_m)) through the deterministic final steps g, x_m as sampled."""
+        chain, schedule = problem.chain, problem.chain.schedule
+        last_stochastic = _stochastic_steps(schedule)[-1]
+        x = next(x_next for i, _, x_next in batch["states"] if i == last_stochastic)
+        for i in range(last_stochastic - 1, 0, -1):
+            x = schedule.step(x, i, chain.eps(x, i, problem.cond) if i in pathwise else 0.0)
+        loss, _ = problem.loss(x)
+        if not loss.requires_grad:
+            raise SkipCell("the final steps inject no noise (s_i = 0), so the target reaches x_0 "
+                           "through them only by a pathwise term, which a non-differentiable reward "
+                           "does not have; use a schedule whose last step is stochastic")
+        loss.backward()
+
+
+def _stochastic_steps(schedule) -> tuple[int, ...]:
+    """Grid indices N..1 of the steps that inject noise (s_i > 0)."""
+    return tuple(i for i in range(schedule.num_steps, 0, -1) if schedule.coefficients(i)[2] > 0)
+
+
+def _pathwise_steps(schedule) -> tuple[int, ...]:
+    """Grid indices (descending) of the deterministic final steps whose denoiser output enters
+    x_0 (s_i = 0, b_i != 0, after the last stochastic step)."""
+    stochastic = _stochastic_steps(schedule)
+    if not stochastic:
+        return ()
+    return tuple(i for i in range(stochastic[-1] - 1, 0, -1) if schedule.coefficients(i)[1] != 0.0)

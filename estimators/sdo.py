@@ -10,11 +10,14 @@ computed as x_0 = x_0^ng + alpha_0 [(x_N - sg(x_N)) / alpha_N + beta_k (eps_k - 
 where sg stops the gradient; no rescaling, as in the reference code. `step` picks k: first (the
 call that consumes x_N; the reference code's choice for latent optimisation), last, random
 (uniform on every call; the paper's choice for weight tuning), or a 0-based index in sampling
-order (0 = first). Memory A, time about NF + V (NF alone for x_N when k != N: no VJP is needed).
+order (0 = first). `last` and `random` choose among the calls whose output enters the chain: on a
+schedule that ends on an identity step (leading spacing, steps_offset = 0) the final call has
+weight 0, and keeping it would give cond and weights a silent zero. Memory A, time about NF + V (NF alone for x_N when k != N: no VJP is needed).
 """
 from __future__ import annotations
 
 import random
+import re
 
 import torch
 
@@ -28,7 +31,7 @@ _NAMED_STEPS = ("first", "last", "random")
 
 
 def _step_choice(value: str) -> str | None:
-    if value in _NAMED_STEPS or (value.isdigit()):
+    if value in _NAMED_STEPS or re.fullmatch(r"[0-9]+", value):  # not isdigit(): it accepts '²'
         return None
     return "must be first, last, random or a 0-based step index"
 
@@ -40,6 +43,11 @@ class SDO(Estimator):
         Option("step", str, "first", "which call keeps its graph (index: 0-based, sampling order)",
                check=_step_choice, metavar="first|last|random|<index>"),
     )
+    variants = ("step=last", "step=random", "step=1")
+
+    @property
+    def random_counts(self) -> bool:
+        return self.step == "random"
 
     def __init__(self, **values):
         if isinstance(values.get("step"), int) and not isinstance(values.get("step"), bool):
@@ -51,15 +59,28 @@ class SDO(Estimator):
             raise SpecError(f"{self.spec}: step index {self.step} is outside the chain; "
                             f"valid: 0..{steps - 1}, first, last, random")
 
-    def kept_grid_index(self, steps: int, rng: random.Random | None) -> int:
-        """Grid index i (N = first call, 1 = last) of the call that keeps its graph."""
+    def kept_grid_index(self, steps: int, rng: random.Random | None,
+                        effective: tuple[int, ...] | None = None) -> int:
+        """Grid index i (N = first call, 1 = last) of the call that keeps its graph; `effective`
+        (Schedule.effective_steps) restricts last and random to calls that matter."""
+        effective = effective or tuple(range(steps, 0, -1))
         if self.step == "first":
             return steps
         if self.step == "last":
-            return 1
+            return effective[-1]
         if self.step == "random":
-            return rng.randint(1, steps)
+            return effective[rng.randrange(len(effective))]
         return steps - int(self.step)
+
+    def skip_reason(self, problem: Problem) -> str | None:
+        schedule = problem.chain.schedule
+        if problem.target in ("cond", "weights") and self.step not in ("last", "random"):
+            k = self.kept_grid_index(schedule.num_steps, None)
+            if schedule.is_identity(k):
+                return (f"the kept call (step={self.step}) is an identity step of this schedule "
+                        "(its output has weight 0), so cond and weights would get a zero gradient; "
+                        "choose another step, e.g. step=last")
+        return None
 
     def cost(self, steps: int, target: str) -> Cost:
         vjp = 1.0
@@ -72,7 +93,7 @@ class SDO(Estimator):
     def estimate(self, problem: Problem, rng: random.Random) -> Estimate:
         chain, schedule, cond = problem.chain, problem.chain.schedule, problem.cond
         steps = schedule.num_steps
-        k = self.kept_grid_index(steps, rng)
+        k = self.kept_grid_index(steps, rng, schedule.effective_steps())
         x_start = problem.x_start
         x = x_start.detach()
         for i in range(steps, 0, -1):

@@ -53,6 +53,7 @@ class ProbabilityFlow(nn.Module):
 class TorchdiffeqAdjoint(Estimator):
     name = "torchdiffeq-adjoint"
     summary = "torchdiffeq.odeint_adjoint, Euler on the sampler's rho grid (AdjointDPM's off-the-shelf route)"
+    convergence_order = 1.0
 
     def skip_reason(self, problem: Problem) -> str | None:
         if problem.chain.schedule.eta > 0:
@@ -62,13 +63,20 @@ class TorchdiffeqAdjoint(Estimator):
     def cost(self, steps: int, target: str) -> Cost:
         return Cost(nfe_forward=2 * steps, nfe_vjp=steps, memory="A + N·S", activations=1, latents=steps)
 
+    def cost_for(self, problem: Problem) -> Cost:
+        intervals = len(distinct_rhos([problem.chain.schedule.rho(i)
+                                       for i in range(problem.num_steps + 1)])) - 1
+        return self.cost(intervals, problem.target)
+
     def estimate(self, problem: Problem, rng: random.Random) -> Estimate:
         from torchdiffeq import odeint_adjoint
 
         schedule = problem.chain.schedule
         flow = ProbabilityFlow(problem.chain, problem.cond)
         steps = schedule.num_steps
-        grid = torch.tensor([flow.rhos[i] for i in range(steps, -1, -1)], dtype=torch.float64)
+        # torchdiffeq needs strictly monotone times: an identity step (two grid points at one rho,
+        # as leading spacing with steps_offset = 0 ends) is no interval of the ODE, so it is dropped.
+        grid = torch.tensor(distinct_rhos(flow.rhos), dtype=torch.float64)
         y_start = problem.x_start / schedule.alpha(steps)
         params = tuple(leaf for leaf in problem.leaves if leaf is not problem.x_start)
         path = odeint_adjoint(flow, y_start, grid.to(y_start.dtype), method="euler", adjoint_params=params)
@@ -77,3 +85,12 @@ class TorchdiffeqAdjoint(Estimator):
         require_graph(loss)
         loss.backward()
         return Estimate(loss=float(loss.detach()), rewards=rewards.detach(), x0=x0.detach())
+
+
+def distinct_rhos(rhos: list[float]) -> list[float]:
+    """The grid's rho values from rho_N down to rho_0, each once (strictly decreasing)."""
+    out: list[float] = []
+    for rho in reversed(rhos):
+        if not out or rho != out[-1]:
+            out.append(rho)
+    return out

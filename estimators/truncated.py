@@ -5,7 +5,9 @@ The first N - K steps run without graph. DRaFT detaches the latent before the la
 x_N gets no gradient unless K = N. AlignProp (`latent_path=true`) detaches only the early
 denoiser outputs and keeps the linear latent path back to x_N. `rand=true` draws K uniformly
 from [k_min, k_max] on every call (AlignProp's `truncated_backprop_rand`).
-Memory K*A, time about NF + K(F + V)."""
+"The last K calls" counts the calls whose output enters the chain: a schedule that ends on an
+identity step (leading spacing with steps_offset = 0; trailing at N = T) gives that call's output
+weight 0, and keeping it would be a silent zero gradient. Memory K*A, time about NF + K(F + V)."""
 from __future__ import annotations
 
 import random
@@ -27,6 +29,11 @@ class Truncated(Estimator):
         Option("k_min", int, 1, "smallest K when rand=true", check=at_least(1)),
         Option("k_max", int, 0, "largest K when rand=true (0: the step count N)", check=at_least(0)),
     )
+    variants = ("k=2", "k=2,latent_path=true", "k=4", "rand=true,k_min=1,k_max=3")
+
+    @property
+    def random_counts(self) -> bool:
+        return self.rand
 
     def __init__(self, **values):
         super().__init__(**values)
@@ -47,7 +54,8 @@ class Truncated(Estimator):
 
     def skip_reason(self, problem: Problem) -> str | None:
         low, _ = self._k_range(problem.num_steps)
-        if problem.target in ("latent", "noise") and not self.latent_path and low < problem.num_steps:
+        effective = len(problem.chain.schedule.effective_steps())
+        if problem.target in ("latent", "noise") and not self.latent_path and low < effective:
             return ("DRaFT detaches the latent before the last K steps, so x_N gets no gradient "
                     "unless K = N; use latent_path=true (AlignProp) or k=N")
         return None
@@ -57,8 +65,16 @@ class Truncated(Estimator):
         k = self.k if not self.rand else (low + high) / 2  # expected K when random
         return Cost(nfe_forward=steps, nfe_vjp=k, memory="K·A", activations=k)
 
+    def cost_for(self, problem: Problem) -> Cost:
+        cost = self.cost(problem.num_steps, problem.target)
+        effective = len(problem.chain.schedule.effective_steps())
+        if cost.nfe_vjp <= effective:
+            return cost
+        return Cost(nfe_forward=cost.nfe_forward, nfe_vjp=effective, memory=cost.memory, activations=effective)
+
     def estimate(self, problem: Problem, rng: random.Random) -> Estimate:
         low, high = self._k_range(problem.num_steps)
         k = rng.randint(low, high)
-        x0 = run_masked_chain(problem, keep_graph=lambda i: i <= k, keep_latent_path=self.latent_path)
+        kept = set(problem.chain.schedule.effective_steps()[-k:])  # the last K that matter
+        x0 = run_masked_chain(problem, keep_graph=kept.__contains__, keep_latent_path=self.latent_path)
         return backprop(problem, x0)

@@ -30,6 +30,7 @@ class ZerothOrder(Estimator):
         Option("n", int, 8, "antithetic direction pairs per gradient", check=at_least(1)),
         Option("mu", float, 0.01, "smoothing radius (perturbation size)", check=_positive),
     )
+    variants = ("n=1", "n=3,mu=0.1")
 
     def cost(self, steps: int, target: str) -> Cost:
         return Cost(nfe_forward=(2 * self.n + 1) * steps, nfe_vjp=0, memory="sampling only")

@@ -14,12 +14,8 @@ from __future__ import annotations
 
 import random
 
-from bench.errors import SpecError
-from bench.options import Option, at_least
-from bench.problem import Problem
-from bench.registry import register_estimator
-from estimators.base import Cost, Estimate, Estimator, backprop
-from estimators.masked_chain import run_masked_chain
+from bench.api import (Cost, Estimate, Estimator, Option, Problem, SpecError, at_least, backprop,
+                       register_estimator, run_masked_chain)
 
 
 @register_estimator
@@ -52,6 +48,8 @@ class CheckpointedDraft(Estimator):
 
     def estimate(self, problem: Problem, rng: random.Random) -> Estimate:
         # Fill .grad of problem.leaves and return the reward; use `rng` for any random choice.
-        x0 = run_masked_chain(problem, keep_graph=lambda i: i <= self.k, keep_latent_path=False,
+        # The last K calls that matter: a schedule may end on an identity step (weight 0).
+        kept = set(problem.chain.schedule.effective_steps()[-self.k:])
+        x0 = run_masked_chain(problem, keep_graph=kept.__contains__, keep_latent_path=False,
                               checkpoint=True)
         return backprop(problem, x0)

@@ -20,6 +20,21 @@ class Task(Configurable):
     dtype: ClassVar[torch.dtype] = torch.float32  # precision of the estimators' runs
     learning_rates: ClassVar[dict[str, float]] = {"latent": 0.05, "cond": 0.05, "weights": 1e-3, "noise": 0.05}
     eta: float = 0.0  # tasks with an eta option override it
+    train_timesteps: ClassVar[int | None] = None  # the model's training steps T (a bound on N), if known
+
+    def preflight(self) -> None:
+        """Cheap checks of the options before anything runs (a missing folder, say): SpecError."""
+
+    def check_steps(self, steps: int) -> None:
+        """SpecError if the sampler cannot take `steps` steps (more than the model's training steps)."""
+        if self.train_timesteps is not None and steps > self.train_timesteps:
+            raise SpecError(f"step count {steps} exceeds the {self.train_timesteps} training timesteps "
+                            f"of task {self.spec}; valid: 1..{self.train_timesteps}")
+
+    def data_fingerprint(self) -> str:
+        """A digest of the data files (trained weights) the task loads, part of every cell's key,
+        so that retrained weights never reuse old rows. Empty for tasks without files."""
+        return ""
 
     def check_target(self, target: str) -> None:
         """SpecError unless this task can build problems for `target`."""

@@ -61,6 +61,7 @@ class Toy(Task):
     summary = "Gaussian mixture with the exact closed-form denoiser (float64, no training)"
     version = "1"
     dtype = torch.float64
+    train_timesteps = SCHEDULER_CONFIG["num_train_timesteps"]
     learning_rates = {"latent": 0.05, "cond": 0.05, "weights": 0.02, "noise": 0.05}
     options = (
         Option("d", int, 2, "dimension", check=at_least(1)),
@@ -70,6 +71,12 @@ class Toy(Task):
                check=at_least(1e-3)),
         Option("batch", int, 16, "samples per problem", check=at_least(1)),
         Option("eta", float, 0.0, "DDIM eta (0: deterministic ODE sampler)", check=at_least(0.0)),
+        Option("spacing", str, "trailing", "the scheduler's timestep_spacing (leading with offset=0 "
+               "ends on an identity step, as DDIMScheduler's defaults do)",
+               choices=("trailing", "leading", "linspace")),
+        Option("offset", int, 0, "the scheduler's steps_offset", check=at_least(0)),
+        Option("alpha_to_one", bool, False, "the scheduler's set_alpha_to_one (true: the last step "
+               "lands on abar = 1 and injects no noise)"),
         Option("reward", str, "region", "region: log soft-probability of a ball between two modes; "
                "distance: -|x-c|^2; inside: 1 in the ball, else 0 (not differentiable; all in the "
                "ring's plane)", choices=("region", "distance", "inside")),
@@ -77,7 +84,8 @@ class Toy(Task):
 
     def setup(self, device: torch.device) -> None:
         super().setup(device)
-        self.scheduler = DDIMScheduler(**SCHEDULER_CONFIG)
+        self.scheduler = DDIMScheduler(**{**SCHEDULER_CONFIG, "timestep_spacing": self.spacing,
+                                          "steps_offset": self.offset, "set_alpha_to_one": self.alpha_to_one})
         angles = torch.arange(self.modes, dtype=torch.float64) * 2 * math.pi / self.modes
         means = torch.zeros(self.modes, self.d, dtype=torch.float64)
         if self.d == 1:

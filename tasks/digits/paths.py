@@ -3,6 +3,7 @@
 trained on first use."""
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -26,3 +27,12 @@ def locate() -> Path | None:
         if complete(folder):
             return folder
     return None
+
+
+def fingerprint(folder: Path) -> str:
+    """sha256 over the model files (what a cell's key records, so retrained weights rerun cells)."""
+    digest = hashlib.sha256()
+    for name in FILES:
+        digest.update(name.encode())
+        digest.update((folder / name).read_bytes())
+    return digest.hexdigest()[:16]

@@ -60,6 +60,20 @@ class Digits(Task):
         Option("models", str, "", "folder of trained models (default: shipped, else cache, else train)"),
     )
 
+    train_timesteps = SCHEDULER_CONFIG["num_train_timesteps"]
+
+    def _folder(self) -> paths.Path | None:
+        return paths.locate() if not self.models else paths.Path(self.models).expanduser()
+
+    def preflight(self) -> None:
+        if self.models and not paths.complete(self._folder()):
+            raise SpecError(f"digits[models={self.models}]: not a folder of digits models (needs "
+                            f"{', '.join(paths.FILES)}); omit models= for the shipped ones")
+
+    def data_fingerprint(self) -> str:
+        folder = self._folder()
+        return paths.fingerprint(folder) if folder is not None and paths.complete(folder) else "untrained"
+
     @property
     def learning_rates(self) -> dict[str, float]:
         return {"latent": 0.05, "cond": 0.05, "noise": 0.05, "weights": 3e-3 if self.tune == "lora" else 1e-4}
@@ -67,7 +81,7 @@ class Digits(Task):
     def setup(self, device: torch.device) -> None:
         super().setup(device)
         diffusers_logging.set_verbosity_error()  # casting a copy to float64 is deliberate here
-        folder = paths.locate() if not self.models else paths.Path(self.models).expanduser()
+        folder = self._folder()
         if folder is None:
             folder = self._train_and_cache()
         if not paths.complete(folder):
