@@ -26,7 +26,7 @@ SMALL = ["--tasks", TOY, "--steps", "4,6", "--iters", "2", "--rounds", "2", "--w
     (["run", "--tasks", "tyo"], "did you mean 'toy'?"),
     (["run", "--device", "tpu"], "unknown device 'tpu'"),
     (["run", "--include", "nowhere.py"], "no such Python file"),
-    (["frobnicate"], "invalid choice"),
+    (["frobnicate"], "unknown command 'frobnicate'; valid: list, run"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, argv, message):
     code = main(argv + ["--out", str(tmp_path / "r")] if argv[0] == "run" else argv)

@@ -4,14 +4,23 @@ import textwrap
 import pytest
 
 from bench.cli import main
-from bench.conformance import check_estimator
+from bench.conformance import check_estimator, variant_specs
 from bench.registry import ESTIMATORS, include
 
+SPECS = [spec for name in ESTIMATORS.names() for spec in variant_specs(name)]
 
-@pytest.mark.parametrize("name", ESTIMATORS.names())
-def test_every_registered_estimator_conforms(name):
-    failures = [f"{c.name}: {c.detail}" for c in check_estimator(name) if c.status == "fail"]
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_every_registered_estimator_and_declared_variant_conforms(spec):
+    failures = [f"{c.name}: {c.detail}" for c in check_estimator(spec) if c.status == "fail"]
     assert not failures, failures
+
+
+def test_variants_are_checked_and_include_what_users_run():
+    assert "score-function[clip=0.2,reuse=2]" in SPECS and "adjoint[steps=7,recover=cache]" in SPECS
+    assert len(SPECS) > 2 * len(ESTIMATORS.names())
+    checks = {c.name: c for c in check_estimator("adjoint")}
+    assert checks["declared convergence order"].status == "pass"
 
 
 BROKEN = textwrap.dedent('''
@@ -28,6 +37,13 @@ BROKEN = textwrap.dedent('''
         name = "broken-claims-exact"
         summary = "wrong"
         exact = True
+
+    @register_estimator
+    class ClaimsOrder(SDO):
+        """sdo's biased gradient, declared to converge at first order."""
+        name = "broken-claims-order"
+        summary = "wrong"
+        convergence_order = 1.0
 
     @register_estimator
     class WrongCounts(SDO):
@@ -88,6 +104,7 @@ def broken(tmp_path_factory):
 @pytest.mark.parametrize("name,failing_check", [
     ("broken-claims-exact", "agreement with the exact gradient (required)"),
     ("broken-counts", "counts match the cost model"),
+    ("broken-claims-order", "declared convergence order"),
     ("broken-keeps-graphs", "nothing left behind"),
     ("broken-unseeded", "same seed, same gradient"),
     ("broken-silent-zero", "gradients on the target's leaves only"),
