@@ -77,12 +77,14 @@ def panel_figure(means: pd.DataFrame, curves: pd.DataFrame, title: str):
     return fig
 
 
-_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]<>|$~])")
+_MD_SPECIAL = re.compile(r"([\\`*{}<>|$~]|\](?=[(\[:])|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9]))")
 
 
 def md_escape(text: str) -> str:
     """Plain text for Markdown: every character Markdown (or a renderer's math) could read as
-    markup is backslash-escaped, so row strings (specs, reasons, errors) show as written."""
+    markup is backslash-escaped, so row strings (specs, reasons, errors) show as written. A
+    bracket only where it could close a link ('](', '][', ']:') and an underscore only at a word's
+    edge, so that specs such as truncated[k=2] and names such as rss_peak stay readable."""
     return _MD_SPECIAL.sub(r"\\\1", str(text))
 
 

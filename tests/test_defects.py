@@ -134,7 +134,7 @@ def test_a_second_sweep_on_a_folder_in_use_is_refused(tmp_path, capsys):
     assert main(["run", *FAST, "--estimators", "full", "--targets", "cond", "--out", str(tmp_path)]) == 0
 
 
-def test_a_concurrent_sweep_in_another_process_is_refused(tmp_path):
+def test_a_concurrent_sweep_in_another_process_is_refused(tmp_path, capsys):
     """A real second process while the first holds the folder (a slow plug-in keeps it busy)."""
     plugin = _plugin(tmp_path, "sleepy", '''
         import time
@@ -144,7 +144,7 @@ def test_a_concurrent_sweep_in_another_process_is_refused(tmp_path):
         class Sleepy(Full):
             name = "test-sleepy"
             def estimate(self, problem, rng):
-                time.sleep(3)  # three calls: the folder stays in use for 9 s or more
+                time.sleep(1)  # three calls: the folder stays in use for 3 s or more
                 return super().estimate(problem, rng)
     ''')
     out = tmp_path / "run"
@@ -154,10 +154,11 @@ def test_a_concurrent_sweep_in_another_process_is_refused(tmp_path):
     deadline = time.monotonic() + 120
     while not ((out / store.LOCK).exists() and (out / store.LOCK).read_text()) and time.monotonic() < deadline:
         time.sleep(0.05)
-    second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    # this process, while the other one holds the folder
+    second = main(["run", *FAST, "--estimators", "full", "--targets", "cond", "--out", str(out)])
     first.communicate(timeout=120)
     assert first.returncode == 0
-    assert second.returncode == 2 and "another sweep is writing to" in second.stderr
+    assert second == 2 and "another sweep is writing to" in capsys.readouterr().err
     assert len(store.read_rows(out)) == 1
 
 
@@ -345,6 +346,7 @@ def test_one_public_module_and_list_names_the_included_file(tmp_path, capsys, mo
         assert name in bench.api.__all__ and hasattr(bench.api, name)
     example = ROOT / "examples" / "checkpointed_draft.py"
     assert "from bench.api import" in example.read_text()
-    monkeypatch.setenv("COLUMNS", "300")
-    assert main(["list", "draft-ckpt", "--include", str(example)]) == 0
-    assert f"{example}:CheckpointedDraft" in capsys.readouterr().out
+    result = subprocess.run([sys.executable, "-m", "bench", "list", "draft-ckpt", "--include", str(example)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "300"})
+    assert result.returncode == 0, result.stderr
+    assert f"{example}:CheckpointedDraft" in result.stdout

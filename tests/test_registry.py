@@ -152,4 +152,4 @@ def test_an_installed_plugin_package_registers_through_its_entry_point(tmp_path)
     listing = subprocess.run([sys.executable, "-m", "bench", "list", "last-step-plugin"], cwd=root, env=env,
                              capture_output=True, text=True, timeout=120)
     assert listing.returncode == 0, listing.stderr
-    assert "estimator last-step-plugin" in listing.stdout and "(my_grad_plugin)" in listing.stdout
+    assert "estimator last-step-plugin" in listing.stdout and "(my_grad_plugin:LastStep)" in listing.stdout
