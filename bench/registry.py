@@ -120,7 +120,8 @@ ESTIMATORS = Registry(
 )
 
 TASKS = Registry("task", "tasks.base:Task", TASK_GROUP,
-                 builtins={"toy": "tasks.toy:Toy", "digits": "tasks.digits.task:Digits"})
+                 builtins={"toy": "tasks.toy:Toy", "digits": "tasks.digits.task:Digits",
+                           "sd": "tasks.sd.task:StableDiffusion"})
 
 
 def register_estimator(cls: type | None = None, *, name: str | None = None,

@@ -266,16 +266,27 @@ class CellRunner:
             task.setup(self.device)
             self.ready_tasks.add(id(task))
 
-    def reference(self, cell: Cell) -> torch.Tensor:
-        """The exact gradient of the cell's discrete chain at its point in float64: full backprop,
-        or the estimator's own reference where it samples another chain (edict)."""
-        spec = cell.estimator.reference_spec()
+    def reference(self, cell: Cell) -> tuple[torch.Tensor | None, str, str]:
+        """(exact gradient, estimator, dtype) of the cell's discrete chain at its point: full
+        backprop in float64, or the estimator's own reference where it samples another chain
+        (edict); a task too large for that names another precision and checkpointed backprop, or
+        none (agreement is then not measured)."""
+        spec, dtype = cell.estimator.reference_spec(), cell.task.reference_dtype
+        if dtype is None:
+            return None, "off", "none"
+        if spec == "full" and cell.task.reference_checkpointed:
+            spec = "checkpoint"
         key = (cell.task.spec, cell.target, cell.steps, cell.seed, spec)
         if key not in self.references:
-            problem = cell.task.make_problem(cell.target, cell.steps, cell.seed, dtype=torch.float64)
-            ESTIMATORS.create(spec)(problem, random.Random(cell.seed))
-            self.references[key] = problem.flat_grad().detach().double()
-        return self.references[key]
+            problem = cell.task.make_problem(cell.target, cell.steps, cell.seed, dtype=dtype)
+            try:
+                ESTIMATORS.create(spec)(problem, random.Random(cell.seed))
+                self.references[key] = problem.flat_grad().detach().double()
+            except SkipCell:  # a non-differentiable reward: no backprop reference exists
+                self.references[key] = None
+        if self.references[key] is None:
+            return None, "none (the reward is not differentiable)", "none"
+        return self.references[key], spec, str(dtype).replace("torch.", "")
 
     def run(self, cell: Cell) -> dict[str, Any]:
         row: dict[str, Any] = {"key": cell.key, **cell.identity, "options": cell.estimator.values,
@@ -313,7 +324,7 @@ class CellRunner:
         if reason:
             raise SkipCell(reason)
         cost = estimator.cost_for(problem)
-        row.update(sampler=estimator.sampler, reference=estimator.reference_spec())
+        row.update(sampler=estimator.sampler)
         row.update(nfe_forward_pred=cost.nfe_forward, nfe_vjp_pred=cost.nfe_vjp, mem_class=cost.memory,
                    mem_pred_activations=cost.activations, mem_pred_latents=cost.latents)
         rng = random.Random(cell.seed)
@@ -325,11 +336,14 @@ class CellRunner:
         grad = problem.flat_grad().detach().double()
         if not _finite(grad):
             raise Diverged("non-finite gradient")
-        exact = self.reference(cell)
-        norm = float(grad.norm() * exact.norm())
-        row["grad_cos"] = float(grad @ exact) / norm if norm > 0 else float("nan")
-        row["grad_rel_err"] = float((grad - exact).norm() / exact.norm()) if float(exact.norm()) > 0 else float("nan")
-        row["grad_norm"], row["exact_grad_norm"] = float(grad.norm()), float(exact.norm())
+        exact, reference, reference_dtype = self.reference(cell)
+        row.update(reference=reference, reference_dtype=reference_dtype)
+        row["grad_norm"] = float(grad.norm())
+        if exact is not None:
+            norm = float(grad.norm() * exact.norm())
+            row["grad_cos"] = float(grad @ exact) / norm if norm > 0 else float("nan")
+            row["grad_rel_err"] = float((grad - exact).norm() / exact.norm()) if float(exact.norm()) > 0 else float("nan")
+            row["exact_grad_norm"] = float(exact.norm())
 
         # 2. Time per gradient. The memory worker is idle (run() waited until it was ready, and it
         #    works only when asked): the cores are the timing's alone.

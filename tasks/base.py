@@ -21,6 +21,10 @@ class Task(Configurable):
     learning_rates: ClassVar[dict[str, float]] = {"latent": 0.05, "cond": 0.05, "weights": 1e-3, "noise": 0.05}
     eta: float = 0.0  # tasks with an eta option override it
     train_timesteps: ClassVar[int | None] = None  # the model's training steps T (a bound on N), if known
+    # The exact reference gradient: backprop in this precision (None: no agreement measured), and
+    # whether it is checkpointed (where a full graph does not fit: SD-class models).
+    reference_dtype: ClassVar[torch.dtype | None] = torch.float64
+    reference_checkpointed: ClassVar[bool] = False
 
     def preflight(self) -> None:
         """Cheap checks of the options before anything runs (a missing folder, say): SpecError."""

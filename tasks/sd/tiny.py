@@ -56,6 +56,9 @@ def build(folder: Path, seed: int = 0) -> Path:
     model_index.json) and return it."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
 
     folder = Path(folder)
     vocab = write_tokenizer(folder / "_tokenizer_files")
@@ -74,4 +77,29 @@ def build(folder: Path, seed: int = 0) -> Path:
     for leftover in (folder / "_tokenizer_files").iterdir():
         leftover.unlink()
     (folder / "_tokenizer_files").rmdir()
+    return folder
+
+
+def build_clip(folder: Path, seed: int = 0) -> Path:
+    """A tiny random CLIPModel folder (with its tokenizer) for the CLIP reward's loading path."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    folder = Path(folder)
+    files = folder / "_tokenizer_files"
+    vocab = write_tokenizer(files)
+    tokenizer = CLIPTokenizer(str(files / "vocab.json"), str(files / "merges.txt"), model_max_length=77)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), bos_token_id=vocab[START], eos_token_id=vocab[END],
+                         pad_token_id=vocab[END], **TEXT),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    for leftover in files.iterdir():
+        leftover.unlink()
+    files.rmdir()
     return folder

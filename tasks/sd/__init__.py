@@ -1,0 +1,1 @@
+"""sd: Stable Diffusion-class latent diffusion pipelines loaded from disk through diffusers."""

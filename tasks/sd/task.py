@@ -1,0 +1,287 @@
+"""sd: Stable Diffusion-class latent diffusion (text encoder, cross-attention U-Net in a 4-channel
+latent space, VAE decoder) loaded from disk through diffusers, with classifier-free guidance and a
+reward of the decoded image.
+
+`model` is a pipeline folder as `save_pretrained` writes it (unet/, vae/, text_encoder/,
+tokenizer/, scheduler/), a model id already in the local Hugging Face cache, or `tiny` (a random
+1.4 M-parameter pipeline built offline: its costs scale like the real thing, its rewards mean
+nothing). Everything is loaded with local_files_only=True. The sampler is DDIM on the scheduler
+configuration the pipeline ships (steps_offset, timestep spacing and set_alpha_to_one taken from
+it), tested equal to StableDiffusionPipeline's own latents. The VAE decode sits inside the reward
+path, so its time and memory count, as in DRaFT and AlignProp.
+
+Targets: latent (x_T), cond (the prompts' text-encoder output embeddings), weights (U-Net LoRA on
+the attention projections, as diffusers' LoRA training scripts; or all U-Net weights with
+tune=full), noise (eta > 0). Frozen networks run in `dtype`; the optimised leaves stay float32.
+
+The exact reference: float64 backprop where that fits (`reference=auto` picks it for tiny); at SD
+size checkpointed backprop in the task's precision (`reference=task`), or none (`reference=off`:
+agreement is not measured, rows say so)."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from bench.chain import Chain, Schedule
+from bench.errors import SpecError
+from bench.options import Option, at_least
+from bench.problem import Problem
+from tasks.base import Task
+from tasks.sd import rewards, tiny
+
+PROMPTS = ("a photograph of an astronaut riding a horse", "a watercolour painting of a lighthouse at dusk",
+           "a close-up photo of a red fox in the snow", "an oil painting of a bowl of lemons")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def cache_root() -> Path:
+    root = os.environ.get("DIFFGRAD_BENCH_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "diffgrad-bench")
+    return Path(root)
+
+
+def resolve_model(model: str, what: str = "model") -> Path:
+    """A local pipeline folder for `model`: a path, a cached hub id, or tiny (built on first use)."""
+    if model == "tiny":
+        folder = cache_root() / "sd-tiny"
+        if not (folder / "model_index.json").exists():
+            tiny.build(folder)
+        return folder
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise SpecError(f"sd[{what}={model}]: not a folder")
+        return path
+    if "/" in model and not model.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(model, local_files_only=True))
+        except Exception:
+            pass
+    raise SpecError(f"sd[{what}={model}]: no such folder, and not a model id in the local Hugging Face "
+                    "cache (nothing is downloaded); give a pipeline folder or tiny")
+
+
+def _fingerprint(folder: Path) -> str:
+    """Path, size and the first and last MiB of every file: cheap for a 4 GB checkpoint, and a
+    retrained or replaced model changes it."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(folder)}:{size}".encode())
+        with open(file, "rb") as handle:
+            digest.update(handle.read(2 ** 20))
+            if size > 2 ** 21:
+                handle.seek(-(2 ** 20), os.SEEK_END)
+                digest.update(handle.read())
+    return digest.hexdigest()[:16]
+
+
+def _guidance(value: float) -> str | None:
+    return None if value >= 1.0 else "must be >= 1 (1: no classifier-free guidance)"
+
+
+class GuidedUNet(nn.Module):
+    """eps(x, t, c) = eps_null + w (eps_c - eps_null), both halves in one U-Net call (the pipeline's
+    order: unconditional first). The U-Net runs in its own dtype; x and c may be float32 leaves."""
+
+    def __init__(self, unet: nn.Module, null: Tensor, guidance: float) -> None:
+        super().__init__()
+        self.unet, self.guidance = unet, guidance
+        self.register_buffer("null", null.detach().clone())
+
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        dtype = self.unet.dtype
+        cond = cond.to(dtype).expand(x.shape[0], *cond.shape[-2:]) if cond.shape[0] == 1 else cond.to(dtype)
+        if self.guidance == 1.0:
+            return self.unet(x.to(dtype), t, encoder_hidden_states=cond).sample.to(x.dtype)
+        null = self.null.to(dtype).expand_as(cond)
+        both = self.unet(torch.cat([x, x]).to(dtype), torch.cat([t, t]),
+                         encoder_hidden_states=torch.cat([null, cond])).sample.to(x.dtype)
+        eps_null, eps_cond = both.chunk(2)
+        return eps_null + self.guidance * (eps_cond - eps_null)
+
+
+class StableDiffusion(Task):
+    name = "sd"
+    summary = "Stable Diffusion-class latent diffusion from a local diffusers folder (tiny: random, offline)"
+    version = "1"
+    learning_rates = {"latent": 0.05, "cond": 0.01, "noise": 0.05, "weights": 1e-3}
+    options = (
+        Option("model", str, "tiny", "pipeline folder, cached model id, or tiny (random, built offline)"),
+        Option("prompts", str, "", "file with one prompt per line (default: four built-in prompts)"),
+        Option("guidance", float, 7.5, "classifier-free guidance scale (1: none)", check=_guidance),
+        Option("resolution", int, 0, "image size in pixels (0: the U-Net's sample size x 8)", check=at_least(0)),
+        Option("batch", int, 2, "samples per problem (prompts cycle over them)", check=at_least(1)),
+        Option("dtype", str, "fp32", "precision of the frozen networks (leaves stay fp32)", choices=tuple(DTYPES)),
+        Option("eta", float, 0.0, "DDIM eta (0: deterministic)", check=at_least(0.0)),
+        Option("tune", str, "lora", "weights target: LoRA on the U-Net's attention, or all U-Net weights",
+               choices=("lora", "full")),
+        Option("lora_rank", int, 4, "LoRA rank", check=at_least(1)),
+        Option("reward", str, "clip", "clip, jpeg, jpeg-incompressibility, or module:function / file.py:function",
+               check=rewards.check_name),
+        Option("reward_text", str, "a beautiful photograph", "the text the clip reward compares with"),
+        Option("clip_model", str, "tiny", "CLIPModel folder for the clip reward (tiny: random, offline)"),
+        Option("reference", str, "auto", "exact gradient: float64 backprop, checkpointed backprop in the task's "
+               "dtype (task), or off; auto: float64 for tiny, else task", choices=("auto", "float64", "task", "off")),
+    )
+
+    @property
+    def reference_dtype(self) -> torch.dtype | None:
+        choice = self.reference if self.reference != "auto" else ("float64" if self.model == "tiny" else "task")
+        return {"float64": torch.float64, "task": torch.float32, "off": None}[choice]
+
+    @property
+    def reference_checkpointed(self) -> bool:
+        return self.reference_dtype is not torch.float64
+
+    def preflight(self) -> None:
+        self.folder = resolve_model(self.model)
+        missing = [name for name in COMPONENTS if not (self.folder / name).is_dir()]
+        if missing:
+            raise SpecError(f"sd[model={self.model}]: {self.folder} is not a diffusers pipeline folder "
+                            f"(no {', '.join(n + '/' for n in missing)}); valid: a folder save_pretrained wrote")
+        self.prompt_list = self._read_prompts()
+        import json
+
+        config = json.loads((self.folder / "scheduler" / "scheduler_config.json").read_text())
+        self.train_timesteps = int(config.get("num_train_timesteps", 1000))
+        if self.reward == "clip":
+            self.clip_folder = resolve_model(self.clip_model, "clip_model") if self.clip_model != "tiny" else None
+            if self.clip_folder is not None and not (self.clip_folder / "config.json").exists():
+                raise SpecError(f"sd[clip_model={self.clip_model}]: no CLIPModel there (config.json missing)")
+        elif ":" in self.reward:
+            rewards.user_reward(self.reward)
+
+    def _read_prompts(self) -> list[str]:
+        if not self.prompts:
+            return list(PROMPTS)
+        path = Path(self.prompts).expanduser()
+        if not path.is_file():
+            raise SpecError(f"sd[prompts={self.prompts}]: no such file (one prompt per line)")
+        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+        if not lines:
+            raise SpecError(f"sd[prompts={self.prompts}]: the file holds no prompt (one per line)")
+        return lines
+
+    def data_fingerprint(self) -> str:
+        self.preflight()
+        return _fingerprint(self.folder)
+
+    def setup(self, device: torch.device) -> None:
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        super().setup(device)
+        diffusers_logging.set_verbosity_error()
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
+        self.preflight()
+        dtype, folder = DTYPES[self.dtype_name], self.folder
+        load = dict(local_files_only=True)
+        self.unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **load).to(device, dtype)
+        self.unet.eval().requires_grad_(False)
+        self.vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **load).to(device, dtype)
+        self.vae.eval().requires_grad_(False)
+        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **load)
+        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **load).to(device)
+        self.scheduler = DDIMScheduler.from_config(DDIMScheduler.load_config(folder, subfolder="scheduler", **load))
+        self.prompt_embeds = self.encode(tokenizer, text_encoder, self.prompt_list)
+        self.null_embeds = self.encode(tokenizer, text_encoder, [""])
+        scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        size = self.resolution or self.unet.config.sample_size * scale
+        if size % scale:
+            raise SpecError(f"sd[resolution={size}]: must be a multiple of {scale} (the VAE's downsampling)")
+        self.latent_shape = (self.unet.config.in_channels, size // scale, size // scale)
+        self._reward = self._make_reward(device)
+        self._copies: dict[torch.dtype, tuple[nn.Module, object]] = {}
+
+    @property
+    def dtype_name(self) -> str:
+        return self.values["dtype"]
+
+    @torch.no_grad()
+    def encode(self, tokenizer, text_encoder, prompts: list[str]) -> Tensor:
+        """The pipeline's prompt embedding: padded to the tokenizer's max length, last hidden state."""
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(self.device)
+        return text_encoder(ids)[0].float()
+
+    def _make_reward(self, device: torch.device):
+        if self.reward == "clip":
+            folder = self.clip_folder or cache_root() / "clip-tiny"
+            if self.clip_folder is None and not (folder / "config.json").exists():
+                tiny.build_clip(folder)
+            return rewards.ClipSimilarity(folder, self.reward_text, device, DTYPES[self.dtype_name])
+        if self.reward == "jpeg":
+            return lambda images: -rewards.jpeg_kilobytes(images)
+        if self.reward == "jpeg-incompressibility":
+            return rewards.jpeg_kilobytes
+        return rewards.user_reward(self.reward)
+
+    def _networks(self, dtype: torch.dtype):
+        """The VAE and reward in `dtype` for float64 references (cached), else the loaded ones."""
+        if dtype in (torch.float32, DTYPES[self.dtype_name]):
+            return self.vae, self._reward
+        if dtype not in self._copies:
+            vae = copy.deepcopy(self.vae).to(dtype)
+            reward = self._reward
+            if isinstance(reward, rewards.ClipSimilarity):
+                reward = copy.copy(reward)
+                reward.model, reward.dtype = copy.deepcopy(reward.model).to(dtype), dtype
+            self._copies[dtype] = (vae, reward)
+        return self._copies[dtype]
+
+    def decode(self, latents: Tensor, vae: nn.Module) -> Tensor:
+        """Images in [0, 1] from latents (the pipeline's decode and postprocessing)."""
+        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+        return (images.to(latents.dtype) / 2 + 0.5).clamp(0, 1)
+
+    def make_problem(self, target: str, steps: int, seed: int, dtype: torch.dtype | None = None) -> Problem:
+        self.check_target(target)
+        dtype = dtype or torch.float32  # the leaves' precision (the `dtype` option is the networks')
+        unet = copy.deepcopy(self.unet)
+        if dtype == torch.float64:
+            unet = unet.to(dtype)
+        if target == "weights":
+            if self.tune == "lora":
+                from peft import LoraConfig
+
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    unet.add_adapter(LoraConfig(r=self.lora_rank, lora_alpha=self.lora_rank,
+                                                init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+                for param in unet.parameters():
+                    if param.requires_grad:
+                        param.data = param.data.to(dtype if dtype == torch.float64 else torch.float32)
+            else:
+                unet.requires_grad_(True)
+        denoiser = GuidedUNet(unet, self.null_embeds.to(dtype), self.guidance)
+        generator = torch.Generator().manual_seed(seed)
+        x_start = torch.randn(self.batch, *self.latent_shape, generator=generator).to(self.device, dtype)
+        noises = None
+        if self.eta > 0:
+            noises = [torch.randn(self.batch, *self.latent_shape, generator=generator).to(self.device, dtype)
+                      for _ in range(steps)]
+        order = [b % len(self.prompt_list) for b in range(self.batch)]
+        cond = self.prompt_embeds[order].clone().to(self.device, dtype)
+        leaves = self.leaves_for(target, x_start, cond, noises, denoiser)
+        schedule = Schedule.from_scheduler(self.scheduler, steps, eta=self.eta)
+        vae, reward = self._networks(dtype)
+
+        def reward_of(x0: Tensor) -> Tensor:
+            return reward(self.decode(x0, vae))
+
+        return Problem(chain=Chain(denoiser, schedule), x_start=x_start, cond=cond, noises=noises,
+                       reward_fn=reward_of, target=target, leaves=leaves)

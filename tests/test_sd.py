@@ -1,0 +1,127 @@
+"""The sd task on a tiny random pipeline built offline: diffusers' own sampler, gradients through
+the VAE decoder, rewards against finite differences, loading by path, and refused input."""
+import random
+import shutil
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+from bench.cli import main
+from bench.registry import ESTIMATORS, TASKS
+from bench.runner import SweepSpec, run_sweep
+from tasks.sd import rewards, tiny
+from tasks.sd.task import resolve_model
+
+from conftest import cosine, rel_err
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache(tmp_path_factory):
+    import os
+
+    folder = tmp_path_factory.mktemp("sd-cache")
+    old = os.environ.get("DIFFGRAD_BENCH_CACHE")
+    os.environ["DIFFGRAD_BENCH_CACHE"] = str(folder)
+    yield folder
+    if old is None:
+        del os.environ["DIFFGRAD_BENCH_CACHE"]
+    else:
+        os.environ["DIFFGRAD_BENCH_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def sd(cache):
+    task = TASKS.create("sd[batch=2]")
+    task.setup(torch.device("cpu"))
+    return task
+
+
+def test_the_chain_is_the_pipelines_own_sampler(sd):
+    """Same prompts, latents, guidance and DDIM grid (SD 1.x's leading spacing, steps_offset = 1):
+    the task's chain and StableDiffusionPipeline give the same final latents."""
+    folder = resolve_model("tiny")
+    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    assert pipe.scheduler.config.steps_offset == 1 and pipe.scheduler.config.timestep_spacing == "leading"
+    pipe.set_progress_bar_config(disable=True)
+    problem = sd.make_problem("latent", 6, 0)
+    ours = problem.chain.sample(problem.x_start, problem.cond)
+    theirs = pipe(prompt=sd.prompt_list[:2], num_inference_steps=6, guidance_scale=sd.guidance, eta=0.0,
+                  latents=problem.x_start.clone(), output_type="latent").images
+    assert rel_err(ours.flatten(), theirs.flatten()) < 1e-5
+
+
+@pytest.mark.parametrize("target", ["latent", "cond", "weights"])
+def test_checkpoint_agrees_with_full_through_the_vae(sd, target):
+    grads = {}
+    for spec in ("full", "checkpoint"):
+        problem = sd.make_problem(target, 3, 0)
+        ESTIMATORS.create(spec)(problem, random.Random(0))
+        grads[spec] = problem.flat_grad().clone()
+    assert float(grads["full"].norm()) > 0
+    assert cosine(grads["full"], grads["checkpoint"]) > 0.9999
+
+
+def test_a_saved_folder_loaded_by_path_gives_the_built_in_gradients(sd, tmp_path):
+    copy = tmp_path / "my-sd"
+    shutil.copytree(resolve_model("tiny"), copy)
+    by_path = TASKS.create(f"sd[batch=2,model={copy}]")
+    by_path.setup(torch.device("cpu"))
+    grads = []
+    for task in (sd, by_path):
+        problem = task.make_problem("cond", 3, 0)
+        ESTIMATORS.create("full")(problem, random.Random(0))
+        grads.append(problem.flat_grad().clone())
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_clip_reward_matches_central_finite_differences(cache):
+    folder = tiny.build_clip(cache / "clip-fd")
+    reward = rewards.ClipSimilarity(folder, "a red square", torch.device("cpu"), torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(1, 3, 8, 8, generator=generator, dtype=torch.float64).requires_grad_(True)
+    reward(images).sum().backward()
+    direction = torch.randn(images.shape, generator=generator, dtype=torch.float64)
+    h = 1e-5
+    with torch.no_grad():
+        fd = (reward(images + h * direction) - reward(images - h * direction)).sum() / (2 * h)
+    assert float((images.grad * direction).sum()) == pytest.approx(float(fd), rel=1e-6)
+
+
+def test_jpeg_is_a_skip_for_backprop_and_a_signal_for_the_score_function(tmp_path):
+    spec = SweepSpec(tasks=["sd[batch=2,eta=1.0,reward=jpeg]"], estimators=["full", "score-function"],
+                     targets=["cond"], steps=[2], iters=1, rounds=1, memory="off")
+    rows = {row["estimator"]: row for row in run_sweep(spec, tmp_path)}
+    assert rows["full"]["status"] == "skipped" and "not differentiable" in rows["full"]["reason"]
+    assert rows["score-function"]["status"] == "ok" and rows["score-function"]["grad_norm"] > 0
+
+
+def test_a_user_reward_plugs_in_by_file(tmp_path):
+    plugin = tmp_path / "my_reward.py"
+    plugin.write_text("def brightness(images):\n    return images.mean(dim=(1, 2, 3))\n")
+    task = TASKS.create(f"sd[batch=1,reward={plugin}:brightness]")
+    task.setup(torch.device("cpu"))
+    problem = task.make_problem("latent", 2, 0)
+    outcome = ESTIMATORS.create("full")(problem, random.Random(0))
+    assert 0 < float(outcome.rewards.mean()) < 1 and float(problem.flat_grad().norm()) > 0
+
+
+@pytest.mark.parametrize("option,message", [
+    ("model=/nonexistent/sd", "no such folder"),
+    ("model={empty}", "is not a diffusers pipeline folder (no unet/"),
+    ("clip_model=/nonexistent/clip", "sd[clip_model=/nonexistent/clip]: no such folder"),
+    ("dtype=fp8", "is not one of fp32, bf16, fp16"),
+    ("prompts={empty_file}", "the file holds no prompt"),
+    ("reward=aesthetics", "must be one of clip, jpeg"),
+    ("reward=/nonexistent/r.py:f", "no such file"),
+    ("guidance=0.5", "must be >= 1"),
+])
+def test_bad_sd_input_is_one_line(tmp_path, capsys, option, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "prompts.txt").write_text("\n  \n")
+    option = option.replace("{empty}", str(tmp_path / "empty")).replace("{empty_file}", str(tmp_path / "prompts.txt"))
+    code = main(["run", "--tasks", f"sd[{option}]", "--steps", "2", "--no-progress", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err, err
