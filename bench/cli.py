@@ -42,7 +42,8 @@ def _int_list(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bench.runner import DEFAULT_ESTIMATORS, DEFAULT_STEPS, DEFAULT_TASK, DEFAULT_TIMEOUT_S, MEMORY_MODES
+    from bench.runner import (DEFAULT_ESTIMATORS, DEFAULT_STEPS, DEFAULT_TASK, DEFAULT_TIMEOUT_S, ISOLATE_MODES,
+                              MEMORY_MODES)
 
     parser = _Parser(prog="python -m bench", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
@@ -69,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--memory", default="auto", metavar="MODE",
                      help="peak-memory measurement: " + "; ".join(f"{k}: {v}" for k, v in MEMORY_MODES.items()))
     run.add_argument("--no-memory", action="store_true", help="same as --memory off")
+    run.add_argument("--isolate", default="auto", metavar="MODE",
+                     help="process per cell: " + "; ".join(f"{k}: {v}" for k, v in ISOLATE_MODES.items()))
     run.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
                      help=f"limit per cell; a cell over it is recorded as 'timeout' (0: none; default {DEFAULT_TIMEOUT_S:g})")
     run.add_argument("--out", type=_folder_arg, default=None,
@@ -167,6 +170,16 @@ def _list(args: argparse.Namespace) -> int:
         options = "\n".join(opt.describe() for opt in cls.options) or "-"
         table.add_row(name, options, ", ".join(cls.targets), cls.summary)
     console.print(table)
+    from tasks.sd import rewards
+
+    table = Table(title="Rewards of the sd task (reward=NAME)")
+    table.add_column("name", no_wrap=True)
+    table.add_column("what it is")
+    for name, text in rewards.DESCRIPTIONS.items():
+        table.add_row(name, text)
+    for name, target in rewards.plugin_rewards().items():
+        table.add_row(name, f"plug-in: {target}")
+    console.print(table)
     table = Table(title="Targets")
     table.add_column("name")
     table.add_column("what is optimised")
@@ -207,7 +220,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         targets=split_list(args.targets), steps=_int_list(args.steps), seeds=_int_list(args.seeds),
         iters=args.iters, warmup=args.warmup, rounds=args.rounds,
         memory="off" if args.no_memory else args.memory, timeout=args.timeout or None,
-        device=args.device, includes=[str(Path(p).resolve()) for p in args.include],
+        device=args.device, includes=[str(Path(p).resolve()) for p in args.include], isolate=args.isolate,
     )
     out = args.out or Path("results") / _default_name(spec)
     console = Console(stderr=True)

@@ -47,7 +47,8 @@ def median_iqr(values: list[float]) -> tuple[float, float]:
 
 def cuda_peak_bytes(fn: Callable[[], object], device: torch.device) -> dict[str, int]:
     """{'peak': bytes allocated by CUDA at the peak during fn above what was allocated before it,
-    'before': that baseline}."""
+    'before': that baseline, 'reserved': the caching allocator's peak reserved bytes (what
+    nvidia-smi sees, fragmentation included)}."""
     gc.collect()
     torch.cuda.empty_cache()
     synchronize(device)
@@ -55,7 +56,8 @@ def cuda_peak_bytes(fn: Callable[[], object], device: torch.device) -> dict[str,
     baseline = torch.cuda.memory_allocated(device)
     fn()
     synchronize(device)
-    return {"peak": torch.cuda.max_memory_allocated(device) - baseline, "before": baseline}
+    return {"peak": torch.cuda.max_memory_allocated(device) - baseline, "before": baseline,
+            "reserved": torch.cuda.max_memory_reserved(device)}
 
 
 def rss_supported() -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import html
 import math
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -168,6 +169,16 @@ def write_report(run_dir: Path, out: Path | None = None, formats=("png",)) -> Pa
             plots.save(fig, out / name, formats)
             page.image(f"{name}.png", f"{task} {target}")
             page.table(*comparison_table(cell_means))
+        grids = part[part["status"] == "ok"]
+        if "samples_png" in grids:
+            grids = grids.dropna(subset=["samples_png"]).sort_values(["steps", "seed"])
+            grids = grids.drop_duplicates(subset=["estimator", "steps"]).sort_values(["estimator", "steps"])
+            for r in grids.itertuples():
+                source = Path(run_dir) / r.samples_png
+                if source.is_file():
+                    name = f"samples-{_slug(r.estimator)}-{r.steps}-{Path(r.samples_png).name}"
+                    shutil.copyfile(source, out / name)
+                    page.image(name, f"{r.estimator} N={r.steps} seed {r.seed}: before (top) and after (bottom)")
         bad = analysis.failures(part)
         page.items([f"{r.estimator} N={r.steps} seed={r.seed}: {r.status}" + (f" ({r.why})" if r.why else "")
                     for r in bad.itertuples()])

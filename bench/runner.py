@@ -26,6 +26,7 @@ import bench
 from bench import store
 from bench.errors import SkipCell, SpecError
 from bench.identity import cell_key, code_hash
+from bench.isolate import run_in_process
 from bench.measure import (cuda_peak_bytes, median_iqr, rss_peak_bytes, rss_supported, synchronize,
                            tensor_bytes, time_rounds)
 from bench.memworker import MemoryWorker, one_kept_call
@@ -38,6 +39,11 @@ DEFAULT_ESTIMATORS = "full,checkpoint,adjoint,sdo,truncated[k=2]"
 DEFAULT_STEPS = (10, 20)
 DEFAULT_TIMEOUT_S = 1800.0
 MAX_SEED = 2**63 - 1
+ISOLATE_MODES = {
+    "auto": "cell on CUDA, none on a CPU",
+    "cell": "each cell in a freshly spawned process (own allocator; a hung kernel is killed)",
+    "none": "every cell in the sweep's process",
+}
 MEMORY_MODES = {
     "auto": "process on CPU, inprocess on CUDA",
     "process": "CPU: peak resident memory of a process forked per cell from a clean worker",
@@ -61,6 +67,7 @@ class SweepSpec:
     timeout: float | None = DEFAULT_TIMEOUT_S  # seconds per cell; None or 0: no limit
     device: str = "cpu"
     includes: list[str] = field(default_factory=list)
+    isolate: str = "auto"  # one of ISOLATE_MODES
 
 
 @dataclass
@@ -99,6 +106,8 @@ def resolve(spec: SweepSpec) -> tuple[list[Any], list[Any]]:
         raise SpecError(f"--timeout must be a finite number of seconds >= 0 (0: no limit), got {spec.timeout}")
     if spec.memory not in MEMORY_MODES:
         raise SpecError(f"unknown memory mode {spec.memory!r}; valid: {', '.join(MEMORY_MODES)}")
+    if spec.isolate not in ISOLATE_MODES:
+        raise SpecError(f"unknown isolation {spec.isolate!r}; valid: {', '.join(ISOLATE_MODES)}")
     if spec.memory == "process" and spec.device != "cpu":
         raise SpecError("--memory process measures CPU resident memory; on CUDA use inprocess or auto")
     tasks = _distinct([TASKS.create(name) for name in spec.tasks])  # aliases and repeats run once
@@ -243,8 +252,8 @@ def time_limit(seconds: float | None):
 class CellRunner:
     """Runs cells of one sweep; caches the exact reference gradient per (task, target, N, seed)."""
 
-    def __init__(self, spec: SweepSpec) -> None:
-        self.spec = spec
+    def __init__(self, spec: SweepSpec, out: Path | None = None) -> None:
+        self.spec, self.out = spec, out
         self.device = torch.device(spec.device)
         self.references: dict[tuple, torch.Tensor] = {}
         self.units: dict[tuple, dict[str, Any]] = {}
@@ -378,7 +387,9 @@ class CellRunner:
             kind = "cuda_max_allocated" if self.device.type == "cuda" else "rss_peak_inprocess"
         if "error" in result:
             return {"peak_mem_bytes": None, "mem_kind": kind, "mem_error": result["error"]}
-        return {"peak_mem_bytes": result["peak"], "mem_process_before_bytes": result["before"], "mem_kind": kind}
+        extra = {"mem_reserved_peak_bytes": result["reserved"]} if "reserved" in result else {}
+        return {"peak_mem_bytes": result["peak"], "mem_process_before_bytes": result["before"], "mem_kind": kind,
+                **extra}
 
     def _inprocess_peak(self, fn: Callable[[], object]) -> dict[str, int]:
         if self.device.type == "cuda":
@@ -404,11 +415,12 @@ class CellRunner:
         optimiser = torch.optim.Adam(problem.leaves, lr=cell.task.learning_rates[cell.target])
         # curve[i]: mean reward of the chain's own samples at iterate i; seconds[i]: optimisation
         # wall-clock (gradients and Adam steps, no evaluation) spent to reach iterate i.
-        curve, seconds, elapsed = [], [], 0.0
+        curve, seconds, elapsed, first_x0 = [], [], 0.0, None
         for _ in range(self.spec.iters):
             synchronize(self.device)
             start = time.perf_counter()
             outcome = cell.estimator(problem, rng)
+            first_x0 = outcome.x0 if first_x0 is None else first_x0
             if not (math.isfinite(outcome.loss) and _finite(problem.flat_grad())):
                 raise Diverged(f"non-finite loss or gradient at optimisation iteration {len(curve) + 1}")
             optimiser.step()
@@ -422,9 +434,28 @@ class CellRunner:
         metrics = cell.task.evaluate(problem, x0)
         if not all(math.isfinite(v) for v in metrics.values()):
             raise Diverged(f"non-finite evaluation after optimisation: {metrics}")
+        grid = self._save_samples(cell, problem, first_x0, x0)
         return {"reward_init": curve[0], "reward_final": metrics["reward"], "reward_curve": curve,
                 "reward_curve_s": seconds, "optim_seconds": elapsed,
+                **({"samples_png": grid} if grid else {}),
                 **{f"eval_{name}": value for name, value in metrics.items()}}
+
+    def _save_samples(self, cell: Cell, problem: Problem, before, after) -> str | None:
+        """OUT/samples/<key>.png: the samples before (top row) and after (bottom row) the
+        optimisation, for tasks whose samples are images; the path relative to the run folder."""
+        if self.out is None or before is None:
+            return None
+        images = [cell.task.images(problem, x) for x in (before, after)]
+        if images[0] is None:
+            return None
+        from torchvision.utils import save_image
+
+        shown = min(8, images[0].shape[0])
+        folder = self.out / "samples"
+        folder.mkdir(exist_ok=True)
+        save_image(torch.cat([images[0][:shown], images[1][:shown]]).float().cpu(), folder / f"{cell.key}.png",
+                   nrow=shown, padding=1, pad_value=1.0)
+        return f"samples/{cell.key}.png"
 
 
 def _problem_tensors(problem: Problem) -> Iterator[torch.Tensor]:
@@ -452,19 +483,21 @@ def run_sweep(spec: SweepSpec, out: Path, force: bool = False, argv: list[str] |
         todo = [cell for cell in cells if force or cell.key not in done]
         if on_start:
             on_start(len(cells), len(cells) - len(todo))
-        runner = CellRunner(spec)
+        isolate = spec.isolate == "cell" or (spec.isolate == "auto" and spec.device.startswith("cuda"))
+        runner = None if isolate else CellRunner(spec, out)
         try:
             with _sigint_recorded():
                 for cell in todo:
                     if on_cell:
                         on_cell(cell)
-                    row = runner.run(cell)
+                    row = run_in_process(spec, cell, out) if isolate else runner.run(cell)
                     store.append_row(rows_path, row)
                     done[cell.key] = row
                     if on_row:
                         on_row(row)
         finally:
-            runner.close()
+            if runner is not None:
+                runner.close()
     return [done[cell.key] for cell in cells]
 
 

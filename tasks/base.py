@@ -64,6 +64,11 @@ class Task(Configurable):
         """A fresh problem (fresh copies of anything an optimiser will change)."""
         raise NotImplementedError
 
+    def images(self, problem: Problem, x0: torch.Tensor) -> torch.Tensor | None:
+        """Final samples as images (B, C, H, W) in [0, 1] for the run folder's sample grids, or
+        None where samples are not images (the toy)."""
+        return None
+
     def evaluate(self, problem: Problem, x0: torch.Tensor) -> dict[str, float]:
         """Metrics of final samples, outside any timed part."""
         _, rewards = problem.loss(x0)

@@ -77,9 +77,15 @@ def test_a_saved_folder_loaded_by_path_gives_the_built_in_gradients(sd, tmp_path
     assert torch.equal(grads[0], grads[1])
 
 
-def test_clip_reward_matches_central_finite_differences(cache):
+def test_clip_and_aesthetic_rewards_match_central_finite_differences(cache):
     folder = tiny.build_clip(cache / "clip-fd")
-    reward = rewards.ClipSimilarity(folder, "a red square", torch.device("cpu"), torch.float64)
+    clip = rewards.ClipImageEmbedding(folder, torch.device("cpu"), torch.float64)
+    _check_fd(rewards.ClipSimilarity(clip, folder, "a red square"))
+    head = rewards.write_tiny_aesthetic_head(cache / "head.pth", clip.model.config.projection_dim)
+    _check_fd(rewards.AestheticScore(clip, head))
+
+
+def _check_fd(reward):
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(1, 3, 8, 8, generator=generator, dtype=torch.float64).requires_grad_(True)
     reward(images).sum().backward()
@@ -114,7 +120,8 @@ def test_a_user_reward_plugs_in_by_file(tmp_path):
     ("clip_model=/nonexistent/clip", "sd[clip_model=/nonexistent/clip]: no such folder"),
     ("dtype=fp8", "is not one of fp32, bf16, fp16"),
     ("prompts={empty_file}", "the file holds no prompt"),
-    ("reward=aesthetics", "must be one of clip, jpeg"),
+    ("reward=aesthetics", "must be one of clip, aesthetic, jpeg"),
+    ("reward=aesthetic,aesthetic_head=/nonexistent/head.pth", "the aesthetic head file '/nonexistent/head.pth' is missing"),
     ("reward=/nonexistent/r.py:f", "no such file"),
     ("guidance=0.5", "must be >= 1"),
 ])

@@ -150,6 +150,9 @@ class Digits(Task):
         return Problem(chain=Chain(denoiser, schedule), x_start=x_start, cond=cond, noises=noises,
                        reward_fn=self.reward_of, target=target, leaves=leaves)
 
+    def images(self, problem: Problem, x0: Tensor) -> Tensor:
+        return ((x0.detach().float() + 1) / 2).clamp(0, 1)
+
     @torch.no_grad()
     def evaluate(self, problem: Problem, x0: Tensor) -> dict[str, float]:
         """Reward of the problem's own samples; FID, accuracy and diversity on fresh samples where

@@ -6,12 +6,18 @@
   Computed directly: torchmetrics' CLIPScore takes hub names only.
 - `jpeg` / `jpeg-incompressibility`: minus / plus the JPEG size in kB at quality 95 (DDPO, Black
   et al. 2023): not differentiable; backprop estimators skip it, score-function and zeroth-order run.
+- `aesthetic`: the LAION aesthetic predictor (Schuhmann et al., "improved-aesthetic-predictor",
+  as DDPO and DRaFT use it): an MLP head (`aesthetic_head=PATH`, a state dict with `layers.*` keys,
+  e.g. sac+logos+ava1-l14-linearMSE.pth) on the normalised CLIP image embedding (`clip_model`,
+  ViT-L/14 for the real head).
 - `module:function` (or `path/to/file.py:function`): your own, called as function(images) -> (B,)
-  tensor; PickScore, HPSv2 or ImageReward plug in this way.
+  tensor; PickScore, HPSv2 or ImageReward plug in this way. An installed package can also name one
+  in the entry-point group `diffgrad_bench.rewards` (name = "module:function"), used as reward=name.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import io
 from pathlib import Path
@@ -22,7 +28,15 @@ from torch import Tensor
 
 from bench.errors import SpecError
 
-BUILT_IN = ("clip", "jpeg", "jpeg-incompressibility")
+BUILT_IN = ("clip", "aesthetic", "jpeg", "jpeg-incompressibility")
+REWARD_GROUP = "diffgrad_bench.rewards"
+DESCRIPTIONS = {
+    "clip": "100 x cosine of CLIP image and reward_text embeddings (Radford et al. 2021), clip_model=PATH",
+    "aesthetic": "LAION aesthetic MLP on the CLIP image embedding (DDPO, DRaFT), aesthetic_head=PATH",
+    "jpeg": "minus the JPEG size in kB, quality 95 (DDPO); not differentiable",
+    "jpeg-incompressibility": "the JPEG size in kB (DDPO); not differentiable",
+    "module:function": "your own: function(images in [0, 1], (B, 3, H, W)) -> (B,) rewards",
+}
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's image normalisation
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -38,38 +52,114 @@ def jpeg_kilobytes(images: Tensor, quality: int = 95) -> Tensor:
     return torch.tensor(sizes, dtype=images.dtype, device=images.device)
 
 
-class ClipSimilarity:
-    """100 * cos(image embedding, text embedding) with a local CLIPModel, differentiable in the image."""
+class ClipImageEmbedding:
+    """The normalised CLIP image embedding of images in [0, 1], differentiable (resize, CLIP's
+    normalisation, the vision tower and its projection), from a local CLIPModel folder."""
 
-    def __init__(self, folder: Path, text: str, device: torch.device, dtype: torch.dtype) -> None:
-        from transformers import CLIPModel, CLIPTokenizer
+    def __init__(self, folder: Path, device: torch.device, dtype: torch.dtype) -> None:
+        from transformers import CLIPModel
 
         self.model = CLIPModel.from_pretrained(folder, local_files_only=True).to(device=device, dtype=dtype)
         self.model.eval().requires_grad_(False)
-        tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
-        tokens = tokenizer([text], padding="max_length", max_length=tokenizer.model_max_length,
-                           truncation=True, return_tensors="pt").to(device)
-        with torch.no_grad():
-            text_embeds = self.model.get_text_features(**tokens)
-            text_embeds = getattr(text_embeds, "pooler_output", text_embeds)
-        self.text = torch.nn.functional.normalize(text_embeds.double(), dim=-1)
         self.size = self.model.config.vision_config.image_size
         self.mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
         self.dtype = dtype
 
-    def __call__(self, images: Tensor) -> Tensor:
+    def embed(self, images: Tensor) -> Tensor:
         pixels = torch.nn.functional.interpolate(images, size=(self.size, self.size), mode="bicubic",
                                                  align_corners=False)
         pixels = ((pixels - self.mean.to(pixels)) / self.std.to(pixels)).to(self.dtype)
         features = self.model.get_image_features(pixel_values=pixels)
         features = getattr(features, "pooler_output", features)
-        image = torch.nn.functional.normalize(features.to(images.dtype), dim=-1)
+        return torch.nn.functional.normalize(features.to(images.dtype), dim=-1)
+
+    def to(self, dtype: torch.dtype) -> "ClipImageEmbedding":
+        import copy
+
+        other = copy.copy(self)
+        other.model, other.dtype = copy.deepcopy(self.model).to(dtype), dtype
+        return other
+
+
+class AestheticScore:
+    """LAION's aesthetic MLP on the normalised CLIP image embedding."""
+
+    def __init__(self, clip: ClipImageEmbedding, head_file: Path) -> None:
+        state = torch.load(head_file, map_location="cpu", weights_only=True)
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        linears = sorted({k.split(".")[1] for k in state if k.startswith("layers.") and k.endswith(".weight")}, key=int)
+        if not linears:
+            raise SpecError(f"sd[aesthetic_head={head_file}]: no layers.*.weight in the state dict")
+        layers: list[torch.nn.Module] = []
+        for index in range(int(linears[-1]) + 1):
+            weight = state.get(f"layers.{index}.weight")
+            layers.append(torch.nn.Linear(weight.shape[1], weight.shape[0]) if weight is not None
+                          else torch.nn.Dropout(0.0))
+        self.head = torch.nn.Sequential(*layers)
+        self.head.load_state_dict({k.removeprefix("layers."): v for k, v in state.items()})
+        self.head.eval().requires_grad_(False)
+        self.clip = clip
+
+    def __call__(self, images: Tensor) -> Tensor:
+        embedding = self.clip.embed(images)
+        head = self.head.to(device=embedding.device, dtype=embedding.dtype)
+        return head(embedding).squeeze(-1)
+
+    def to(self, dtype: torch.dtype) -> "AestheticScore":
+        import copy
+
+        other = copy.copy(self)
+        other.clip = self.clip.to(dtype)
+        return other
+
+
+def write_tiny_aesthetic_head(path: Path, width: int, seed: int = 0) -> Path:
+    """An aesthetic head of LAION's layout (Linear/Dropout stack under `layers`) on a `width`-d
+    embedding, random: for the loading path in tests and the tiny demo."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = torch.nn.Sequential(torch.nn.Linear(width, 32), torch.nn.Dropout(0.2), torch.nn.Linear(32, 16),
+                                   torch.nn.Dropout(0.1), torch.nn.Linear(16, 1))
+    torch.save({f"layers.{k}": v for k, v in head.state_dict().items()}, path)
+    return path
+
+
+class ClipSimilarity:
+    """100 * cos(image embedding, text embedding) with a local CLIPModel, differentiable in the image."""
+
+    def __init__(self, clip: ClipImageEmbedding, folder: Path, text: str) -> None:
+        from transformers import CLIPTokenizer
+
+        tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+        tokens = tokenizer([text], padding="max_length", max_length=tokenizer.model_max_length,
+                           truncation=True, return_tensors="pt").to(clip.model.device)
+        with torch.no_grad():
+            text_embeds = clip.model.get_text_features(**tokens)
+            text_embeds = getattr(text_embeds, "pooler_output", text_embeds)
+        self.text = torch.nn.functional.normalize(text_embeds.double(), dim=-1)
+        self.clip = clip
+
+    def __call__(self, images: Tensor) -> Tensor:
+        image = self.clip.embed(images)
         return 100 * (image * self.text.to(image)).sum(-1)
+
+    def to(self, dtype: torch.dtype) -> "ClipSimilarity":
+        import copy
+
+        other = copy.copy(self)
+        other.clip = self.clip.to(dtype)
+        return other
+
+
+def plugin_rewards() -> dict[str, str]:
+    """Rewards installed packages declare in the entry-point group diffgrad_bench.rewards."""
+    return {entry.name: entry.value for entry in importlib.metadata.entry_points(group=REWARD_GROUP)}
 
 
 def user_reward(spec: str) -> Callable[[Tensor], Tensor]:
-    """'package.module:function' or 'path/to/file.py:function'."""
+    """'package.module:function', 'path/to/file.py:function', or an entry point's name."""
+    spec = plugin_rewards().get(spec, spec)
     target, _, attr = spec.rpartition(":")
     try:
         if target.endswith(".py"):
@@ -93,6 +183,6 @@ def user_reward(spec: str) -> Callable[[Tensor], Tensor]:
 
 
 def check_name(value: str) -> str | None:
-    if value in BUILT_IN or (":" in value and value.rpartition(":")[2]):
+    if value in BUILT_IN or (":" in value and value.rpartition(":")[2]) or value in plugin_rewards():
         return None
     return f"must be one of {', '.join(BUILT_IN)}, or module:function / file.py:function"

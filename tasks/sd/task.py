@@ -126,10 +126,12 @@ class StableDiffusion(Task):
         Option("tune", str, "lora", "weights target: LoRA on the U-Net's attention, or all U-Net weights",
                choices=("lora", "full")),
         Option("lora_rank", int, 4, "LoRA rank", check=at_least(1)),
-        Option("reward", str, "clip", "clip, jpeg, jpeg-incompressibility, or module:function / file.py:function",
+        Option("reward", str, "clip", "clip, aesthetic, jpeg, jpeg-incompressibility, an entry point's name, "
+               "or module:function / file.py:function",
                check=rewards.check_name),
         Option("reward_text", str, "a beautiful photograph", "the text the clip reward compares with"),
-        Option("clip_model", str, "tiny", "CLIPModel folder for the clip reward (tiny: random, offline)"),
+        Option("clip_model", str, "tiny", "CLIPModel folder for the clip and aesthetic rewards (tiny: random, offline)"),
+        Option("aesthetic_head", str, "tiny", "LAION aesthetic MLP state dict for reward=aesthetic (tiny: random)"),
         Option("reference", str, "auto", "exact gradient: float64 backprop, checkpointed backprop in the task's "
                "dtype (task), or off; auto: float64 for tiny, else task", choices=("auto", "float64", "task", "off")),
     )
@@ -154,11 +156,19 @@ class StableDiffusion(Task):
 
         config = json.loads((self.folder / "scheduler" / "scheduler_config.json").read_text())
         self.train_timesteps = int(config.get("num_train_timesteps", 1000))
-        if self.reward == "clip":
+        if self.reward in ("clip", "aesthetic"):
             self.clip_folder = resolve_model(self.clip_model, "clip_model") if self.clip_model != "tiny" else None
             if self.clip_folder is not None and not (self.clip_folder / "config.json").exists():
                 raise SpecError(f"sd[clip_model={self.clip_model}]: no CLIPModel there (config.json missing)")
-        elif ":" in self.reward:
+        self.head_file = None
+        if self.reward == "aesthetic" and self.aesthetic_head != "tiny":
+            self.head_file = Path(self.aesthetic_head).expanduser()
+            if not self.aesthetic_head or not self.head_file.is_file():
+                raise SpecError(f"sd[reward=aesthetic]: the aesthetic head file {self.aesthetic_head!r} is missing; "
+                                "point aesthetic_head= at LAION's MLP state dict (e.g. sac+logos+ava1-l14-linearMSE.pth)")
+            if self.clip_model == "tiny":
+                raise SpecError("sd[reward=aesthetic]: a real aesthetic head needs its CLIP (ViT-L/14): set clip_model=PATH")
+        if self.reward not in rewards.BUILT_IN:
             rewards.user_reward(self.reward)
 
     def _read_prompts(self) -> list[str]:
@@ -219,11 +229,19 @@ class StableDiffusion(Task):
         return text_encoder(ids)[0].float()
 
     def _make_reward(self, device: torch.device):
-        if self.reward == "clip":
+        if self.reward in ("clip", "aesthetic"):
             folder = self.clip_folder or cache_root() / "clip-tiny"
             if self.clip_folder is None and not (folder / "config.json").exists():
                 tiny.build_clip(folder)
-            return rewards.ClipSimilarity(folder, self.reward_text, device, DTYPES[self.dtype_name])
+            clip = rewards.ClipImageEmbedding(folder, device, DTYPES[self.dtype_name])
+            if self.reward == "clip":
+                return rewards.ClipSimilarity(clip, folder, self.reward_text)
+            head = self.head_file
+            if head is None:  # the tiny demo: a random head of LAION's layout on tiny CLIP's width
+                head = cache_root() / "aesthetic-tiny.pth"
+                if not head.exists():
+                    rewards.write_tiny_aesthetic_head(head, clip.model.config.projection_dim)
+            return rewards.AestheticScore(clip, head)
         if self.reward == "jpeg":
             return lambda images: -rewards.jpeg_kilobytes(images)
         if self.reward == "jpeg-incompressibility":
@@ -237,9 +255,8 @@ class StableDiffusion(Task):
         if dtype not in self._copies:
             vae = copy.deepcopy(self.vae).to(dtype)
             reward = self._reward
-            if isinstance(reward, rewards.ClipSimilarity):
-                reward = copy.copy(reward)
-                reward.model, reward.dtype = copy.deepcopy(reward.model).to(dtype), dtype
+            if isinstance(reward, (rewards.ClipSimilarity, rewards.AestheticScore)):
+                reward = reward.to(dtype)
             self._copies[dtype] = (vae, reward)
         return self._copies[dtype]
 
@@ -285,3 +302,7 @@ class StableDiffusion(Task):
 
         return Problem(chain=Chain(denoiser, schedule), x_start=x_start, cond=cond, noises=noises,
                        reward_fn=reward_of, target=target, leaves=leaves)
+
+    @torch.no_grad()
+    def images(self, problem: Problem, x0: Tensor) -> Tensor:
+        return self.decode(x0.float(), self.vae)

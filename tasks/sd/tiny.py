@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-UNET = dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in_channels=4, out_channels=4,
+UNET = dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32)
 VAE = dict(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
