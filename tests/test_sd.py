@@ -85,9 +85,23 @@ def test_clip_and_aesthetic_rewards_match_central_finite_differences(cache):
     _check_fd(rewards.AestheticScore(clip, head))
 
 
-def _check_fd(reward):
+def test_lpips_reward_matches_finite_differences_and_runs_in_a_sweep(cache, tmp_path):
+    from PIL import Image
+
+    backbone = rewards.write_random_alexnet(tmp_path / "alexnet.pth")
+    target = tmp_path / "target.png"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(target)
+    _check_fd(rewards.LpipsDistance(backbone, target, torch.device("cpu"), torch.float64), size=32)
+    spec = SweepSpec(tasks=[f"sd[batch=1,reward=lpips,lpips_backbone={backbone},reference_image={target}]"],
+                     estimators=["full", "sdo"], targets=["latent"], steps=[2], iters=1, rounds=1, memory="off")
+    rows = run_sweep(spec, tmp_path / "run")
+    assert [r["status"] for r in rows] == ["ok", "ok"] and rows[0]["grad_cos"] > 0.999999
+    assert (tmp_path / "run" / rows[0]["samples_png"]).is_file()
+
+
+def _check_fd(reward, size=8):
     generator = torch.Generator().manual_seed(0)
-    images = torch.rand(1, 3, 8, 8, generator=generator, dtype=torch.float64).requires_grad_(True)
+    images = torch.rand(1, 3, size, size, generator=generator, dtype=torch.float64).requires_grad_(True)
     reward(images).sum().backward()
     direction = torch.randn(images.shape, generator=generator, dtype=torch.float64)
     h = 1e-5
@@ -120,9 +134,10 @@ def test_a_user_reward_plugs_in_by_file(tmp_path):
     ("clip_model=/nonexistent/clip", "sd[clip_model=/nonexistent/clip]: no such folder"),
     ("dtype=fp8", "is not one of fp32, bf16, fp16"),
     ("prompts={empty_file}", "the file holds no prompt"),
-    ("reward=aesthetics", "must be one of clip, aesthetic, jpeg"),
+    ("reward=aesthetics", "must be one of clip, aesthetic, lpips, jpeg"),
     ("reward=aesthetic,aesthetic_head=/nonexistent/head.pth", "the aesthetic head file '/nonexistent/head.pth' is missing"),
     ("reward=/nonexistent/r.py:f", "no such file"),
+    ("reward=lpips", "lpips_backbone='' is not a file"),
     ("guidance=0.5", "must be >= 1"),
 ])
 def test_bad_sd_input_is_one_line(tmp_path, capsys, option, message):
@@ -132,3 +147,31 @@ def test_bad_sd_input_is_one_line(tmp_path, capsys, option, message):
     code = main(["run", "--tasks", f"sd[{option}]", "--steps", "2", "--no-progress", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+
+
+@CUDA
+def test_on_cuda_each_cell_runs_in_its_own_process_with_cuda_counters(tmp_path):
+    spec = SweepSpec(tasks=["sd[batch=2]"], estimators=["full", "checkpoint"], targets=["weights"], steps=[4, 8],
+                     iters=1, rounds=2, device="cuda")
+    rows = {(r["estimator"], r["steps"]): r for r in run_sweep(spec, tmp_path)}
+    for row in rows.values():
+        assert row["status"] == "ok" and row["mem_kind"] == "cuda_max_allocated"
+        assert row["mem_reserved_peak_bytes"] >= row["peak_mem_bytes"] > 0
+    assert rows[("full", 8)]["peak_mem_bytes"] > 1.5 * rows[("full", 4)]["peak_mem_bytes"]
+    assert rows[("checkpoint", 8)]["peak_mem_bytes"] < 0.5 * rows[("full", 8)]["peak_mem_bytes"]
+
+
+def test_sample_grids_land_in_the_run_folder_and_the_report(tmp_path):
+    spec = SweepSpec(tasks=["sd[batch=2]"], estimators=["sdo"], targets=["latent"], steps=[2], iters=1, rounds=1,
+                     memory="off")
+    row = run_sweep(spec, tmp_path / "run")[0]
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "run" / row["samples_png"])
+    assert grid.size[1] > grid.size[0] / 2  # two rows (before, after) of two samples
+    assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "report")]) == 0
+    page = (tmp_path / "report" / "index.md").read_text()
+    assert "before (top) and after (bottom)" in page and list((tmp_path / "report").glob("samples-*.png"))

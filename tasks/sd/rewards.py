@@ -10,6 +10,10 @@
   as DDPO and DRaFT use it): an MLP head (`aesthetic_head=PATH`, a state dict with `layers.*` keys,
   e.g. sac+logos+ava1-l14-linearMSE.pth) on the normalised CLIP image embedding (`clip_model`,
   ViT-L/14 for the real head).
+- `lpips`: minus the LPIPS distance to `reference_image` (Zhang et al. 2018; a perceptual target as
+  in DOODL's and AdjointDPM's guidance), the `lpips` package's linear heads on an AlexNet whose
+  torchvision state dict is a local file (`lpips_backbone=PATH`, e.g. alexnet-owt-7be5be79.pth:
+  the package would download it otherwise).
 - `module:function` (or `path/to/file.py:function`): your own, called as function(images) -> (B,)
   tensor; PickScore, HPSv2 or ImageReward plug in this way. An installed package can also name one
   in the entry-point group `diffgrad_bench.rewards` (name = "module:function"), used as reward=name.
@@ -28,11 +32,12 @@ from torch import Tensor
 
 from bench.errors import SpecError
 
-BUILT_IN = ("clip", "aesthetic", "jpeg", "jpeg-incompressibility")
+BUILT_IN = ("clip", "aesthetic", "lpips", "jpeg", "jpeg-incompressibility")
 REWARD_GROUP = "diffgrad_bench.rewards"
 DESCRIPTIONS = {
     "clip": "100 x cosine of CLIP image and reward_text embeddings (Radford et al. 2021), clip_model=PATH",
     "aesthetic": "LAION aesthetic MLP on the CLIP image embedding (DDPO, DRaFT), aesthetic_head=PATH",
+    "lpips": "minus LPIPS to reference_image (Zhang et al. 2018), AlexNet from lpips_backbone=PATH",
     "jpeg": "minus the JPEG size in kB, quality 95 (DDPO); not differentiable",
     "jpeg-incompressibility": "the JPEG size in kB (DDPO); not differentiable",
     "module:function": "your own: function(images in [0, 1], (B, 3, H, W)) -> (B,) rewards",
@@ -155,6 +160,57 @@ class ClipSimilarity:
 def plugin_rewards() -> dict[str, str]:
     """Rewards installed packages declare in the entry-point group diffgrad_bench.rewards."""
     return {entry.name: entry.value for entry in importlib.metadata.entry_points(group=REWARD_GROUP)}
+
+
+class LpipsDistance:
+    """-LPIPS(image, reference): AlexNet features (from a local torchvision state dict) with the
+    lpips package's own linear heads (shipped inside the package)."""
+
+    def __init__(self, backbone_file: Path, reference_file: Path, device: torch.device, dtype: torch.dtype) -> None:
+        import warnings
+
+        import lpips
+        import torchvision
+        from PIL import Image
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torchvision's deprecated `pretrained` argument inside lpips
+            model = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False)
+        alexnet = torchvision.models.alexnet()
+        alexnet.load_state_dict(torch.load(backbone_file, map_location="cpu", weights_only=True))
+        for part in (model.net.slice1, model.net.slice2, model.net.slice3, model.net.slice4, model.net.slice5):
+            for index, module in part.named_children():
+                module.load_state_dict(alexnet.features[int(index)].state_dict())
+        self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        import numpy as np
+
+        pixels = np.asarray(Image.open(reference_file).convert("RGB"), dtype=np.float64) / 255
+        self.reference = torch.from_numpy(pixels).permute(2, 0, 1)[None].to(device)
+        self.dtype = dtype
+
+    def __call__(self, images: Tensor) -> Tensor:
+        reference = torch.nn.functional.interpolate(self.reference.to(images), size=images.shape[-2:],
+                                                    mode="bilinear", align_corners=False)
+        distance = self.model(images.to(self.dtype), reference.expand_as(images).to(self.dtype), normalize=True)
+        return -distance.flatten().to(images.dtype)
+
+    def to(self, dtype: torch.dtype) -> "LpipsDistance":
+        import copy
+
+        other = copy.copy(self)
+        other.model, other.dtype = copy.deepcopy(self.model).to(dtype), dtype
+        return other
+
+
+def write_random_alexnet(path: Path, seed: int = 0) -> Path:
+    """A torchvision AlexNet state dict with random weights: the lpips reward's loading path in
+    tests (its distances mean nothing)."""
+    import torchvision
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        torch.save(torchvision.models.alexnet().state_dict(), path)
+    return path
 
 
 def user_reward(spec: str) -> Callable[[Tensor], Tensor]:

@@ -132,6 +132,8 @@ class StableDiffusion(Task):
         Option("reward_text", str, "a beautiful photograph", "the text the clip reward compares with"),
         Option("clip_model", str, "tiny", "CLIPModel folder for the clip and aesthetic rewards (tiny: random, offline)"),
         Option("aesthetic_head", str, "tiny", "LAION aesthetic MLP state dict for reward=aesthetic (tiny: random)"),
+        Option("lpips_backbone", str, "", "torchvision AlexNet state dict file for reward=lpips"),
+        Option("reference_image", str, "", "the image reward=lpips pulls towards (PNG, JPEG...)"),
         Option("reference", str, "auto", "exact gradient: float64 backprop, checkpointed backprop in the task's "
                "dtype (task), or off; auto: float64 for tiny, else task", choices=("auto", "float64", "task", "off")),
     )
@@ -168,6 +170,13 @@ class StableDiffusion(Task):
                                 "point aesthetic_head= at LAION's MLP state dict (e.g. sac+logos+ava1-l14-linearMSE.pth)")
             if self.clip_model == "tiny":
                 raise SpecError("sd[reward=aesthetic]: a real aesthetic head needs its CLIP (ViT-L/14): set clip_model=PATH")
+        if self.reward == "lpips":
+            for option in ("lpips_backbone", "reference_image"):
+                value = self.values[option]
+                if not value or not Path(value).expanduser().is_file():
+                    raise SpecError(f"sd[reward=lpips]: {option}={value!r} is not a file; give the path "
+                                    + ("of a torchvision AlexNet state dict (alexnet-owt-7be5be79.pth)"
+                                       if option == "lpips_backbone" else "of the target image"))
         if self.reward not in rewards.BUILT_IN:
             rewards.user_reward(self.reward)
 
@@ -242,6 +251,9 @@ class StableDiffusion(Task):
                 if not head.exists():
                     rewards.write_tiny_aesthetic_head(head, clip.model.config.projection_dim)
             return rewards.AestheticScore(clip, head)
+        if self.reward == "lpips":
+            return rewards.LpipsDistance(Path(self.lpips_backbone).expanduser(),
+                                         Path(self.reference_image).expanduser(), device, DTYPES[self.dtype_name])
         if self.reward == "jpeg":
             return lambda images: -rewards.jpeg_kilobytes(images)
         if self.reward == "jpeg-incompressibility":
@@ -255,7 +267,7 @@ class StableDiffusion(Task):
         if dtype not in self._copies:
             vae = copy.deepcopy(self.vae).to(dtype)
             reward = self._reward
-            if isinstance(reward, (rewards.ClipSimilarity, rewards.AestheticScore)):
+            if isinstance(reward, (rewards.ClipSimilarity, rewards.AestheticScore, rewards.LpipsDistance)):
                 reward = reward.to(dtype)
             self._copies[dtype] = (vae, reward)
         return self._copies[dtype]
