@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 GRACE_S = 60.0  # beyond --timeout, before the parent kills a child that did not time itself out
+STARTUP_S = 600.0  # for the child's imports, before its cell starts
 
 
 def _serve_cell(conn, payload: dict[str, Any]) -> None:
@@ -28,6 +29,7 @@ def _serve_cell(conn, payload: dict[str, Any]) -> None:
         cell = Cell(TASKS.create(payload["task"]), ESTIMATORS.create(payload["estimator"]), payload["target"],
                     payload["steps"], payload["seed"], payload["key"], payload["identity"])
         runner = CellRunner(spec, Path(payload["out"]))
+        conn.send({"started": True})  # imports done: the cell's own clock starts now
         try:
             row = runner.run(cell)
         finally:
@@ -55,10 +57,16 @@ def run_in_process(spec, cell, out: Path) -> dict[str, Any]:
     limit = spec.timeout + GRACE_S if spec.timeout else None
     base = {"key": cell.key, **cell.identity, "options": cell.estimator.values}
     try:
+        if not reader.poll(STARTUP_S):
+            return {**base, "status": "error", "error_type": "ProcessStart",
+                    "error": f"cell process did not start within {STARTUP_S:g} s; killed"}
+        message = reader.recv()
+        if "started" not in message:
+            return message  # the cell could not even be built: its error row
         if reader.poll(limit):
             return reader.recv()
         return {**base, "status": "timeout",
-                "error": f"cell process still running {limit:g} s after it started (--timeout + {GRACE_S:g} s); killed"}
+                "error": f"cell process still running {limit:g} s after its cell started (--timeout + {GRACE_S:g} s); killed"}
     except EOFError:
         process.join(timeout=5)
         return {**base, "status": "error", "error_type": "ProcessDied",

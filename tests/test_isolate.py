@@ -45,7 +45,7 @@ def test_a_cell_that_ignores_its_timer_is_killed_by_its_parent(tmp_path, monkeyp
     '''))
     monkeypatch.setattr(isolate, "GRACE_S", 2.0)
     spec = SweepSpec(tasks=[TOY], estimators=["test-hung", "full"], targets=["cond"], steps=[2], iters=1,
-                     rounds=1, memory="off", timeout=3, isolate="cell", includes=[str(plugin)])
+                     rounds=1, memory="off", timeout=6, isolate="cell", includes=[str(plugin)])
     rows = {r["estimator"]: r for r in run_sweep(spec, tmp_path / "run")}
     assert rows["test-hung"]["status"] == "timeout" and "killed" in rows["test-hung"]["error"]
     assert rows["full"]["status"] == "ok"
