@@ -263,7 +263,7 @@ def _report(args: argparse.Namespace) -> int:
     from bench.report import write_report
     from bench.store import writable_folder
 
-    if args.out is not None:
+    if args.out is not None:  # a bad --out is reported before the run folder is read
         writable_folder(args.out)
     out = write_report(args.run_dir, args.out, formats=("png", "svg") if args.svg else ("png",))
     print(f"report: {out / 'index.md'}  {out / 'index.html'}")
@@ -296,12 +296,9 @@ def _check(args: argparse.Namespace) -> int:
 
 def _figures(args: argparse.Namespace) -> int:
     from bench.figures import FIGURES, render_all
-    from bench.store import writable_folder
 
     if args.specs is not None and not args.specs.is_dir():
         raise SpecError(f"--specs {args.specs} is not a folder of figure specs")
-    if args.out is not None:
-        writable_folder(args.out)
 
     results = render_all(args.specs or FIGURES, args.out, split_list(args.only) or None)
     for result in results:

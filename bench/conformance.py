@@ -115,14 +115,25 @@ class Suite:
         _require(bool(self.served), "no target served (see the skip check)")
         return "; ".join(f"{target}: {fn(target, toy)}" for target, toy in self.served.items())
 
-    def _fresh(self, toy: str, target: str, seed: int = 0) -> Problem:
-        return self.tasks[toy].make_problem(target, STEPS, seed)
+    def _fresh(self, toy: str, target: str, seed: int = 0, steps: int = STEPS) -> Problem:
+        return self.tasks[toy].make_problem(target, steps, seed)
 
-    def _call(self, problem: Problem, rng_seed: int = 0):
+    def _call(self, problem: Problem, rng_seed: int = 0, estimator=None, rng: random.Random | None = None):
+        """One call (a fresh estimator and rng unless given); SkipCell at run time is a failure."""
         try:
-            return self.estimator()(problem, random.Random(rng_seed))
+            return (estimator or self.estimator())(problem, rng or random.Random(rng_seed))
         except SkipCell as skip:
             raise Failed(f"raised SkipCell at run time ({skip}); report it from skip_reason") from None
+
+    def _against_reference(self, toy: str, target: str, steps: int = STEPS) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """(this estimator's gradient, the exact one, the reference's spec) on a fresh problem."""
+        reference = self.estimator().reference_spec()  # "full", or the exact gradient of its own chain
+        problem = self._fresh(toy, target, steps=steps)
+        ESTIMATORS.create(reference)(problem, random.Random(0))
+        exact = problem.flat_grad().clone()
+        problem = self._fresh(toy, target, steps=steps)
+        self._call(problem)
+        return problem.flat_grad(), exact, reference
 
     def leaves(self) -> str:
         def check(target, toy):
@@ -168,26 +179,18 @@ class Suite:
             problem, estimator, rng = self._fresh(toy, target), self.estimator(), random.Random(0)
             problem.chain.counter.reset()
             for _ in range(COUNT_CALLS):
-                try:
-                    estimator(problem, rng)
-                except SkipCell as skip:
-                    raise Failed(f"raised SkipCell at run time ({skip}); report it from skip_reason") from None
+                self._call(problem, estimator=estimator, rng=rng)
             measured = (problem.chain.counter.forward / COUNT_CALLS, problem.chain.counter.vjp / COUNT_CALLS)
             cost = estimator.cost_for(problem)
             predicted = (cost.nfe_forward, cost.nfe_vjp)
             shown = f"{measured[0]:g}/{measured[1]:g}"
             whole = all(abs(p * COUNT_CALLS - round(p * COUNT_CALLS)) < 1e-6 for p in predicted)
-            if whole and not self.randomness(estimator):
+            if whole and not estimator.random_counts:
                 _require(all(abs(m - p) < 1e-9 for m, p in zip(measured, predicted)),
                          f"counted fwd/vjp {shown} per call, cost model says {predicted[0]:g}/{predicted[1]:g}")
                 return f"{shown} as predicted"
             return f"{shown} (expected {predicted[0]:g}/{predicted[1]:g}: random)"
         return self._each_target(check)
-
-    @staticmethod
-    def randomness(estimator) -> str:
-        """'random' if the estimator's call counts depend on its draws (declared by the estimator)."""
-        return "random" if getattr(estimator, "random_counts", False) else ""
 
     def convergence(self):
         """A declared convergence order p (the error to the exact gradient falls like N^-p): the
@@ -200,12 +203,8 @@ class Suite:
         def check(target, _):
             errors = []
             for steps in ORDER_STEPS:
-                problem = self.tasks[toy].make_problem(target, steps, 0)
-                ESTIMATORS.create(self.estimator().reference_spec())(problem, random.Random(0))
-                exact = problem.flat_grad().clone()
-                problem = self.tasks[toy].make_problem(target, steps, 0)
-                self._call(problem)
-                errors.append(float((problem.flat_grad() - exact).norm() / exact.norm()))
+                grad, exact, _ = self._against_reference(toy, target, steps)
+                errors.append(float((grad - exact).norm() / exact.norm()))
             logs_n = [math.log(n) for n in ORDER_STEPS]
             logs_e = [math.log(max(e, 1e-300)) for e in errors]
             mean_n, mean_e = sum(logs_n) / len(logs_n), sum(logs_e) / len(logs_e)
@@ -220,13 +219,7 @@ class Suite:
 
     def agreement(self):
         def check(target, toy):
-            problem = self._fresh(toy, target)
-            reference = self.estimator().reference_spec()  # "full", or the exact gradient of its own chain
-            ESTIMATORS.create(reference)(problem, random.Random(0))
-            exact = problem.flat_grad().clone()
-            problem = self._fresh(toy, target)
-            self._call(problem)
-            grad = problem.flat_grad()
+            grad, exact, reference = self._against_reference(toy, target)
             err = float((grad - exact).norm() / exact.norm())
             cos = float(grad @ exact / (grad.norm() * exact.norm()))
             if self.cls.exact:

@@ -55,22 +55,21 @@ def run_in_process(spec, cell, out: Path) -> dict[str, Any]:
     process.start()
     writer.close()
     limit = spec.timeout + GRACE_S if spec.timeout else None
-    base = {"key": cell.key, **cell.identity, "options": cell.estimator.values}
     try:
         if not reader.poll(STARTUP_S):
-            return {**base, "status": "error", "error_type": "ProcessStart",
-                    "error": f"cell process did not start within {STARTUP_S:g} s; killed"}
+            return cell.row(status="error", error_type="ProcessStart",
+                            error=f"cell process did not start within {STARTUP_S:g} s; killed")
         message = reader.recv()
         if "started" not in message:
             return message  # the cell could not even be built: its error row
         if reader.poll(limit):
             return reader.recv()
-        return {**base, "status": "timeout",
-                "error": f"cell process still running {limit:g} s after its cell started (--timeout + {GRACE_S:g} s); killed"}
+        return cell.row(status="timeout",
+                        error=f"cell process still running {limit:g} s after its cell started (--timeout + {GRACE_S:g} s); killed")
     except EOFError:
         process.join(timeout=5)
-        return {**base, "status": "error", "error_type": "ProcessDied",
-                "error": f"cell process died with exit code {process.exitcode}"}
+        return cell.row(status="error", error_type="ProcessDied",
+                        error=f"cell process died with exit code {process.exitcode}")
     finally:
         if process.is_alive():
             process.kill()

@@ -84,8 +84,6 @@ def _fork_and_measure(task, request: dict[str, Any]) -> dict[str, Any]:
 def _serve(conn, includes: list[str]) -> None:
     """The zygote's loop. Ctrl-C reaches the whole process group; the sweep handles it and kills
     this process, so here SIGINT is ignored (no second traceback on the user's terminal)."""
-    import signal
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         _serve_requests(conn, includes)

@@ -80,6 +80,10 @@ class Cell:
     key: str
     identity: dict[str, Any]
 
+    def row(self, **fields: Any) -> dict[str, Any]:
+        """A row of this cell: its key, identity and options, then `fields`."""
+        return {"key": self.key, **self.identity, "options": self.estimator.values, **fields}
+
 
 def resolve(spec: SweepSpec) -> tuple[list[Any], list[Any]]:
     """Build every task and estimator and check the whole sweep before anything runs."""
@@ -298,8 +302,7 @@ class CellRunner:
         return self.references[key], spec, str(dtype).replace("torch.", "")
 
     def run(self, cell: Cell) -> dict[str, Any]:
-        row: dict[str, Any] = {"key": cell.key, **cell.identity, "options": cell.estimator.values,
-                               "status": "ok"}
+        row = cell.row(status="ok")
         if self.memory_worker is not None:
             # (Re)starting the memory process is the sweep's cost, outside the cell's time limit.
             self.memory_worker.wait_ready()

@@ -4,8 +4,9 @@ trained on first use."""
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
+
+from tasks.cache import cache_root
 
 COMMITTED = Path(__file__).resolve().parent / "weights"
 FILES = ("unet/config.json", "unet/diffusion_pytorch_model.safetensors", "embedding.safetensors",
@@ -13,9 +14,7 @@ FILES = ("unet/config.json", "unet/diffusion_pytorch_model.safetensors", "embedd
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("DIFFGRAD_BENCH_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "diffgrad-bench")
-    return Path(root) / "digits"
+    return cache_root() / "digits"
 
 
 def complete(folder: Path) -> bool:

@@ -20,6 +20,7 @@
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.metadata
 import importlib.util
@@ -57,9 +58,27 @@ def jpeg_kilobytes(images: Tensor, quality: int = 95) -> Tensor:
     return torch.tensor(sizes, dtype=images.dtype, device=images.device)
 
 
-class ClipImageEmbedding:
+class NetworkReward:
+    """A reward or feature built on networks: `to(dtype)` gives a copy whose networks (`parts`:
+    modules, or other NetworkRewards) run in dtype, for the float64 reference."""
+
+    parts: tuple[str, ...] = ()
+    dtype: torch.dtype
+
+    def to(self, dtype: torch.dtype):
+        other = copy.copy(self)
+        for name in self.parts:
+            part = getattr(self, name)
+            setattr(other, name, copy.deepcopy(part).to(dtype) if isinstance(part, torch.nn.Module) else part.to(dtype))
+        other.dtype = dtype
+        return other
+
+
+class ClipImageEmbedding(NetworkReward):
     """The normalised CLIP image embedding of images in [0, 1], differentiable (resize, CLIP's
     normalisation, the vision tower and its projection), from a local CLIPModel folder."""
+
+    parts = ("model",)
 
     def __init__(self, folder: Path, device: torch.device, dtype: torch.dtype) -> None:
         from transformers import CLIPModel
@@ -79,16 +98,12 @@ class ClipImageEmbedding:
         features = getattr(features, "pooler_output", features)
         return torch.nn.functional.normalize(features.to(images.dtype), dim=-1)
 
-    def to(self, dtype: torch.dtype) -> "ClipImageEmbedding":
-        import copy
-
-        other = copy.copy(self)
-        other.model, other.dtype = copy.deepcopy(self.model).to(dtype), dtype
-        return other
 
 
-class AestheticScore:
+class AestheticScore(NetworkReward):
     """LAION's aesthetic MLP on the normalised CLIP image embedding."""
+
+    parts = ("clip", "head")
 
     def __init__(self, clip: ClipImageEmbedding, head_file: Path) -> None:
         state = torch.load(head_file, map_location="cpu", weights_only=True)
@@ -103,20 +118,15 @@ class AestheticScore:
                           else torch.nn.Dropout(0.0))
         self.head = torch.nn.Sequential(*layers)
         self.head.load_state_dict({k.removeprefix("layers."): v for k, v in state.items()})
-        self.head.eval().requires_grad_(False)
+        # The head runs in float32 (float64 for a float64 CLIP: the reference), beside CLIP's device.
+        head_dtype = torch.float64 if clip.dtype == torch.float64 else torch.float32
+        self.head.to(device=clip.model.device, dtype=head_dtype).eval().requires_grad_(False)
         self.clip = clip
 
     def __call__(self, images: Tensor) -> Tensor:
         embedding = self.clip.embed(images)
-        head = self.head.to(device=embedding.device, dtype=embedding.dtype)
-        return head(embedding).squeeze(-1)
-
-    def to(self, dtype: torch.dtype) -> "AestheticScore":
-        import copy
-
-        other = copy.copy(self)
-        other.clip = self.clip.to(dtype)
-        return other
+        score = self.head(embedding.to(next(self.head.parameters()).dtype)).squeeze(-1)
+        return score.to(embedding.dtype)
 
 
 def write_tiny_aesthetic_head(path: Path, width: int, seed: int = 0) -> Path:
@@ -130,8 +140,10 @@ def write_tiny_aesthetic_head(path: Path, width: int, seed: int = 0) -> Path:
     return path
 
 
-class ClipSimilarity:
+class ClipSimilarity(NetworkReward):
     """100 * cos(image embedding, text embedding) with a local CLIPModel, differentiable in the image."""
+
+    parts = ("clip",)
 
     def __init__(self, clip: ClipImageEmbedding, folder: Path, text: str) -> None:
         from transformers import CLIPTokenizer
@@ -149,12 +161,6 @@ class ClipSimilarity:
         image = self.clip.embed(images)
         return 100 * (image * self.text.to(image)).sum(-1)
 
-    def to(self, dtype: torch.dtype) -> "ClipSimilarity":
-        import copy
-
-        other = copy.copy(self)
-        other.clip = self.clip.to(dtype)
-        return other
 
 
 def plugin_rewards() -> dict[str, str]:
@@ -162,9 +168,11 @@ def plugin_rewards() -> dict[str, str]:
     return {entry.name: entry.value for entry in importlib.metadata.entry_points(group=REWARD_GROUP)}
 
 
-class LpipsDistance:
+class LpipsDistance(NetworkReward):
     """-LPIPS(image, reference): AlexNet features (from a local torchvision state dict) with the
     lpips package's own linear heads (shipped inside the package)."""
+
+    parts = ("model",)
 
     def __init__(self, backbone_file: Path, reference_file: Path, device: torch.device, dtype: torch.dtype) -> None:
         import warnings
@@ -194,12 +202,6 @@ class LpipsDistance:
         distance = self.model(images.to(self.dtype), reference.expand_as(images).to(self.dtype), normalize=True)
         return -distance.flatten().to(images.dtype)
 
-    def to(self, dtype: torch.dtype) -> "LpipsDistance":
-        import copy
-
-        other = copy.copy(self)
-        other.model, other.dtype = copy.deepcopy(self.model).to(dtype), dtype
-        return other
 
 
 def write_random_alexnet(path: Path, seed: int = 0) -> Path:

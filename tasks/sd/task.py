@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from bench.errors import SpecError
 from bench.options import Option, at_least
 from bench.problem import Problem
 from tasks.base import Task
+from tasks.cache import cache_root
 from tasks.sd import rewards, tiny
 
 PROMPTS = ("a photograph of an astronaut riding a horse", "a watercolour painting of a lighthouse at dusk",
@@ -39,12 +41,6 @@ PROMPTS = ("a photograph of an astronaut riding a horse", "a watercolour paintin
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-
-
-def cache_root() -> Path:
-    root = os.environ.get("DIFFGRAD_BENCH_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "diffgrad-bench")
-    return Path(root)
 
 
 def resolve_model(model: str, what: str = "model") -> Path:
@@ -148,14 +144,13 @@ class StableDiffusion(Task):
         return self.reference_dtype is not torch.float64
 
     def preflight(self) -> None:
+        self._checked = True
         self.folder = resolve_model(self.model)
         missing = [name for name in COMPONENTS if not (self.folder / name).is_dir()]
         if missing:
             raise SpecError(f"sd[model={self.model}]: {self.folder} is not a diffusers pipeline folder "
                             f"(no {', '.join(n + '/' for n in missing)}); valid: a folder save_pretrained wrote")
         self.prompt_list = self._read_prompts()
-        import json
-
         config = json.loads((self.folder / "scheduler" / "scheduler_config.json").read_text())
         self.train_timesteps = int(config.get("num_train_timesteps", 1000))
         if self.reward in ("clip", "aesthetic"):
@@ -191,8 +186,13 @@ class StableDiffusion(Task):
             raise SpecError(f"sd[prompts={self.prompts}]: the file holds no prompt (one per line)")
         return lines
 
+    def _check_once(self) -> None:
+        """preflight, unless done (resolve() runs it; fingerprint and set-up need its results)."""
+        if not getattr(self, "_checked", False):
+            self.preflight()
+
     def data_fingerprint(self) -> str:
-        self.preflight()
+        self._check_once()
         return _fingerprint(self.folder)
 
     def setup(self, device: torch.device) -> None:
@@ -206,7 +206,7 @@ class StableDiffusion(Task):
         diffusers_logging.set_verbosity_error()
         transformers_logging.set_verbosity_error()
         transformers_logging.disable_progress_bar()
-        self.preflight()
+        self._check_once()
         dtype, folder = DTYPES[self.dtype_name], self.folder
         load = dict(local_files_only=True)
         self.unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **load).to(device, dtype)
@@ -267,7 +267,7 @@ class StableDiffusion(Task):
         if dtype not in self._copies:
             vae = copy.deepcopy(self.vae).to(dtype)
             reward = self._reward
-            if isinstance(reward, (rewards.ClipSimilarity, rewards.AestheticScore, rewards.LpipsDistance)):
+            if isinstance(reward, rewards.NetworkReward):
                 reward = reward.to(dtype)
             self._copies[dtype] = (vae, reward)
         return self._copies[dtype]

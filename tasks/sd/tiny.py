@@ -8,6 +8,7 @@ character is one token (diffusers' own tests download a tiny tokenizer instead).
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -40,66 +41,58 @@ def _bytes_to_unicode() -> list[str]:
     return chars
 
 
-def write_tokenizer(folder: Path) -> dict[str, int]:
-    folder.mkdir(parents=True, exist_ok=True)
+def make_tokenizer():
+    """(a CLIPTokenizer over byte-level symbols with no merges, the text encoder's config entries
+    that must agree with its vocabulary). The vocabulary files are written to a temporary folder:
+    save_pretrained copies them where they belong."""
+    from transformers import CLIPTokenizer
+
     symbols = _bytes_to_unicode()
     vocab = {START: 0, END: 1}
     for symbol in symbols + [s + "</w>" for s in symbols]:
         vocab.setdefault(symbol, len(vocab))
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return vocab
+    with tempfile.TemporaryDirectory() as files:
+        (Path(files) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(files) / "merges.txt").write_text("#version: 0.2\n")
+        tokenizer = CLIPTokenizer(f"{files}/vocab.json", f"{files}/merges.txt", model_max_length=77)
+    text = dict(vocab_size=len(vocab), bos_token_id=vocab[START], eos_token_id=vocab[END],
+                pad_token_id=vocab[END], **TEXT)
+    return tokenizer, text
 
 
 def build(folder: Path, seed: int = 0) -> Path:
     """Write a tiny SD pipeline to `folder` (unet/, vae/, text_encoder/, tokenizer/, scheduler/,
     model_index.json) and return it."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
-
-    folder = Path(folder)
-    vocab = write_tokenizer(folder / "_tokenizer_files")
-    tokenizer = CLIPTokenizer(str(folder / "_tokenizer_files" / "vocab.json"),
-                              str(folder / "_tokenizer_files" / "merges.txt"), model_max_length=77)
+    tokenizer, text_config = make_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(**UNET)
         vae = AutoencoderKL(**VAE)
-        text = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), bos_token_id=vocab[START],
-                                            eos_token_id=vocab[END], pad_token_id=vocab[END], **TEXT))
+        text = CLIPTextModel(CLIPTextConfig(**text_config))
     pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
                                        scheduler=DDIMScheduler(**SCHEDULER), safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
     pipeline.save_pretrained(folder)
-    for leftover in (folder / "_tokenizer_files").iterdir():
-        leftover.unlink()
-    (folder / "_tokenizer_files").rmdir()
-    return folder
+    return Path(folder)
 
 
 def build_clip(folder: Path, seed: int = 0) -> Path:
     """A tiny random CLIPModel folder (with its tokenizer) for the CLIP reward's loading path."""
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+    from transformers import CLIPConfig, CLIPModel
 
-    folder = Path(folder)
-    files = folder / "_tokenizer_files"
-    vocab = write_tokenizer(files)
-    tokenizer = CLIPTokenizer(str(files / "vocab.json"), str(files / "merges.txt"), model_max_length=77)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), bos_token_id=vocab[START], eos_token_id=vocab[END],
-                         pad_token_id=vocab[END], **TEXT),
-        vision_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16)
+    tokenizer, text_config = make_tokenizer()
+    config = CLIPConfig(text_config=text_config,
+                        vision_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                                           num_hidden_layers=2, image_size=32, patch_size=8),
+                        projection_dim=16)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CLIPModel(config)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    for leftover in files.iterdir():
-        leftover.unlink()
-    files.rmdir()
-    return folder
+    return Path(folder)
