@@ -63,7 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--steps", default=default_steps, help=f"sampler step counts N (default: {default_steps})")
     run.add_argument("--seeds", default="0", help="seeds (default: 0)")
     run.add_argument("--iters", type=int, default=4, help="Adam iterations of the short optimisation")
-    run.add_argument("--rounds", type=int, default=3, help="timed rounds per cell")
+    run.add_argument("--rounds", type=int, default=3,
+                     help="clean timed rounds per cell at least (rounds slowed by other load are repeated)")
+    run.add_argument("--stable", type=float, default=0.0, metavar="FRACTION",
+                     help="keep timing until each cell's IQR is within FRACTION of its median, e.g. 0.05 "
+                          "(0: off; capped by --timing-cap, default 300 s per point then)")
+    run.add_argument("--timing-cap", type=float, default=0.0, metavar="SECONDS",
+                     help="stop timing a point after SECONDS (0: no cap)")
+    run.add_argument("--threads", type=int, default=0,
+                     help="torch intra-op threads (0: 1 on a CPU, which a busy core cannot slow; torch's default on CUDA)")
+    run.add_argument("--no-interleave", dest="interleave", action="store_false",
+                     help="time each cell on its own instead of round-robin with the other estimators of its point")
+    run.add_argument("--baseline", default="full", metavar="SPEC",
+                     help="the estimator time ratios (with bootstrap intervals) are taken to (default: full)")
     run.add_argument("--warmup", type=int, default=0,
                      help="extra untimed calls before timing (the untimed agreement call always runs first)")
     run.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -221,6 +233,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         iters=args.iters, warmup=args.warmup, rounds=args.rounds,
         memory="off" if args.no_memory else args.memory, timeout=args.timeout or None,
         device=args.device, includes=[str(Path(p).resolve()) for p in args.include], isolate=args.isolate,
+        threads=args.threads, interleave=args.interleave, baseline=args.baseline, stable=args.stable,
+        timing_cap=args.timing_cap,
     )
     out = args.out or Path("results") / _default_name(spec)
     console = Console(stderr=True)
@@ -236,9 +250,11 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         bar = progress.add_task("sweep", total=total, completed=reused)
         progress.start()  # only once the whole sweep has been checked
 
-    def on_cell(cell) -> None:
-        progress.update(bar, description=escape(f"{cell.task.spec} {cell.target} {cell.estimator.spec} "
-                                                f"N={cell.steps} seed={cell.seed}"))
+    def on_point(cells) -> None:
+        cell = cells[0]
+        what = cell.estimator.spec if len(cells) == 1 else f"{len(cells)} estimators"
+        progress.update(bar, description=escape(f"{cell.task.spec} {cell.target} N={cell.steps} "
+                                                f"seed={cell.seed}: {what}"))
 
     def on_row(row) -> None:
         progress.advance(bar)
@@ -250,7 +266,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         warnings.simplefilter("always")
         try:
             rows = run_sweep(spec, out, force=args.force, argv=argv, on_start=on_start,
-                             on_cell=on_cell, on_row=on_row)
+                             on_point=on_point, on_row=on_row)
         finally:
             if bar is not None:  # stopping a bar that never started prints a stray newline
                 progress.stop()

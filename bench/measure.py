@@ -1,6 +1,5 @@
-"""Timing and memory measurement. Time: warm-up rounds, then timed rounds with the device
-synchronised around each, median and IQR. Memory on CUDA: the allocator's own peak above the
-pre-call baseline. Memory on CPU: the process's resident high-water mark above the pre-call
+"""Memory measurement primitives (bench/memory.py chooses among them). On CUDA: the allocator's
+own peak above the pre-call baseline. Memory on CPU: the process's resident high-water mark above the pre-call
 resident size, in a worker process started with glibc's mmap threshold at one page, so that every
 tensor of a page or more gets its own mapping, returned to the OS when freed, and the high-water
 mark tracks live tensor bytes (see bench/memworker.py). With the 64 KiB threshold suggested in
@@ -9,8 +8,6 @@ chunks freed by the warm-up call, and vanish from the figure: checkpoint's N*S m
 from __future__ import annotations
 
 import gc
-import statistics
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -22,27 +19,6 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4096"}  # glibc reads it once, at proce
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def time_rounds(fn: Callable[[], object], device: torch.device, warmup: int, rounds: int) -> list[float]:
-    """Seconds per call for `rounds` timed calls after `warmup` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(rounds):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def median_iqr(values: list[float]) -> tuple[float, float]:
-    if len(values) == 1:
-        return values[0], 0.0
-    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return statistics.median(values), q3 - q1
 
 
 def cuda_peak_bytes(fn: Callable[[], object], device: torch.device) -> dict[str, int]:

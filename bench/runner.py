@@ -1,55 +1,51 @@
-"""The sweep: expand a spec into cells, run each (gradient agreement, timing, memory, a short
-optimisation), append one row per cell as it finishes. A failing cell is a row, never fatal."""
+"""The sweep: expand a spec into cells, group them by point (task, target, N, seed), run each
+point's cells through the phases of a cell, and append one row per cell as it finishes. A
+failing cell is a row, never fatal.
+
+The phases of a cell, each returning its part of the row:
+  setup      build the problem, check it can be served, the cost model's prediction
+  agreement  one untimed gradient: counts, finiteness, cosine to the reference
+  reference  the exact gradient at the point (computed once per point, in float64 where possible)
+  units      the time model's F and V on the task's model (once per task, target and seed)
+  timing     rounds, interleaved with the point's other cells (bench/timing.py)
+  memory     peak memory of one gradient and the memory model (bench/memory.py)
+  optimise   a short Adam run with the estimator
+  evaluate   quality of the optimised sampler beside the unoptimised one's, and the real floor
+  samples    the before/after sample grid of image tasks"""
 from __future__ import annotations
 
 import itertools
-import json
 import math
-import os
-import platform
 import random
-import signal
-import subprocess
-import threading
-import sys
 import time
-import traceback
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-import bench
 from bench import store
 from bench.errors import SkipCell, SpecError
 from bench.identity import cell_key, code_hash
 from bench.isolate import run_in_process
-from bench.measure import (cuda_peak_bytes, median_iqr, rss_peak_bytes, rss_supported, synchronize,
-                           tensor_bytes, time_rounds)
-from bench.memworker import MemoryWorker, one_kept_call
+from bench.limits import Clock, Diverged, is_user_interrupt, outcome, sigint_recorded
+from bench.memory import MODES as MEMORY_MODES
+from bench.memory import MemoryMeter
 from bench.options import split_list
-from bench.problem import Problem
+from bench.provenance import write_run_json
 from bench.registry import ESTIMATORS, TASKS, include
+from bench.timing import denoiser_units, paired_ratio, synchronize, time_interleaved
 
 DEFAULT_TASK = "digits"
 DEFAULT_ESTIMATORS = "full,checkpoint,adjoint,sdo,truncated[k=2]"
 DEFAULT_STEPS = (10, 20)
 DEFAULT_TIMEOUT_S = 1800.0
+DEFAULT_STABLE_CAP_S = 300.0  # timing seconds per point when --stable is given without --timing-cap
 MAX_SEED = 2**63 - 1
 ISOLATE_MODES = {
     "auto": "cell on CUDA, none on a CPU",
     "cell": "each cell in a freshly spawned process (own allocator; a hung kernel is killed)",
     "none": "every cell in the sweep's process",
-}
-MEMORY_MODES = {
-    "auto": "process on CPU, inprocess on CUDA",
-    "process": "CPU: peak resident memory of a process forked per cell from a clean worker",
-    "inprocess": "CUDA: the allocator's peak; CPU: resident high-water mark in the sweep's own "
-                 "process (heap reuse can hide memory)",
-    "off": "no memory measurement",
 }
 
 
@@ -62,12 +58,17 @@ class SweepSpec:
     seeds: list[int] = field(default_factory=lambda: [0])
     iters: int = 4  # Adam iterations of the short optimisation
     warmup: int = 0  # extra untimed calls: the gradient-agreement call already precedes timing
-    rounds: int = 3
+    rounds: int = 3  # clean timed rounds at least
     memory: str = "auto"  # one of MEMORY_MODES
     timeout: float | None = DEFAULT_TIMEOUT_S  # seconds per cell; None or 0: no limit
     device: str = "cpu"
     includes: list[str] = field(default_factory=list)
     isolate: str = "auto"  # one of ISOLATE_MODES
+    threads: int = 0  # torch intra-op threads; 0: 1 on a CPU (README, "Timing"), torch's default on CUDA
+    interleave: bool = True  # time the cells of a point round-robin
+    baseline: str = "full"  # the estimator time ratios are taken to
+    stable: float = 0.0  # > 0: time until IQR / median <= stable (or the cap)
+    timing_cap: float = 0.0  # seconds of timing per point; 0: none (DEFAULT_STABLE_CAP_S with --stable)
 
 
 @dataclass
@@ -79,6 +80,10 @@ class Cell:
     seed: int
     key: str
     identity: dict[str, Any]
+
+    @property
+    def point(self) -> tuple:
+        return (self.task.spec, self.target, self.steps, self.seed)
 
     def row(self, **fields: Any) -> dict[str, Any]:
         """A row of this cell: its key, identity and options, then `fields`."""
@@ -103,17 +108,22 @@ def resolve(spec: SweepSpec) -> tuple[list[Any], list[Any]]:
     for seed in spec.seeds:
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
             raise SpecError(f"seed {seed} is out of range; valid: 0..{MAX_SEED} (torch generators take 64 bits)")
-    for label, value, low in (("iters", spec.iters, 0), ("rounds", spec.rounds, 1), ("warmup", spec.warmup, 0)):
+    for label, value, low in (("iters", spec.iters, 0), ("rounds", spec.rounds, 1), ("warmup", spec.warmup, 0),
+                              ("threads", spec.threads, 0)):
         if value < low:
             raise SpecError(f"--{label} must be >= {low}, got {value}")
-    if spec.timeout is not None and not (math.isfinite(spec.timeout) and spec.timeout >= 0):
-        raise SpecError(f"--timeout must be a finite number of seconds >= 0 (0: no limit), got {spec.timeout}")
+    for label, value in (("timeout", spec.timeout), ("timing-cap", spec.timing_cap)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise SpecError(f"--{label} must be a finite number of seconds >= 0 (0: no limit), got {value}")
+    if not (math.isfinite(spec.stable) and 0 <= spec.stable < 1):
+        raise SpecError(f"--stable must be a fraction in [0, 1) (IQR / median; 0: off), got {spec.stable}")
     if spec.memory not in MEMORY_MODES:
         raise SpecError(f"unknown memory mode {spec.memory!r}; valid: {', '.join(MEMORY_MODES)}")
     if spec.isolate not in ISOLATE_MODES:
         raise SpecError(f"unknown isolation {spec.isolate!r}; valid: {', '.join(ISOLATE_MODES)}")
     if spec.memory == "process" and spec.device != "cpu":
         raise SpecError("--memory process measures CPU resident memory; on CUDA use inprocess or auto")
+    ESTIMATORS.create(spec.baseline)  # a bad --baseline is refused before anything runs
     tasks = _distinct([TASKS.create(name) for name in spec.tasks])  # aliases and repeats run once
     estimators = _distinct([ESTIMATORS.create(name) for name in spec.estimators])
     for task in tasks:
@@ -136,11 +146,12 @@ def _distinct(items: list[Any]) -> list[Any]:
 
 
 def expand(spec: SweepSpec, tasks: list[Any], estimators: list[Any]) -> list[Cell]:
+    """Every cell of the sweep, grouped by point (task, target, N, seed) in the spec's order."""
     cells: dict[str, Cell] = {}
     task_code = {id(task): (code_hash(type(task)), task.data_fingerprint()) for task in tasks}
     estimator_code = {id(estimator): code_hash(type(estimator)) for estimator in estimators}
-    for task, target, estimator, steps, seed in itertools.product(
-            tasks, dict.fromkeys(spec.targets), estimators, dict.fromkeys(spec.steps), dict.fromkeys(spec.seeds)):
+    for task, target, steps, seed, estimator in itertools.product(
+            tasks, dict.fromkeys(spec.targets), dict.fromkeys(spec.steps), dict.fromkeys(spec.seeds), estimators):
         identity = {
             "schema": store.SCHEMA, "task": task.spec, "task_version": task.version,
             "task_code": task_code[id(task)][0], "task_data": task_code[id(task)][1],
@@ -152,132 +163,153 @@ def expand(spec: SweepSpec, tasks: list[Any], estimators: list[Any]) -> list[Cel
     return list(cells.values())
 
 
-def environment(spec: SweepSpec, argv: list[str] | None) -> dict[str, Any]:
-    import diffusers
-
-    device = torch.device(spec.device)
-    return {
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "argv": argv, "spec": asdict(spec), "bench_version": bench.__version__,
-        "python": sys.version.split()[0], "torch": torch.__version__, "diffusers": diffusers.__version__,
-        "cuda": torch.version.cuda, "device": spec.device,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
-        "cpu_threads": torch.get_num_threads(), "platform": platform.platform(), **_git_state(),
-    }
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _git_state() -> dict[str, Any]:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True,
-                                    text=True, timeout=10).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        return {"git_commit": None, "git_dirty": None}
-    return {"git_commit": commit, "git_dirty": dirty}
+def timing_threads(spec: SweepSpec) -> int:
+    """Intra-op threads of the timing: --threads, else 1 on a CPU (measured in README, "Timing":
+    one thread loses ~10 % quiet and nothing beside a busy core; two lose 3x there), else torch's."""
+    if spec.threads:
+        return spec.threads
+    return 1 if spec.device == "cpu" else torch.get_num_threads()
 
 
 def _finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor).all())
 
 
-class Diverged(Exception):
-    pass
+class Attempt:
+    """One cell on its way to a row: its clock (limit and phase seconds), the row parts its phases
+    returned, and the outcome that ended it early, if any."""
 
+    def __init__(self, cell: Cell, limit: float | None) -> None:
+        self.cell, self.clock = cell, Clock(limit)
+        self.parts: dict[str, Any] = {}
+        self.ended: dict[str, Any] | None = None
+        self.problem = None
+        self.rng = random.Random(cell.seed)
+        self.cost = None
+        self.grad: torch.Tensor | None = None
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    """An allocation failure on any device: torch's OutOfMemoryError (CUDA, MPS, XPU), Python's
-    MemoryError, or the CPU allocator's RuntimeError."""
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+    def run(self, phase: str, fn: Callable[[], Any]) -> Any:
+        """fn's result within the cell's limit, timed as `phase`; None once the cell has ended."""
+        if self.ended is not None:
+            return None
+        try:
+            with self.clock.phase(phase):
+                return fn()
+        except BaseException as exc:  # a failing cell is data, even sys.exit() in a plug-in
+            self.fail(exc)
+            return None
 
+    def fail(self, exc: BaseException) -> None:
+        self.ended = outcome(exc)  # re-raises the user's Ctrl-C
 
-_user_interrupts: list[int] = []  # SIGINTs received during the sweep (see _sigint_recorded)
+    def add(self, fields: dict[str, Any] | None) -> None:
+        if fields and self.ended is None:
+            self.parts.update(fields)
 
-
-@contextmanager
-def _sigint_recorded():
-    """Tell the user's Ctrl-C (a real SIGINT) apart from a KeyboardInterrupt an estimator raises."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def on_sigint(signum, frame):
-        _user_interrupts.append(signum)
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        _user_interrupts.clear()
-
-
-class CellTimeout(Exception):
-    pass
-
-
-@contextmanager
-def time_limit(seconds: float | None):
-    """Raise CellTimeout in the main thread after `seconds` (a SIGALRM timer; the exception
-    surfaces at the next Python-level instruction, so within one denoiser call)."""
-    usable = seconds and hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
-    if not usable:
-        yield
-        return
-
-    def on_alarm(signum, frame):
-        raise CellTimeout(f"cell exceeded the {seconds:g} s limit (--timeout)")
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+    def row(self) -> dict[str, Any]:
+        phases = {name: round(seconds, 3) for name, seconds in self.clock.phases.items()}
+        fields = {"status": "ok", **self.parts, **(self.ended or {})}
+        return self.cell.row(**fields, phase_s=phases, cell_seconds=round(sum(self.clock.phases.values()), 3))
 
 
 class CellRunner:
-    """Runs cells of one sweep; caches the exact reference gradient per (task, target, N, seed)."""
+    """Runs the cells of one sweep a point at a time; caches what a point, a task or a problem
+    shares (the reference gradient, the time and memory units, the unoptimised quality)."""
 
     def __init__(self, spec: SweepSpec, out: Path | None = None) -> None:
         self.spec, self.out = spec, out
         self.device = torch.device(spec.device)
-        self.references: dict[tuple, torch.Tensor] = {}
-        self.units: dict[tuple, dict[str, Any]] = {}
+        self.threads, self.threads_before = timing_threads(spec), torch.get_num_threads()
+        torch.set_num_threads(self.threads)  # restored by close()
+        self.memory = MemoryMeter(spec.memory, self.device, spec.includes)
+        self.baseline = ESTIMATORS.create(spec.baseline).spec
+        self.references: dict[tuple, torch.Tensor | None] = {}
+        self.time_units: dict[tuple, dict[str, float]] = {}
+        self.initial_quality: dict[tuple, dict[str, Any]] = {}
+        self.floors: dict[str, dict[str, Any]] = {}
         self.ready_tasks: set[int] = set()
-        self.memory_mode = spec.memory
-        if spec.memory == "auto":
-            self.memory_mode = "inprocess" if self.device.type == "cuda" else "process"
-        if self.memory_mode in ("process", "inprocess") and self.device.type == "cpu" and not rss_supported():
-            self.memory_mode = "unavailable"
-        use_worker = self.memory_mode == "process"
-        self.memory_worker = MemoryWorker(spec.includes) if use_worker else None
 
     def close(self) -> None:
-        if self.memory_worker is not None:
-            self.memory_worker.close()
+        self.memory.close()
+        torch.set_num_threads(self.threads_before)
 
-    def _setup(self, task: Any) -> None:
-        if id(task) not in self.ready_tasks:
-            task.setup(self.device)
-            self.ready_tasks.add(id(task))
+    def run(self, cell: Cell) -> dict[str, Any]:
+        return next(iter(self.run_point([cell])))
+
+    def run_point(self, cells: list[Cell], companions: Iterable[Cell] = ()) -> Iterator[dict[str, Any]]:
+        """Rows of `cells` (one point), yielded as each finishes. `companions` (cells of the point
+        already done, e.g. the baseline on a resumed sweep) are timed beside them, not re-rowed."""
+        attempts = [Attempt(cell, self.spec.timeout) for cell in cells]
+        extra = [Attempt(cell, self.spec.timeout) for cell in companions]
+        for attempt in attempts + extra:
+            with attempt.clock.accounting():
+                attempt.add(attempt.run("setup", lambda: self._setup(attempt)))
+                attempt.add(attempt.run("agreement", lambda: self._agreement(attempt)))
+                attempt.add(attempt.run("reference", lambda: self._agreement_to_reference(attempt)))
+                attempt.add(attempt.run("units", lambda: self._time_model(attempt)))
+        start = time.perf_counter()
+        timed = [a for a in attempts + extra if a.ended is None]
+        before = sum(a.clock.spent for a in timed)
+        self.memory.wait_idle()  # the memory process is idle: the cores are the timing's alone
+        self._time(timed)
+        shared = time.perf_counter() - start - (sum(a.clock.spent for a in timed) - before)
+        for attempt in timed:  # the timing loop's own cost, and waiting for the memory process
+            attempt.clock.charge("harness", shared / len(timed))
+        for attempt in attempts:
+            with attempt.clock.accounting():
+                attempt.add(attempt.run("memory", lambda: self.memory.measure(
+                    attempt.cell, attempt.problem, attempt.rng, attempt.cost)))
+                optimised = attempt.run("optimise", lambda: self._optimise(attempt))
+                if optimised is not None:
+                    fields, problem, first_x0, x0 = optimised
+                    attempt.add(fields)
+                    attempt.add(attempt.run("evaluate", lambda: self._evaluate(attempt, problem, x0)))
+                    attempt.add(attempt.run("samples", lambda: self._save_samples(attempt.cell, problem,
+                                                                                  first_x0, x0)))
+            yield attempt.row()
+
+    # -- phases ------------------------------------------------------------------------------
+
+    def _setup(self, attempt: Attempt) -> dict[str, Any]:
+        cell = attempt.cell
+        if id(cell.task) not in self.ready_tasks:
+            cell.task.setup(self.device)
+            self.ready_tasks.add(id(cell.task))
+        problem = cell.task.make_problem(cell.target, cell.steps, cell.seed)
+        if cell.target in ("cond", "weights") and not problem.chain.schedule.effective_steps():
+            raise SkipCell("every step of this schedule is an identity step (the denoiser's output "
+                           "has weight 0), so cond and weights do not change the samples")
+        reason = cell.estimator.skip_reason(problem)
+        if reason:
+            raise SkipCell(reason)
+        attempt.problem, attempt.cost = problem, cell.estimator.cost_for(problem)
+        cost = attempt.cost
+        return {"sampler": cell.estimator.sampler, "threads": self.threads,
+                "nfe_forward_pred": cost.nfe_forward, "nfe_vjp_pred": cost.nfe_vjp, "mem_class": cost.memory,
+                "mem_pred_activations": cost.activations, "mem_pred_latents": cost.latents}
+
+    def _agreement(self, attempt: Attempt) -> dict[str, Any]:
+        problem = attempt.problem
+        problem.chain.counter.reset()
+        attempt.cell.estimator(problem, attempt.rng)
+        grad = problem.flat_grad().detach().double()
+        if not _finite(grad):
+            raise Diverged("non-finite gradient")
+        attempt.grad = grad
+        return {"nfe_forward": problem.chain.counter.forward, "nfe_vjp": problem.chain.counter.vjp,
+                "grad_norm": float(grad.norm())}
+
+    def _agreement_to_reference(self, attempt: Attempt) -> dict[str, Any]:
+        exact, reference, reference_dtype = self.reference(attempt.cell)
+        fields: dict[str, Any] = {"reference": reference, "reference_dtype": reference_dtype}
+        if exact is not None:
+            grad = attempt.grad
+            norm = float(grad.norm() * exact.norm())
+            fields["grad_cos"] = float(grad @ exact) / norm if norm > 0 else float("nan")
+            fields["grad_rel_err"] = (float((grad - exact).norm() / exact.norm()) if float(exact.norm()) > 0
+                                      else float("nan"))
+            fields["exact_grad_norm"] = float(exact.norm())
+        return fields
 
     def reference(self, cell: Cell) -> tuple[torch.Tensor | None, str, str]:
         """(exact gradient, estimator, dtype) of the cell's discrete chain at its point: full
@@ -289,7 +321,7 @@ class CellRunner:
             return None, "off", "none"
         if spec == "full" and cell.task.reference_checkpointed:
             spec = "checkpoint"
-        key = (cell.task.spec, cell.target, cell.steps, cell.seed, spec)
+        key = (*cell.point, spec)
         if key not in self.references:
             problem = cell.task.make_problem(cell.target, cell.steps, cell.seed, dtype=dtype)
             try:
@@ -301,119 +333,48 @@ class CellRunner:
             return None, "none (the reward is not differentiable)", "none"
         return self.references[key], spec, str(dtype).replace("torch.", "")
 
-    def run(self, cell: Cell) -> dict[str, Any]:
-        row = cell.row(status="ok")
-        if self.memory_worker is not None:
-            # (Re)starting the memory process is the sweep's cost, outside the cell's time limit.
-            self.memory_worker.wait_ready()
-        started = time.perf_counter()
-        try:
-            with time_limit(self.spec.timeout):
-                self._setup(cell.task)
-                self._measure(cell, row)
-        except SkipCell as skip:
-            row.update(status="skipped", reason=str(skip))
-        except Diverged as exc:
-            row.update(status="diverged", error=str(exc))
-        except CellTimeout as exc:
-            row.update(status="timeout", error=str(exc))
-        except BaseException as exc:  # a failing cell is data, even sys.exit() in a plug-in
-            if isinstance(exc, KeyboardInterrupt) and _user_interrupts:
-                raise  # the user's Ctrl-C (a SIGINT) ends the sweep; completed rows are saved
-            message = str(exc).splitlines()[0] if str(exc).strip() else repr(exc)
-            row.update(status="oom" if is_out_of_memory(exc) else "error", error=message,
-                       error_type=type(exc).__name__, traceback=traceback.format_exc(limit=-3))
-        row["cell_seconds"] = round(time.perf_counter() - started, 3)
-        return row
-
-    def _measure(self, cell: Cell, row: dict[str, Any]) -> None:
-        estimator, spec = cell.estimator, self.spec
-        problem = cell.task.make_problem(cell.target, cell.steps, cell.seed)
-        if cell.target in ("cond", "weights") and not problem.chain.schedule.effective_steps():
-            raise SkipCell("every step of this schedule is an identity step (the denoiser's output "
-                           "has weight 0), so cond and weights do not change the samples")
-        reason = estimator.skip_reason(problem)
-        if reason:
-            raise SkipCell(reason)
-        cost = estimator.cost_for(problem)
-        row.update(sampler=estimator.sampler)
-        row.update(nfe_forward_pred=cost.nfe_forward, nfe_vjp_pred=cost.nfe_vjp, mem_class=cost.memory,
-                   mem_pred_activations=cost.activations, mem_pred_latents=cost.latents)
-        rng = random.Random(cell.seed)
-
-        # 1. Gradient agreement and counts (untimed).
-        problem.chain.counter.reset()
-        estimator(problem, rng)
-        row.update(nfe_forward=problem.chain.counter.forward, nfe_vjp=problem.chain.counter.vjp)
-        grad = problem.flat_grad().detach().double()
-        if not _finite(grad):
-            raise Diverged("non-finite gradient")
-        exact, reference, reference_dtype = self.reference(cell)
-        row.update(reference=reference, reference_dtype=reference_dtype)
-        row["grad_norm"] = float(grad.norm())
-        if exact is not None:
-            norm = float(grad.norm() * exact.norm())
-            row["grad_cos"] = float(grad @ exact) / norm if norm > 0 else float("nan")
-            row["grad_rel_err"] = float((grad - exact).norm() / exact.norm()) if float(exact.norm()) > 0 else float("nan")
-            row["exact_grad_norm"] = float(exact.norm())
-
-        # 2. Time per gradient. The memory worker is idle (run() waited until it was ready, and it
-        #    works only when asked): the cores are the timing's alone.
-        times = time_rounds(lambda: estimator(problem, rng), self.device, spec.warmup, spec.rounds)
-        row["time_s"], row["time_iqr_s"] = median_iqr(times)
-        row["time_rounds_s"] = times
-
-        # 3. Peak memory of one gradient, above what the problem holds before it, and the cost
-        #    model's prediction from the measured units A (one kept call) and S (one latent).
-        row["mem_baseline_bytes"] = tensor_bytes(_problem_tensors(problem))
-        row.update(self._memory(cell, problem, rng))
-        if row.get("peak_mem_bytes") is not None:
-            unit_a = self._unit_activation(cell, problem)
-            unit_s = problem.x_start.numel() * problem.x_start.element_size()
-            row.update(mem_unit_a_bytes=unit_a, mem_unit_s_bytes=unit_s,
-                       mem_pred_bytes=cost.predicted_bytes(unit_a, unit_s))
-
-        # 4. A short optimisation with this estimator (reward of the true sampler each iteration).
-        row.update(self._optimise(cell, rng))
-
-    def _memory(self, cell: Cell, problem: Problem, rng: random.Random) -> dict[str, Any]:
-        mode = self.memory_mode
-        if mode in ("off", "unavailable"):
-            return {"peak_mem_bytes": None, "mem_kind": mode}
-        if mode == "process":
-            result = self.memory_worker.measure({"task": cell.task.spec, "estimator": cell.estimator.spec,
-                                                 "target": cell.target, "steps": cell.steps, "seed": cell.seed})
-            kind = "rss_peak"
-        else:
-            problem.zero_grad()
-            result = self._inprocess_peak(lambda: cell.estimator(problem, rng))
-            kind = "cuda_max_allocated" if self.device.type == "cuda" else "rss_peak_inprocess"
-        if "error" in result:
-            return {"peak_mem_bytes": None, "mem_kind": kind, "mem_error": result["error"]}
-        extra = {"mem_reserved_peak_bytes": result["reserved"]} if "reserved" in result else {}
-        return {"peak_mem_bytes": result["peak"], "mem_process_before_bytes": result["before"], "mem_kind": kind,
-                **extra}
-
-    def _inprocess_peak(self, fn: Callable[[], object]) -> dict[str, int]:
-        if self.device.type == "cuda":
-            return cuda_peak_bytes(fn, self.device)
-        return rss_peak_bytes(fn)
-
-    def _unit_activation(self, cell: Cell, problem: Problem) -> float | None:
-        """A: peak memory of one denoiser call with its graph kept, measured like the cells
-        (cached per task, target and seed)."""
+    def _time_model(self, attempt: Attempt) -> dict[str, Any]:
+        cell = attempt.cell
         key = (cell.task.spec, cell.target, cell.seed)
-        if key not in self.units:
-            if self.memory_mode == "process":
-                self.units[key] = self.memory_worker.measure(
-                    {"task": cell.task.spec, "target": cell.target, "steps": cell.steps,
-                     "seed": cell.seed, "unit": True})
-            else:
-                one_kept_call(problem)  # warm-up
-                self.units[key] = self._inprocess_peak(lambda: one_kept_call(problem))
-        return self.units[key].get("peak")
+        if key not in self.time_units:
+            self.time_units[key] = denoiser_units(attempt.problem, self.device)
+        units = self.time_units[key]
+        return {"time_unit_f_s": units["F"], "time_unit_v_s": units["V"],
+                "time_pred_s": attempt.cost.nfe_forward * units["F"] + attempt.cost.nfe_vjp * units["V"]}
 
-    def _optimise(self, cell: Cell, rng: random.Random) -> dict[str, Any]:
+    def _time(self, attempts: list[Attempt]) -> None:
+        """The timing phase of a point's cells, round-robin; each call within its cell's limit."""
+        if not attempts:
+            return
+
+        def timed_call(attempt: Attempt) -> Callable[[], None]:
+            def call() -> None:
+                with attempt.clock.phase("timing"):
+                    attempt.cell.estimator(attempt.problem, attempt.rng)
+            return call
+
+        cap = self.spec.timing_cap or (DEFAULT_STABLE_CAP_S if self.spec.stable else 0.0)
+        results = time_interleaved({a.cell.key: timed_call(a) for a in attempts}, self.device,
+                                   rounds=self.spec.rounds, threads=self.threads, stable=self.spec.stable,
+                                   cap_s=cap, warmup=self.spec.warmup, fatal=is_user_interrupt)
+        baseline = next((a for a in attempts if a.cell.estimator.spec == self.baseline
+                         and results[a.cell.key].error is None), None)
+        for attempt in attempts:
+            result = results[attempt.cell.key]
+            if result.error is not None:
+                attempt.fail(result.error)
+                continue
+            attempt.add({**result.summary(), "time_paired": len(attempts) > 1})
+            if baseline is not None:
+                ratio = paired_ratio(result, results[baseline.cell.key])
+                if ratio is not None:
+                    attempt.add({"time_baseline": self.baseline, "time_vs_baseline": ratio["ratio"],
+                                 **({"time_vs_baseline_lo": ratio["lo"], "time_vs_baseline_hi": ratio["hi"]}
+                                    if "lo" in ratio else {})})
+
+    def _optimise(self, attempt: Attempt):
+        """(row fields, the optimised problem, samples before, samples after) of a short Adam run."""
+        cell, rng = attempt.cell, attempt.rng
         problem = cell.task.make_problem(cell.target, cell.steps, cell.seed)
         optimiser = torch.optim.Adam(problem.leaves, lr=cell.task.learning_rates[cell.target])
         # curve[i]: mean reward of the chain's own samples at iterate i; seconds[i]: optimisation
@@ -422,35 +383,48 @@ class CellRunner:
         for _ in range(self.spec.iters):
             synchronize(self.device)
             start = time.perf_counter()
-            outcome = cell.estimator(problem, rng)
-            first_x0 = outcome.x0 if first_x0 is None else first_x0
-            if not (math.isfinite(outcome.loss) and _finite(problem.flat_grad())):
+            outcome_ = cell.estimator(problem, rng)
+            first_x0 = outcome_.x0 if first_x0 is None else first_x0
+            if not (math.isfinite(outcome_.loss) and _finite(problem.flat_grad())):
                 raise Diverged(f"non-finite loss or gradient at optimisation iteration {len(curve) + 1}")
             optimiser.step()
             synchronize(self.device)
-            curve.append(float(outcome.rewards.mean()))
+            curve.append(float(outcome_.rewards.mean()))
             seconds.append(elapsed)
             elapsed += time.perf_counter() - start
         x0 = cell.estimator.sample(problem)
         curve.append(float(problem.reward_fn(x0).mean()))
         seconds.append(elapsed)
+        fields = {"reward_init": curve[0], "reward_curve": curve, "reward_curve_s": seconds, "optim_seconds": elapsed}
+        return fields, problem, first_x0, x0
+
+    def _evaluate(self, attempt: Attempt, problem, x0: torch.Tensor) -> dict[str, Any]:
+        """The optimised sampler's metrics, the unoptimised sampler's at the same point (`_init`),
+        and the task's real-versus-real floor (`_floor`)."""
+        cell = attempt.cell
         metrics = cell.task.evaluate(problem, x0)
         if not all(math.isfinite(v) for v in metrics.values()):
             raise Diverged(f"non-finite evaluation after optimisation: {metrics}")
-        grid = self._save_samples(cell, problem, first_x0, x0)
-        return {"reward_init": curve[0], "reward_final": metrics["reward"], "reward_curve": curve,
-                "reward_curve_s": seconds, "optim_seconds": elapsed,
-                **({"samples_png": grid} if grid else {}),
-                **{f"eval_{name}": value for name, value in metrics.items()}}
+        key = (*cell.point, cell.estimator.sampler)
+        if key not in self.initial_quality:
+            start = cell.task.make_problem(cell.target, cell.steps, cell.seed)
+            self.initial_quality[key] = cell.task.evaluate(start, cell.estimator.sample(start))
+        if cell.task.spec not in self.floors:
+            self.floors[cell.task.spec] = cell.task.quality_floor()
+        fields = {"reward_final": metrics["reward"], **{f"eval_{k}": v for k, v in metrics.items()}}
+        fields.update({f"eval_{k}_init": v for k, v in self.initial_quality[key].items()})
+        fields.update({f"eval_{k}_floor": v for k, v in self.floors[cell.task.spec].items()})
+        reference = cell.task.quality_reference()
+        return {**fields, **({"eval_reference": reference} if reference else {})}
 
-    def _save_samples(self, cell: Cell, problem: Problem, before, after) -> str | None:
+    def _save_samples(self, cell: Cell, problem, before, after) -> dict[str, Any]:
         """OUT/samples/<key>.png: the samples before (top row) and after (bottom row) the
         optimisation, for tasks whose samples are images; the path relative to the run folder."""
         if self.out is None or before is None:
-            return None
+            return {}
         images = [cell.task.images(problem, x) for x in (before, after)]
         if images[0] is None:
-            return None
+            return {}
         from torchvision.utils import save_image
 
         shown = min(8, images[0].shape[0])
@@ -458,68 +432,60 @@ class CellRunner:
         folder.mkdir(exist_ok=True)
         save_image(torch.cat([images[0][:shown], images[1][:shown]]).float().cpu(), folder / f"{cell.key}.png",
                    nrow=shown, padding=1, pad_value=1.0)
-        return f"samples/{cell.key}.png"
-
-
-def _problem_tensors(problem: Problem) -> Iterator[torch.Tensor]:
-    yield from problem.chain.denoiser.parameters()
-    yield from problem.chain.denoiser.buffers()
-    yield problem.x_start
-    if problem.cond is not None:
-        yield problem.cond
-    yield from problem.noises or ()
+        return {"samples_png": f"samples/{cell.key}.png"}
 
 
 def run_sweep(spec: SweepSpec, out: Path, force: bool = False, argv: list[str] | None = None,
               on_start: Callable[[int, int], None] | None = None,
-              on_cell: Callable[[Cell], None] | None = None,
+              on_point: Callable[[list[Cell]], None] | None = None,
               on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Run every cell not already in OUT/rows.jsonl (all of them with force); return the rows of
     this sweep's cells (fresh or reused)."""
     tasks, estimators = resolve(spec)
     cells = expand(spec, tasks, estimators)
+    points: dict[tuple, list[Cell]] = {}
+    for cell in cells:
+        points.setdefault(cell.point, []).append(cell)
+    baseline = ESTIMATORS.create(spec.baseline).spec
     with store.locked(out):
         rows_path = out / store.ROWS
         store.repair(rows_path)
         done = store.latest_by_key(store.read_rows(rows_path))
-        _write_run_json(out, spec, argv)
+        write_run_json(out, spec, argv)
         todo = [cell for cell in cells if force or cell.key not in done]
         if on_start:
             on_start(len(cells), len(cells) - len(todo))
         isolate = spec.isolate == "cell" or (spec.isolate == "auto" and spec.device.startswith("cuda"))
         runner = None if isolate else CellRunner(spec, out)
         try:
-            with _sigint_recorded():
-                for cell in todo:
-                    if on_cell:
-                        on_cell(cell)
-                    row = run_in_process(spec, cell, out) if isolate else runner.run(cell)
-                    store.append_row(rows_path, row)
-                    done[cell.key] = row
-                    if on_row:
-                        on_row(row)
+            with sigint_recorded():
+                for point_cells in points.values():
+                    waiting = [cell for cell in point_cells if force or cell.key not in done]
+                    if not waiting:
+                        continue
+                    if on_point:
+                        on_point(waiting)
+                    for row in _point_rows(spec, runner, point_cells, waiting, baseline, out, isolate):
+                        store.append_row(rows_path, row)
+                        done[row["key"]] = row
+                        if on_row:
+                            on_row(row)
         finally:
             if runner is not None:
                 runner.close()
     return [done[cell.key] for cell in cells]
 
 
-def _write_run_json(out: Path, spec: SweepSpec, argv: list[str] | None) -> None:
-    """run.json: this invocation, with every earlier one under `history` (called under the folder's
-    lock). An unreadable run.json is kept aside as run.json.unreadable-<time>, never dropped."""
-    path = out / store.RUN
-    history: list[Any] = []
-    if path.exists():
-        previous = store.read_run_json(path)
-        if previous is None:
-            aside = path.with_name(f"{store.RUN}.unreadable-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}")
-            path.replace(aside)
-            history = [{"unreadable_record_moved_to": aside.name}]
-        else:
-            earlier = previous.pop("history", [])
-            history = (earlier if isinstance(earlier, list) else [earlier]) + [previous]
-    record = environment(spec, argv)
-    record["history"] = history
-    tmp = path.with_name(f".{store.RUN}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    tmp.replace(path)
+def _point_rows(spec: SweepSpec, runner: CellRunner | None, point_cells: list[Cell], waiting: list[Cell],
+                baseline: str, out: Path, isolate: bool) -> Iterator[dict[str, Any]]:
+    """Rows of a point's waiting cells: interleaved in this process (with the baseline timed beside
+    them when its row already exists), one by one, or each in its own process."""
+    if isolate:
+        for cell in waiting:
+            yield run_in_process(spec, cell, out)
+    elif spec.interleave:
+        companions = [c for c in point_cells if c not in waiting and c.estimator.spec == baseline]
+        yield from runner.run_point(waiting, companions)
+    else:
+        for cell in waiting:
+            yield from runner.run_point([cell])

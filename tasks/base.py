@@ -69,6 +69,15 @@ class Task(Configurable):
         None where samples are not images (the toy)."""
         return None
 
+    def quality_reference(self) -> str | None:
+        """What the quality metrics compare samples with (a row's `eval_reference`), or None."""
+        return None
+
+    def quality_floor(self) -> dict[str, float]:
+        """Metrics of real images against real images (`eval_<name>_floor`), computed once per
+        sweep: the best value samples could reach. Empty where the task has no real images."""
+        return {}
+
     def evaluate(self, problem: Problem, x0: torch.Tensor) -> dict[str, float]:
         """Metrics of final samples, outside any timed part."""
         _, rewards = problem.loss(x0)

@@ -93,7 +93,7 @@ class Digits(Task):
         self.classifier.load_state_dict(load_file(folder / "classifier.safetensors"))
         self.classifier.eval().requires_grad_(False)
         self.scheduler = DDIMScheduler(**SCHEDULER_CONFIG)
-        self.held_out = data.split("held_out")[0]
+        self.held_out, self.held_out_labels = data.split("held_out")
         self._classifiers: dict[torch.dtype, DigitClassifier] = {}
 
     @staticmethod
@@ -153,11 +153,34 @@ class Digits(Task):
     def images(self, problem: Problem, x0: Tensor) -> Tensor:
         return ((x0.detach().float() + 1) / 2).clamp(0, 1)
 
+    def _reference_images(self) -> Tensor:
+        """What FID and KID compare samples with: the held-out digits of the class the reward asks
+        for where it names one (classify, decision), else every held-out digit."""
+        if self.reward in ("classify", "decision"):
+            return self.held_out[self.held_out_labels == self.digit]
+        return self.held_out
+
+    def quality_reference(self) -> str:
+        which = f"class {self.digit}" if self.reward in ("classify", "decision") else "every class"
+        return f"held-out digits of {which} ({len(self._reference_images())} images)"
+
+    @torch.no_grad()
+    def quality_floor(self) -> dict[str, float]:
+        """FID and KID between two halves of the reference images: what a perfect sampler would
+        score at that sample size (FID is biased upward at small sizes; KID is not)."""
+        reals = self._reference_images()
+        order = torch.randperm(len(reals), generator=torch.Generator().manual_seed(0))
+        half = len(reals) // 2
+        first, second = reals[order[:half]], reals[order[half:2 * half]]
+        classifier = self.classifier_in(torch.float32)
+        return {"fid": metrics.digits_fid(classifier, first, second),
+                "kid": metrics.digits_kid(classifier, first, second)}
+
     @torch.no_grad()
     def evaluate(self, problem: Problem, x0: Tensor) -> dict[str, float]:
-        """Reward of the problem's own samples; FID, accuracy and diversity on fresh samples where
-        the optimised quantity allows drawing more (cond, weights), else on the batch itself
-        (latent, noise)."""
+        """Reward of the problem's own samples; FID, KID, accuracy and diversity on fresh samples
+        where the optimised quantity allows drawing more (cond, weights), else on the batch itself
+        (latent, noise). FID and KID compare with `_reference_images`."""
         rewards = self.reward_of(x0)
         samples = x0
         if problem.target in ("cond", "weights"):
@@ -167,14 +190,16 @@ class Digits(Task):
                 torch.randn(fresh.shape, generator=generator).to(x0) for _ in problem.noises]
             samples = problem.chain.sample(fresh, problem.cond, noises)
         classifier = self.classifier_in(torch.float32)
+        reals = self._reference_images().to(self.device)
         result = {
             "reward": float(rewards.mean()),
-            "fid": metrics.digits_fid(classifier, samples, self.held_out.to(self.device)),
+            "fid": metrics.digits_fid(classifier, samples, reals),
+            "kid": metrics.digits_kid(classifier, samples, reals),
             "fid_samples": float(len(samples)),
             "accuracy": metrics.class_accuracy(classifier, samples, self.digit),
             "diversity": metrics.diversity(classifier, samples),
         }
-        value, _ = metrics.clean_fid(samples, self.held_out)  # None without local Inception weights
+        value, _ = metrics.clean_fid(samples, reals)  # None without local Inception weights
         if value is not None:
             result["clean_fid"] = value
         return {k: v for k, v in result.items() if not (isinstance(v, float) and math.isnan(v))}

@@ -1,0 +1,148 @@
+"""The fields of a row, declared once: name, unit and meaning. The summary, the report, compare
+and the figures read their numeric columns from here, and the README's field table is rendered
+from it (a test keeps the two equal: `python -m bench.fields` prints the table)."""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str  # a row key, or a pattern with * (eval_*)
+    unit: str  # "" for text and flags
+    meaning: str
+    numeric: bool = True
+
+
+FIELDS: tuple[Field, ...] = (
+    # identity
+    Field("schema", "", "row format version", numeric=False),
+    Field("key", "", "content key of the cell: specs, target, N, seed, iters, device, a hash of the code the "
+          "estimator and the task use, and `task_data` (a digest of the trained weights a task loads), so a "
+          "changed estimator, a changed helper it imports, or retrained weights never reuse a stale row",
+          numeric=False),
+    Field("task", "", "task spec, e.g. `digits[reward=ink]`", numeric=False),
+    Field("task_version", "", "the task's version (bumped when its results change meaning)", numeric=False),
+    Field("task_code", "", "hash of the code the task imports", numeric=False),
+    Field("task_data", "", "digest of the data files (trained weights) the task loads", numeric=False),
+    Field("estimator", "", "estimator spec, e.g. `truncated[k=2]`", numeric=False),
+    Field("estimator_code", "", "hash of the code the estimator imports", numeric=False),
+    Field("options", "", "every option value of the estimator, defaults included", numeric=False),
+    Field("target", "", "what is optimised: `latent`, `cond`, `weights` or `noise`", numeric=False),
+    Field("steps", "count", "sampler steps N"),
+    Field("seed", "", "seed of the problem (initial latent, noises, adapters) and the estimator's draws"),
+    Field("iters", "count", "Adam iterations of the short optimisation"),
+    Field("device", "", "`cpu`, `cuda` or `cuda:N`", numeric=False),
+    Field("sampler", "", "the chain differentiated: `ddim`, or `edict`", numeric=False),
+    # outcome
+    Field("status", "", "`ok`, `skipped` (with `reason`), `diverged` (NaN/inf gradient or loss), `oom`, "
+          "`timeout` (over `--timeout`), `error` (with `error`, `error_type`, `traceback`); one bad cell "
+          "never stops a sweep", numeric=False),
+    Field("reason", "", "why a cell was skipped", numeric=False),
+    Field("error", "", "first line of the error of a failed cell", numeric=False),
+    Field("error_type", "", "the exception's class", numeric=False),
+    Field("traceback", "", "the last frames of the traceback", numeric=False),
+    # gradient agreement
+    Field("reference", "", "what the gradient is compared with: `full` backprop; for `edict`, backprop "
+          "through its own chain; `checkpoint` where a stored graph does not fit; `off` or `none (...)` when "
+          "no reference exists (a non-differentiable reward), and then no agreement figures", numeric=False),
+    Field("reference_dtype", "", "the reference's precision (float64 on the toy, digits and `sd[model=tiny]`)",
+          numeric=False),
+    Field("grad_cos", "cosine", "cosine between the estimator's gradient and the reference"),
+    Field("grad_rel_err", "ratio", "‖g − g_ref‖ / ‖g_ref‖"),
+    Field("grad_norm", "", "‖g‖ of the estimator's gradient"),
+    Field("exact_grad_norm", "", "‖g_ref‖ of the reference gradient"),
+    # time
+    Field("time_s", "s", "seconds per gradient: median of the clean timed rounds (device-synchronised; "
+          "slowed rounds left out)"),
+    Field("time_iqr_s", "s", "interquartile range of the clean rounds"),
+    Field("time_min_s", "s", "fastest clean round"),
+    Field("time_rounds_s", "s", "every clean round, in order"),
+    Field("time_rounds_slowed", "count", "rounds left out (and repeated) because other processes took the "
+          "cores the timing needed"),
+    Field("time_others_cores", "cores", "most cores other processes kept busy during a judged round"),
+    Field("timing_suspect", "", "why the time cannot be trusted (too few clean rounds; contention during rounds "
+          "too short to judge one by one); absent when the timing was clean", numeric=False),
+    Field("time_stop", "", "what ended the timing: `rounds` (--rounds reached), `stable` (--stable reached), "
+          "`cap` (--timing-cap), `retries` or `max_rounds`", numeric=False),
+    Field("time_paired", "", "true when the cell was timed round-robin with the other estimators of its point",
+          numeric=False),
+    Field("time_baseline", "", "the estimator the ratio below is taken to (--baseline, default `full`)",
+          numeric=False),
+    Field("time_vs_baseline", "ratio", "median time ÷ the baseline's, over rounds run in the same passes"),
+    Field("time_vs_baseline_lo", "ratio", "lower end of its 95 % bootstrap interval (pairs of rounds resampled)"),
+    Field("time_vs_baseline_hi", "ratio", "upper end of that interval"),
+    Field("threads", "count", "torch intra-op threads of the timing (--threads)"),
+    Field("time_unit_f_s", "s", "F: one denoiser forward without graph, measured on the task's model and batch"),
+    Field("time_unit_v_s", "s", "V: what one VJP adds (forward with graph + backward − F)"),
+    Field("time_pred_s", "s", "the time model: `nfe_forward_pred`·F + `nfe_vjp_pred`·V"),
+    # counts and the cost model
+    Field("nfe_forward", "count", "denoiser forwards per gradient, counted"),
+    Field("nfe_vjp", "count", "VJPs through the denoiser per gradient, counted"),
+    Field("nfe_forward_pred", "count", "forwards the cost model predicts (ESTIMATORS.md)"),
+    Field("nfe_vjp_pred", "count", "VJPs the cost model predicts"),
+    # memory
+    Field("peak_mem_bytes", "bytes", "peak memory of one gradient call above what was held before it "
+          "(`mem_kind` says which counter)"),
+    Field("mem_kind", "", "`rss_peak` (a process forked per cell), `rss_peak_inprocess`, `cuda_max_allocated`, "
+          "`off` or `unavailable`", numeric=False),
+    Field("mem_error", "", "why the memory measurement failed", numeric=False),
+    Field("mem_baseline_bytes", "bytes", "bytes the problem holds before any gradient (model, latent, "
+          "conditioning)"),
+    Field("mem_process_before_bytes", "bytes", "the measuring process's size before the call"),
+    Field("mem_reserved_peak_bytes", "bytes", "CUDA: `max_memory_reserved`, the caching allocator's peak "
+          "(what nvidia-smi sees)"),
+    Field("mem_class", "", "the cost model's memory class, e.g. `N·A`", numeric=False),
+    Field("mem_pred_activations", "count", "the class's coefficient of A"),
+    Field("mem_pred_latents", "count", "the class's coefficient of S"),
+    Field("mem_unit_a_bytes", "bytes", "A: peak of one denoiser call with its graph, measured like the cells"),
+    Field("mem_unit_s_bytes", "bytes", "S: one latent"),
+    Field("mem_pred_bytes", "bytes", "the memory model: `mem_pred_activations`·A + `mem_pred_latents`·S"),
+    # optimisation and quality
+    Field("reward_init", "reward", "mean reward of the sampler's output before the optimisation"),
+    Field("reward_final", "reward", "mean reward after it (evaluated outside the timed part)"),
+    Field("reward_curve", "reward", "mean reward at each iterate (iters + 1 points)"),
+    Field("reward_curve_s", "s", "optimisation wall-clock to reach each iterate (gradients and Adam steps only)"),
+    Field("optim_seconds", "s", "optimisation wall-clock in all"),
+    Field("eval_*", "", "the task's evaluation of the optimised sampler, outside the timed part: `eval_reward`; "
+          "on `digits` also `eval_fid`, `eval_kid` (class-matched where the reward names a class), "
+          "`eval_fid_samples`, `eval_accuracy`, `eval_diversity` (and `eval_clean_fid` with local Inception "
+          "weights)"),
+    Field("eval_*_init", "", "the same metric of the unoptimised sampler at the same point: the baseline"),
+    Field("eval_*_floor", "", "the metric between two halves of the real reference images (FID, KID): the "
+          "best value samples could reach at that sample size"),
+    Field("eval_reference", "", "what FID and KID compare with, e.g. held-out digits of class 7", numeric=False),
+    Field("samples_png", "", "image tasks: `samples/<key>.png` in the run folder, the samples before (top row) "
+          "and after (bottom row) the optimisation", numeric=False),
+    # the harness
+    Field("phase_s", "s", "seconds of each phase of the cell: `setup`, `reference`, `agreement`, `units`, "
+          "`timing` (its own rounds), `memory`, `optimise`, `evaluate`, `samples`, and `harness`: time between "
+          "them (bookkeeping, its share of the timing loop's own cost and of waiting for the memory process)"),
+    Field("cell_seconds", "s", "the sum of the cell's phases: its wall time, where interleaved cells split the passes they share"),
+)
+
+
+def declared(name: str) -> Field | None:
+    """The declaration of a row key (exact names first, then the most specific pattern)."""
+    for field in FIELDS:
+        if field.name == name:
+            return field
+    patterns = [f for f in FIELDS if "*" in f.name and fnmatch.fnmatchcase(name, f.name)]
+    return max(patterns, key=lambda f: len(f.name), default=None)
+
+
+def numeric_columns() -> list[str]:
+    """Numeric scalar fields a frame of rows converts to numbers (patterns and lists excluded)."""
+    lists = {"time_rounds_s", "reward_curve", "reward_curve_s", "phase_s"}
+    return [f.name for f in FIELDS if f.numeric and "*" not in f.name and f.name not in lists]
+
+
+def readme_table() -> str:
+    lines = ["| field | unit | meaning |", "|---|---|---|"]
+    lines += [f"| `{f.name}` | {f.unit} | {f.meaning} |" for f in FIELDS]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(readme_table())
