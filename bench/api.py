@@ -6,7 +6,7 @@ The names below are the public contract; the modules they live in may move, this
 shrink without notice. A file given to `--include` is executed (imported) by the sweep, and again
 by its memory-measuring process: include only code you trust."""
 from bench.chain import CallCounter, Chain, Schedule, noise_for
-from bench.errors import SkipCell, SpecError
+from bench.errors import Diverged, SkipCell, SpecError
 from bench.options import Option, at_least
 from bench.problem import TARGETS, Problem
 from bench.registry import register_estimator, register_task
@@ -19,7 +19,7 @@ __all__ = [
     # the estimator contract
     "Estimator", "Estimate", "Cost", "backprop", "require_graph", "register_estimator",
     # options and errors
-    "Option", "at_least", "SpecError", "SkipCell",
+    "Option", "at_least", "SpecError", "SkipCell", "Diverged",
     # the problem and its chain
     "Problem", "TARGETS", "Chain", "Schedule", "CallCounter", "noise_for", "run_masked_chain",
     # seeded randomness

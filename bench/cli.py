@@ -76,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="time each cell on its own instead of round-robin with the other estimators of its point")
     run.add_argument("--baseline", default="full", metavar="SPEC",
                      help="the estimator time ratios (with bootstrap intervals) are taken to (default: full)")
-    run.add_argument("--warmup", type=int, default=0,
-                     help="extra untimed calls before timing (the untimed agreement call always runs first)")
+    run.add_argument("--warmup", type=int, default=1,
+                     help="untimed calls of each cell right before its timed rounds (default 1; the untimed "
+                          "agreement call runs earlier)")
     run.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     run.add_argument("--memory", default="auto", metavar="MODE",
                      help="peak-memory measurement: " + "; ".join(f"{k}: {v}" for k, v in MEMORY_MODES.items()))

@@ -8,3 +8,8 @@ class SpecError(ValueError):
 
 class SkipCell(Exception):
     """Raised by an estimator or task when a cell cannot be computed by design (not a failure)."""
+
+
+class Diverged(Exception):
+    """Raised when a gradient, a loss or an estimator's own reconstruction is no longer finite or
+    no longer trustworthy: the cell's row says `diverged` with this message."""

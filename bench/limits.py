@@ -12,14 +12,10 @@ from typing import Any
 
 import torch
 
-from bench.errors import SkipCell
+from bench.errors import Diverged, SkipCell
 
 
 class CellTimeout(Exception):
-    pass
-
-
-class Diverged(Exception):
     pass
 
 

@@ -170,3 +170,25 @@ def save(fig, path_without_suffix, formats=("png",)) -> list[str]:
         written.append(target)
     plt.close(fig)
     return written
+
+
+def tradeoff(ax, means: pd.DataFrame, quality: str, label: str) -> None:
+    """Reward gain against the change of a quality metric (final − unoptimised, same point), one
+    point per estimator and N: what DRaFT and DDPO report as reward bought against quality."""
+    change = means[quality] - means.get(f"{quality}_init", np.nan)
+    data = means.assign(change=change).dropna(subset=["reward_gain", "change"])
+    if data.empty:
+        ax.text(0.5, 0.5, f"no {quality} baseline in these rows", ha="center", va="center", transform=ax.transAxes)
+        return
+    for spec in order(data["estimator"]):
+        part = data[data["estimator"] == spec]
+        ax.scatter(part["reward_gain"], part["change"], marker=marker(spec), color=colour(spec), s=60,
+                   label=spec, zorder=3)
+        for _, row in part.iterrows():
+            ax.annotate(f"N={row['steps']}", (row["reward_gain"], row["change"]), fontsize=6,
+                        xytext=(4, 3), textcoords="offset points", color="#333333")
+    ax.axhline(0.0, color="#bbbbbb", linewidth=0.8)
+    ax.axvline(0.0, color="#bbbbbb", linewidth=0.8)
+    ax.set_xlabel("reward gain in the optimisation")
+    ax.set_ylabel(f"{label} change (final − unoptimised; lower is better)")
+    ax.grid(True, alpha=0.3)

@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from bench import analysis, plots, store
-from bench.summary import RSS_PAGE, format_bytes
+from bench.summary import RSS_PAGE, format_bytes, ratio_text
 
 MEMORY_KINDS = {
     "rss_peak": "peak resident memory of a process forked per cell, above its resident size before the call",
@@ -35,22 +35,52 @@ def _slug(text: str) -> str:
 
 
 def comparison_table(means: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
-    header = ["estimator", "N", "seeds", "ms / grad", "× full", "peak mem", "× full",
-              "mem ÷ model", "fwd / vjp (model)", "grad cos", "rel err", "reward init → final", "gain", "FID"]
+    header = ["estimator", "N", "seeds", "ms / grad", "× full", "time ÷ model", "peak mem", "× full",
+              "mem ÷ model", "fwd / vjp (model)", "grad cos", "rel err", "reward init → final", "gain"]
+    quality = [m for m in ("fid", "kid", "accuracy") if f"eval_{m}" in means and means[f"eval_{m}"].notna().any()]
+    header += [f"{m.upper() if m != 'accuracy' else 'accuracy'} init → final" for m in quality]
     body = []
     for spec in plots.order(means["estimator"]):
         for _, r in means[means["estimator"] == spec].sort_values("steps").iterrows():
             counts = (f"{_fmt(r['nfe_forward'], '.0f')} / {_fmt(r['nfe_vjp'], '.0f')} "
                       f"({_fmt(r['nfe_forward_pred'], '.0f')} / {_fmt(r['nfe_vjp_pred'], '.3g')})")
+            suspect = " !" if r.get("suspect") else ""
             body.append([
-                spec, str(r["steps"]), str(r["seeds"]), _fmt(r["time_s"] * 1e3, ".1f"),
-                _fmt(r["time_s_vs_full"], ".2f"), format_bytes(r["peak_mem_bytes"], RSS_PAGE if r["mem_kind"] == "rss_peak" else 0),
+                spec, str(r["steps"]), str(r["seeds"]), _fmt(r["time_s"] * 1e3, ".1f") + suspect,
+                ratio_text(r), _fmt(r.get("time_over_pred"), ".2f"),
+                format_bytes(r["peak_mem_bytes"], RSS_PAGE if r["mem_kind"] == "rss_peak" else 0),
                 _fmt(r["peak_mem_bytes_vs_full"], ".2f"),
                 f"{_fmt(r['mem_over_pred'], '.2f')} ({r['mem_class'] or '–'})", counts,
                 _fmt(r["grad_cos"], ".4f"), _fmt(r["grad_rel_err"], ".2e"),
                 f"{_fmt(r['reward_init'], '.3g')} → {_fmt(r['reward_final'], '.3g')}",
-                _fmt(r["reward_gain"], "+.3g"), _fmt(r["eval_fid"], ".1f"),
+                _fmt(r["reward_gain"], "+.3g"),
+                *[f"{_fmt(r.get(f'eval_{m}_init'), '.3g')} → {_fmt(r[f'eval_{m}'], '.3g')}" for m in quality],
             ])
+    return header, body
+
+
+def quality_note(means: pd.DataFrame) -> str | None:
+    """What the quality columns compare with, and the real-versus-real floor."""
+    if "eval_fid" not in means or means["eval_fid"].isna().all():
+        return None
+    first = means.dropna(subset=["eval_fid"]).iloc[0]
+    floors = [f"{name.upper()} {first[f'eval_{name}_floor']:.3g}" for name in ("fid", "kid")
+              if pd.notna(first.get(f"eval_{name}_floor"))]
+    return (f"Quality: FID and KID of the samples against {first.get('eval_reference') or 'the task reference'}, "
+            f"before ('init': the unoptimised sampler at the same point) and after the optimisation; "
+            f"two halves of those real images score {', '.join(floors) or 'n/a'} (the floor at that size). "
+            f"KID is unbiased at small sample sizes; FID of few samples is not.")
+
+
+def phases_table(frame: pd.DataFrame) -> tuple[list[str], list[list[str]]] | None:
+    table = analysis.phase_table(frame)
+    if table.empty:
+        return None
+    names = [c for c in ("setup", "reference", "agreement", "units", "timing", "memory", "optimise", "evaluate",
+                         "samples", "harness") if c in table]
+    header = ["task", "target", *[f"{n} s" for n in names], "cell s", "outside measurement"]
+    body = [[r["task"], r["target"], *[_fmt(r[n], ".1f") for n in names], _fmt(r["cell"], ".1f"),
+             _fmt(r["harness_fraction"], ".1%")] for _, r in table.iterrows()]
     return header, body
 
 
@@ -70,8 +100,12 @@ def panel_figure(means: pd.DataFrame, curves: pd.DataFrame, title: str):
     axes[1, 0].set_title(f"reward vs iteration (N = {largest})")
     plots.reward_curves(axes[1, 1], at_largest, "seconds")
     axes[1, 1].set_title(f"reward vs wall-clock (N = {largest})")
-    plots.pareto(axes[1, 2], means)
-    axes[1, 2].set_title("memory vs time (colour: reward gain)")
+    if "eval_kid_init" in means and means["eval_kid_init"].notna().any():
+        plots.tradeoff(axes[1, 2], means, "eval_kid", "KID")
+        axes[1, 2].set_title("reward bought against quality (KID)")
+    else:
+        plots.pareto(axes[1, 2], means)
+        axes[1, 2].set_title("memory vs time (colour: reward gain)")
     fig.suptitle(title, fontsize=14)
     plots.legend_below(fig, axes)
     fig.tight_layout(rect=(0, 0.05, 1, 0.97))
@@ -158,7 +192,17 @@ def write_report(run_dir: Path, out: Path | None = None, formats=("png",)) -> Pa
     page.text("Memory: " + ("; ".join(f"{k}: {MEMORY_KINDS[k]}" for k in kinds) or "not measured") +
               ". 'mem ÷ model' divides the peak by the cost model's prediction (ESTIMATORS.md), "
               "with A = peak of one denoiser call with graph and S = one latent, both measured on the task. "
-              "Times: median of the timed rounds. Means over seeds.")
+              "Times: median of the clean timed rounds (rounds slowed by other load are left out and repeated; "
+              "'!' marks a row whose timing is suspect). '× full': the ratio to full's time over rounds run "
+              "side by side, with its 95 % bootstrap interval for a single seed ('~': medians timed apart). "
+              "'time ÷ model' divides by forwards·F + VJPs·V, with F and V measured on the task. Means over seeds.")
+    phases = phases_table(frame)
+    if phases is not None:
+        page.heading("Where the time went")
+        page.text("Seconds per phase, summed over the ok cells; 'outside measurement' is the share of cell time "
+                  "in set-up, sample grids and the harness's own bookkeeping (everything but the reference, "
+                  "agreement, units, timing, memory, optimisation and evaluation).")
+        page.table(*phases)
     for (task, target), part in frame.groupby(["task", "target"], sort=False):
         page.heading(f"{task} · target {target}")
         cell_means = means[(means["task"] == task) & (means["target"] == target)]
@@ -169,6 +213,9 @@ def write_report(run_dir: Path, out: Path | None = None, formats=("png",)) -> Pa
             plots.save(fig, out / name, formats)
             page.image(f"{name}.png", f"{task} {target}")
             page.table(*comparison_table(cell_means))
+            note = quality_note(cell_means)
+            if note:
+                page.text(note)
         grids = part[part["status"] == "ok"]
         if "samples_png" in grids:
             grids = grids.dropna(subset=["samples_png"]).sort_values(["steps", "seed"])

@@ -25,10 +25,10 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from bench import store
-from bench.errors import SkipCell, SpecError
+from bench.errors import Diverged, SkipCell, SpecError
 from bench.identity import cell_key, code_hash
 from bench.isolate import run_in_process
-from bench.limits import Clock, Diverged, is_user_interrupt, outcome, sigint_recorded
+from bench.limits import Clock, is_user_interrupt, outcome, sigint_recorded
 from bench.memory import MODES as MEMORY_MODES
 from bench.memory import MemoryMeter
 from bench.options import split_list
@@ -57,7 +57,7 @@ class SweepSpec:
     steps: list[int] = field(default_factory=lambda: list(DEFAULT_STEPS))
     seeds: list[int] = field(default_factory=lambda: [0])
     iters: int = 4  # Adam iterations of the short optimisation
-    warmup: int = 0  # extra untimed calls: the gradient-agreement call already precedes timing
+    warmup: int = 1  # untimed calls of each cell right before its timed rounds (the agreement call came earlier)
     rounds: int = 3  # clean timed rounds at least
     memory: str = "auto"  # one of MEMORY_MODES
     timeout: float | None = DEFAULT_TIMEOUT_S  # seconds per cell; None or 0: no limit

@@ -1,12 +1,13 @@
 """The rich summary printed at the end of a sweep: one table per task and target, one line per
-estimator and N (means over seeds), skip reasons and errors listed below, and status counts."""
+estimator and N (means over seeds), skip reasons, errors and suspect timings listed below, and
+status counts."""
 from __future__ import annotations
 
 import math
-import statistics
 from collections import Counter, defaultdict
 from typing import Any
 
+import pandas as pd
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -28,46 +29,66 @@ def format_bytes(value: float | None, resolution: int = 0) -> str:
 RSS_PAGE = 4096
 
 
-def _mean(rows: list[dict[str, Any]], key: str) -> float | None:
-    values = [row[key] for row in rows if isinstance(row.get(key), (int, float))]
-    values = [v for v in values if not math.isnan(v)]
-    return statistics.fmean(values) if values else None
-
-
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
 def print_summary(rows: list[dict[str, Any]], console: Console) -> None:
-    tables: dict[tuple, dict[tuple, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
-    for row in rows:
-        tables[(row["task"], row["target"])][(row["estimator"], row["steps"])].append(row)
-    for (task, target), groups in tables.items():
+    """Means over seeds come from analysis.cell_means, like the report's. A time marked ! comes
+    from a row whose timing is suspect (the reason is listed below the table); ×full is the ratio
+    to full's time in rounds run side by side, with its 95 % interval where there were pairs."""
+    from bench import analysis
+
+    frame = analysis.derive(pd.DataFrame(rows))
+    means = analysis.cell_means(frame)
+    for (task, target), part in frame.groupby(["task", "target"], sort=False):
         table = Table(title=escape(f"{task} · target {target}"), title_justify="left")
         table.add_column("estimator", overflow="fold", min_width=14)
-        for column in ("N", "cos", "rel err", "ms/grad", "peak mem", "fwd/vjp", "reward"):
+        for column in ("N", "cos", "rel err", "ms/grad", "×full", "peak mem", "fwd/vjp", "reward"):
             table.add_column(column, justify="right", no_wrap=True)
         notes: dict[tuple, list[str]] = defaultdict(list)  # (estimator, status, text) -> cells
-        for (estimator, steps), group in groups.items():
-            ok = [row for row in group if row["status"] == "ok"]
-            for row in group:
-                if row["status"] != "ok":
-                    text = row.get("reason") or row.get("error") or ""
-                    notes[(estimator, row["status"], text)].append(f"N={steps} seed={row['seed']}")
-            if not ok:
-                table.add_row(escape(estimator), str(steps), *["" for _ in range(5)],
-                              group[0]["status"])
+        cell_means = means[(means["task"] == task) & (means["target"] == target)] if not means.empty else means
+        for (estimator, steps), group in part.groupby(["estimator", "steps"], sort=False):
+            for row in group.itertuples():
+                text = row.reason if row.status == "skipped" else row.error
+                if row.status != "ok":
+                    notes[(estimator, row.status, text or "")].append(f"N={steps} seed={row.seed}")
+                elif isinstance(row.timing_suspect, str):
+                    notes[(estimator, "timing suspect", row.timing_suspect)].append(f"N={steps} seed={row.seed}")
+            found = cell_means[(cell_means["estimator"] == estimator) & (cell_means["steps"] == steps)]
+            if found.empty:
+                table.add_row(escape(estimator), str(steps), *["" for _ in range(6)], group["status"].iloc[0])
                 continue
-            time_s = _mean(ok, "time_s")
-            counts = f"{_fmt(_mean(ok, 'nfe_forward'), '.0f')}/{_fmt(_mean(ok, 'nfe_vjp'), '.0f')}"
-            reward = f"{_fmt(_mean(ok, 'reward_init'), '.3g')}→{_fmt(_mean(ok, 'reward_final'), '.3g')}"
-            table.add_row(escape(estimator), str(steps), _fmt(_mean(ok, "grad_cos"), ".4f"),
-                          _fmt(_mean(ok, "grad_rel_err"), ".1e"), _fmt(time_s and time_s * 1e3, ".1f"),
-                          format_bytes(_mean(ok, "peak_mem_bytes"),
-                                       RSS_PAGE if ok[0].get("mem_kind") == "rss_peak" else 0), counts, reward)
+            r = found.iloc[0]
+            time_ms = _fmt(r["time_s"] * 1e3, ".1f") + ("!" if r["suspect"] else "")
+            counts = f"{_fmt(r['nfe_forward'], '.0f')}/{_fmt(r['nfe_vjp'], '.0f')}"
+            reward = f"{_fmt(r['reward_init'], '.3g')}→{_fmt(r['reward_final'], '.3g')}"
+            table.add_row(escape(estimator), str(steps), _fmt(r["grad_cos"], ".4f"), _fmt(r["grad_rel_err"], ".1e"),
+                          time_ms, ratio_text(r), format_bytes(_nan_none(r["peak_mem_bytes"]),
+                                                               RSS_PAGE if r["mem_kind"] == "rss_peak" else 0),
+                          counts, reward)
         console.print(table)
         for (estimator, status, text), cells in notes.items():
             where = ", ".join(cells)
             console.print(f"  [dim]{escape(f'{estimator} {status} ({where}): {text}')}[/]")
     totals = Counter(row["status"] for row in rows)
-    console.print("cells: " + ", ".join(f"{count} {status}" for status, count in sorted(totals.items())))
+    suspect = sum(1 for row in rows if row["status"] == "ok" and row.get("timing_suspect"))
+    console.print("cells: " + ", ".join(f"{count} {status}" for status, count in sorted(totals.items())) +
+                  (f" ({suspect} with suspect timing, marked !)" if suspect else ""))
+
+
+def _nan_none(value: Any) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def ratio_text(r: Any) -> str:
+    """Time ÷ full's: paired, with its interval ('0.52 [0.50–0.55]'), or of medians timed apart ('0.52~')."""
+    value = _nan_none(r.get("time_s_vs_full"))
+    if value is None:
+        return "-"
+    if r.get("estimator") == "full":
+        return "1"
+    if not r.get("time_ratio_paired"):
+        return f"{value:.2f}~"
+    lo, hi = _nan_none(r.get("time_vs_baseline_lo")), _nan_none(r.get("time_vs_baseline_hi"))
+    return f"{value:.2f}" + (f" [{lo:.2f}–{hi:.2f}]" if lo is not None and hi is not None and r["seeds"] == 1 else "")

@@ -10,6 +10,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from bench.chain import Schedule
+from bench.errors import Diverged
 from bench.registry import ESTIMATORS, TASKS
 from bench.runner import SweepSpec, run_sweep
 
@@ -211,10 +212,14 @@ def test_every_estimator_runs_at_trailing_n_equal_t(eta, target):
         estimator, problem = ESTIMATORS.create(spec), task.make_problem(target, 1000, 0)
         if estimator.skip_reason(problem):
             continue
+        if name == "edict":  # its inverse's rounding error grows like p^-2N: refused, never a wrong gradient
+            with pytest.raises(Diverged, match="inverse lost the forward trajectory"):
+                estimator(problem, random.Random(0))
+            continue
         estimator(problem, random.Random(0))
         grad = problem.flat_grad()
         assert torch.isfinite(grad).all() and float(grad.norm()) > 0, spec
         if estimator.exact and estimator.reference_spec() == "full":
             assert rel_err(grad, exact) < 1e-8, spec
         served += 1
-    assert served >= (8 if eta == 0 else 3)
+    assert served >= (7 if eta == 0 else 3)
