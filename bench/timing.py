@@ -10,8 +10,8 @@ time. A round is slowed when that load leaves fewer free cores than the timing's
 every parallel region, so one core taken from a two-thread run on two cores slows it 10 to 50
 times, while a one-thread run beside the same load is unaffected (README, "Timing"). Slowed
 rounds are left out of every figure and repeated; a row that could not get enough clean rounds
-says so in `timing_suspect`. Rounds too short for the kernel's CPU accounting (ticks of 1/HZ s)
-are judged together, over the whole timing phase."""
+says so in `timing_suspect`. A round too short for the kernel's CPU accounting (ticks of 1/HZ s) is
+judged over a window that ends with it and is long enough (it may include the rounds before it)."""
 from __future__ import annotations
 
 import os
@@ -54,7 +54,7 @@ class LoadProbe:
         self.cpus = os.cpu_count() or 1
 
     def snapshot(self) -> tuple[float, float, float]:
-        """(machine busy CPU seconds, this process's CPU seconds, wall clock)."""
+        """(machine busy CPU seconds, this process's CPU seconds, wall clock read last)."""
         busy = 0.0
         if self.supported:
             with open("/proc/stat") as stat:
@@ -130,6 +130,7 @@ def time_interleaved(calls: dict[str, Callable[[], object]], device: torch.devic
     free = max(0, usable_cpus() - threads)
     results = {name: Rounds() for name in calls}
     live = list(calls)
+    history = [probe.snapshot()]  # load snapshots (from before the warm-up) around every call, in order
     for name in list(live):
         try:
             for _ in range(warmup):
@@ -140,7 +141,6 @@ def time_interleaved(calls: dict[str, Callable[[], object]], device: torch.devic
             results[name].error = exc
             live.remove(name)
     started, passes, extra = time.perf_counter(), 0, 0
-    phase_before = probe.snapshot()
     while live:
         order = live[passes % len(live):] + live[:passes % len(live)]
         for name in order:
@@ -149,17 +149,19 @@ def time_interleaved(calls: dict[str, Callable[[], object]], device: torch.devic
                 before = probe.snapshot()
                 calls[name]()
                 synchronize(device)
-                after = probe.snapshot()
+                end = time.perf_counter()  # before reading the counters: their cost is not the call's
+                after = probe.snapshot()[:2] + (end,)
             except BaseException as exc:
                 if fatal(exc):
                     raise
                 results[name].error = exc
                 live.remove(name)
                 continue
+            history += [before, after]
             record = results[name]
             record.seconds.append(after[2] - before[2])
             record.passes.append(passes)
-            others = probe.others(before, after) if after[2] - before[2] >= probe.min_interval() else None
+            others = _others_around(probe, history)
             record.slowed.append(others is not None and others > free + CONTENTION_MARGIN)
             if others is not None:
                 record.others.append(others)
@@ -180,10 +182,21 @@ def time_interleaved(calls: dict[str, Callable[[], object]], device: torch.devic
         for name in live:
             results[name].stop = stop
         break
-    phase_others = probe.others(phase_before, probe.snapshot())
+    phase_others = probe.others(history[0], probe.snapshot())
     for record in results.values():
         _judge(record, rounds, free, phase_others, probe)
     return results
+
+
+def _others_around(probe: LoadProbe, history: list) -> float | None:
+    """Cores other processes kept busy over the last `min_interval` seconds up to the end of the
+    round just recorded (history[-1]): the round itself, widened backwards where it is too short
+    for the kernel's tick accounting. None while less than that has been recorded."""
+    end = history[-1]
+    for start in reversed(history[:-1]):
+        if end[2] - start[2] >= probe.min_interval():
+            return probe.others(start, end)
+    return None
 
 
 def _judge(record: Rounds, rounds: int, free: int, phase_others: float | None, probe: LoadProbe) -> None:

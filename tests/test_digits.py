@@ -116,3 +116,41 @@ def test_run_on_digits_records_fid_and_reward(random_digits, tmp_path):
     ok = frame[frame.status == "ok"]
     assert len(ok) == 8 and (frame.status == "skipped").sum() == 1  # truncated on the latent
     assert ok.eval_fid.notna().all() and ok.reward_final.notna().all()
+
+
+def test_kid_is_torchmetrics_kid_over_one_subset_of_every_sample(shipped):
+    """With as many reals as fakes and one subset of that size, torchmetrics' KID is the unbiased
+    MMD² over all samples (its subset draw is only a permutation): an independent check."""
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    from tasks.digits.classifier import FeatureExtractor
+
+    generator = torch.Generator().manual_seed(0)
+    for fakes in (torch.rand(12, 1, 8, 8, generator=generator) * 2 - 1, shipped.held_out[20:32]):
+        reals = shipped.held_out[:12]
+        theirs = KernelInceptionDistance(feature=FeatureExtractor(shipped.classifier).float(), subsets=1,
+                                         subset_size=12)
+        theirs.update(reals, real=True)  # FeatureExtractor reads [-1, 1] images as given
+        theirs.update(fakes, real=False)
+        with torch.random.fork_rng():
+            mean, _ = theirs.compute()
+        assert metrics.digits_kid(shipped.classifier, fakes, reals) == pytest.approx(float(mean), rel=1e-4, abs=1e-6)
+
+
+def test_class_matched_quality_moves_the_right_way_when_the_reward_succeeds(shipped):
+    """The classify reward asks for 7; a sampler that draws 7s (its success: reward and accuracy
+    up) must score a better class-matched FID and KID than one that draws 1s, and the
+    real-versus-real floor is below both."""
+    from bench.registry import TASKS
+
+    scores = {}
+    for cls in (1, 7):
+        task = TASKS.create(f"digits[cls={cls},digit=7,fid_samples=48]")
+        task.setup(torch.device("cpu"))
+        problem = task.make_problem("cond", 10, 0)
+        scores[cls] = task.evaluate(problem, problem.chain.sample(problem.x_start, problem.cond))
+    assert task.quality_reference().startswith("held-out digits of class 7")
+    assert scores[7]["reward"] > scores[1]["reward"] and scores[7]["accuracy"] > scores[1]["accuracy"]
+    assert scores[7]["fid"] < scores[1]["fid"] and scores[7]["kid"] < scores[1]["kid"]
+    floor = task.quality_floor()
+    assert floor["fid"] < scores[7]["fid"] and abs(floor["kid"]) < scores[1]["kid"]
