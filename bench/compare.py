@@ -4,7 +4,8 @@ cell (task, target, estimator, N, seed), so runs of different commits compare.
 A time change is flagged only when it exceeds the factor AND the timing spread does not explain
 it: the interquartile ranges of the two cells' timed rounds do not overlap (asv compare's rule in
 spirit: a ratio alone is not a change when the rounds scatter as much). With a single timed
-round there is no spread, and the ratio alone decides (marked '?'). Memory is flagged on the
+round there is no spread, and the ratio alone decides (marked '?'); so it does, marked '?' and
+named, where either side's timing is suspect (rounds slowed by other load). Memory is flagged on the
 factor, above one page of resolution. A gradient whose cosine to the exact one moved by more
 than 1e-3 is flagged too."""
 from __future__ import annotations
@@ -59,8 +60,11 @@ def compare(dir_a: Path, dir_b: Path, factor: float = 1.1) -> pd.DataFrame:
         side_b = pd.Series({k[:-2]: v for k, v in row.items() if k.endswith("_b")})
         flags = []
         verdict = time_verdict(side_a, side_b, factor)
+        suspect = [side for side, r in (("A", side_a), ("B", side_b)) if isinstance(r.get("timing_suspect"), str)]
         if verdict:
-            flags.append(f"time {verdict}")
+            flags.append(f"time {verdict}" + ("?" if suspect and not verdict.endswith("?") else ""))
+        if suspect:
+            flags.append(f"timing suspect in {' and '.join(suspect)}")
         mem_a, mem_b = side_a.get("peak_mem_bytes"), side_b.get("peak_mem_bytes")
         mem_ratio = mem_b / mem_a if pd.notna(mem_a) and pd.notna(mem_b) and mem_a > 0 else float("nan")
         if pd.notna(mem_ratio) and abs(mem_b - mem_a) > MEMORY_RESOLUTION and (
@@ -71,8 +75,14 @@ def compare(dir_a: Path, dir_b: Path, factor: float = 1.1) -> pd.DataFrame:
         records.append({**{k: row[k] for k in KEY}, "time_a": side_a["time_s"], "time_b": side_b["time_s"],
                         "time_ratio": side_b["time_s"] / side_a["time_s"], "mem_a": mem_a, "mem_b": mem_b,
                         "mem_ratio": mem_ratio, "cos_a": side_a["grad_cos"], "cos_b": side_b["grad_cos"],
+                        "vs_base_a": side_a.get("time_vs_baseline", float("nan")),
+                        "vs_base_b": side_b.get("time_vs_baseline", float("nan")),
                         "flags": ", ".join(flags)})
     return pd.DataFrame(records)
+
+
+def _ratio(value: float) -> str:
+    return "-" if pd.isna(value) else f"{value:.3f}"
 
 
 def print_comparison(table: pd.DataFrame, console, only_changed: bool = False) -> None:
@@ -83,7 +93,8 @@ def print_comparison(table: pd.DataFrame, console, only_changed: bool = False) -
 
     shown = table[table["flags"] != ""] if only_changed else table
     view = Table(title="B / A per cell", title_justify="left")
-    for column in ("cell", "ms A", "ms B", "B/A", "mem A", "mem B", "B/A ", "cos A", "cos B", "change"):
+    for column in ("cell", "ms A", "ms B", "B/A", "×base A", "×base B", "mem A", "mem B", "B/A ", "cos A", "cos B",
+                   "change"):
         view.add_column(column, justify="left" if column in ("cell", "change") else "right")
     for _, r in shown.iterrows():
         colour = "red" if ("slower" in r["flags"] or "larger" in r["flags"] or "gradient" in r["flags"]) else (
@@ -91,6 +102,7 @@ def print_comparison(table: pd.DataFrame, console, only_changed: bool = False) -
         flags = f"[{colour}]{escape(r['flags'])}[/]" if colour else ""
         view.add_row(escape(f"{r['task']} {r['target']} {r['estimator']} N={r['steps']} s={r['seed']}"),
                      f"{r['time_a'] * 1e3:.1f}", f"{r['time_b'] * 1e3:.1f}", f"{r['time_ratio']:.2f}",
+                     _ratio(r["vs_base_a"]), _ratio(r["vs_base_b"]),
                      format_bytes(r["mem_a"]), format_bytes(r["mem_b"]),
                      "-" if pd.isna(r["mem_ratio"]) else f"{r['mem_ratio']:.2f}",
                      f"{r['cos_a']:.4f}", f"{r['cos_b']:.4f}", flags)

@@ -1,10 +1,11 @@
 """The fields of a row, declared once: name, unit and meaning. The summary, the report, compare
 and the figures read their numeric columns from here, and the README's field table is rendered
-from it (a test keeps the two equal: `python -m bench.fields` prints the table)."""
+from it (a test keeps the two equal: `python -m bench.fields --write-readme` rewrites it)."""
 from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,10 @@ FIELDS: tuple[Field, ...] = (
     Field("threads", "count", "torch intra-op threads of the timing (--threads)"),
     Field("time_unit_f_s", "s", "F: one denoiser forward without graph, measured on the task's model and batch"),
     Field("time_unit_v_s", "s", "V: what one VJP adds (forward with graph + backward − F)"),
-    Field("time_pred_s", "s", "the time model: `nfe_forward_pred`·F + `nfe_vjp_pred`·V"),
+    Field("time_unit_r_s", "s", "R: what recording autograd's graph adds to a forward whose graph is dropped"),
+    Field("time_pred_s", "s", "the time model: `nfe_forward_pred`·F + `nfe_vjp_pred`·V + `time_pred_recorded`·R"),
+    Field("time_pred_recorded", "count", "forwards the cost model says record a graph they do not keep "
+          "(checkpointing's first pass and replays)"),
     # counts and the cost model
     Field("nfe_forward", "count", "denoiser forwards per gradient, counted"),
     Field("nfe_vjp", "count", "VJPs through the denoiser per gradient, counted"),
@@ -144,5 +148,18 @@ def readme_table() -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    print(readme_table())
+def write_readme(path: Path) -> None:
+    """Replace the table between README's fields:start and fields:end markers."""
+    text = path.read_text()
+    start, end = "<!-- fields:start -->\n", "\n<!-- fields:end -->"
+    head, rest = text.split(start, 1)
+    path.write_text(head + start + readme_table() + end + rest.split(end, 1)[1])
+
+
+if __name__ == "__main__":  # python -m bench.fields [--write-readme]
+    import sys
+
+    if "--write-readme" in sys.argv:
+        write_readme(Path(__file__).resolve().parent.parent / "README.md")
+    else:
+        print(readme_table())

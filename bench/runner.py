@@ -6,8 +6,8 @@ The phases of a cell, each returning its part of the row:
   setup      build the problem, check it can be served, the cost model's prediction
   agreement  one untimed gradient: counts, finiteness, cosine to the reference
   reference  the exact gradient at the point (computed once per point, in float64 where possible)
-  units      the time model's F and V on the task's model (once per task, target and seed)
-  timing     rounds, interleaved with the point's other cells (bench/timing.py)
+  timing     rounds, interleaved with the point's other cells and with the time model's units
+             F, V and R on the task's model (bench/timing.py)
   memory     peak memory of one gradient and the memory model (bench/memory.py)
   optimise   a short Adam run with the estimator
   evaluate   quality of the optimised sampler beside the unoptimised one's, and the real floor
@@ -34,7 +34,7 @@ from bench.memory import MemoryMeter
 from bench.options import split_list
 from bench.provenance import write_run_json
 from bench.registry import ESTIMATORS, TASKS, include
-from bench.timing import denoiser_units, paired_ratio, synchronize, time_interleaved
+from bench.timing import UNIT_CALLS, paired_ratio, synchronize, time_interleaved, unit_calls, units_from
 
 DEFAULT_TASK = "digits"
 DEFAULT_ESTIMATORS = "full,checkpoint,adjoint,sdo,truncated[k=2]"
@@ -224,7 +224,6 @@ class CellRunner:
         self.memory = MemoryMeter(spec.memory, self.device, spec.includes)
         self.baseline = ESTIMATORS.create(spec.baseline).spec
         self.references: dict[tuple, torch.Tensor | None] = {}
-        self.time_units: dict[tuple, dict[str, float]] = {}
         self.initial_quality: dict[tuple, dict[str, Any]] = {}
         self.floors: dict[str, dict[str, Any]] = {}
         self.ready_tasks: set[int] = set()
@@ -246,7 +245,6 @@ class CellRunner:
                 attempt.add(attempt.run("setup", lambda: self._setup(attempt)))
                 attempt.add(attempt.run("agreement", lambda: self._agreement(attempt)))
                 attempt.add(attempt.run("reference", lambda: self._agreement_to_reference(attempt)))
-                attempt.add(attempt.run("units", lambda: self._time_model(attempt)))
         start = time.perf_counter()
         timed = [a for a in attempts + extra if a.ended is None]
         before = sum(a.clock.spent for a in timed)
@@ -285,7 +283,8 @@ class CellRunner:
         attempt.problem, attempt.cost = problem, cell.estimator.cost_for(problem)
         cost = attempt.cost
         return {"sampler": cell.estimator.sampler, "threads": self.threads,
-                "nfe_forward_pred": cost.nfe_forward, "nfe_vjp_pred": cost.nfe_vjp, "mem_class": cost.memory,
+                "nfe_forward_pred": cost.nfe_forward, "nfe_vjp_pred": cost.nfe_vjp,
+                "time_pred_recorded": cost.recorded_forwards, "mem_class": cost.memory,
                 "mem_pred_activations": cost.activations, "mem_pred_latents": cost.latents}
 
     def _agreement(self, attempt: Attempt) -> dict[str, Any]:
@@ -333,17 +332,9 @@ class CellRunner:
             return None, "none (the reward is not differentiable)", "none"
         return self.references[key], spec, str(dtype).replace("torch.", "")
 
-    def _time_model(self, attempt: Attempt) -> dict[str, Any]:
-        cell = attempt.cell
-        key = (cell.task.spec, cell.target, cell.seed)
-        if key not in self.time_units:
-            self.time_units[key] = denoiser_units(attempt.problem, self.device)
-        units = self.time_units[key]
-        return {"time_unit_f_s": units["F"], "time_unit_v_s": units["V"],
-                "time_pred_s": attempt.cost.nfe_forward * units["F"] + attempt.cost.nfe_vjp * units["V"]}
-
     def _time(self, attempts: list[Attempt]) -> None:
-        """The timing phase of a point's cells, round-robin; each call within its cell's limit."""
+        """The timing phase of a point's cells, round-robin, each call within its cell's limit;
+        the time model's units F, V and R measured in the same passes."""
         if not attempts:
             return
 
@@ -353,18 +344,30 @@ class CellRunner:
                     attempt.cell.estimator(attempt.problem, attempt.rng)
             return call
 
+        calls = {a.cell.key: timed_call(a) for a in attempts}
+        first = attempts[0].cell
+        try:
+            calls.update(unit_calls(first.task.make_problem(first.target, first.steps, first.seed)))
+        except Exception:  # the cells built their problems; without units a row has no time model
+            pass
         cap = self.spec.timing_cap or (DEFAULT_STABLE_CAP_S if self.spec.stable else 0.0)
-        results = time_interleaved({a.cell.key: timed_call(a) for a in attempts}, self.device,
-                                   rounds=self.spec.rounds, threads=self.threads, stable=self.spec.stable,
-                                   cap_s=cap, warmup=self.spec.warmup, fatal=is_user_interrupt)
+        results = time_interleaved(calls, self.device, rounds=self.spec.rounds, threads=self.threads,
+                                   stable=self.spec.stable, cap_s=cap, warmup=self.spec.warmup,
+                                   fatal=is_user_interrupt)
+        units = units_from(results)
+        unit_seconds = sum(sum(results[name].seconds) for name in UNIT_CALLS)
         baseline = next((a for a in attempts if a.cell.estimator.spec == self.baseline
                          and results[a.cell.key].error is None), None)
         for attempt in attempts:
+            attempt.clock.charge("units", unit_seconds / len(attempts))
             result = results[attempt.cell.key]
             if result.error is not None:
                 attempt.fail(result.error)
                 continue
             attempt.add({**result.summary(), "time_paired": len(attempts) > 1})
+            if units is not None:
+                attempt.add({"time_unit_f_s": units["F"], "time_unit_v_s": units["V"], "time_unit_r_s": units["R"],
+                             "time_pred_s": attempt.cost.predicted_seconds(units["F"], units["V"], units["R"])})
             if baseline is not None:
                 ratio = paired_ratio(result, results[baseline.cell.key])
                 if ratio is not None:

@@ -234,32 +234,59 @@ def paired_ratio(numerator: Rounds, baseline: Rounds, seed: int = 0) -> dict[str
             "pairs": len(shared)}
 
 
-def denoiser_units(problem, device: torch.device, rounds: int = 5) -> dict[str, float]:
-    """The time model's units on this problem's denoiser, batch and target: F, one forward without
-    graph; V, what one VJP adds: a forward keeping its graph plus the backward into the state and
-    the target's leaves, minus F. Medians of `rounds` interleaved pairs after one warm-up."""
+UNIT_CALLS = ("unit F", "unit G", "unit F+V")
+
+
+def unit_calls(problem) -> dict[str, Callable[[], None]]:
+    """The calls that measure the time model's units on this problem's denoiser, batch and target,
+    timed in the same passes as the estimators (so a machine that drifts moves both): one forward
+    without graph (F); one forward recording a graph that is then dropped (F + R: what
+    non-reentrant checkpointing's first pass costs); one forward with graph and the backward into
+    the state and the target's leaves (F + V). They leave the problem's counters as they were."""
     x = problem.x_start.detach().clone().requires_grad_(True)
     inputs = [x] + [leaf for leaf in problem.leaves if leaf is not problem.x_start]
-    step = problem.num_steps
+    chain, step = problem.chain, problem.num_steps
+
+    def uncounted(fn):
+        def call():
+            counts = (chain.counter.forward, chain.counter.vjp)
+            try:
+                fn()
+            finally:
+                chain.counter.forward, chain.counter.vjp = counts
+        return call
 
     def forward():
         with torch.no_grad():
-            problem.chain.eps(x, step, problem.cond)
+            chain.eps(x, step, problem.cond)
+
+    def recorded_forward():
+        chain.eps(x, step, problem.cond)
 
     def forward_backward():
-        eps = problem.chain.eps(x, step, problem.cond)
+        eps = chain.eps(x, step, problem.cond)
         torch.autograd.grad(eps, inputs, torch.ones_like(eps), allow_unused=True)
 
-    counts = (problem.chain.counter.forward, problem.chain.counter.vjp)
-    f_times, fb_times = [], []
-    for index in range(rounds + 1):
-        for fn, out in ((forward, f_times), (forward_backward, fb_times)):
-            synchronize(device)
-            start = time.perf_counter()
-            fn()
-            synchronize(device)
-            if index:
-                out.append(time.perf_counter() - start)
-    problem.chain.counter.forward, problem.chain.counter.vjp = counts
-    f = statistics.median(f_times)
-    return {"F": f, "V": max(0.0, statistics.median(fb_times) - f)}
+    return dict(zip(UNIT_CALLS, map(uncounted, (forward, recorded_forward, forward_backward))))
+
+
+def units_from(results: dict[str, Rounds]) -> dict[str, float] | None:
+    """F, V and R (seconds) from the unit calls' rounds; None if any of them failed."""
+    medians = {}
+    for name in UNIT_CALLS:
+        record = results.get(name)
+        if record is None or record.error is not None or not record.seconds:
+            return None
+        medians[name] = statistics.median(record.clean or record.seconds)
+    f = medians["unit F"]
+    return {"F": f, "V": max(0.0, medians["unit F+V"] - f), "R": max(0.0, medians["unit G"] - f)}
+
+
+def denoiser_units(problem, device: torch.device, rounds: int = 5) -> dict[str, float]:
+    """The units alone (medians of `rounds` interleaved passes after one warm-up)."""
+    results = time_interleaved(unit_calls(problem), device, rounds=rounds, threads=torch.get_num_threads(),
+                               warmup=1)
+    units = units_from(results)
+    if units is None:
+        raise next(r.error for r in results.values() if r.error is not None)
+    return units

@@ -14,6 +14,7 @@ float rounding.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 import random
 
 import torch
@@ -91,9 +92,10 @@ class Checkpoint(Estimator):
         if self.recursive:
             depth = recursion_depth(steps)
             return Cost(nfe_forward=recursive_forwards(steps), nfe_vjp=steps, memory="A + log2(N)·S",
+                        recorded_forwards=recursive_forwards(steps) - steps,
                         activations=1, latents=depth)
         segments = math.ceil(steps / self.segment)
-        return Cost(nfe_forward=2 * steps, nfe_vjp=steps,
+        return Cost(nfe_forward=2 * steps, nfe_vjp=steps, recorded_forwards=steps,
                     memory="A + N·S" if self.segment == 1 else "s·A + (N/s)·S",
                     activations=self.segment, latents=segments)
 
@@ -106,8 +108,7 @@ class Checkpoint(Estimator):
         cost = self.cost(problem.num_steps, problem.target)
         if self.recursive or self.segment != 1 or problem.num_steps < 1 or first_step_saves(problem):
             return cost
-        return Cost(nfe_forward=cost.nfe_forward - 1, nfe_vjp=cost.nfe_vjp, memory=cost.memory,
-                    activations=cost.activations, latents=cost.latents)
+        return replace(cost, nfe_forward=cost.nfe_forward - 1)
 
     def estimate(self, problem: Problem, rng: random.Random) -> Estimate:
         steps = problem.num_steps

@@ -14,7 +14,7 @@ def test_readme_field_table_is_the_declaration():
     text = README.read_text()
     table = re.search(r"<!-- fields:start -->\n(.*?)\n<!-- fields:end -->", text, re.S)
     assert table, "README lacks the fields:start/fields:end markers"
-    assert table.group(1) == fields.readme_table(), "README's field table is stale: paste `python -m bench.fields`"
+    assert table.group(1) == fields.readme_table(), "README field table is stale: run python -m bench.fields --write-readme"
 
 
 def test_every_key_of_real_rows_is_declared(tmp_path):
