@@ -75,12 +75,14 @@ FIELDS: tuple[Field, ...] = (
     Field("time_vs_baseline_lo", "ratio", "lower end of its 95 % bootstrap interval (pairs of rounds resampled)"),
     Field("time_vs_baseline_hi", "ratio", "upper end of that interval"),
     Field("threads", "count", "torch intra-op threads of the timing (--threads)"),
-    Field("time_unit_f_s", "s", "F: one denoiser forward without graph, measured on the task's model and batch"),
+    Field("time_unit_f_s", "s", "F: one denoiser forward without graph, measured on the task's model and batch "
+          "in the same passes as the cells"),
     Field("time_unit_v_s", "s", "V: what one VJP adds (forward with graph + backward − F)"),
-    Field("time_unit_r_s", "s", "R: what recording autograd's graph adds to a forward whose graph is dropped"),
-    Field("time_pred_s", "s", "the time model: `nfe_forward_pred`·F + `nfe_vjp_pred`·V + `time_pred_recorded`·R"),
-    Field("time_pred_recorded", "count", "forwards the cost model says record a graph they do not keep "
-          "(checkpointing's first pass and replays)"),
+    Field("time_unit_h_s", "s", "H: what running inside torch's non-reentrant checkpoint adds to a forward "
+          "(graph recording through pack/unpack hooks), from a checkpointed forward and VJP: (that − F − (F + V)) / 2"),
+    Field("time_pred_s", "s", "the time model: `nfe_forward_pred`·F + `nfe_vjp_pred`·V + `time_pred_checkpointed`·H"),
+    Field("time_pred_checkpointed", "count", "forwards the cost model runs inside torch's checkpoint (first "
+          "passes and replays)"),
     # counts and the cost model
     Field("nfe_forward", "count", "denoiser forwards per gradient, counted"),
     Field("nfe_vjp", "count", "VJPs through the denoiser per gradient, counted"),

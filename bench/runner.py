@@ -284,7 +284,7 @@ class CellRunner:
         cost = attempt.cost
         return {"sampler": cell.estimator.sampler, "threads": self.threads,
                 "nfe_forward_pred": cost.nfe_forward, "nfe_vjp_pred": cost.nfe_vjp,
-                "time_pred_recorded": cost.recorded_forwards, "mem_class": cost.memory,
+                "time_pred_checkpointed": cost.checkpointed_forwards, "mem_class": cost.memory,
                 "mem_pred_activations": cost.activations, "mem_pred_latents": cost.latents}
 
     def _agreement(self, attempt: Attempt) -> dict[str, Any]:
@@ -366,8 +366,8 @@ class CellRunner:
                 continue
             attempt.add({**result.summary(), "time_paired": len(attempts) > 1})
             if units is not None:
-                attempt.add({"time_unit_f_s": units["F"], "time_unit_v_s": units["V"], "time_unit_r_s": units["R"],
-                             "time_pred_s": attempt.cost.predicted_seconds(units["F"], units["V"], units["R"])})
+                attempt.add({"time_unit_f_s": units["F"], "time_unit_v_s": units["V"], "time_unit_h_s": units["H"],
+                             "time_pred_s": attempt.cost.predicted_seconds(units["F"], units["V"], units["H"])})
             if baseline is not None:
                 ratio = paired_ratio(result, results[baseline.cell.key])
                 if ratio is not None:

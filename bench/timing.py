@@ -234,15 +234,18 @@ def paired_ratio(numerator: Rounds, baseline: Rounds, seed: int = 0) -> dict[str
             "pairs": len(shared)}
 
 
-UNIT_CALLS = ("unit F", "unit G", "unit F+V")
+UNIT_CALLS = ("unit F", "unit F+V", "unit checkpointed F+V")
 
 
 def unit_calls(problem) -> dict[str, Callable[[], None]]:
     """The calls that measure the time model's units on this problem's denoiser, batch and target,
     timed in the same passes as the estimators (so a machine that drifts moves both): one forward
-    without graph (F); one forward recording a graph that is then dropped (F + R: what
-    non-reentrant checkpointing's first pass costs); one forward with graph and the backward into
-    the state and the target's leaves (F + V). They leave the problem's counters as they were."""
+    without graph (F); one forward with graph and the backward into the state and the target's
+    leaves (F + V); the same under torch's non-reentrant checkpoint, whose first pass records a
+    graph through pack/unpack hooks and whose replay runs inside them (2F + V + 2H). They leave
+    the problem's counters as they were."""
+    from torch.utils.checkpoint import checkpoint
+
     x = problem.x_start.detach().clone().requires_grad_(True)
     inputs = [x] + [leaf for leaf in problem.leaves if leaf is not problem.x_start]
     chain, step = problem.chain, problem.num_steps
@@ -256,30 +259,31 @@ def unit_calls(problem) -> dict[str, Callable[[], None]]:
                 chain.counter.forward, chain.counter.vjp = counts
         return call
 
+    def eps(z):
+        return chain.eps(z, step, problem.cond)
+
     def forward():
         with torch.no_grad():
-            chain.eps(x, step, problem.cond)
+            eps(x)
 
-    def recorded_forward():
-        chain.eps(x, step, problem.cond)
+    def forward_backward(output):
+        torch.autograd.grad(output, inputs, torch.ones_like(output), allow_unused=True)
 
-    def forward_backward():
-        eps = chain.eps(x, step, problem.cond)
-        torch.autograd.grad(eps, inputs, torch.ones_like(eps), allow_unused=True)
-
-    return dict(zip(UNIT_CALLS, map(uncounted, (forward, recorded_forward, forward_backward))))
+    calls = (forward, lambda: forward_backward(eps(x)),
+             lambda: forward_backward(checkpoint(eps, x, use_reentrant=False)))
+    return dict(zip(UNIT_CALLS, map(uncounted, calls)))
 
 
 def units_from(results: dict[str, Rounds]) -> dict[str, float] | None:
-    """F, V and R (seconds) from the unit calls' rounds; None if any of them failed."""
+    """F, V and H (seconds) from the unit calls' rounds; None if any of them failed."""
     medians = {}
     for name in UNIT_CALLS:
         record = results.get(name)
         if record is None or record.error is not None or not record.seconds:
             return None
         medians[name] = statistics.median(record.clean or record.seconds)
-    f = medians["unit F"]
-    return {"F": f, "V": max(0.0, medians["unit F+V"] - f), "R": max(0.0, medians["unit G"] - f)}
+    f, fv = medians["unit F"], medians["unit F+V"]
+    return {"F": f, "V": max(0.0, fv - f), "H": max(0.0, (medians["unit checkpointed F+V"] - f - fv) / 2)}
 
 
 def denoiser_units(problem, device: torch.device, rounds: int = 5) -> dict[str, float]:

@@ -33,14 +33,14 @@ class Cost:
     memory: str
     activations: float | None = None
     latents: float = 0.0
-    # Forwards (among nfe_forward) that record autograd's graph without a VJP through it: torch's
-    # non-reentrant checkpointing records its first pass (and, recursive, the replays that only
-    # rebuild a later region's input); each costs R beyond F.
-    recorded_forwards: float = 0.0
+    # Forwards (among nfe_forward) run inside torch's non-reentrant checkpoint, first passes and
+    # replays: each records a graph through pack/unpack hooks, H beyond a plain forward.
+    checkpointed_forwards: float = 0.0
 
-    def predicted_seconds(self, f: float, v: float, r: float = 0.0) -> float:
-        """The time model: forwards·F + VJPs·V + recorded forwards·R, from units measured on the task."""
-        return self.nfe_forward * f + self.nfe_vjp * v + self.recorded_forwards * r
+    def predicted_seconds(self, f: float, v: float, h: float = 0.0) -> float:
+        """The time model: forwards·F + VJPs·V + checkpointed forwards·H, from units measured on
+        the task (bench/timing.py)."""
+        return self.nfe_forward * f + self.nfe_vjp * v + self.checkpointed_forwards * h
 
     def predicted_bytes(self, a_bytes: float | None, s_bytes: float | None) -> float | None:
         if self.activations is None or a_bytes is None or s_bytes is None:

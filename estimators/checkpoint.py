@@ -92,10 +92,10 @@ class Checkpoint(Estimator):
         if self.recursive:
             depth = recursion_depth(steps)
             return Cost(nfe_forward=recursive_forwards(steps), nfe_vjp=steps, memory="A + log2(N)·S",
-                        recorded_forwards=recursive_forwards(steps) - steps,
+                        checkpointed_forwards=recursive_forwards(steps),
                         activations=1, latents=depth)
         segments = math.ceil(steps / self.segment)
-        return Cost(nfe_forward=2 * steps, nfe_vjp=steps, recorded_forwards=steps,
+        return Cost(nfe_forward=2 * steps, nfe_vjp=steps, checkpointed_forwards=2 * steps,
                     memory="A + N·S" if self.segment == 1 else "s·A + (N/s)·S",
                     activations=self.segment, latents=segments)
 
@@ -108,7 +108,7 @@ class Checkpoint(Estimator):
         cost = self.cost(problem.num_steps, problem.target)
         if self.recursive or self.segment != 1 or problem.num_steps < 1 or first_step_saves(problem):
             return cost
-        return replace(cost, nfe_forward=cost.nfe_forward - 1)
+        return replace(cost, nfe_forward=cost.nfe_forward - 1, checkpointed_forwards=cost.checkpointed_forwards - 1)
 
     def estimate(self, problem: Problem, rng: random.Random) -> Estimate:
         steps = problem.num_steps

@@ -83,7 +83,7 @@ class DNO(Estimator):
     def cost(self, steps: int, target: str) -> Cost:
         if self.checkpoint:
             return Cost(nfe_forward=2 * steps, nfe_vjp=steps, memory="A + N·S", activations=1, latents=steps,
-                        recorded_forwards=steps)
+                        checkpointed_forwards=2 * steps)
         return Cost(nfe_forward=steps, nfe_vjp=steps, memory="N·A", activations=steps)
 
     def estimate(self, problem: Problem, rng: random.Random) -> Estimate:
