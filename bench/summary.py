@@ -8,6 +8,7 @@ from collections import Counter, defaultdict
 from typing import Any
 
 import pandas as pd
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -42,9 +43,11 @@ def print_summary(rows: list[dict[str, Any]], console: Console) -> None:
     frame = analysis.derive(pd.DataFrame(rows))
     means = analysis.cell_means(frame)
     for (task, target), part in frame.groupby(["task", "target"], sort=False):
-        table = Table(title=escape(f"{task} · target {target}"), title_justify="left")
-        table.add_column("estimator", overflow="fold", min_width=14)
-        for column in ("N", "cos", "rel err", "ms/grad", "×full", "peak mem", "fwd/vjp", "reward"):
+        table = Table(title=escape(f"{task} · target {target}"), title_justify="left", box=box.SIMPLE_HEAD, collapse_padding=True,
+                      pad_edge=False)
+        wide = console.width >= 100  # the ratios' intervals need about 20 more columns
+        table.add_column("estimator", no_wrap=True)
+        for column in ("N", "cos", "ms/grad", "×full [95%]" if wide else "×full", "peak mem", "fwd/vjp", "reward"):
             table.add_column(column, justify="right", no_wrap=True)
         notes: dict[tuple, list[str]] = defaultdict(list)  # (estimator, status, text) -> cells
         cell_means = means[(means["task"] == task) & (means["target"] == target)] if not means.empty else means
@@ -57,16 +60,15 @@ def print_summary(rows: list[dict[str, Any]], console: Console) -> None:
                     notes[(estimator, "timing suspect", row.timing_suspect)].append(f"N={steps} seed={row.seed}")
             found = cell_means[(cell_means["estimator"] == estimator) & (cell_means["steps"] == steps)]
             if found.empty:
-                table.add_row(escape(estimator), str(steps), *["" for _ in range(6)], group["status"].iloc[0])
+                table.add_row(escape(estimator), str(steps), *["" for _ in range(5)], group["status"].iloc[0])
                 continue
             r = found.iloc[0]
             time_ms = _fmt(r["time_s"] * 1e3, ".1f") + ("!" if r["suspect"] else "")
             counts = f"{_fmt(r['nfe_forward'], '.0f')}/{_fmt(r['nfe_vjp'], '.0f')}"
             reward = f"{_fmt(r['reward_init'], '.3g')}→{_fmt(r['reward_final'], '.3g')}"
-            table.add_row(escape(estimator), str(steps), _fmt(r["grad_cos"], ".4f"), _fmt(r["grad_rel_err"], ".1e"),
-                          time_ms, ratio_text(r), format_bytes(_nan_none(r["peak_mem_bytes"]),
-                                                               RSS_PAGE if r["mem_kind"] == "rss_peak" else 0),
-                          counts, reward)
+            memory = format_bytes(_nan_none(r["peak_mem_bytes"]), RSS_PAGE if r["mem_kind"] == "rss_peak" else 0)
+            table.add_row(escape(estimator), str(steps), _fmt(r["grad_cos"], ".4f"), time_ms,
+                          ratio_text(r, interval=wide), memory, counts, reward)
         console.print(table)
         for (estimator, status, text), cells in notes.items():
             where = ", ".join(cells)
@@ -75,13 +77,22 @@ def print_summary(rows: list[dict[str, Any]], console: Console) -> None:
     suspect = sum(1 for row in rows if row["status"] == "ok" and row.get("timing_suspect"))
     console.print("cells: " + ", ".join(f"{count} {status}" for status, count in sorted(totals.items())) +
                   (f" ({suspect} with suspect timing, marked !)" if suspect else ""))
+    timed = [row for row in rows if row["status"] == "ok" and "time_s" in row]
+    if timed:
+        slowed = sum(row.get("time_rounds_slowed", 0) for row in timed)
+        threads = sorted({row.get("threads") for row in timed if row.get("threads")})
+        console.print(f"timing: {'/'.join(map(str, threads)) or '?'} thread(s); "
+                      + (f"{slowed} rounds slowed by other processes were left out and repeated" if slowed
+                         else "no round was slowed by other processes")
+                      + "; ×full: ratio over rounds run side by side (95 % intervals on a terminal of 100 "
+                        "columns or more), ~ where timed apart")
 
 
 def _nan_none(value: Any) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
-def ratio_text(r: Any) -> str:
+def ratio_text(r: Any, interval: bool = True) -> str:
     """Time ÷ full's: paired, with its interval ('0.52 [0.50–0.55]'), or of medians timed apart ('0.52~')."""
     value = _nan_none(r.get("time_s_vs_full"))
     if value is None:
@@ -91,4 +102,5 @@ def ratio_text(r: Any) -> str:
     if not r.get("time_ratio_paired"):
         return f"{value:.2f}~"
     lo, hi = _nan_none(r.get("time_vs_baseline_lo")), _nan_none(r.get("time_vs_baseline_hi"))
-    return f"{value:.2f}" + (f" [{lo:.2f}–{hi:.2f}]" if lo is not None and hi is not None and r["seeds"] == 1 else "")
+    shown = interval and lo is not None and hi is not None and r["seeds"] == 1
+    return f"{value:.2f}" + (f" [{lo:.2f}-{hi:.2f}]" if shown else "")
