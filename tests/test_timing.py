@@ -188,3 +188,22 @@ def test_a_timeout_spans_the_phases_of_a_cell(tmp_path):
     (row,) = _rows(tmp_path)
     assert row["status"] == "timeout" and time.perf_counter() - started < 30
     assert statistics.fsum(row["phase_s"].values()) == pytest.approx(1.5, abs=0.5)
+
+
+def test_suspect_rows_are_marked_in_the_summary_and_the_report(tmp_path):
+    from rich.console import Console
+
+    from bench.report import write_report
+    from bench.summary import print_summary
+
+    spec = SweepSpec(tasks=["toy[d=2,batch=2]"], estimators=["full", "sdo"], targets=["cond"], steps=[4],
+                     iters=1, rounds=2, memory="off")
+    rows = run_sweep(spec, tmp_path / "run")
+    rows[1]["timing_suspect"] = "only 0 of 2 rounds ran without other load (up to 1.9 cores busy elsewhere, 0 free)"
+    (tmp_path / "run" / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    console = Console(record=True, width=120)
+    print_summary(rows, console)
+    text = console.export_text()
+    assert "!" in text and "timing suspect" in text and "1 with suspect timing" in text
+    page = (write_report(tmp_path / "run", tmp_path / "report") / "index.md").read_text()
+    assert " !" in page and "Where the time went" in page
