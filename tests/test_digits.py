@@ -116,6 +116,13 @@ def test_run_on_digits_records_fid_and_reward(random_digits, tmp_path):
     ok = frame[frame.status == "ok"]
     assert len(ok) == 8 and (frame.status == "skipped").sum() == 1  # truncated on the latent
     assert ok.eval_fid.notna().all() and ok.reward_final.notna().all()
+    # Every quality figure has its baseline (the unoptimised sampler at the same point) and the floor.
+    for metric in ("fid", "kid", "accuracy", "reward"):
+        assert ok[f"eval_{metric}_init"].notna().all(), metric
+    assert ok.eval_fid_floor.notna().all() and ok.eval_kid_floor.notna().all()
+    assert ok.eval_reference.str.startswith("held-out digits of class 7").all()
+    same_point = ok[(ok.target == "weights")]
+    assert same_point.eval_fid_init.nunique() == 1  # one baseline per point, whatever the estimator
 
 
 def test_kid_is_torchmetrics_kid_over_one_subset_of_every_sample(shipped):

@@ -158,7 +158,9 @@ def test_an_interleaved_sweep_pairs_every_estimator_with_full_and_accounts_for_i
         assert r["time_vs_baseline_lo"] <= r["time_vs_baseline"] <= r["time_vs_baseline_hi"]
         assert len(r["time_rounds_s"]) >= 3 and r["time_min_s"] <= r["time_s"]
         assert r["time_pred_s"] == pytest.approx(r["nfe_forward_pred"] * r["time_unit_f_s"]
-                                                 + r["nfe_vjp_pred"] * r["time_unit_v_s"])
+                                                 + r["nfe_vjp_pred"] * r["time_unit_v_s"]
+                                                 + r["time_pred_checkpointed"] * r["time_unit_h_s"])
+    assert rows["checkpoint"]["time_pred_checkpointed"] == 8 and rows["sdo"]["time_pred_checkpointed"] == 0
     for r in rows.values():
         assert set(r["phase_s"]) >= {"setup", "agreement", "reference", "units", "timing", "optimise", "evaluate"}
         assert sum(r["phase_s"].values()) == pytest.approx(r["cell_seconds"], abs=0.02)

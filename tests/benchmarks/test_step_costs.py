@@ -70,3 +70,16 @@ def test_full_gradient_at_n10(benchmark, problem):
 
     full = ESTIMATORS.create("full")
     benchmark.pedantic(full, args=(problem, random.Random(0)), rounds=5, warmup_rounds=1)
+
+
+def test_step_recording_a_graph_it_drops(benchmark, problem):
+    """F + R: the forward with autograd recording, its graph dropped (what a forward costs once
+    torch records: the part of H that is not the checkpoint's own hooks)."""
+    x = problem.x_start.detach().requires_grad_(True)
+    benchmark(_step, problem, x)
+
+
+def test_checkpointed_step_forward_only(benchmark, problem):
+    """F + H: the first pass of a checkpointed step (pack hooks drop what it saves)."""
+    x = problem.x_start.detach().requires_grad_(True)
+    benchmark(lambda: checkpoint(lambda x_i: _step(problem, x_i), x, use_reentrant=False))
