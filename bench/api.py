@@ -10,14 +10,14 @@ from bench.errors import Diverged, SkipCell, SpecError
 from bench.options import Option, at_least
 from bench.problem import TARGETS, Problem
 from bench.registry import register_estimator, register_task
-from estimators.base import Cost, Estimate, Estimator, backprop, require_graph
+from estimators.base import Cost, Estimate, Estimator, backprop, require_graph, write_gradients
 from estimators.masked_chain import run_masked_chain
 from estimators.randomness import torch_generator
 from tasks.base import Task
 
 __all__ = [
     # the estimator contract
-    "Estimator", "Estimate", "Cost", "backprop", "require_graph", "register_estimator",
+    "Estimator", "Estimate", "Cost", "backprop", "require_graph", "write_gradients", "register_estimator",
     # options and errors
     "Option", "at_least", "SpecError", "SkipCell", "Diverged",
     # the problem and its chain

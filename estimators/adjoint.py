@@ -25,7 +25,7 @@ import torch
 
 from bench.options import Option, at_least
 from bench.problem import Problem
-from estimators.base import Cost, Estimate, Estimator
+from estimators.base import Cost, Estimate, Estimator, write_gradients
 
 
 class Adjoint(Estimator):
@@ -113,10 +113,7 @@ class Adjoint(Estimator):
             if not cache:
                 y = y + h * f.detach()
 
-        if problem.x_start.requires_grad:
-            problem.x_start.grad = a_y / schedule.alpha(steps)
-        for param, acc in zip(params, a_params):
-            param.grad = acc
+        write_gradients(problem, a_y / schedule.alpha(steps), a_params)
         return Estimate(loss=float(loss.detach()), rewards=rewards.detach(), x0=x0.detach())
 
 

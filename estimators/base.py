@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Sequence
 
+import torch
 from torch import Tensor
 
 from bench.errors import SkipCell
@@ -102,6 +103,21 @@ def require_graph(loss: Tensor) -> None:
     if not loss.requires_grad:
         raise SkipCell("the reward is not differentiable (no graph from x_0 to the reward): "
                        "backprop estimators get no gradient; use score-function or zeroth-order")
+
+
+def write_gradients(problem: Problem, latent: Tensor | None, others: Sequence[Tensor | None]) -> None:
+    """Hand gradients an estimator computed itself (an adjoint, an inverse, finite differences) to
+    the leaves, as loss.backward() would: `latent` into x_N where it is a leaf of this target,
+    `others` into the other leaves in problem.leaves order (None: zero)."""
+    rest = [leaf for leaf in problem.leaves if leaf is not problem.x_start]
+    if len(others) != len(rest):
+        raise ValueError(f"{len(others)} gradients for {len(rest)} leaves besides the latent")
+    if problem.x_start.requires_grad:
+        if latent is None:
+            raise ValueError("the latent is a leaf of this target but got no gradient")
+        problem.x_start.grad = latent.detach()
+    for leaf, grad in zip(rest, others):
+        leaf.grad = torch.zeros_like(leaf) if grad is None else grad.detach()
 
 
 def backprop(problem: Problem, x0: Tensor) -> Estimate:

@@ -31,7 +31,7 @@ from torch import Tensor
 from bench.errors import Diverged
 from bench.options import Option
 from bench.problem import Problem
-from estimators.base import Cost, Estimate, Estimator, require_graph
+from estimators.base import Cost, Estimate, Estimator, require_graph, write_gradients
 
 
 def _mixing(value: float) -> str | None:
@@ -136,8 +136,5 @@ class EDICT(Estimator):
                 if grad is not None:
                     total.add_(grad)
         _check_reconstruction(problem, x, y)
-        if problem.x_start.requires_grad:
-            problem.x_start.grad = grad_x + grad_y  # x_N = y_N: both copies start from the latent
-        for param, total in zip(params, accumulated):
-            param.grad = total
+        write_gradients(problem, grad_x + grad_y, accumulated)  # x_N = y_N: both copies start from the latent
         return Estimate(loss=float(loss.detach()), rewards=rewards.detach(), x0=x0.detach())

@@ -15,7 +15,7 @@ import torch
 
 from bench.options import Option, at_least
 from bench.problem import Problem
-from estimators.base import Cost, Estimate, Estimator
+from estimators.base import Cost, Estimate, Estimator, write_gradients
 from estimators.randomness import torch_generator
 
 
@@ -58,8 +58,8 @@ class ZerothOrder(Estimator):
                 leaf.add_(self.mu * u)  # back to z (up to rounding)
             for grad, u in zip(grads, directions):
                 grad.sub_((plus - minus) / (2 * self.mu * self.n) * u)  # gradient of the loss -J
-        for leaf, grad in zip(leaves, grads):
-            leaf.grad = grad
+        write_gradients(problem, next((g for leaf, g in zip(leaves, grads) if leaf is problem.x_start), None),
+                        [g for leaf, g in zip(leaves, grads) if leaf is not problem.x_start])
         x0 = chain.sample(problem.x_start, problem.cond, problem.noises)
         loss, rewards = problem.loss(x0)
         return Estimate(loss=float(loss), rewards=rewards, x0=x0)

@@ -230,3 +230,26 @@ def test_skip_reasons_are_explicit(toy, toy_eta):
     assert ESTIMATORS.create("truncated[k=10]").skip_reason(latent) is None
     assert ESTIMATORS.create("truncated[k=2,latent_path=true]").skip_reason(latent) is None
     assert "eta" in ESTIMATORS.create("adjoint").skip_reason(toy_eta.make_problem("cond", 10, 0))
+
+
+def test_write_gradients_hands_gradients_to_the_leaves_like_backward():
+    import pytest as _pytest
+
+    from bench.registry import TASKS
+    from estimators.base import write_gradients
+
+    task = TASKS.create("toy[d=2,batch=2]")
+    task.setup(torch.device("cpu"))
+    for target in ("latent", "cond", "weights"):
+        problem = task.make_problem(target, 3, 0)
+        rest = [leaf for leaf in problem.leaves if leaf is not problem.x_start]
+        latent = torch.ones_like(problem.x_start)
+        write_gradients(problem, latent, [torch.full_like(leaf, 2.0) for leaf in rest[:-1]] + [None] * bool(rest))
+        if target == "latent":
+            assert torch.equal(problem.x_start.grad, latent) and not rest
+        else:
+            assert problem.x_start.grad is None and torch.equal(rest[-1].grad, torch.zeros_like(rest[-1]))
+        with _pytest.raises(ValueError, match="leaves besides the latent"):
+            write_gradients(problem, latent, rest + [latent])
+    with _pytest.raises(ValueError, match="got no gradient"):
+        write_gradients(task.make_problem("latent", 3, 0), None, [])
