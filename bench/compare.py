@@ -86,26 +86,30 @@ def _ratio(value: float) -> str:
 
 
 def print_comparison(table: pd.DataFrame, console, only_changed: bool = False) -> None:
+    from rich import box
     from rich.markup import escape
     from rich.table import Table
 
-    from bench.summary import format_bytes
-
     shown = table[table["flags"] != ""] if only_changed else table
-    view = Table(title="B / A per cell", title_justify="left")
-    for column in ("cell", "ms A", "ms B", "B/A", "×base A", "×base B", "mem A", "mem B", "B/A ", "cos A", "cos B",
-                   "change"):
-        view.add_column(column, justify="left" if column in ("cell", "change") else "right")
+    tasks = ", ".join(dict.fromkeys(table["task"]))
+    view = Table(title=escape(f"B / A per cell ({tasks})"), title_justify="left", box=box.SIMPLE_HEAD,
+                 collapse_padding=True, pad_edge=False)
+    wide = console.width >= 120  # below that, the ratios only (times and cosines need 40 more columns)
+    columns = ("cell", "ms A", "ms B", "B/A", "×base A", "×base B", "mem B/A", "cos A", "cos B", "change")
+    shown_columns = [c for c in columns if wide or c not in ("ms A", "ms B", "cos A", "cos B")]
+    for column in shown_columns:
+        view.add_column(column, justify="left" if column in ("cell", "change") else "right",
+                        no_wrap=column != "change")
     for _, r in shown.iterrows():
         colour = "red" if ("slower" in r["flags"] or "larger" in r["flags"] or "gradient" in r["flags"]) else (
             "green" if r["flags"] else "")
         flags = f"[{colour}]{escape(r['flags'])}[/]" if colour else ""
-        view.add_row(escape(f"{r['task']} {r['target']} {r['estimator']} N={r['steps']} s={r['seed']}"),
-                     f"{r['time_a'] * 1e3:.1f}", f"{r['time_b'] * 1e3:.1f}", f"{r['time_ratio']:.2f}",
-                     _ratio(r["vs_base_a"]), _ratio(r["vs_base_b"]),
-                     format_bytes(r["mem_a"]), format_bytes(r["mem_b"]),
-                     "-" if pd.isna(r["mem_ratio"]) else f"{r['mem_ratio']:.2f}",
-                     f"{r['cos_a']:.4f}", f"{r['cos_b']:.4f}", flags)
+        memory = "-" if pd.isna(r["mem_ratio"]) else f"{r['mem_ratio']:.2f}"
+        cells = dict(zip(columns, (
+            escape(f"{r['estimator']} {r['target']} N={r['steps']} s={r['seed']}"),
+            f"{r['time_a'] * 1e3:.1f}", f"{r['time_b'] * 1e3:.1f}", f"{r['time_ratio']:.2f}",
+            _ratio(r["vs_base_a"]), _ratio(r["vs_base_b"]), memory, f"{r['cos_a']:.4f}", f"{r['cos_b']:.4f}", flags)))
+        view.add_row(*(cells[c] for c in shown_columns))
     console.print(view)
     changed = int((table["flags"] != "").sum())
     console.print(f"{len(table)} cells in both runs, {changed} changed beyond the factor and the spread")

@@ -209,3 +209,17 @@ def test_suspect_rows_are_marked_in_the_summary_and_the_report(tmp_path):
     assert "!" in text and "timing suspect" in text and "1 with suspect timing" in text
     page = (write_report(tmp_path / "run", tmp_path / "report") / "index.md").read_text()
     assert " !" in page and "Where the time went" in page
+
+
+def test_compare_names_suspect_timings_and_shows_both_ratios(tmp_path):
+    from bench.compare import compare
+
+    spec = SweepSpec(tasks=["toy[d=2,batch=2]"], estimators=["full", "sdo"], targets=["cond"], steps=[4],
+                     iters=1, rounds=2, memory="off")
+    rows = run_sweep(spec, tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    rows[1]["timing_suspect"] = "only 0 of 2 rounds ran without other load"
+    (tmp_path / "b" / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = compare(tmp_path / "a", tmp_path / "b").set_index("estimator")
+    assert "timing suspect in B" in table.loc["sdo", "flags"] and table.loc["full", "flags"] == ""
+    assert table.loc["sdo", "vs_base_a"] == table.loc["sdo", "vs_base_b"] > 0
