@@ -7,7 +7,7 @@ The phases of a cell, each returning its part of the row:
   agreement  one untimed gradient: counts, finiteness, cosine to the reference
   reference  the exact gradient at the point (computed once per point, in float64 where possible)
   timing     rounds, interleaved with the point's other cells and with the time model's units
-             F, V and R on the task's model (bench/timing.py)
+             F, V and H on the task's model (bench/timing.py)
   memory     peak memory of one gradient and the memory model (bench/memory.py)
   optimise   a short Adam run with the estimator
   evaluate   quality of the optimised sampler beside the unoptimised one's, and the real floor
@@ -209,7 +209,7 @@ class Attempt:
     def row(self) -> dict[str, Any]:
         phases = {name: round(seconds, 3) for name, seconds in self.clock.phases.items()}
         fields = {"status": "ok", **self.parts, **(self.ended or {})}
-        return self.cell.row(**fields, phase_s=phases, cell_seconds=round(sum(self.clock.phases.values()), 3))
+        return self.cell.row(**fields, phase_s=phases, cell_seconds=round(self.clock.spent, 3))
 
 
 class CellRunner:
@@ -334,7 +334,8 @@ class CellRunner:
 
     def _time(self, attempts: list[Attempt]) -> None:
         """The timing phase of a point's cells, round-robin, each call within its cell's limit;
-        the time model's units F, V and R measured in the same passes."""
+        the time model's units F, V and H measured in the same passes, on the first cell's problem
+        (its model and batch are the point's; the unit calls change no parameter and no .grad)."""
         if not attempts:
             return
 
@@ -345,11 +346,7 @@ class CellRunner:
             return call
 
         calls = {a.cell.key: timed_call(a) for a in attempts}
-        first = attempts[0].cell
-        try:
-            calls.update(unit_calls(first.task.make_problem(first.target, first.steps, first.seed)))
-        except Exception:  # the cells built their problems; without units a row has no time model
-            pass
+        calls.update(unit_calls(attempts[0].problem))
         cap = self.spec.timing_cap or (DEFAULT_STABLE_CAP_S if self.spec.stable else 0.0)
         results = time_interleaved(calls, self.device, rounds=self.spec.rounds, threads=self.threads,
                                    stable=self.spec.stable, cap_s=cap, warmup=self.spec.warmup,
