@@ -1,68 +1,184 @@
-"""The sampling chain every estimator differentiates through: x_N -> x_0 with DDIM (eta >= 0).
+"""The sampling chain every estimator differentiates through: x_N -> x_0, one sampler step per grid
+point, and the denoiser calls it makes, counted.
 
 Grid convention: index i runs from N (noisiest) down to 0 (clean end). The denoiser is called at
-grid points i = N..1 with model time t_i; step i maps x_i to x_{i-1}:
+grid points i = N..1 with model time t_i; step i maps the state at i to the state at i - 1.
 
-    x_{i-1} = a_i x_i + b_i eps_i + s_i xi_i                                  (DDIM, eq. 12)
-    a_i = alpha_{i-1} / alpha_i
-    b_i = sqrt(1 - abar_{i-1} - s_i^2) - alpha_{i-1} sigma_i / alpha_i
-    s_i = eta * sqrt((1 - abar_{i-1}) / (1 - abar_i) * (1 - abar_i / abar_{i-1}))
+The sampler contract (a `Schedule`, built by a sampler in bench/samplers/ for one N):
 
-In y = x / alpha, rho = sigma / alpha this is y_{i-1} = y_i + beta_i eps_i + (s_i/alpha_{i-1}) xi_i
-with beta_i = b_i / alpha_{i-1} (= rho_{i-1} - rho_i when eta = 0): one Euler step of the
-probability-flow ODE dy/drho = eps(alpha(rho) y, t(rho), c).
-
-The step is pure: nothing depends on hidden scheduler state, so checkpointing and the adjoint can
-recompute any step from (x_i, i) alone.
+- A state is a tuple (x_i, *history): the latent and what a multistep solver keeps of earlier
+  model outputs (DPM-Solver++ 2M keeps one data prediction; DDIM and flow-matching Euler none).
+- `advance(state, i, out, noise)` is a pure function of its arguments: checkpointing and the
+  adjoint recompute any step from (state_i, i) alone; nothing hides in scheduler state.
+- Every step is affine in (x_i, the model output, the history): x_0 = W_x x_N + sum_i W_i out_i
+  (+ injected noise). `state_weight` and `output_weight(i)` are those weights, the linear structure
+  that SDO's identity path and AlignProp's latent path follow.
+- The probability-flow ODE the sampler discretises, in variables where its first-order step is an
+  Euler step: y = x / scale(s), dy/ds = out(scale(s) y, t(s), c), with s = rho = sigma / alpha
+  (variance-preserving, epsilon models: DDIM = Euler, DPM-Solver++ a second-order multistep) or
+  s = sigma (rectified flow, velocity models: flow-matching Euler). The adjoint integrates it.
 """
 from __future__ import annotations
 
 import functools
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from bench.errors import SpecError
+State = tuple[Tensor, ...]
 
 
-@dataclass(frozen=True)
 class Schedule:
-    """Noise levels of an N-step DDIM grid, in float64 Python floats (exact, device-free)."""
+    """An N-step grid and its step rule: the base of every sampler's schedule (see the module)."""
 
-    timesteps: tuple[int, ...]  # model time t_i for i = 1..N, stored as timesteps[i - 1]
-    alpha_bar: tuple[float, ...]  # abar_i for i = 0..N
-    alpha_bar_prev: tuple[float, ...]  # where step i lands, at [i - 1]: equals abar_{i-1} on
-    #                                     consistent grids (e.g. not trailing spacing with N not dividing T)
-    eta: float
-    train_alpha_bar: tuple[float, ...]  # the training table abar(t), t = 0..T-1
+    sampler: str = ""  # the sampler's spec, recorded in every row
+    prediction: ClassVar[str] = "epsilon"  # what the model outputs: epsilon or flow (velocity)
+    history_size: ClassVar[int] = 0  # earlier model outputs a step uses
+    eta: float = 0.0
 
     @classmethod
     def from_scheduler(cls, scheduler, num_steps: int, eta: float = 0.0) -> "Schedule":
-        """Read the grid from a diffusers DDIMScheduler (or any scheduler with the same config)."""
-        if not isinstance(num_steps, int) or num_steps < 1:
-            raise SpecError(f"step count must be a positive integer, got {num_steps!r}")
-        if eta < 0:
-            raise SpecError(f"eta must be >= 0, got {eta}")
-        prediction = scheduler.config.get("prediction_type", "epsilon")
-        if prediction != "epsilon":
-            raise SpecError(f"prediction_type={prediction!r} is not supported; valid: epsilon")
-        train = scheduler.config.num_train_timesteps
-        if num_steps > train:
-            raise SpecError(f"step count {num_steps} exceeds the {train} training timesteps")
-        scheduler.set_timesteps(num_steps)
-        table = scheduler.alphas_cumprod.double()
-        final = float(scheduler.final_alpha_cumprod)
-        ts = [int(t) for t in scheduler.timesteps]  # descending: t_N, ..., t_1
-        ratio = train // num_steps
-        # DDIMScheduler.step goes from abar[t] to abar[t - T // N] (the final value below 0); with
-        # the usual spacings that is the next grid timestep, and the grid is one ODE's Euler grid.
-        abar = [float(table[t]) for t in reversed(ts)]  # abar_i for i = 1..N
-        prev = [float(table[t - ratio]) if t - ratio >= 0 else final for t in reversed(ts)]
-        return cls(timesteps=tuple(reversed(ts)), alpha_bar=(prev[0], *abar),
-                   alpha_bar_prev=tuple(prev), eta=float(eta),
-                   train_alpha_bar=tuple(float(v) for v in table))
+        """The schedule of a diffusers scheduler (DDIM, DPM-Solver++ multistep, flow-matching Euler)
+        at `num_steps` steps, read from the scheduler's own grid."""
+        from bench.samplers import schedule_from_scheduler
+        return schedule_from_scheduler(scheduler, num_steps, eta)
+
+    # --- the grid -------------------------------------------------------------------------------
+    @property
+    def num_steps(self) -> int:
+        raise NotImplementedError
+
+    def alpha(self, i: int) -> float:
+        """Signal scale at grid point i: x_i = alpha_i x_0 + sigma_i noise."""
+        raise NotImplementedError
+
+    def sigma(self, i: int) -> float:
+        raise NotImplementedError
+
+    def rho(self, i: int) -> float:
+        return self.sigma(i) / self.alpha(i)
+
+    def model_time(self, i: int) -> float:
+        """Model time at grid point i (i >= 1 are the sampler's own timesteps)."""
+        raise NotImplementedError
+
+    # --- the step -------------------------------------------------------------------------------
+    def advance(self, state: State, i: int, out: Tensor, noise: Tensor | None = None) -> State:
+        """The state at i - 1 from the state at i and the model output at (x_i, t_i)."""
+        raise NotImplementedError
+
+    def noise_std(self, i: int) -> float:
+        """Standard deviation of the noise step i injects (0: deterministic)."""
+        return 0.0
+
+    def is_identity(self, i: int) -> bool:
+        """Step i lands on its own noise level: the state passes unchanged, the output has weight 0."""
+        return False
+
+    def start(self, x: Tensor) -> State:
+        return (x,)
+
+    # --- the linear structure -------------------------------------------------------------------
+    @functools.cached_property
+    def _linear_map(self) -> tuple[float, ...]:
+        """x_0's coefficients on (x_N, out_N, ..., out_1), from the step rule run on coefficient
+        vectors (exact: every step is affine)."""
+        n = self.num_steps
+        basis = torch.eye(n + 1, dtype=torch.float64)
+        state = self.start(basis[0])
+        for i in range(n, 0, -1):
+            state = self.advance(state, i, basis[n - i + 1], torch.zeros(n + 1, dtype=torch.float64))
+        return tuple(float(v) for v in state[0])
+
+    @property
+    def state_weight(self) -> float:
+        """dx_0/dx_N with every model output held fixed."""
+        return self._linear_map[0]
+
+    def output_weight(self, i: int) -> float:
+        """dx_0/d out_i with the state and the other outputs held fixed."""
+        return self._linear_map[self.num_steps - i + 1]
+
+    def effective_steps(self) -> tuple[int, ...]:
+        """Grid indices N..1 (sampling order) of the steps whose model output enters x_0: the
+        steps an estimator that keeps only some calls can usefully keep."""
+        return tuple(i for i in range(self.num_steps, 0, -1) if self.output_weight(i) != 0.0)
+
+    # --- the probability-flow ODE ---------------------------------------------------------------
+    def ode_point(self, i: int) -> float:
+        """The ODE variable s at grid point i (increasing in i)."""
+        raise NotImplementedError
+
+    def ode_scale(self, s: float) -> float:
+        """x = scale(s) y."""
+        raise NotImplementedError
+
+    def ode_time(self, s: float) -> float:
+        """Model time at s, off the grid too."""
+        raise NotImplementedError
+
+    def ode_point_at_time(self, t: float) -> float:
+        raise NotImplementedError
+
+    def ode_grid(self, steps: int) -> list[float]:
+        """s at `steps` + 1 points from s_0 up to s_N: the sampler's own (steps = 0 or N), else
+        uniform in lambda = log(alpha / sigma) between the same end points (the exponential
+        integrators' grid, smooth for every solver), with a fixed first (last) interval where
+        lambda is infinite or the model's time stops at an end (`ode_edges`), and uniform in model
+        time where lambda is infinite with no edge to stop at."""
+        n = self.num_steps
+        if steps in (0, n):
+            return [self.ode_point(i) for i in range(n + 1)]
+        low, high = self.ode_point(0), self.ode_point(n)
+        edge_low, edge_high = self.ode_edges()
+        head = [low] if low < edge_low < high and steps >= 2 else []
+        tail = [high] if low < edge_high < high and steps - len(head) >= 2 else []
+        inner = self.ode_grid_between(edge_low if head else low, edge_high if tail else high,
+                                      steps - len(head) - len(tail))
+        return head + inner + tail
+
+    def ode_edges(self) -> tuple[float, float]:
+        """Where a finer grid puts fixed end intervals: below the first, lambda is infinite or the
+        model's time is clamped (a kink); above the second, lambda is infinite. (-inf, inf): none."""
+        return -math.inf, math.inf
+
+    def ode_grid_between(self, low: float, high: float, steps: int) -> list[float]:
+        if 0 < self.ode_to_rho(low) < math.inf and 0 < self.ode_to_rho(high) < math.inf:
+            log_low, log_high = math.log(self.ode_to_rho(low)), math.log(self.ode_to_rho(high))
+            inner = [self.ode_from_rho(math.exp(log_low + (log_high - log_low) * j / steps))
+                     for j in range(1, steps)]
+        else:
+            t_low, t_high = self.ode_time(low), self.ode_time(high)
+            inner = [self.ode_point_at_time(t_low + (t_high - t_low) * j / steps) for j in range(1, steps)]
+        return [low, *inner, high]
+
+    def ode_to_rho(self, s: float) -> float:
+        """rho = sigma / alpha at ODE point s (lambda = -log rho)."""
+        return s
+
+    def ode_from_rho(self, rho: float) -> float:
+        return rho
+
+    def ode_lambda_midpoint(self, a: float, b: float) -> float:
+        """The point between s = a and s = b halfway in lambda = -log rho (DPM-Solver-2's
+        intermediate point), or halfway in s where lambda is infinite at an end."""
+        rho_a, rho_b = self.ode_to_rho(a), self.ode_to_rho(b)
+        if not (0 < rho_a < math.inf and 0 < rho_b < math.inf):
+            return (a + b) / 2
+        return self.ode_from_rho(math.sqrt(rho_a * rho_b))
+
+
+@dataclass(frozen=True)
+class VPSchedule(Schedule):
+    """A variance-preserving grid from a training table abar(t) (DDPM betas): alpha_i = sqrt(abar_i).
+    The ODE variable is rho = sigma / alpha, with scale(rho) = 1 / sqrt(1 + rho^2)."""
+
+    timesteps: tuple[float, ...]  # model time t_i for i = 1..N, stored as timesteps[i - 1]
+    alpha_bar: tuple[float, ...]  # abar_i for i = 0..N
+    train_alpha_bar: tuple[float, ...]  # the training table abar(t), t = 0..T-1
 
     @property
     def num_steps(self) -> int:
@@ -74,78 +190,55 @@ class Schedule:
     def sigma(self, i: int) -> float:
         return math.sqrt(1.0 - self.alpha_bar[i])
 
-    def rho(self, i: int) -> float:
-        return self.sigma(i) / self.alpha(i)
-
     def model_time(self, i: int) -> float:
-        """Model time at grid point i (i >= 1 are the sampler's own timesteps)."""
         if i >= 1:
             return float(self.timesteps[i - 1])
         return self.time_at_rho(self.rho(0))
 
-    def noise_std(self, i: int) -> float:
-        ab, ab_prev = self.alpha_bar[i], self.alpha_bar_prev[i - 1]
-        variance = (1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)
-        return self.eta * math.sqrt(max(variance, 0.0))
-
-    def coefficients(self, i: int) -> tuple[float, float, float]:
-        """(a_i, b_i, s_i) of step i: x_{i-1} = a_i x_i + b_i eps + s_i xi."""
-        if self.is_identity(i):
-            return 1.0, 0.0, 0.0  # exactly (the formula leaves b at rounding level, not 0)
-        s = self.noise_std(i)
-        ab, ab_prev = self.alpha_bar[i], self.alpha_bar_prev[i - 1]
-        a = math.sqrt(ab_prev / ab)
-        b = math.sqrt(max(1 - ab_prev - s * s, 0.0)) - math.sqrt(ab_prev) * math.sqrt(1 - ab) / math.sqrt(ab)
-        return a, b, s
-
-    def is_identity(self, i: int) -> bool:
-        """Step i lands on its own noise level (abar_{i-1} = abar_i): x_{i-1} = x_i, the denoiser
-        output has weight 0 and no noise is injected. diffusers' DDIMScheduler defaults (leading
-        spacing, steps_offset = 0, set_alpha_to_one = False) end on such a step, and so does
-        trailing spacing at N = T: two grid points share one rho."""
-        return self.alpha_bar_prev[i - 1] == self.alpha_bar[i]
-
-    def effective_steps(self) -> tuple[int, ...]:
-        """Grid indices N..1 (sampling order) of the steps whose denoiser output enters the chain
-        (b_i != 0): the steps an estimator that keeps only some calls can usefully keep."""
-        return tuple(i for i in range(self.num_steps, 0, -1) if self.coefficients(i)[1] != 0.0)
-
-    def eps_weight(self, i: int) -> float:
-        """beta_i = b_i / alpha_{i-1}: weight of eps_i in y_0 = y_N + sum_i beta_i eps_i + noise."""
-        return self.coefficients(i)[1] / math.sqrt(self.alpha_bar_prev[i - 1])
-
-    def step(self, x: Tensor, i: int, eps: Tensor, noise: Tensor | None = None) -> Tensor:
-        """x_{i-1} from x_i and the denoiser output at (x_i, t_i). Pure tensor arithmetic."""
-        a, b, s = self.coefficients(i)
-        out = a * x + b * eps
-        if s > 0:
-            if noise is None:
-                raise ValueError(f"step {i} has eta > 0 and needs its injected noise")
-            out = out + s * noise
-        return out
-
-    # Continuous time, for the adjoint ODE on grids finer than the sampler's.
     def time_at_rho(self, rho: float) -> float:
-        """Model time t with rho(t) = rho, by linear interpolation of the training table in t
-        (clamped to [0, T-1]: the model is never asked outside its training range)."""
-        rhos = _rho_table(self.train_alpha_bar)
-        if rho <= rhos[0]:
+        """Model time t with rho(t) = rho, where abar(t) interpolates log abar linearly in t (as
+        `alpha_bar_at_time`), clamped to [0, T-1]: the model is never asked outside its range."""
+        table = _log_alpha_bar(self.train_alpha_bar)
+        target = -math.log1p(rho * rho)
+        if target >= table[0]:
             return 0.0
-        if rho >= rhos[-1]:
-            return float(len(rhos) - 1)
-        lo, hi = 0, len(rhos) - 1
+        if target <= table[-1]:
+            return float(len(table) - 1)
+        lo, hi = 0, len(table) - 1
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            if rhos[mid] <= rho:
+            if table[mid] >= target:
                 lo = mid
             else:
                 hi = mid
-        return lo + (rho - rhos[lo]) / (rhos[hi] - rhos[lo])
+        return lo + (table[lo] - target) / (table[lo] - table[hi])
+
+    def rho_at_time(self, t: float) -> float:
+        table = _log_alpha_bar(self.train_alpha_bar)
+        t = min(max(t, 0.0), len(table) - 1.0)
+        lo = min(int(math.floor(t)), len(table) - 2)
+        log_abar = table[lo] + (t - lo) * (table[lo + 1] - table[lo])
+        return math.sqrt(max(math.expm1(-log_abar), 0.0))
+
+    def ode_point(self, i: int) -> float:
+        return self.rho(i)
+
+    def ode_scale(self, s: float) -> float:
+        return 1.0 / math.sqrt(1.0 + s * s)
+
+    def ode_time(self, s: float) -> float:
+        return self.time_at_rho(s)
+
+    def ode_point_at_time(self, t: float) -> float:
+        return self.rho_at_time(t)
+
+    def ode_edges(self) -> tuple[float, float]:
+        return self.rho_at_time(0.0), math.inf  # below rho(t = 0) the model time is clamped
 
 
 @functools.lru_cache(maxsize=8)
-def _rho_table(train_alpha_bar: tuple[float, ...]) -> tuple[float, ...]:
-    return tuple(math.sqrt(1 - ab) / math.sqrt(ab) for ab in train_alpha_bar)
+def _log_alpha_bar(train_alpha_bar: tuple[float, ...]) -> tuple[float, ...]:
+    return tuple(math.log(ab) for ab in train_alpha_bar)
 
 
 def alpha_bar_at_time(t: Tensor, train_alpha_bar: Tensor) -> Tensor:
@@ -171,7 +264,8 @@ class CallCounter:
 
 @dataclass
 class Chain:
-    """A denoiser eps(x, t, cond) and a schedule, with every denoiser call counted.
+    """A denoiser out(x, t, cond) (epsilon or velocity, as the schedule's sampler expects) and a
+    schedule, with every denoiser call counted.
 
     A VJP is counted when a gradient reaches a denoiser output during backward (a tensor hook),
     so recomputation by checkpointing counts as a forward but not as an extra VJP."""
@@ -187,28 +281,33 @@ class Chain:
         self.counter.forward += 1
         t_tensor = torch.full((x.shape[0],), t, dtype=x.dtype if x.is_floating_point() else torch.float32,
                               device=x.device)
-        eps = self.denoiser(x, t_tensor, cond)
-        if eps.requires_grad:
-            eps.register_hook(self._count_vjp)
-        return eps
+        out = self.denoiser(x, t_tensor, cond)
+        if out.requires_grad:
+            out.register_hook(self._count_vjp)
+        return out
 
     def eps(self, x: Tensor, i: int, cond: Tensor | None) -> Tensor:
-        """Denoiser output at grid point i (i = N..1)."""
+        """The model output at grid point i (i = N..1): epsilon, or the velocity of a flow model."""
         return self.denoise_at(x, self.schedule.model_time(i), cond)
+
+    def advance(self, state: State, i: int, cond: Tensor | None, noises: list[Tensor] | None = None) -> State:
+        """One sampler step with the model called on the state's latent."""
+        return self.schedule.advance(state, i, self.eps(state[0], i, cond), noise_for(noises, i))
 
     @torch.no_grad()
     def sample(self, x_start: Tensor, cond: Tensor | None, noises: list[Tensor] | None = None,
-               keep_states: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
-        """Run the sampler without graph; optionally return every state x_N..x_0 (x_i at [N - i])."""
-        x, states = x_start.detach(), []
+               keep_states: bool = False) -> Tensor | tuple[Tensor, list[State]]:
+        """Run the sampler without graph; optionally return every state, the one at grid point i
+        at [N - i] (a state is (x_i, *history))."""
+        state, states = self.schedule.start(x_start.detach()), []
         for i in range(self.schedule.num_steps, 0, -1):
             if keep_states:
-                states.append(x)
-            x = self.schedule.step(x, i, self.eps(x, i, cond), noise_for(noises, i))
+                states.append(state)
+            state = self.advance(state, i, cond, noises)
         if keep_states:
-            states.append(x)
-            return x, states
-        return x
+            states.append(state)
+            return state[0], states
+        return state[0]
 
 
 def noise_for(noises: list[Tensor] | None, i: int) -> Tensor | None:

@@ -35,7 +35,8 @@ FIELDS: tuple[Field, ...] = (
     Field("seed", "", "seed of the problem (initial latent, noises, adapters) and the estimator's draws"),
     Field("iters", "count", "Adam iterations of the short optimisation"),
     Field("device", "", "`cpu`, `cuda` or `cuda:N`", numeric=False),
-    Field("sampler", "", "the chain differentiated: `ddim`, or `edict`", numeric=False),
+    Field("sampler", "", "the chain differentiated: the task's sampler (`ddim`, `dpmpp2m`, `flow-euler`, with its options), "
+          "or `edict`", numeric=False),
     # outcome
     Field("status", "", "`ok`, `skipped` (with `reason`), `diverged` (NaN/inf gradient or loss), `oom`, "
           "`timeout` (over `--timeout`), `error` (with `error`, `error_type`, `traceback`); one bad cell "

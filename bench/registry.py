@@ -16,6 +16,7 @@ from bench.options import parse_spec
 
 ESTIMATOR_GROUP = "diffgrad_bench.estimators"
 TASK_GROUP = "diffgrad_bench.tasks"
+SAMPLER_GROUP = "diffgrad_bench.samplers"
 
 
 class Registry:

@@ -282,7 +282,7 @@ class CellRunner:
             raise SkipCell(reason)
         attempt.problem, attempt.cost = problem, cell.estimator.cost_for(problem)
         cost = attempt.cost
-        return {"sampler": cell.estimator.sampler, "threads": self.threads,
+        return {"sampler": cell.estimator.sampler or problem.chain.schedule.sampler, "threads": self.threads,
                 "nfe_forward_pred": cost.nfe_forward, "nfe_vjp_pred": cost.nfe_vjp,
                 "time_pred_checkpointed": cost.checkpointed_forwards, "mem_class": cost.memory,
                 "mem_pred_activations": cost.activations, "mem_pred_latents": cost.latents}
@@ -405,7 +405,7 @@ class CellRunner:
         metrics = cell.task.evaluate(problem, x0)
         if not all(math.isfinite(v) for v in metrics.values()):
             raise Diverged(f"non-finite evaluation after optimisation: {metrics}")
-        key = (*cell.point, cell.estimator.sampler)
+        key = (*cell.point, cell.estimator.sampler)  # the point's task spec names its sampler
         if key not in self.initial_quality:
             start = cell.task.make_problem(cell.target, cell.steps, cell.seed)
             self.initial_quality[key] = cell.task.evaluate(start, cell.estimator.sample(start))

@@ -1,48 +1,69 @@
-"""adjoint: AdjointDPM's continuous adjoint (arXiv 2307.10711; ESTIMATORS.md section 3).
+"""adjoint: AdjointDPM's continuous adjoint (arXiv 2307.10711; ESTIMATORS.md section 3), on the
+probability-flow ODE of whichever sampler the task uses (bench/chain.py): y = x / scale(s),
 
-In y = x / alpha, rho = sigma / alpha the sampler is Euler on dy/drho = f(y, rho) =
-eps(alpha(rho) y, t(rho), c). The augmented adjoint ODE, solved from rho_0 up to rho_N,
+    dy/ds = f(y, s) = out(scale(s) y, t(s), c)
 
-    d a_y / d rho = -a_y^T df/dy,   d a_c / d rho = -a_y^T df/dc,   d a_theta / d rho = -a_y^T df/dtheta
-    a_y(rho_0) = alpha_0 dL/dx_0,   a_c = a_theta = 0,   dL/dx_N = a_y(rho_N) / alpha_N
+(s = rho, scale = alpha, out = eps for DDIM and DPM-Solver++; s = sigma, scale = 1, out = the
+velocity for flow-matching Euler). The augmented adjoint system, solved from s_0 up to s_N,
 
-is integrated with Euler, the VJP taken at the clean end of each interval (the exact discrete
-adjoint takes it at the noisy end: this estimator is off by O(h), and converges as N grows).
+    d a_y / ds = -a_y^T df/dy,   d a_c / ds = -a_y^T df/dc,   d a_theta / ds = -a_y^T df/dtheta
+    a_y(s_0) = scale(s_0) dL/dx_0,   a_c = a_theta = 0,   dL/dx_N = a_y(s_N) / scale(s_N)
 
-Options: `steps` (0: the sampler's own rho grid; M > 0: M Euler steps on a grid interpolated
-from the sampler's, with the same end points), and `recover` (backward: re-integrate y
-alongside the adjoint, constant memory plus drift; cache: keep the forward states, N*S memory,
-no drift, what the reference code amounts to). Needs the deterministic sampler (eta = 0).
-Memory A (+ N*S cached), time about NF + M(F + V).
+is integrated by a `solver`, each a step of the whole augmented state Z = (y, a_y, a_c, a_theta):
+
+- euler (order 1): Z += h G(Z, s). The VJP is taken at the clean end of each interval (the exact
+  discrete adjoint of DDIM takes it at the noisy end), so it is off by O(h).
+- heun (order 2, explicit trapezoid): K1 = G(Z, s), K2 = G(Z + h K1, s + h), Z += h (K1 + K2) / 2.
+- dpm2 (order 2, AdjointDPM's exponential integrator, DPM-Solver-2): in y and s the ODE has no
+  linear part, so the exponential integrator reduces to a midpoint rule whose midpoint s_m is
+  halfway in lambda = log(alpha / sigma): Z += h G(Z + (s_m - s) G(Z, s), s_m).
+
+The orders are measured by tests/test_adjoint_solvers.py: the slope of the error against the
+number of adjoint steps M, with the forward fixed, against a converged reference.
+
+Options: `steps` (0: the sampler's own grid; M > 0: M steps uniform in model time between the
+same end points), `solver`, and `recover` (backward: re-integrate y alongside the adjoint, constant
+memory plus drift; cache: keep the forward states, N*S memory, no drift, what the reference code
+amounts to; between states y is interpolated linearly in s). Needs a deterministic sampler (eta =
+0). Memory A (+ N*S cached), time about NF + kM(F + V), k the solver's stages (1 or 2).
 """
 from __future__ import annotations
 
 import bisect
-import math
 import random
 
 import torch
+from torch import Tensor
 
 from bench.options import Option, at_least
 from bench.problem import Problem
 from estimators.base import Cost, Estimate, Estimator, write_gradients
 
+SOLVERS = {"euler": (1, 1), "heun": (2, 2), "dpm2": (2, 2)}  # name -> (order, stages)
+
 
 class Adjoint(Estimator):
     name = "adjoint"
-    summary = "continuous adjoint ODE in (rho, y), Euler (AdjointDPM)"
+    summary = "continuous adjoint ODE of the sampler's probability flow (AdjointDPM)"
     options = (
-        Option("steps", int, 0, "adjoint Euler steps (0: the sampler's own grid)",
+        Option("steps", int, 0, "adjoint steps (0: the sampler's own grid)",
                check=at_least(0, " (0: the sampler's grid)")),
         Option("recover", str, "backward", "how states are recovered: backward (O(1) memory) or cache",
                choices=("backward", "cache")),
+        Option("solver", str, "euler", "adjoint ODE solver: euler (order 1), heun (2), dpm2 "
+               "(2, AdjointDPM's exponential integrator)", choices=tuple(SOLVERS)),
     )
-    variants = ("recover=cache", "steps=7", "steps=7,recover=cache")
+    variants = ("recover=cache", "steps=7", "steps=7,recover=cache", "solver=heun", "solver=dpm2,recover=cache")
+
+    @property
+    def solver_order(self) -> int:
+        """The solver's order in the adjoint step size (forward fixed)."""
+        return SOLVERS[self.solver][0]
 
     @property
     def convergence_order(self) -> float | None:
-        """First order in N on the sampler's own grid (Euler, VJP at the clean end); a fixed M
-        does not converge to the N-step chain's gradient."""
+        """At least first order in N on the sampler's own grid (the N-step chain itself is a
+        first-order discretisation of the ODE); a fixed M does not converge to the chain's gradient."""
         return 1.0 if self.steps == 0 else None
 
     def skip_reason(self, problem: Problem) -> str | None:
@@ -51,21 +72,10 @@ class Adjoint(Estimator):
         return None
 
     def cost(self, steps: int, target: str) -> Cost:
-        m = self.steps or steps
-        return Cost(nfe_forward=steps + m, nfe_vjp=m,
+        evaluations = (self.steps or steps) * SOLVERS[self.solver][1]
+        return Cost(nfe_forward=steps + evaluations, nfe_vjp=evaluations,
                     memory="A" if self.recover == "backward" else "A + N·S", activations=1,
                     latents=0 if self.recover == "backward" else steps)
-
-    def adjoint_grid(self, steps: int, rhos: list[float]) -> list[float]:
-        """rho values of the adjoint's grid, increasing from rho_0 to rho_N. With M steps, the
-        sampler's grid is interpolated at fractional indices j N / M."""
-        m = self.steps or steps
-        grid = []
-        for j in range(m + 1):
-            u = j * steps / m
-            lo = min(int(math.floor(u)), steps - 1)
-            grid.append(rhos[lo] + (u - lo) * (rhos[lo + 1] - rhos[lo]))
-        return grid
 
     def estimate(self, problem: Problem, rng: random.Random) -> Estimate:
         chain, schedule, cond = problem.chain, problem.chain.schedule, problem.cond
@@ -73,56 +83,63 @@ class Adjoint(Estimator):
         cache = self.recover == "cache"
         if cache:
             x0, states = chain.sample(problem.x_start, cond, keep_states=True)
+            grid_s = [schedule.ode_point(i) for i in range(steps + 1)]
+            ys = [states[steps - i][0] / schedule.ode_scale(grid_s[i]) for i in range(steps + 1)]
+            del states
         else:
-            x0, states = chain.sample(problem.x_start, cond), None
-
+            x0, ys = chain.sample(problem.x_start, cond), None
         x0_var = x0.detach().requires_grad_(True)
         loss, rewards = problem.loss(x0_var)
         (grad_x0,) = torch.autograd.grad(loss, x0_var)
 
-        rhos = [schedule.rho(i) for i in range(steps + 1)]
-        grid = self.adjoint_grid(steps, rhos)
+        grid = schedule.ode_grid(self.steps)
         on_sampler_grid = len(grid) == steps + 1
-        # Cached forward states in y, by grid index i (the Euler path is linear in rho between them).
-        ys = None
-        if states is not None:  # y_i = x_i / alpha_i, by grid index i; the x states are dropped
-            ys = [states[steps - i] / schedule.alpha(i) for i in range(steps + 1)]
-            del states
+        params = [leaf for leaf in problem.leaves if leaf is not problem.x_start]
 
-        def cached_y(rho: float) -> torch.Tensor:
-            i = min(max(bisect.bisect_left(rhos, rho), 1), steps)
-            if rhos[i] == rhos[i - 1]:  # an identity step: both grid points hold the same state
+        def time_at(s: float, node: int | None) -> float:
+            return schedule.model_time(node) if on_sampler_grid and node is not None else schedule.ode_time(s)
+
+        def cached_y(s: float, node: int | None) -> Tensor:
+            if on_sampler_grid and node is not None:
+                return ys[node]
+            i = min(max(bisect.bisect_left(grid_s, s), 1), steps)
+            if grid_s[i] == grid_s[i - 1]:  # an identity step: both grid points hold the same state
                 return ys[i]
-            w = (rho - rhos[i - 1]) / (rhos[i] - rhos[i - 1])
+            w = (s - grid_s[i - 1]) / (grid_s[i] - grid_s[i - 1])
             return ys[i - 1] + w * (ys[i] - ys[i - 1])
 
-        params = [leaf for leaf in problem.leaves if leaf is not problem.x_start]
-        a_y = schedule.alpha(0) * grad_x0
-        a_params = [torch.zeros_like(p) for p in params]
-        y = x0.detach() / schedule.alpha(0)
-        for j in range(1, len(grid)):
-            rho, h = grid[j - 1], grid[j] - grid[j - 1]
-            if cache:
-                y = ys[j - 1] if on_sampler_grid else cached_y(rho)
-            t = schedule.model_time(j - 1) if on_sampler_grid else schedule.time_at_rho(rho)
-            f, vjps = drift_and_vjp(chain, y, rho, t, cond, a_y, params)
-            a_y = a_y - h * vjps[0]
-            for acc, vjp in zip(a_params, vjps[1:]):
-                if vjp is not None:
-                    acc.sub_(h * vjp)
-            if not cache:
-                y = y + h * f.detach()
+        def rate(z: list[Tensor], s: float, node: int | None) -> list[Tensor]:
+            """G(Z, s): the augmented system's derivative (dy/ds, d a_y/ds, d a_params/ds)."""
+            y = cached_y(s, node) if cache else z[0]
+            f, vjps = drift_and_vjp(chain, y, schedule.ode_scale(s), time_at(s, node), cond, z[1], params)
+            return [f.detach(), *(-v if v is not None else torch.zeros_like(a) for v, a in zip(vjps, z[1:]))]
 
-        write_gradients(problem, a_y / schedule.alpha(steps), a_params)
+        def moved(z: list[Tensor], h: float, k: list[Tensor]) -> list[Tensor]:
+            return [a + h * b for a, b in zip(z, k)]
+
+        z = [x0.detach() / schedule.ode_scale(grid[0]), schedule.ode_scale(grid[0]) * grad_x0,
+             *(torch.zeros_like(p) for p in params)]
+        for j in range(1, len(grid)):
+            s, h = grid[j - 1], grid[j] - grid[j - 1]
+            k1 = rate(z, s, j - 1)
+            if self.solver == "euler":
+                z = moved(z, h, k1)
+            elif self.solver == "heun":
+                k2 = rate(moved(z, h, k1), grid[j], j)
+                z = [a + 0.5 * h * (b + c) for a, b, c in zip(z, k1, k2)]
+            else:  # dpm2
+                s_mid = schedule.ode_lambda_midpoint(s, grid[j])
+                z = moved(z, h, rate(moved(z, s_mid - s, k1), s_mid, None))
+        write_gradients(problem, z[1] / schedule.ode_scale(grid[-1]), z[2:])
         return Estimate(loss=float(loss.detach()), rewards=rewards.detach(), x0=x0.detach())
 
 
-def drift_and_vjp(chain, y: torch.Tensor, rho: float, t: float, cond: torch.Tensor | None,
-                  a_y: torch.Tensor, params: list[torch.Tensor]) -> tuple[torch.Tensor, tuple]:
-    """The ODE's drift f = eps(alpha(rho) y, t, c), alpha(rho) = 1/sqrt(1 + rho^2), and the
-    adjoint's VJPs a_y^T df/dy, a_y^T df/dparams: one step of the augmented system."""
+def drift_and_vjp(chain, y: Tensor, scale: float, t: float, cond: Tensor | None,
+                  a_y: Tensor, params: list[Tensor]) -> tuple[Tensor, tuple]:
+    """The ODE's drift f = out(scale y, t, c) and the adjoint's VJPs a_y^T df/dy, a_y^T
+    df/dparams: one evaluation of the augmented system."""
     y_var = y.detach().requires_grad_(True)
     with torch.enable_grad():
-        f = chain.denoise_at(y_var / math.sqrt(1 + rho * rho), t, cond)
+        f = chain.denoise_at(y_var * scale, t, cond)
         vjps = torch.autograd.grad(f, [y_var, *params], grad_outputs=a_y, allow_unused=True)
     return f, vjps

@@ -58,7 +58,7 @@ class Estimator(Configurable):
     summary: ClassVar[str] = ""
     exact: ClassVar[bool] = False  # True: the gradient equals the exact gradient of the chain
     options: ClassVar[tuple[Option, ...]] = ()
-    sampler: ClassVar[str] = "ddim"  # the chain differentiated; another one (edict) samples its own
+    sampler: ClassVar[str] = ""  # "": the task's sampler is the chain differentiated; edict has its own
     # Option strings worth checking beside the defaults: `python -m bench check NAME` and make test
     # run the conformance suite on each, e.g. ("k=2,latent_path=true",).
     variants: ClassVar[tuple[str, ...]] = ()

@@ -31,7 +31,6 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
-from bench.chain import noise_for
 from bench.errors import SpecError
 from bench.options import Option, at_least
 from bench.problem import Problem
@@ -39,20 +38,20 @@ from estimators.base import Cost, Estimate, Estimator, backprop
 from estimators.masked_chain import run_masked_chain
 
 
-def run_steps(problem: Problem, x: Tensor, high: int, low: int) -> Tensor:
-    """x_low from x_high: the sampler's steps i = high, ..., low + 1 with their graph."""
-    chain, schedule = problem.chain, problem.chain.schedule
+def run_steps(problem: Problem, high: int, low: int, *state: Tensor) -> tuple[Tensor, ...]:
+    """The state at grid point low from the state at high (a state is (x, *history)): the
+    sampler's steps i = high, ..., low + 1 with their graph."""
     for i in range(high, low, -1):
-        x = schedule.step(x, i, chain.eps(x, i, problem.cond), noise_for(problem.noises, i))
-    return x
+        state = problem.chain.advance(state, i, problem.cond, problem.noises)
+    return state
 
 
-def run_recursive(problem: Problem, x: Tensor, high: int, low: int) -> Tensor:
+def run_recursive(problem: Problem, high: int, low: int, *state: Tensor) -> tuple[Tensor, ...]:
     if high - low <= 1:
-        return run_steps(problem, x, high, low)
+        return run_steps(problem, high, low, *state)
     middle = (high + low + 1) // 2
-    x = recompute_in_backward(run_recursive, problem, x, high, middle, use_reentrant=False)
-    return recompute_in_backward(run_recursive, problem, x, middle, low, use_reentrant=False)
+    state = recompute_in_backward(run_recursive, problem, high, middle, *state, use_reentrant=False)
+    return recompute_in_backward(run_recursive, problem, middle, low, *state, use_reentrant=False)
 
 
 def recursion_depth(steps: int) -> int:
@@ -122,15 +121,17 @@ class Checkpoint(Estimator):
 
     def estimate(self, problem: Problem, rng: random.Random) -> Estimate:
         steps = problem.num_steps
+        start = problem.chain.schedule.start(problem.x_start)
         if self.recursive:
-            x0 = run_recursive(problem, problem.x_start, steps, 0)
+            x0 = run_recursive(problem, steps, 0, *start)[0]
         elif self.segment == 1:
             x0 = run_masked_chain(problem, keep_graph=lambda i: True, keep_latent_path=True, checkpoint=True)
         else:
-            x0 = problem.x_start
+            state = start
             for high in range(steps, 0, -self.segment):
                 low = max(high - self.segment, 0)
-                x0 = recompute_in_backward(run_steps, problem, x0, high, low, use_reentrant=False)
+                state = recompute_in_backward(run_steps, problem, high, low, *state, use_reentrant=False)
+            x0 = state[0]
         return backprop(problem, x0)
 
 

@@ -9,7 +9,8 @@ one step again with its graph kept:
 The gradient reaches the conditioning and the weights through the n final calls only; x_N gets
 none, which is a skip reason. Each copy is backpropagated as soon as it is built, so memory is one
 call's activations A (the paper's n-fold graph is not needed). Time about NF + n(F + V).
-The reward returned is the sampler's own x_0's. "The last step" is the last one whose denoiser
+The reward returned is the sampler's own x_0's. On a multistep solver the re-taken step uses the
+sampled trajectory's history (DPM-Solver++ runs its last step at first order by default, so none). "The last step" is the last one whose denoiser
 output enters the chain: a schedule ending on identity steps (leading spacing with
 steps_offset = 0) would otherwise give a zero gradient; the identity steps after it change nothing.
 """
@@ -19,7 +20,6 @@ import random
 
 import torch
 
-from bench.chain import noise_for
 from bench.options import Option, at_least
 from bench.problem import Problem
 from estimators.base import Cost, Estimate, Estimator
@@ -42,13 +42,19 @@ class DraftLV(Estimator):
 
     def estimate(self, problem: Problem, rng: random.Random) -> Estimate:
         chain, schedule, cond = problem.chain, problem.chain.schedule, problem.cond
-        x0 = chain.sample(problem.x_start, cond, problem.noises)
-        generator = torch_generator(rng)
         last = schedule.effective_steps()[-1]  # the steps after it are identities
+        with torch.no_grad():
+            state = schedule.start(problem.x_start.detach())
+            for i in range(schedule.num_steps, 0, -1):
+                if i == last:
+                    history = state[1:]  # a multistep solver's memory at that step
+                state = chain.advance(state, i, cond, problem.noises)
+        x0 = state[0]
+        generator = torch_generator(rng)
         for _ in range(self.n):
             xi = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
             x1 = schedule.alpha(last) * x0 + schedule.sigma(last) * xi
-            x0_j = schedule.step(x1, last, chain.eps(x1, last, cond), noise_for(problem.noises, last))
+            x0_j = chain.advance((x1, *history), last, cond, problem.noises)[0]
             loss_j, _ = problem.loss(x0_j)
             (loss_j / self.n).backward()
         loss, rewards = problem.loss(x0)

@@ -71,6 +71,9 @@ class EDICT(Estimator):
     def skip_reason(self, problem: Problem) -> str | None:
         if problem.chain.schedule.eta > 0:
             return "EDICT inverts the deterministic sampler only (eta = 0)"
+        if not hasattr(problem.chain.schedule, "coefficients"):
+            return (f"EDICT couples single-step samplers x' = a x + b out (ddim, flow-euler); "
+                    f"{problem.chain.schedule.sampler} is a multistep solver")
         if problem.target == "noise":
             return "the deterministic EDICT chain injects no noise; use target latent"
         return None

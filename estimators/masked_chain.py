@@ -2,8 +2,9 @@
 (ESTIMATORS.md, 'A unifying view'): full, checkpoint and truncated are masks over it.
 
 - keep_graph(i): does the denoiser call at grid point i keep its graph?
-- keep_latent_path: across the other calls, does the linear DDIM arithmetic x_{i-1} = a_i x_i + ...
-  stay in the graph (an identity path back to x_N), or is the latent detached?
+- keep_latent_path: across the other calls, does the sampler's affine arithmetic (x_{i-1} from x_i
+  and, for a multistep solver, its history) stay in the graph, a linear path back to x_N, or is
+  the state detached?
 - checkpoint: store each kept step's graph (False) or recompute it during backward (True).
 
 An identity step (Schedule.is_identity: the denoiser output has weight 0) never cuts the latent
@@ -25,17 +26,18 @@ from bench.problem import Problem
 def run_masked_chain(problem: Problem, keep_graph: Callable[[int], bool], keep_latent_path: bool,
                      checkpoint: bool = False) -> Tensor:
     chain, schedule, cond = problem.chain, problem.chain.schedule, problem.cond
-    x = problem.x_start
+    state = schedule.start(problem.x_start)
     for i in range(schedule.num_steps, 0, -1):
         noise = noise_for(problem.noises, i)
         if keep_graph(i):
-            def kept_step(x_i: Tensor, i: int = i, noise: Tensor | None = noise) -> Tensor:
-                return schedule.step(x_i, i, chain.eps(x_i, i, cond), noise)
+            def kept_step(*state_i: Tensor, i: int = i, noise: Tensor | None = noise) -> tuple[Tensor, ...]:
+                return schedule.advance(state_i, i, chain.eps(state_i[0], i, cond), noise)
 
-            x = recompute_in_backward(kept_step, x, use_reentrant=False) if checkpoint else kept_step(x)
+            state = recompute_in_backward(kept_step, *state, use_reentrant=False) if checkpoint else kept_step(*state)
         else:
             with torch.no_grad():
-                eps = chain.eps(x.detach(), i, cond)
-            cut = not keep_latent_path and not schedule.is_identity(i)
-            x = schedule.step(x.detach() if cut else x, i, eps, noise)
-    return x
+                out = chain.eps(state[0].detach(), i, cond)
+            if not keep_latent_path and not schedule.is_identity(i):
+                state = tuple(part.detach() for part in state)
+            state = schedule.advance(state, i, out, noise)
+    return state[0]

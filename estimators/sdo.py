@@ -1,13 +1,17 @@
 """sdo: the one-step shortcut (SDO, arXiv 2505.07477; ESTIMATORS.md section 4).
 
-Sample without graph except at one step k, and keep the linear DDIM arithmetic of every step as
-an identity path. With beta_i = b_i / alpha_{i-1} (= rho_{i-1} - rho_i at eta = 0):
+Sample without graph except at one step k, and keep the sampler's affine arithmetic of every
+step as an identity path. With W_x = dx_0/dx_N and W_k = dx_0/d out_k, every model output held
+fixed (Schedule.state_weight, output_weight; for DDIM at eta = 0 W_x = alpha_0 / alpha_N and
+W_k = alpha_0 (rho_{k-1} - rho_k)):
 
-    dx_0/dx_N   ~ (alpha_0 / alpha_N) [I + beta_k alpha_k J_x(eps_k)]   (J term only if k = N)
-    dx_0/dtheta ~ alpha_0 beta_k d eps_k / d theta
+    dx_0/dx_N   ~ W_x I + W_k J_x(out_k)   (J term only if k = N)
+    dx_0/dtheta ~ W_k d out_k / d theta
 
-computed as x_0 = x_0^ng + alpha_0 [(x_N - sg(x_N)) / alpha_N + beta_k (eps_k - sg(eps_k))],
-where sg stops the gradient; no rescaling, as in the reference code. `step` picks k: first (the
+computed as x_0 = x_0^ng + W_x (x_N - sg(x_N)) + W_k (out_k - sg(out_k)), where sg stops the
+gradient; no rescaling, as in the reference code. On DPM-Solver++ 2M, W_k also counts out_k's
+second appearance through the next step's history; on flow-matching Euler W_x = 1,
+W_k = sigma_{k-1} - sigma_k. `step` picks k: first (the
 call that consumes x_N; the reference code's choice for latent optimisation), last, random
 (uniform on every call; the paper's choice for weight tuning), or a 0-based index in sampling
 order (0 = first). `last` and `random` choose among the calls whose output enters the chain: on a
@@ -95,16 +99,15 @@ class SDO(Estimator):
         steps = schedule.num_steps
         k = self.kept_grid_index(steps, rng, schedule.effective_steps())
         x_start = problem.x_start
-        x = x_start.detach()
+        state = schedule.start(x_start.detach())
         for i in range(steps, 0, -1):
             if i == k:
-                kept_eps = chain.eps(x_start if i == steps else x, i, cond)
-                eps = kept_eps.detach()
+                kept_out = chain.eps(x_start if i == steps else state[0], i, cond)
+                out = kept_out.detach()
             else:
                 with torch.no_grad():
-                    eps = chain.eps(x, i, cond)
-            x = schedule.step(x, i, eps, noise_for(problem.noises, i))
-        identity_path = (x_start - x_start.detach()) / schedule.alpha(steps)
-        kept_path = schedule.eps_weight(k) * (kept_eps - kept_eps.detach())
-        x0 = x + schedule.alpha(0) * (identity_path + kept_path)
-        return backprop(problem, x0)
+                    out = chain.eps(state[0], i, cond)
+            state = schedule.advance(state, i, out, noise_for(problem.noises, i))
+        identity_path = schedule.state_weight * (x_start - x_start.detach())
+        kept_path = schedule.output_weight(k) * (kept_out - kept_out.detach())
+        return backprop(problem, state[0] + identity_path + kept_path)

@@ -6,9 +6,21 @@ from typing import ClassVar
 
 import torch
 
+from bench.chain import Schedule
 from bench.errors import SpecError
 from bench.options import Configurable, Option
 from bench.problem import TARGETS, Problem
+
+DEFAULT_SAMPLERS = {"epsilon": "ddim", "flow": "flow-euler"}
+
+
+def sampler_option() -> Option:
+    """The `sampler` option a task declares: a sampler spec from bench/samplers ('' = the model's own)."""
+    from bench.samplers import check_sampler_spec
+
+    return Option("sampler", str, "", "the sampler: ddim, dpmpp2m[order=1|2], flow-euler[shift=s] "
+                  "(empty: ddim for epsilon models, flow-euler for flow models)",
+                  check=check_sampler_spec, metavar="name[k=v]")
 
 
 class Task(Configurable):
@@ -27,7 +39,35 @@ class Task(Configurable):
     reference_checkpointed: ClassVar[bool] = False
 
     def preflight(self) -> None:
-        """Cheap checks of the options before anything runs (a missing folder, say): SpecError."""
+        """Cheap checks of the options before anything runs (a missing folder, say): SpecError.
+        Subclasses that override it call super().preflight()."""
+        self.chosen_sampler()
+
+    # --- the sampler (tasks that declare sampler_option()) --------------------------------------
+    @property
+    def model_prediction(self) -> str:
+        """What the task's model outputs: epsilon or flow (bench.samplers.PREDICTIONS)."""
+        return "epsilon"
+
+    def scheduler_config(self) -> dict:
+        """The diffusers scheduler configuration of the model's noise table (training steps, betas)."""
+        raise NotImplementedError
+
+    def chosen_sampler(self):
+        """The sampler of this task's options, checked against the model and eta (SpecError)."""
+        from bench.samplers import make_sampler
+
+        spec = getattr(self, "sampler", "") or DEFAULT_SAMPLERS[self.model_prediction]
+        sampler = make_sampler(spec)
+        sampler.check_model(self.model_prediction, self.spec)
+        if self.eta > 0 and not sampler.stochastic:
+            raise SpecError(f"{self.spec}: eta={self.eta} needs a stochastic sampler; sampler "
+                            f"{sampler.spec} is deterministic (eta > 0 applies to ddim)")
+        return sampler
+
+    def make_schedule(self, steps: int) -> Schedule:
+        """The N-step schedule of the task's sampler on its model's noise table."""
+        return self.chosen_sampler().schedule(self.scheduler_config(), steps, self.eta)
 
     def check_steps(self, steps: int) -> None:
         """SpecError if the sampler cannot take `steps` steps (more than the model's training steps)."""

@@ -19,10 +19,10 @@ import torch
 from diffusers import DDIMScheduler
 from torch import Tensor, nn
 
-from bench.chain import Chain, Schedule, alpha_bar_at_time
+from bench.chain import Chain, alpha_bar_at_time
 from bench.options import Option, at_least
 from bench.problem import Problem
-from tasks.base import Task
+from tasks.base import Task, sampler_option
 
 # Stable Diffusion 1.x's noise levels, with trailing spacing: every N starts at t = 999, so runs at
 # different N integrate the same ODE interval (with leading spacing t_N moves: 901 at N = 10, 991 at
@@ -33,27 +33,42 @@ SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="scaled_linear",
 
 
 class MixtureDenoiser(nn.Module):
-    """Exact eps-prediction for a Gaussian mixture, differentiable in x, t-free parameters and c."""
+    """The exact model output for a Gaussian mixture, differentiable in x, t-free parameters and c:
+    eps-prediction on the variance-preserving table (x_t = alpha x_0 + sigma noise, abar(t)
+    interpolated in log), or with `flow_timesteps` = T the rectified-flow velocity noise - x_0 of
+    x_s = (1 - s) x_0 + s noise at s = t / T."""
 
-    def __init__(self, means: Tensor, logits: Tensor, std: float, train_alpha_bar: Tensor) -> None:
+    def __init__(self, means: Tensor, logits: Tensor, std: float, train_alpha_bar: Tensor,
+                 flow_timesteps: int | None = None) -> None:
         super().__init__()
         self.means = nn.Parameter(means.clone())
         self.logits = nn.Parameter(logits.clone())
         self.std = std
+        self.flow_timesteps = flow_timesteps
         self.register_buffer("train_alpha_bar", train_alpha_bar.clone())
 
     def forward(self, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
         k, d = self.means.shape
         offsets, shift = (cond[..., :k], cond[..., k:]) if cond is not None else (0.0, 0.0)
-        abar = alpha_bar_at_time(t, self.train_alpha_bar).to(x.dtype)[:, None, None]  # (B, 1, 1)
-        alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
-        centers = alpha * (self.means + shift)  # (B, K, d)
+        if self.flow_timesteps:
+            sigma = (t.to(x.dtype) / self.flow_timesteps)[:, None, None]  # (B, 1, 1)
+            alpha = 1 - sigma
+        else:
+            abar = alpha_bar_at_time(t, self.train_alpha_bar).to(x.dtype)[:, None, None]
+            alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+        means = self.means + shift
+        centers = alpha * means  # (B, K, d)
         var = alpha**2 * self.std**2 + sigma**2  # (B, 1, 1)
         diff = x[:, None, :] - centers
         log_w = torch.log_softmax(self.logits + offsets, dim=-1)
         log_p = log_w - 0.5 * (diff**2).sum(-1) / var[..., 0] - 0.5 * d * torch.log(2 * math.pi * var[..., 0])
         gamma = torch.softmax(log_p, dim=-1)[..., None]  # (B, K, 1)
-        return sigma[:, 0] * (gamma * diff / var).sum(1)
+        eps = sigma[:, 0] * (gamma * diff / var).sum(1)  # E[noise | x]
+        if not self.flow_timesteps:
+            return eps
+        # E[x_0 | x] per component: m + alpha std^2 (x - alpha m) / var (finite at alpha = 0 too)
+        x0 = (gamma * (means + alpha * self.std**2 * diff / var)).sum(1)
+        return eps - x0
 
 
 class Toy(Task):
@@ -77,15 +92,26 @@ class Toy(Task):
         Option("offset", int, 0, "the scheduler's steps_offset", check=at_least(0)),
         Option("alpha_to_one", bool, False, "the scheduler's set_alpha_to_one (true: the last step "
                "lands on abar = 1 and injects no noise)"),
+        sampler_option(),
         Option("reward", str, "region", "region: log soft-probability of a ball between two modes; "
                "distance: -|x-c|^2; inside: 1 in the ball, else 0 (not differentiable; all in the "
                "ring's plane)", choices=("region", "distance", "inside")),
     )
 
+    @property
+    def model_prediction(self) -> str:
+        """The closed-form model serves any sampler: epsilon, or the velocity for flow samplers."""
+        from bench.samplers import make_sampler
+
+        return make_sampler(self.sampler).prediction if self.sampler else "epsilon"
+
+    def scheduler_config(self) -> dict:
+        return {**SCHEDULER_CONFIG, "timestep_spacing": self.spacing, "steps_offset": self.offset,
+                "set_alpha_to_one": self.alpha_to_one}
+
     def setup(self, device: torch.device) -> None:
         super().setup(device)
-        self.scheduler = DDIMScheduler(**{**SCHEDULER_CONFIG, "timestep_spacing": self.spacing,
-                                          "steps_offset": self.offset, "set_alpha_to_one": self.alpha_to_one})
+        self.scheduler = DDIMScheduler(**self.scheduler_config())
         angles = torch.arange(self.modes, dtype=torch.float64) * 2 * math.pi / self.modes
         means = torch.zeros(self.modes, self.d, dtype=torch.float64)
         if self.d == 1:
@@ -114,8 +140,9 @@ class Toy(Task):
         self.check_target(target)
         dtype = dtype or self.dtype
         device = self.device
+        flow = SCHEDULER_CONFIG["num_train_timesteps"] if self.model_prediction == "flow" else None
         denoiser = MixtureDenoiser(self.means, torch.zeros(self.modes, dtype=torch.float64), self.std,
-                                   self.train_alpha_bar).to(device=device, dtype=dtype)
+                                   self.train_alpha_bar, flow).to(device=device, dtype=dtype)
         denoiser.train_alpha_bar = self.train_alpha_bar.to(device)  # the table stays float64
         generator = torch.Generator().manual_seed(seed)
         x_start = torch.randn(self.batch, self.d, generator=generator, dtype=torch.float64)
@@ -125,7 +152,7 @@ class Toy(Task):
                       .to(device=device, dtype=dtype) for _ in range(steps)]
         x_start = x_start.to(device=device, dtype=dtype)
         cond = torch.zeros(self.modes + self.d, device=device, dtype=dtype)
-        schedule = Schedule.from_scheduler(self.scheduler, steps, eta=self.eta)
+        schedule = self.make_schedule(steps)
         for p in denoiser.parameters():
             p.requires_grad_(target == "weights")
         leaves = self.leaves_for(target, x_start, cond, noises, denoiser)

@@ -26,6 +26,11 @@ SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="linear", beta_s
                         prediction_type="epsilon", timestep_spacing="trailing")
 
 
+# The rectified-flow model's time scale: model time t = 1000 sigma, as FlowMatchEulerDiscreteScheduler.
+FLOW_TIMESTEPS = 1000
+FLOW_SCHEDULER_CONFIG = dict(num_train_timesteps=FLOW_TIMESTEPS)
+
+
 class ClassEmbedding(nn.Module):
     """Class index -> conditioning embedding (TOKENS x WIDTH), with a null entry for CFG."""
 

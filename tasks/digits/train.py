@@ -1,6 +1,7 @@
 """Train the digits models: `python -m tasks.digits.train [--what unet|classifier|all]`.
 
-The U-Net is a DDPM (epsilon prediction, linear betas, 1000 steps) with classifier-free guidance
+The U-Net is a DDPM (epsilon prediction, linear betas, 1000 steps), and a second one of the same
+architecture is a rectified-flow model (velocity prediction, `--what flow`), both with classifier-free guidance
 training (labels dropped to the null class with probability 0.1) and EMA weights (decay 0.999);
 the classifier is a small CNN. Fixed seeds; progress bars; results written as safetensors with a
 training.json record (steps, time, losses, held-out accuracy) next to them."""
@@ -19,7 +20,7 @@ from torch import nn
 
 from tasks.digits import data
 from tasks.digits.classifier import accuracy, train_classifier
-from tasks.digits.model import NULL_CLASS, SCHEDULER_CONFIG, UNET_CONFIG, ClassEmbedding
+from tasks.digits.model import FLOW_TIMESTEPS, NULL_CLASS, SCHEDULER_CONFIG, UNET_CONFIG, ClassEmbedding
 
 P_UNCOND = 0.1
 EMA_DECAY = 0.999
@@ -43,7 +44,10 @@ def _progress(total: int, label: str):
 
 
 def train_unet(out: Path, steps: int = 3000, batch: int = 128, lr: float = 1e-3, seed: int = 0,
-               show_progress: bool = True) -> dict:
+               show_progress: bool = True, objective: str = "epsilon") -> dict:
+    """objective epsilon: DDPM noise prediction on the linear-beta table, t ~ U{0..999};
+    flow: rectified flow, x_s = (1 - s) x_0 + s noise with s ~ U(0, 1), the velocity noise - x_0
+    as target and model time 1000 s (diffusers' FlowMatchEulerDiscreteScheduler's convention)."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     images, labels = data.split("train")
@@ -57,15 +61,20 @@ def train_unet(out: Path, steps: int = 3000, batch: int = 128, lr: float = 1e-3,
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: min(1.0, (s + 1) / max(warmup, 1))
                                                  * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps))))
     losses, started = [], time.perf_counter()
-    with _progress(steps, "training the digits U-Net") as progress:
+    with _progress(steps, f"training the digits U-Net ({objective})") as progress:
         bar = progress.add_task("train", total=steps, note="", visible=show_progress)
         for step in range(steps):
             index = torch.randint(len(images), (batch,), generator=generator)
             x0, y = images[index], labels[index].clone()
             y[torch.rand(batch, generator=generator) < P_UNCOND] = NULL_CLASS
             noise = torch.randn(x0.shape, generator=generator)
-            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=generator)
-            loss = nn.functional.mse_loss(model(noise_scheduler.add_noise(x0, noise, t), t, y), noise)
+            if objective == "flow":
+                s = torch.rand(batch, generator=generator)
+                x_s = (1 - s)[:, None, None, None] * x0 + s[:, None, None, None] * noise
+                loss = nn.functional.mse_loss(model(x_s, s * FLOW_TIMESTEPS, y), noise - x0)
+            else:
+                t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=generator)
+                loss = nn.functional.mse_loss(model(noise_scheduler.add_noise(x0, noise, t), t, y), noise)
             optimiser.zero_grad()
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -80,7 +89,7 @@ def train_unet(out: Path, steps: int = 3000, batch: int = 128, lr: float = 1e-3,
     trained.unet.save_pretrained(out / "unet")
     save_file({"table": trained.embedding.table.weight.detach().contiguous()}, out / "embedding.safetensors")
     return {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "ema_decay": EMA_DECAY,
-            "p_uncond": P_UNCOND, "seconds": round(time.perf_counter() - started, 1),
+            "p_uncond": P_UNCOND, "objective": objective, "seconds": round(time.perf_counter() - started, 1),
             "final_loss_mean_last_200": sum(losses[-200:]) / len(losses[-200:]),
             "threads": torch.get_num_threads()}
 
@@ -117,6 +126,10 @@ def train_all(out: Path, what: str = "all", steps: int = 3000) -> None:
         info = train_unet(out, steps=steps)
         record(out, "unet", info)
         print(f"unet: {info['steps']} steps in {info['seconds']} s, loss {info['final_loss_mean_last_200']:.4f}")
+    if what in ("flow", "all"):
+        info = train_unet(out / "flow", steps=steps, objective="flow")
+        record(out, "flow", info)
+        print(f"flow unet: {info['steps']} steps in {info['seconds']} s, loss {info['final_loss_mean_last_200']:.4f}")
     print(f"written to {out}")
 
 
@@ -124,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.digits.paths import cache_dir
 
     parser = argparse.ArgumentParser(prog="python -m tasks.digits.train", description=__doc__)
-    parser.add_argument("--what", choices=("unet", "classifier", "all"), default="all")
+    parser.add_argument("--what", choices=("unet", "flow", "classifier", "all"), default="all",
+                        help="unet: the epsilon model; flow: the rectified-flow (velocity) model")
     parser.add_argument("--steps", type=int, default=3000, help="U-Net training steps")
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: the cache)")
     args = parser.parse_args(argv)
