@@ -296,16 +296,16 @@ class Chain:
 
     @torch.no_grad()
     def sample(self, x_start: Tensor, cond: Tensor | None, noises: list[Tensor] | None = None,
-               keep_states: bool = False) -> Tensor | tuple[Tensor, list[State]]:
-        """Run the sampler without graph; optionally return every state, the one at grid point i
-        at [N - i] (a state is (x_i, *history))."""
+               keep_states: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """Run the sampler without graph; optionally return every latent x_N..x_0 (x_i at [N - i];
+        a multistep solver's history is not kept)."""
         state, states = self.schedule.start(x_start.detach()), []
         for i in range(self.schedule.num_steps, 0, -1):
             if keep_states:
-                states.append(state)
+                states.append(state[0])
             state = self.advance(state, i, cond, noises)
         if keep_states:
-            states.append(state)
+            states.append(state[0])
             return state[0], states
         return state[0]
 

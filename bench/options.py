@@ -83,7 +83,7 @@ def parse_spec(text: str) -> tuple[str, dict[str, str]]:
         raise SpecError(f"cannot read {text!r}: expected name or name[key=value,...]")
     name, body = match.group(1), match.group(2)
     values: dict[str, str] = {}
-    for item in filter(None, (part.strip() for part in (body or "").split(","))):
+    for item in split_list(body or ""):  # bracket-aware: toy[sampler=dpmpp2m[order=1],d=3]
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise SpecError(f"cannot read option {item!r} in {text!r}: expected key=value")

@@ -115,6 +115,7 @@ ESTIMATORS = Registry(
         "dno": "estimators.dno:DNO",
         "edict": "estimators.edict:EDICT",
         "torchdiffeq-adjoint": "estimators.torchdiffeq_adjoint:TorchdiffeqAdjoint",
+        "coarse-adjoint": "estimators.coarse_adjoint:CoarseAdjoint",
     },
     aliases={"bptt": "full", "draft": "truncated", "alignprop": "truncated", "adjointdpm": "adjoint",
              "ddpo": "score-function", "doodl": "edict", "spsa": "zeroth-order", "es": "zeroth-order"},

@@ -13,10 +13,20 @@ is integrated by a `solver`, each a step of the whole augmented state Z = (y, a_
 
 - euler (order 1): Z += h G(Z, s). The VJP is taken at the clean end of each interval (the exact
   discrete adjoint of DDIM takes it at the noisy end), so it is off by O(h).
+- discrete (order 1): Z += h G(Z at s with y from s + h), the VJP at the interval's noisy end
+  with the adjoint from its clean end. On the sampler's own grid this is the exact discrete
+  adjoint of an Euler sampler (DDIM where each step lands on the next point, flow-matching
+  Euler): the chain's exact gradient, in constant activation memory. For the mode with
+  sigma J = I (high noise) its factor 1 - (1 - rho_a / rho_b) = e^{-du} is exact at any step.
 - heun (order 2, explicit trapezoid): K1 = G(Z, s), K2 = G(Z + h K1, s + h), Z += h (K1 + K2) / 2.
 - dpm2 (order 2, AdjointDPM's exponential integrator, DPM-Solver-2): in y and s the ODE has no
   linear part, so the exponential integrator reduces to a midpoint rule whose midpoint s_m is
   halfway in lambda = log(alpha / sigma): Z += h G(Z + (s_m - s) G(Z, s), s_m).
+- ab2 (order 2 at one evaluation per step; in none of the suite's papers): a two-step
+  Adams-Bashforth rule in lambda, the adjoint's analogue of DPM-Solver++ 2M: G taken linear in
+  lambda through the last two points and integrated exactly in s over the next interval (Gauss
+  quadrature of the scalar lambda(s)), so each step reuses the last step's VJP. Where lambda is
+  infinite (sigma = 0 or 1) and at the first step it takes Euler (O(h^2) once: still order 2).
 
 The orders are measured by tests/test_adjoint_solvers.py: the slope of the error against the
 number of adjoint steps M, with the forward fixed, against a converged reference.
@@ -30,6 +40,7 @@ amounts to; between states y is interpolated linearly in s). Needs a determinist
 from __future__ import annotations
 
 import bisect
+import math
 import random
 
 import torch
@@ -39,7 +50,7 @@ from bench.options import Option, at_least
 from bench.problem import Problem
 from estimators.base import Cost, Estimate, Estimator, write_gradients
 
-SOLVERS = {"euler": (1, 1), "heun": (2, 2), "dpm2": (2, 2)}  # name -> (order, stages)
+SOLVERS = {"euler": (1, 1), "discrete": (1, 1), "heun": (2, 2), "dpm2": (2, 2), "ab2": (2, 1)}  # name -> (order, stages)
 
 
 class Adjoint(Estimator):
@@ -50,10 +61,12 @@ class Adjoint(Estimator):
                check=at_least(0, " (0: the sampler's grid)")),
         Option("recover", str, "backward", "how states are recovered: backward (O(1) memory) or cache",
                choices=("backward", "cache")),
-        Option("solver", str, "euler", "adjoint ODE solver: euler (order 1), heun (2), dpm2 "
-               "(2, AdjointDPM's exponential integrator)", choices=tuple(SOLVERS)),
+        Option("solver", str, "euler", "adjoint ODE solver: euler (order 1), discrete (1: the VJP at "
+               "the noisy end; exact for DDIM on its grid), heun (2), dpm2 (2, AdjointDPM's "
+               "exponential integrator), ab2 (2, one VJP per step)", choices=tuple(SOLVERS)),
     )
-    variants = ("recover=cache", "steps=7", "steps=7,recover=cache", "solver=heun", "solver=dpm2,recover=cache")
+    variants = ("recover=cache", "steps=7", "steps=7,recover=cache", "solver=heun", "solver=dpm2,recover=cache",
+                "solver=discrete", "solver=ab2,steps=9")
 
     @property
     def solver_order(self) -> int:
@@ -63,8 +76,9 @@ class Adjoint(Estimator):
     @property
     def convergence_order(self) -> float | None:
         """At least first order in N on the sampler's own grid (the N-step chain itself is a
-        first-order discretisation of the ODE); a fixed M does not converge to the chain's gradient."""
-        return 1.0 if self.steps == 0 else None
+        first-order discretisation of the ODE); a fixed M does not converge to the chain's
+        gradient; solver=discrete on the sampler's grid is exact for DDIM (no order to measure)."""
+        return 1.0 if self.steps == 0 and self.solver != "discrete" else None
 
     def skip_reason(self, problem: Problem) -> str | None:
         if problem.chain.schedule.eta > 0:
@@ -73,9 +87,18 @@ class Adjoint(Estimator):
 
     def cost(self, steps: int, target: str) -> Cost:
         evaluations = (self.steps or steps) * SOLVERS[self.solver][1]
-        return Cost(nfe_forward=steps + evaluations, nfe_vjp=evaluations,
+        # discrete without cache: one forward at x_0 starts the recovery of y
+        start = 1 if self.solver == "discrete" and self.recover == "backward" else 0
+        return Cost(nfe_forward=steps + evaluations + start, nfe_vjp=evaluations,
                     memory="A" if self.recover == "backward" else "A + N·S", activations=1,
                     latents=0 if self.recover == "backward" else steps)
+
+    def adjoint_grid(self, schedule) -> tuple[list[float], list[int] | None]:
+        """The adjoint's points s_0 < ... < s_M and, where they are sampler grid points, their
+        sampler indices (there the model time is the sampler's and cached states are exact)."""
+        grid = schedule.ode_grid(self.steps)
+        on_sampler_grid = len(grid) == schedule.num_steps + 1
+        return grid, (list(range(len(grid))) if on_sampler_grid else None)
 
     def estimate(self, problem: Problem, rng: random.Random) -> Estimate:
         chain, schedule, cond = problem.chain, problem.chain.schedule, problem.cond
@@ -84,7 +107,7 @@ class Adjoint(Estimator):
         if cache:
             x0, states = chain.sample(problem.x_start, cond, keep_states=True)
             grid_s = [schedule.ode_point(i) for i in range(steps + 1)]
-            ys = [states[steps - i][0] / schedule.ode_scale(grid_s[i]) for i in range(steps + 1)]
+            ys = [states[steps - i] / schedule.ode_scale(grid_s[i]) for i in range(steps + 1)]
             del states
         else:
             x0, ys = chain.sample(problem.x_start, cond), None
@@ -92,16 +115,16 @@ class Adjoint(Estimator):
         loss, rewards = problem.loss(x0_var)
         (grad_x0,) = torch.autograd.grad(loss, x0_var)
 
-        grid = schedule.ode_grid(self.steps)
-        on_sampler_grid = len(grid) == steps + 1
+        grid, nodes = self.adjoint_grid(schedule)
         params = [leaf for leaf in problem.leaves if leaf is not problem.x_start]
 
-        def time_at(s: float, node: int | None) -> float:
-            return schedule.model_time(node) if on_sampler_grid and node is not None else schedule.ode_time(s)
+        def time_at(s: float, j: int | None) -> float:
+            node = nodes[j] if nodes is not None and j is not None else None
+            return schedule.model_time(node) if node is not None else schedule.ode_time(s)
 
-        def cached_y(s: float, node: int | None) -> Tensor:
-            if on_sampler_grid and node is not None:
-                return ys[node]
+        def cached_y(s: float, j: int | None) -> Tensor:
+            if nodes is not None and j is not None:
+                return ys[nodes[j]]
             i = min(max(bisect.bisect_left(grid_s, s), 1), steps)
             if grid_s[i] == grid_s[i - 1]:  # an identity step: both grid points hold the same state
                 return ys[i]
@@ -119,11 +142,27 @@ class Adjoint(Estimator):
 
         z = [x0.detach() / schedule.ode_scale(grid[0]), schedule.ode_scale(grid[0]) * grad_x0,
              *(torch.zeros_like(p) for p in params)]
+        previous = None  # ab2: the last point's rate
+        if self.solver == "discrete" and not cache:  # dy/ds at s_0, to move y to each noisy end
+            with torch.no_grad():
+                previous = chain.denoise_at(z[0] * schedule.ode_scale(grid[0]), time_at(grid[0], 0), cond)
         for j in range(1, len(grid)):
             s, h = grid[j - 1], grid[j] - grid[j - 1]
+            if self.solver == "discrete":
+                if not cache:
+                    z[0] = z[0] + h * previous
+                k1 = rate(z, grid[j], j)  # the VJP at the noisy end, the adjoint from the clean end
+                z = [z[0], *(a + h * b for a, b in zip(z[1:], k1[1:]))]
+                previous = k1[0]
+                continue
             k1 = rate(z, s, j - 1)
-            if self.solver == "euler":
+            weight = lambda_moment(schedule, grid[j - 2], s, grid[j]) if self.solver == "ab2" and j >= 2 else None
+            if self.solver == "euler" or (self.solver == "ab2" and weight is None):
                 z = moved(z, h, k1)
+                previous = k1
+            elif self.solver == "ab2":  # the rate linear in lambda through the last two points
+                z = [a + h * b + weight * (b - c) for a, b, c in zip(z, k1, previous)]
+                previous = k1
             elif self.solver == "heun":
                 k2 = rate(moved(z, h, k1), grid[j], j)
                 z = [a + 0.5 * h * (b + c) for a, b, c in zip(z, k1, k2)]
@@ -132,6 +171,24 @@ class Adjoint(Estimator):
                 z = moved(z, h, rate(moved(z, s_mid - s, k1), s_mid, None))
         write_gradients(problem, z[1] / schedule.ode_scale(grid[-1]), z[2:])
         return Estimate(loss=float(loss.detach()), rewards=rewards.detach(), x0=x0.detach())
+
+
+_GAUSS = ((-0.9602898564975363, 0.1012285362903763), (-0.7966664774136267, 0.2223810344533745),
+          (-0.5255324099163290, 0.3137066458778873), (-0.1834346424956498, 0.3626837833783620),
+          (0.1834346424956498, 0.3626837833783620), (0.5255324099163290, 0.3137066458778873),
+          (0.7966664774136267, 0.2223810344533745), (0.9602898564975363, 0.1012285362903763))
+
+
+def lambda_moment(schedule, before: float, a: float, b: float) -> float | None:
+    """W with int_a^b G ds = (b - a) G(a) + W (G(a) - G(before)) when G is linear in
+    lambda = -log rho through the points before and a: W = int_a^b (l(s) - l(a)) ds / (l(a) - l(before)).
+    None where lambda is infinite or repeats (an end point, an identity step): take Euler there."""
+    lam = [-math.log(r) if 0 < r < math.inf else None for r in map(schedule.ode_to_rho, (before, a, b))]
+    if None in lam or lam[1] == lam[0] or b == a:
+        return None
+    half, middle = (b - a) / 2, (a + b) / 2
+    integral = sum(w * (-math.log(schedule.ode_to_rho(middle + half * x)) - lam[1]) for x, w in _GAUSS) * half
+    return integral / (lam[1] - lam[0])
 
 
 def drift_and_vjp(chain, y: Tensor, scale: float, t: float, cond: Tensor | None,

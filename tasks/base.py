@@ -38,6 +38,13 @@ class Task(Configurable):
     reference_dtype: ClassVar[torch.dtype | None] = torch.float64
     reference_checkpointed: ClassVar[bool] = False
 
+    def __init__(self, **values) -> None:
+        super().__init__(**values)
+        if getattr(self, "sampler", ""):  # one spelling per sampler, so one cell key
+            from bench.samplers import make_sampler
+
+            self.sampler = self.values["sampler"] = make_sampler(self.sampler).spec
+
     def preflight(self) -> None:
         """Cheap checks of the options before anything runs (a missing folder, say): SpecError.
         Subclasses that override it call super().preflight()."""

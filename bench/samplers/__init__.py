@@ -66,7 +66,7 @@ SAMPLERS = Registry("sampler", "bench.samplers:Sampler", SAMPLER_GROUP, builtins
     "ddim": "bench.samplers.ddim:DDIM",
     "dpmpp2m": "bench.samplers.dpm_solver:DPMSolverPP",
     "flow-euler": "bench.samplers.flow_euler:FlowEuler",
-}, aliases={"dpm-solver++": "dpmpp2m", "dpmsolver++": "dpmpp2m", "euler-flow": "flow-euler",
+}, aliases={"dpmpp": "dpmpp2m", "dpm-solver": "dpmpp2m", "euler-flow": "flow-euler",
             "flow-match-euler": "flow-euler"})
 
 

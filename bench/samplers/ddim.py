@@ -77,6 +77,17 @@ class DDIMSchedule(VPSchedule):
         """beta_i = b_i / alpha_{i-1}: weight of eps_i in y_0 = y_N + sum_i beta_i eps_i + noise."""
         return self.coefficients(i)[1] / math.sqrt(self.alpha_bar_prev[i - 1])
 
+    # SDO's weights in the ODE view y_0 = y_N + sum_i beta_i eps_i (ESTIMATORS.md, section 4):
+    # W_x = alpha_0 / alpha_N, W_i = alpha_0 beta_i. They equal the step rule's own product of a_i
+    # wherever each step lands on the next grid point; on a trailing grid with N not dividing T
+    # (steps land beside the next point) the literal product differs by about 1 %.
+    @property
+    def state_weight(self) -> float:
+        return self.alpha(0) / self.alpha(self.num_steps)
+
+    def output_weight(self, i: int) -> float:
+        return self.alpha(0) * self.eps_weight(i)
+
     def step(self, x: Tensor, i: int, eps: Tensor, noise: Tensor | None = None) -> Tensor:
         """x_{i-1} from x_i and the denoiser output at (x_i, t_i). Pure tensor arithmetic."""
         a, b, s = self.coefficients(i)

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import torch
 
-from bench.chain import Chain, Schedule
+from bench.chain import Chain
 
 
 @torch.no_grad()
 def sample_classes(task, per_class: int, steps: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(samples (10 * per_class, 1, 8, 8), labels), conditioned on each class in turn."""
     denoiser = task.denoiser("latent", torch.float32, seed)
-    chain = Chain(denoiser, Schedule.from_scheduler(task.scheduler, steps))
+    chain = Chain(denoiser, task.make_schedule(steps))
     generator = torch.Generator().manual_seed(seed)
     labels = torch.arange(10).repeat_interleave(per_class)
     x = torch.randn(len(labels), 1, 8, 8, generator=generator)
@@ -57,15 +57,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance", type=float, default=2.0)
     parser.add_argument("--per-class", type=int, default=10)
     parser.add_argument("--models", default="")
+    parser.add_argument("--model", default="epsilon", choices=("epsilon", "flow"))
+    parser.add_argument("--sampler", default="", help="a sampler spec (default: the model's own)")
     args = parser.parse_args(argv)
-    task = TASKS.create(f"digits[guidance={args.guidance}" + (f",models={args.models}]" if args.models else "]"))
+    options = [f"guidance={args.guidance}", f"model={args.model}"] + (
+        [f"models={args.models}"] if args.models else []) + ([f"sampler={args.sampler}"] if args.sampler else [])
+    task = TASKS.create(f"digits[{','.join(options)}]")
+    task.preflight()
     task.setup(torch.device("cpu"))
     samples, labels = sample_classes(task, args.per_class, args.steps)
     with torch.no_grad():
         predicted = task.classifier(samples).argmax(-1)
     accuracy = float((predicted == labels).float().mean())
     per_class = [float((predicted[labels == k] == k).float().mean()) for k in range(10)]
-    title = (f"DDIM {args.steps} steps, guidance {args.guidance}: the classifier recognises\n"
+    sampler = task.chosen_sampler().spec
+    title = (f"{args.model} model, {sampler} {args.steps} steps, guidance {args.guidance}: the classifier recognises\n"
              f"{accuracy:.0%} of samples as their conditioning class (misses framed red)")
     save_grid(samples, labels, predicted, args.out, title)
     print(title.replace("\n", " "))

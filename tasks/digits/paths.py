@@ -11,27 +11,39 @@ from tasks.cache import cache_root
 COMMITTED = Path(__file__).resolve().parent / "weights"
 FILES = ("unet/config.json", "unet/diffusion_pytorch_model.safetensors", "embedding.safetensors",
          "classifier.safetensors")
+# The rectified-flow model (`digits[model=flow]`) in flow/, sharing the classifier.
+FLOW_FILES = ("flow/unet/config.json", "flow/unet/diffusion_pytorch_model.safetensors",
+              "flow/embedding.safetensors", "classifier.safetensors")
+
+
+def files(model: str = "epsilon") -> tuple[str, ...]:
+    return FLOW_FILES if model == "flow" else FILES
+
+
+def model_dir(folder: Path, model: str = "epsilon") -> Path:
+    """Where a model's unet/ and embedding.safetensors are."""
+    return folder / "flow" if model == "flow" else folder
 
 
 def cache_dir() -> Path:
     return cache_root() / "digits"
 
 
-def complete(folder: Path) -> bool:
-    return all((folder / name).exists() for name in FILES)
+def complete(folder: Path, model: str = "epsilon") -> bool:
+    return all((folder / name).exists() for name in files(model))
 
 
-def locate() -> Path | None:
+def locate(model: str = "epsilon") -> Path | None:
     for folder in (COMMITTED, cache_dir()):
-        if complete(folder):
+        if complete(folder, model):
             return folder
     return None
 
 
-def fingerprint(folder: Path) -> str:
+def fingerprint(folder: Path, model: str = "epsilon") -> str:
     """sha256 over the model files (what a cell's key records, so retrained weights rerun cells)."""
     digest = hashlib.sha256()
-    for name in FILES:
+    for name in files(model):
         digest.update(name.encode())
         digest.update((folder / name).read_bytes())
     return digest.hexdigest()[:16]

@@ -6,26 +6,29 @@ trained classifier, so every target has something to gain: move the initial late
 "control generation"), the embedding (AdjointDPM's embedding inversion), or the network
 (DRaFT/AlignProp reward fine-tuning, LoRA adapters through peft, or all weights with tune=full).
 Other rewards: `ink` (mean brightness, the analogue of DDPO's brightness/compressibility rewards)
-and `symmetry` (negative left-right mirror error)."""
+and `symmetry` (negative left-right mirror error). `model=flow` swaps in a rectified-flow U-Net
+(velocity prediction, same data and architecture) sampled by flow-matching Euler; `sampler`
+picks any sampler the model can drive (ddim or dpmpp2m for the epsilon model)."""
 from __future__ import annotations
 
 import copy
 import math
 
 import torch
-from diffusers import DDIMScheduler, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
 from safetensors.torch import load_file
 from torch import Tensor
 
-from bench.chain import Chain, Schedule
+from bench.chain import Chain
 from bench.errors import SpecError
 from bench.options import Option, at_least
 from bench.problem import Problem
-from tasks.base import Task
+from tasks.base import Task, sampler_option
 from tasks.digits import data, metrics, paths
 from tasks.digits.classifier import DigitClassifier
-from tasks.digits.model import NULL_CLASS, SCHEDULER_CONFIG, TOKENS, WIDTH, GuidedDenoiser
+from tasks.digits.model import (FLOW_SCHEDULER_CONFIG, NULL_CLASS, SCHEDULER_CONFIG, TOKENS, WIDTH,
+                                 GuidedDenoiser)
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
 
@@ -58,21 +61,33 @@ class Digits(Task):
         Option("fid_samples", int, 64, "samples drawn for FID after optimising cond or weights",
                check=at_least(2)),
         Option("models", str, "", "folder of trained models (default: shipped, else cache, else train)"),
+        Option("model", str, "epsilon", "epsilon: the DDPM noise-prediction U-Net; flow: the "
+               "rectified-flow velocity U-Net (same architecture and data)", choices=("epsilon", "flow")),
+        sampler_option(),
     )
 
     train_timesteps = SCHEDULER_CONFIG["num_train_timesteps"]
 
     def _folder(self) -> paths.Path | None:
-        return paths.locate() if not self.models else paths.Path(self.models).expanduser()
+        return paths.locate(self.model) if not self.models else paths.Path(self.models).expanduser()
+
+    @property
+    def model_prediction(self) -> str:
+        return self.model
+
+    def scheduler_config(self) -> dict:
+        return dict(FLOW_SCHEDULER_CONFIG if self.model == "flow" else SCHEDULER_CONFIG)
 
     def preflight(self) -> None:
-        if self.models and not paths.complete(self._folder()):
+        super().preflight()
+        if self.models and not paths.complete(self._folder(), self.model):
             raise SpecError(f"digits[models={self.models}]: not a folder of digits models (needs "
-                            f"{', '.join(paths.FILES)}); omit models= for the shipped ones")
+                            f"{', '.join(paths.files(self.model))}); omit models= for the shipped ones")
 
     def data_fingerprint(self) -> str:
         folder = self._folder()
-        return paths.fingerprint(folder) if folder is not None and paths.complete(folder) else "untrained"
+        return paths.fingerprint(folder, self.model) if folder is not None and paths.complete(folder, self.model) \
+            else "untrained"
 
     @property
     def learning_rates(self) -> dict[str, float]:
@@ -83,24 +98,24 @@ class Digits(Task):
         diffusers_logging.set_verbosity_error()  # casting a copy to float64 is deliberate here
         folder = self._folder()
         if folder is None:
-            folder = self._train_and_cache()
-        if not paths.complete(folder):
-            raise SpecError(f"digits[models={self.models}]: missing {', '.join(paths.FILES)} there")
-        self.unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True).eval()
+            folder = self._train_and_cache(self.model)
+        if not paths.complete(folder, self.model):
+            raise SpecError(f"digits[models={self.models}]: missing {', '.join(paths.files(self.model))} there")
+        weights = paths.model_dir(folder, self.model)
+        self.unet = UNet2DConditionModel.from_pretrained(weights / "unet", local_files_only=True).eval()
         self.unet.requires_grad_(False)
-        self.embeddings = load_file(folder / "embedding.safetensors")["table"].view(-1, TOKENS, WIDTH)
+        self.embeddings = load_file(weights / "embedding.safetensors")["table"].view(-1, TOKENS, WIDTH)
         self.classifier = DigitClassifier()
         self.classifier.load_state_dict(load_file(folder / "classifier.safetensors"))
         self.classifier.eval().requires_grad_(False)
-        self.scheduler = DDIMScheduler(**SCHEDULER_CONFIG)
         self.held_out, self.held_out_labels = data.split("held_out")
         self._classifiers: dict[torch.dtype, DigitClassifier] = {}
 
     @staticmethod
-    def _train_and_cache():
+    def _train_and_cache(model: str):
         from tasks.digits import train
 
-        train.train_all(paths.cache_dir())
+        train.train_all(paths.cache_dir(), "all" if model == "epsilon" else "flow")
         return paths.cache_dir()
 
     def classifier_in(self, dtype: torch.dtype) -> DigitClassifier:
@@ -146,7 +161,7 @@ class Digits(Task):
                       for _ in range(steps)]
         cond = self.embeddings[self.cls].clone().to(device=self.device, dtype=dtype)
         leaves = self.leaves_for(target, x_start, cond, noises, denoiser)
-        schedule = Schedule.from_scheduler(self.scheduler, steps, eta=self.eta)
+        schedule = self.make_schedule(steps)
         return Problem(chain=Chain(denoiser, schedule), x_start=x_start, cond=cond, noises=noises,
                        reward_fn=self.reward_of, target=target, leaves=leaves)
 

@@ -5,9 +5,10 @@ reward of the decoded image.
 `model` is a pipeline folder as `save_pretrained` writes it (unet/, vae/, text_encoder/,
 tokenizer/, scheduler/), a model id already in the local Hugging Face cache, or `tiny` (a random
 1.4 M-parameter pipeline built offline: its costs scale like the real thing, its rewards mean
-nothing). Everything is loaded with local_files_only=True. The sampler is DDIM on the scheduler
-configuration the pipeline ships (steps_offset, timestep spacing and set_alpha_to_one taken from
-it), tested equal to StableDiffusionPipeline's own latents. The VAE decode sits inside the reward
+nothing). Everything is loaded with local_files_only=True. The sampler (`sampler`: DDIM by
+default, DPM-Solver++ 2M...) runs on the scheduler configuration the pipeline ships (steps_offset,
+timestep spacing and set_alpha_to_one taken from it), tested equal to StableDiffusionPipeline's
+own latents. The VAE decode sits inside the reward
 path, so its time and memory count, as in DRaFT and AlignProp.
 
 Targets: latent (x_T), cond (the prompts' text-encoder output embeddings), weights (U-Net LoRA on
@@ -28,11 +29,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from bench.chain import Chain, Schedule
+from bench.chain import Chain
 from bench.errors import SpecError
 from bench.options import Option, at_least
 from bench.problem import Problem
-from tasks.base import Task
+from tasks.base import Task, sampler_option
 from tasks.cache import cache_root
 from tasks.sd import rewards, tiny
 
@@ -119,6 +120,7 @@ class StableDiffusion(Task):
         Option("batch", int, 2, "samples per problem (prompts cycle over them)", check=at_least(1)),
         Option("dtype", str, "fp32", "precision of the frozen networks (leaves stay fp32)", choices=tuple(DTYPES)),
         Option("eta", float, 0.0, "DDIM eta (0: deterministic)", check=at_least(0.0)),
+        sampler_option(),
         Option("tune", str, "lora", "weights target: LoRA on the U-Net's attention, or all U-Net weights",
                choices=("lora", "full")),
         Option("lora_rank", int, 4, "LoRA rank", check=at_least(1)),
@@ -153,6 +155,8 @@ class StableDiffusion(Task):
         self.prompt_list = self._read_prompts()
         config = json.loads((self.folder / "scheduler" / "scheduler_config.json").read_text())
         self.train_timesteps = int(config.get("num_train_timesteps", 1000))
+        self.pipeline_scheduler = config
+        super().preflight()  # the sampler against the model
         if self.reward in ("clip", "aesthetic"):
             self.clip_folder = resolve_model(self.clip_model, "clip_model") if self.clip_model != "tiny" else None
             if self.clip_folder is not None and not (self.clip_folder / "config.json").exists():
@@ -175,6 +179,21 @@ class StableDiffusion(Task):
         if self.reward not in rewards.BUILT_IN:
             rewards.user_reward(self.reward)
 
+    @property
+    def model_prediction(self) -> str:
+        prediction = self.pipeline_scheduler.get("prediction_type", "epsilon") if hasattr(self, "pipeline_scheduler") \
+            else "epsilon"
+        if prediction != "epsilon":
+            raise SpecError(f"sd[model={self.model}]: prediction_type={prediction!r} is not supported yet; "
+                            "valid: epsilon (SD 1.x-class pipelines)")
+        return prediction
+
+    def scheduler_config(self) -> dict:
+        """The pipeline's scheduler configuration (its noise table, spacing and offsets): every
+        sampler is built on it, as a pipeline's `from_config` swap of schedulers does."""
+        self._check_once()
+        return dict(self.pipeline_scheduler)
+
     def _read_prompts(self) -> list[str]:
         if not self.prompts:
             return list(PROMPTS)
@@ -196,7 +215,7 @@ class StableDiffusion(Task):
         return _fingerprint(self.folder)
 
     def setup(self, device: torch.device) -> None:
-        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+        from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
         from diffusers.utils import logging as diffusers_logging
@@ -215,7 +234,6 @@ class StableDiffusion(Task):
         self.vae.eval().requires_grad_(False)
         tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **load)
         text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **load).to(device)
-        self.scheduler = DDIMScheduler.from_config(DDIMScheduler.load_config(folder, subfolder="scheduler", **load))
         self.prompt_embeds = self.encode(tokenizer, text_encoder, self.prompt_list)
         self.null_embeds = self.encode(tokenizer, text_encoder, [""])
         scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -306,7 +324,7 @@ class StableDiffusion(Task):
         order = [b % len(self.prompt_list) for b in range(self.batch)]
         cond = self.prompt_embeds[order].clone().to(self.device, dtype)
         leaves = self.leaves_for(target, x_start, cond, noises, denoiser)
-        schedule = Schedule.from_scheduler(self.scheduler, steps, eta=self.eta)
+        schedule = self.make_schedule(steps)
         vae, reward = self._networks(dtype)
 
         def reward_of(x0: Tensor) -> Tensor:
