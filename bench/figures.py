@@ -200,6 +200,53 @@ def tradeoff(frame: pd.DataFrame, baseline: str = "full", target: str | None = N
     return fig, f"On {target} (N = {', '.join(map(str, sorted(means['steps'].unique())))}): " + "; ".join(parts) + "."
 
 
+@kind("frontier")
+def frontier(frame: pd.DataFrame, steps: int, target: str = "weights", cosine: float = 0.99,
+             vjp_fraction: float = 0.25, baseline: str = "full"):
+    """Cosine to the exact gradient against VJPs per gradient and against time (÷ the baseline's),
+    every estimator at N = steps (mean over seeds, bars: min to max); the claim's region (cosine at
+    least `cosine` at no more than vjp_fraction N VJPs) shaded."""
+    means = analysis.cell_means(frame)
+    rows = frame[(frame["status"] == "ok") & (frame["target"] == target) & (frame["steps"] == steps)]
+    means = means[(means["target"] == target) & (means["steps"] == steps)].dropna(subset=["grad_cos"])
+    if means.empty:
+        raise SpecError(f"the reference rows have no ok cell with a cosine on {target} at N={steps}")
+    spread = rows.groupby("estimator")["grad_cos"].agg(["min", "max"])
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5.6))
+    budget = vjp_fraction * steps
+    for ax, column, label in ((axes[0], "nfe_vjp", "VJPs through the model per gradient"),
+                              (axes[1], "time_s_vs_full", f"time per gradient ÷ {baseline}'s")):
+        for spec in plots.order(means["estimator"]):
+            r = means[means["estimator"] == spec].iloc[0]
+            low, high = spread.loc[spec, "min"], spread.loc[spec, "max"]
+            ax.errorbar([max(r[column], 0.5) if column == "nfe_vjp" else r[column]], [r["grad_cos"]],
+                        yerr=[[r["grad_cos"] - low], [high - r["grad_cos"]]], fmt=plots.marker(spec),
+                        color=plots.colour(spec), markersize=9, capsize=3, label=spec,
+                        markeredgecolor="white", markeredgewidth=0.5)
+        ax.axhline(cosine, color="#e6194b", linewidth=0.8, linestyle="--")
+        plots.plain_log(ax, "x")
+        ax.set_xlabel(label + (" (0 drawn at 0.5)" if column == "nfe_vjp" else ""))
+        ax.set_ylabel("cosine to the exact gradient")
+        ax.set_ylim(min(-0.05, float(means["grad_cos"].min()) - 0.05), 1.02)
+        ax.grid(True, alpha=0.3)
+    axes[0].fill_between([0.4, budget], cosine, 1.02, color="#e6194b", alpha=0.12,
+                         label=f"the claim: cos ≥ {cosine} at ≤ N/{round(1 / vjp_fraction)} VJPs")
+    axes[0].set_title(f"{target}, N = {steps}: agreement against VJPs")
+    axes[1].set_title(f"{target}, N = {steps}: agreement against time")
+    plots.legend_below(fig, axes)
+    fig.tight_layout(rect=(0, 0.1, 1, 0.94))
+    inside = means[(means["nfe_vjp"] <= budget) & (means["grad_cos"] >= cosine)]
+    worst = {spec: spread.loc[spec, "min"] for spec in inside["estimator"]}
+    parts = [f"{r['estimator']}: cosine {r['grad_cos']:.4f} (worst seed {spread.loc[r['estimator'], 'min']:.4f}) "
+             f"at {r['nfe_vjp']:g} VJPs and {r['time_s_vs_full']:.2f}× {baseline}'s time"
+             for _, r in means.sort_values("nfe_vjp").iterrows()]
+    verdict = (f"In the region (cosine ≥ {cosine} at ≤ {budget:g} VJPs, mean over "
+               f"{int(means['seeds'].max())} seeds): {', '.join(worst) if worst else 'none'}"
+               + (f"; every seed there: {', '.join(s for s, w in worst.items() if w >= cosine) or 'none'}" if worst else "")
+               + ". ")
+    return fig, verdict + "; ".join(parts) + "."
+
+
 def load_spec(path: Path) -> dict[str, Any]:
     try:
         spec = tomllib.loads(path.read_text())

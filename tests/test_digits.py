@@ -161,3 +161,43 @@ def test_class_matched_quality_moves_the_right_way_when_the_reward_succeeds(ship
     assert scores[7]["fid"] < scores[1]["fid"] and scores[7]["kid"] < scores[1]["kid"]
     floor = task.quality_floor()
     assert floor["fid"] < scores[7]["fid"] and abs(floor["kid"]) < scores[1]["kid"]
+
+
+@pytest.fixture(scope="module")
+def shipped_flow():
+    if paths.locate("flow") != paths.COMMITTED:
+        pytest.fail("the rectified-flow digits model is not in tasks/digits/weights/flow/")
+    task = TASKS.create("digits[model=flow,batch=4]")
+    task.setup(torch.device("cpu"))
+    return task
+
+
+def test_the_flow_model_draws_recognisable_digits_with_flow_matching_euler(shipped_flow):
+    from tasks.digits.grid import sample_classes
+
+    assert shipped_flow.chosen_sampler().name == "flow-euler"
+    samples, labels = sample_classes(shipped_flow, per_class=8, steps=20)
+    with torch.no_grad():
+        recognised = float((shipped_flow.classifier(samples).argmax(-1) == labels).float().mean())
+    assert recognised >= 0.9
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_default_estimators_run_on_the_flow_model(shipped_flow, target):
+    from bench.options import split_list
+    from bench.runner import DEFAULT_ESTIMATORS
+
+    exact = None
+    for spec in split_list(DEFAULT_ESTIMATORS):
+        estimator = ESTIMATORS.create(spec)
+        problem = shipped_flow.make_problem(target, 4, 0)
+        if estimator.skip_reason(problem):
+            assert spec.startswith("truncated") and target == "latent"
+            continue
+        estimator(problem, random.Random(0))
+        grad = problem.flat_grad()
+        assert torch.isfinite(grad).all() and float(grad.norm()) > 0, spec
+        if spec == "full":
+            exact = grad
+        elif spec == "checkpoint":
+            assert cosine(grad, exact) > 0.9999
