@@ -49,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    lister = sub.add_parser("list", help="estimators (with options), tasks and targets")
-    lister.add_argument("name", nargs="?", help="an estimator or task: show its documentation")
+    lister = sub.add_parser("list", help="estimators (with options), tasks, samplers and targets")
+    lister.add_argument("name", nargs="?", help="an estimator, task or sampler: show its documentation")
     lister.add_argument("--include", action="append", default=[], metavar="FILE.py",
                         help="import a file that registers estimators or tasks")
 
@@ -183,6 +183,16 @@ def _list(args: argparse.Namespace) -> int:
         options = "\n".join(opt.describe() for opt in cls.options) or "-"
         table.add_row(name, options, ", ".join(cls.targets), cls.summary)
     console.print(table)
+    from bench.samplers import SAMPLERS
+
+    table = Table(title="Samplers (a task's sampler=NAME[k=v])")
+    for column in ("name", "options (type = default)", "model", "what it is"):
+        table.add_column(column, no_wrap=column == "name")
+    for name in SAMPLERS.names():
+        cls = SAMPLERS.get(name)
+        options = "\n".join(opt.describe() for opt in cls.options) or "-"
+        table.add_row(name, options, cls.prediction, cls.summary)
+    console.print(table)
     from tasks.sd import rewards
 
     table = Table(title="Rewards of the sd task (reward=NAME)")
@@ -208,8 +218,9 @@ def _describe(name: str, console) -> int:
     from rich.markup import escape
 
     from bench.registry import ESTIMATORS, TASKS, origin
+    from bench.samplers import SAMPLERS
 
-    registry = TASKS if name in TASKS.names() else ESTIMATORS
+    registry = TASKS if name in TASKS.names() else SAMPLERS if name in SAMPLERS.names() else ESTIMATORS
     cls = registry.get(name)
     console.print(f"[bold]{registry.kind} {escape(cls.name)}[/]  ({escape(origin(cls))})")
     doc = inspect.getdoc(sys.modules[cls.__module__]) or inspect.getdoc(cls) or ""

@@ -27,7 +27,7 @@ FAMILY_COLOURS = {
 }
 FAMILY_MARKERS = {"full": "o", "checkpoint": "s", "adjoint": "D", "sdo": "^", "truncated": "v",
                   "draft-lv": "P", "score-function": "X", "zeroth-order": "*", "dno": "h",
-                  "edict": "p", "torchdiffeq-adjoint": "d", "coarse-adjoint": "*"}
+                  "edict": "p", "torchdiffeq-adjoint": "d", "coarse-adjoint": ">"}
 _SPARE = [mcolors.to_hex(c) for c in plt.get_cmap("tab20").colors]
 _MARKERS = "o s D ^ v P X * h p d < >".split()
 MIB = 2 ** 20

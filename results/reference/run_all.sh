@@ -19,9 +19,9 @@ $PY -m bench run --tasks digits --targets latent,weights --steps 50 --iters 12 -
 $PY -m bench run --tasks digits --targets weights --steps 50 --iters 8 \
     --estimators full,"truncated[k=1]","truncated[k=2]","truncated[k=5]","truncated[k=10]","truncated[k=25]" \
     --out results/reference/digits-draft-k "$@"
-# Figure 5: the frontier, every estimator on digits weights at N = 50 (three seeds).
-$PY -m bench run --tasks digits --targets weights --steps 50 --iters 0 --seeds 0,1,2 \
+# Figure 5: the frontier, every estimator on digits weights at N = 50 (two seeds; about 25 min).
+$PY -m bench run --tasks digits --targets weights --steps 50 --iters 0 --seeds 0,1 \
     --estimators full,checkpoint,adjoint,"adjoint[solver=heun]","adjoint[recover=cache,steps=12]",sdo,\
-"truncated[k=1]","truncated[k=12]","truncated[k=12,latent_path=true]",draft-lv,zeroth-order,torchdiffeq-adjoint,\
-coarse-adjoint,"coarse-adjoint[budget=0.125]","coarse-adjoint[budget=0.5]" \
+"truncated[k=1]","truncated[k=12]","truncated[k=12,latent_path=true]",draft-lv,zeroth-order,edict,\
+torchdiffeq-adjoint,coarse-adjoint,"coarse-adjoint[budget=0.125]","coarse-adjoint[budget=0.5]" \
     --out results/reference/digits-frontier "$@"
