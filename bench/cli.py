@@ -167,32 +167,15 @@ def _list(args: argparse.Namespace) -> int:
     console = Console()
     if args.name:
         return _describe(args.name, console)
-    table = Table(title="Estimators", show_lines=False)
-    for column in ("name", "exact", "options (type = default)", "what it does"):
-        table.add_column(column, no_wrap=column in ("name", "exact"))
-    for name in ESTIMATORS.names():
-        cls = ESTIMATORS.get(name)
-        options = "\n".join(opt.describe() for opt in cls.options) or "-"
-        table.add_row(name, "yes" if cls.exact else "no", options, cls.summary)
-    console.print(table)
-    table = Table(title="Tasks")
-    for column in ("name", "options (type = default)", "targets", "what it is"):
-        table.add_column(column, no_wrap=column == "name")
-    for name in TASKS.names():
-        cls = TASKS.get(name)
-        options = "\n".join(opt.describe() for opt in cls.options) or "-"
-        table.add_row(name, options, ", ".join(cls.targets), cls.summary)
-    console.print(table)
     from bench.samplers import SAMPLERS
 
-    table = Table(title="Samplers (a task's sampler=NAME[k=v])")
-    for column in ("name", "options (type = default)", "model", "what it is"):
-        table.add_column(column, no_wrap=column == "name")
-    for name in SAMPLERS.names():
-        cls = SAMPLERS.get(name)
-        options = "\n".join(opt.describe() for opt in cls.options) or "-"
-        table.add_row(name, options, cls.prediction, cls.summary)
-    console.print(table)
+    console.print(_class_table("Estimators", ESTIMATORS, ("exact", "options (type = default)", "what it does"),
+                               lambda cls: ("yes" if cls.exact else "no", _options(cls), cls.summary)))
+    console.print(_class_table("Tasks", TASKS, ("options (type = default)", "targets", "what it is"),
+                               lambda cls: (_options(cls), ", ".join(cls.targets), cls.summary)))
+    console.print(_class_table("Samplers (a task's sampler=NAME\\[k=v])", SAMPLERS,
+                               ("options (type = default)", "model", "what it is"),
+                               lambda cls: (_options(cls), cls.prediction, cls.summary)))
     from tasks.sd import rewards
 
     table = Table(title="Rewards of the sd task (reward=NAME)")
@@ -210,6 +193,22 @@ def _list(args: argparse.Namespace) -> int:
         table.add_row(name, text)
     console.print(table)
     return 0
+
+
+def _options(cls) -> str:
+    return "\n".join(opt.describe() for opt in cls.options) or "-"
+
+
+def _class_table(title: str, registry, columns: tuple[str, ...], cells):
+    """One row per registered class: its name, then cells(cls) under `columns`."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("name", *columns):
+        table.add_column(column, no_wrap=column in ("name", "exact"))
+    for name in registry.names():
+        table.add_row(name, *cells(registry.get(name)))
+    return table
 
 
 def _describe(name: str, console) -> int:

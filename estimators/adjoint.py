@@ -143,17 +143,18 @@ class Adjoint(Estimator):
         z = [x0.detach() / schedule.ode_scale(grid[0]), schedule.ode_scale(grid[0]) * grad_x0,
              *(torch.zeros_like(p) for p in params)]
         previous = None  # ab2: the last point's rate
-        if self.solver == "discrete" and not cache:  # dy/ds at s_0, to move y to each noisy end
+        drift = None  # discrete: dy/ds at the clean end, to move y to each noisy end
+        if self.solver == "discrete" and not cache:
             with torch.no_grad():
-                previous = chain.denoise_at(z[0] * schedule.ode_scale(grid[0]), time_at(grid[0], 0), cond)
+                drift = chain.denoise_at(z[0] * schedule.ode_scale(grid[0]), time_at(grid[0], 0), cond)
         for j in range(1, len(grid)):
             s, h = grid[j - 1], grid[j] - grid[j - 1]
             if self.solver == "discrete":
                 if not cache:
-                    z[0] = z[0] + h * previous
+                    z[0] = z[0] + h * drift
                 k1 = rate(z, grid[j], j)  # the VJP at the noisy end, the adjoint from the clean end
                 z = [z[0], *(a + h * b for a, b in zip(z[1:], k1[1:]))]
-                previous = k1[0]
+                drift = k1[0]
                 continue
             k1 = rate(z, s, j - 1)
             weight = lambda_moment(schedule, grid[j - 2], s, grid[j]) if self.solver == "ab2" and j >= 2 else None

@@ -74,13 +74,17 @@ def test_digits_fid_separates_real_from_noise(shipped):
     assert same < 0.1 * noise
 
 
-def test_the_shipped_model_draws_recognisable_digits(shipped):
+def recognised(task, steps: int = 20) -> float:
+    """The fraction of 8 samples per class (N steps) the classifier names as their class."""
     from tasks.digits.grid import sample_classes
 
-    samples, labels = sample_classes(shipped, per_class=8, steps=20)
+    samples, labels = sample_classes(task, per_class=8, steps=steps)
     with torch.no_grad():
-        recognised = float((shipped.classifier(samples).argmax(-1) == labels).float().mean())
-    assert recognised >= 0.8
+        return float((task.classifier(samples).argmax(-1) == labels).float().mean())
+
+
+def test_the_shipped_model_draws_recognisable_digits(shipped):
+    assert recognised(shipped) >= 0.8
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -173,13 +177,8 @@ def shipped_flow():
 
 
 def test_the_flow_model_draws_recognisable_digits_with_flow_matching_euler(shipped_flow):
-    from tasks.digits.grid import sample_classes
-
     assert shipped_flow.chosen_sampler().name == "flow-euler"
-    samples, labels = sample_classes(shipped_flow, per_class=8, steps=20)
-    with torch.no_grad():
-        recognised = float((shipped_flow.classifier(samples).argmax(-1) == labels).float().mean())
-    assert recognised >= 0.9
+    assert recognised(shipped_flow) >= 0.9
 
 
 @pytest.mark.parametrize("target", TARGETS)

@@ -6,7 +6,8 @@ diffusers scheduler it stands for, and reads that scheduler's grid at N steps in
 (bench/chain.py): a pure, affine step that estimators can replay, checkpoint and differentiate.
 
 To add one: subclass `Sampler` in a new file (options, `prediction`, `scheduler_class`,
-`schedule_from`), add it to SAMPLERS below (or `register_sampler` it from a plug-in), and test its
+`schedule_from`), add it to SAMPLERS below (or declare it in a package's `diffgrad_bench.samplers`
+entry-point group), and test its
 trajectory against the diffusers scheduler's own `step` loop (tests/test_samplers.py)."""
 from __future__ import annotations
 
@@ -47,12 +48,15 @@ class Sampler(Configurable):
         if eta > 0 and not self.stochastic:
             raise SpecError(f"sampler {self.spec} is deterministic: eta={eta} applies to ddim only; "
                             "set eta=0 or sampler=ddim")
-        schedule = self.schedule_from(self.scheduler(config), steps, eta)
-        object.__setattr__(schedule, "sampler", self.spec)
-        return schedule
+        return self.named(self.schedule_from(self.scheduler(config), steps, eta))
 
     def schedule_from(self, scheduler, steps: int, eta: float):
         raise NotImplementedError
+
+    def named(self, schedule):
+        """The schedule, recording this sampler's spec (what rows say)."""
+        object.__setattr__(schedule, "sampler", self.spec)
+        return schedule
 
     def check_model(self, prediction: str, owner: str) -> None:
         """SpecError unless a model with this output type can drive this sampler."""
@@ -94,9 +98,8 @@ def schedule_from_scheduler(scheduler, steps: int, eta: float = 0.0):
     for name in SAMPLERS.names():
         sampler = SAMPLERS.get(name)
         if sampler.scheduler_class and type(scheduler).__name__ == sampler.scheduler_class:
-            schedule = sampler().schedule_from(scheduler, steps, eta)
-            object.__setattr__(schedule, "sampler", name)
-            return schedule
+            instance = sampler()
+            return instance.named(instance.schedule_from(scheduler, steps, eta))
     valid = ", ".join(SAMPLERS.get(n).scheduler_class for n in SAMPLERS.names())
     raise SpecError(f"no sampler reproduces {type(scheduler).__name__}; valid: {valid}")
 

@@ -109,8 +109,5 @@ class DDIM(Sampler):
     stochastic = True
     scheduler_class = "DDIMScheduler"
 
-    def scheduler_config(self) -> dict:
-        return {}
-
     def schedule_from(self, scheduler, steps: int, eta: float) -> DDIMSchedule:
         return DDIMSchedule.read(scheduler, steps, eta)
