@@ -34,13 +34,6 @@ def _folder_arg(text: str) -> Path:
     return Path(text)
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(item) for item in split_list(text)]
-    except ValueError:
-        raise SpecError(f"expected a comma-separated list of integers, got {text!r}") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     from bench.runner import (DEFAULT_ESTIMATORS, DEFAULT_STEPS, DEFAULT_TASK, DEFAULT_TIMEOUT_S, ISOLATE_MODES,
                               MEMORY_MODES)
@@ -55,44 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="import a file that registers estimators or tasks")
 
     run = sub.add_parser("run", help="run a sweep and write DIR/rows.jsonl and DIR/run.json")
-    run.add_argument("--tasks", default=DEFAULT_TASK, help=f"comma-separated task specs (default: {DEFAULT_TASK})")
-    run.add_argument("--estimators", default=DEFAULT_ESTIMATORS,
-                     help=f"comma-separated estimator specs name[k=v,...] (default: {DEFAULT_ESTIMATORS})")
-    run.add_argument("--targets", default="latent,cond,weights", help="latent, cond, weights (default), noise (needs eta > 0)")
-    default_steps = ",".join(map(str, DEFAULT_STEPS))
-    run.add_argument("--steps", default=default_steps, help=f"sampler step counts N (default: {default_steps})")
-    run.add_argument("--seeds", default="0", help="seeds (default: 0)")
-    run.add_argument("--iters", type=int, default=4, help="Adam iterations of the short optimisation")
-    run.add_argument("--rounds", type=int, default=3,
-                     help="clean timed rounds per cell at least (rounds slowed by other load are repeated)")
-    run.add_argument("--stable", type=float, default=0.0, metavar="FRACTION",
-                     help="keep timing until each cell's IQR is within FRACTION of its median, e.g. 0.05 "
-                          "(0: off; capped by --timing-cap, default 300 s per point then)")
-    run.add_argument("--timing-cap", type=float, default=0.0, metavar="SECONDS",
-                     help="stop timing a point after SECONDS (0: no cap)")
-    run.add_argument("--threads", type=int, default=0,
-                     help="torch intra-op threads (0: 1 on a CPU, which a busy core cannot slow; torch's default on CUDA)")
-    run.add_argument("--no-interleave", dest="interleave", action="store_false",
-                     help="time each cell on its own instead of round-robin with the other estimators of its point")
-    run.add_argument("--baseline", default="full", metavar="SPEC",
-                     help="the estimator time ratios (with bootstrap intervals) are taken to (default: full)")
-    run.add_argument("--warmup", type=int, default=1,
-                     help="untimed calls of each cell right before its timed rounds (default 1; the untimed "
-                          "agreement call runs earlier)")
-    run.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    run.add_argument("--memory", default="auto", metavar="MODE",
-                     help="peak-memory measurement: " + "; ".join(f"{k}: {v}" for k, v in MEMORY_MODES.items()))
-    run.add_argument("--no-memory", action="store_true", help="same as --memory off")
-    run.add_argument("--isolate", default="auto", metavar="MODE",
-                     help="process per cell: " + "; ".join(f"{k}: {v}" for k, v in ISOLATE_MODES.items()))
-    run.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
-                     help=f"limit per cell; a cell over it is recorded as 'timeout' (0: none; default {DEFAULT_TIMEOUT_S:g})")
-    run.add_argument("--out", type=_folder_arg, default=None,
-                     help="run folder (default: results/<a name derived from the sweep>)")
-    run.add_argument("--force", action="store_true", help="rerun cells already in rows.jsonl")
-    run.add_argument("--include", action="append", default=[], metavar="FILE.py",
-                     help="import a file that registers estimators or tasks")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _run_flags(run)
 
     report = sub.add_parser("report", help="Markdown + HTML page with tables and plots of a run folder")
     report.add_argument("run_dir", type=_folder_arg, metavar="DIR", help="a run folder (holds rows.jsonl)")
@@ -116,7 +72,75 @@ def build_parser() -> argparse.ArgumentParser:
     figures.add_argument("--only", default="", help="comma-separated figure names (spec file stems)")
     figures.add_argument("--specs", type=_folder_arg, default=None, help="folder of figure specs (default: reports/figures)")
     figures.add_argument("--out", type=_folder_arg, default=None, help="output folder (default: the specs folder)")
+
+    status = sub.add_parser("status", help="cells of a run folder: done, failed, running, queued, pending; its jobs")
+    status.add_argument("run_dir", type=_folder_arg, metavar="DIR", help="a run folder")
     return parser
+
+
+def _run_flags(run: argparse.ArgumentParser) -> None:
+    """The run command's flags. Each defaults to None (not given): the sweep's settings come from
+    SweepSpec's defaults, then --config's file, then the flags given (bench/sweepfile.py)."""
+    from bench.launch import LAUNCHERS, LaunchSpec
+    from bench.memory import MODES as MEMORY_MODES
+    from bench.runner import ISOLATE_MODES
+    from bench.sweepfile import spec_defaults
+
+    d, launch = spec_defaults(), LaunchSpec()
+    joined = lambda values: ",".join(map(str, values))  # noqa: E731
+    run.add_argument("--config", type=_folder_arg, default=None, metavar="SWEEP.toml",
+                     help="read the sweep from a file; the flags given here override it (README: Sweeps as data)")
+    flag = run.add_argument
+    flag("--tasks", help=f"comma-separated task specs (default: {joined(d.tasks)})")
+    flag("--estimators", help=f"comma-separated estimator specs name[k=v,...] (default: {joined(d.estimators)})")
+    flag("--targets", help=f"latent, cond, weights, noise (needs eta > 0) (default: {joined(d.targets)})")
+    flag("--steps", help=f"sampler step counts N (default: {joined(d.steps)})")
+    flag("--seeds", help=f"seeds (default: {joined(d.seeds)})")
+    flag("--iters", type=int, help=f"Adam iterations of the short optimisation (default: {d.iters})")
+    flag("--rounds", type=int, help="clean timed rounds per cell at least (rounds slowed by other load are "
+                                    f"repeated; default: {d.rounds})")
+    flag("--stable", type=float, metavar="FRACTION",
+         help="keep timing until each cell's IQR is within FRACTION of its median, e.g. 0.05 (0: off, the "
+              "default; capped by --timing-cap, default 300 s per point then)")
+    flag("--timing-cap", type=float, metavar="SECONDS", help="stop timing a point after SECONDS (0: no cap, the default)")
+    flag("--threads", type=int, help="torch intra-op threads (0, the default: 1 on a CPU, which a busy core cannot "
+                                     "slow; torch's default on CUDA)")
+    flag("--no-interleave", dest="interleave", action="store_const", const=False,
+         help="time each cell on its own instead of round-robin with the other estimators of its point")
+    flag("--baseline", metavar="SPEC", help=f"the estimator time ratios (with bootstrap intervals) are taken to "
+                                            f"(default: {d.baseline})")
+    flag("--warmup", type=int, help=f"untimed calls of each cell right before its timed rounds (default: {d.warmup}; "
+                                    "the untimed agreement call runs earlier)")
+    flag("--device", help=f"cpu, cuda or cuda:N (default: {d.device})")
+    flag("--memory", metavar="MODE", help="peak-memory measurement: " + "; ".join(
+        f"{k}: {v}" for k, v in MEMORY_MODES.items()) + f" (default: {d.memory})")
+    flag("--no-memory", dest="memory", action="store_const", const="off", help="same as --memory off")
+    flag("--isolate", metavar="MODE", help="process per cell: " + "; ".join(
+        f"{k}: {v}" for k, v in ISOLATE_MODES.items()) + f" (default: {d.isolate})")
+    flag("--timeout", type=float, metavar="SECONDS",
+         help=f"limit per cell; a cell over it is recorded as 'timeout' (0: none; default {d.timeout:g})")
+    flag("--include", action="append", metavar="FILE.py", help="import a file that registers estimators or tasks")
+    flag("--out", type=_folder_arg, help="run folder (default: the sweep file's out, else results/<a name derived "
+                                         "from the sweep>)")
+    flag("--force", action="store_true", default=False, help="rerun cells that already have a row")
+    flag("--no-progress", action="store_true", default=False, help="no progress bar")
+    jobs = run.add_argument_group("launcher (where the cells run; a sweep file's [launcher] table)")
+    jobs.add_argument("--launcher", help="; ".join(f"{k}: {v}" for k, v in LAUNCHERS.items()))
+    jobs.add_argument("--partition", help="SLURM partition (default: the cluster's)")
+    jobs.add_argument("--time-min", dest="time_min", type=int, metavar="MINUTES",
+                      help=f"time limit of one job (default: {launch.time_min}); a job past it is killed and its "
+                           "unfinished cell reruns with the same command")
+    jobs.add_argument("--gpus-per-job", dest="gpus_per_job", type=int, help="GPUs per job (default: 0)")
+    jobs.add_argument("--cpus-per-job", dest="cpus_per_job", type=int,
+                      help="CPU cores per job (default: --threads, 1 on a CPU)")
+    jobs.add_argument("--array-parallelism", dest="array_parallelism", type=int,
+                      help="jobs running at once (default: SLURM's; submitit-local: the cores / cpus per job)")
+    jobs.add_argument("--cells-per-job", dest="cells_per_job", type=int,
+                      help="cells per job (default 0: one point's cells, timed side by side)")
+    jobs.add_argument("--sbatch", action="append", metavar="KEY=VALUE",
+                      help="an extra sbatch parameter, repeatable (e.g. --sbatch account=mylab --sbatch qos=high)")
+    jobs.add_argument("--detach", action="store_const", const=True,
+                      help="submit the jobs and return; watch with `python -m bench status DIR`")
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
@@ -139,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             return _figures(args)
         if args.command == "check":
             return _check(args)
+        if args.command == "status":
+            return _status(args)
         return _run(args, argv)
     except SpecError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -230,24 +256,45 @@ def _describe(name: str, console) -> int:
     return 0
 
 
+SWEEP_FLAGS = ("tasks", "estimators", "targets", "steps", "seeds", "iters", "rounds", "stable", "timing_cap",
+               "threads", "interleave", "baseline", "warmup", "device", "memory", "isolate", "timeout", "include")
+LAUNCH_FLAGS = ("launcher", "partition", "time_min", "gpus_per_job", "cpus_per_job", "array_parallelism",
+                "cells_per_job", "sbatch", "detach")
+
+
+def sweep_of(args: argparse.Namespace):
+    """The sweep an invocation names: SweepSpec's defaults, --config's file, the flags given."""
+    from bench.launch import parse_sbatch
+    from bench.sweepfile import build, coerce
+
+    flags = {}
+    for name in SWEEP_FLAGS:
+        value = getattr(args, name)
+        if value is not None:
+            field = "includes" if name == "include" else name
+            flags[field] = coerce(field, value, "--" + name.replace("_", "-"))
+    if "includes" in flags:
+        flags["includes"] = [str(Path(p).resolve()) for p in flags["includes"]]
+    launch = {name: getattr(args, name) for name in LAUNCH_FLAGS if getattr(args, name) is not None}
+    if "sbatch" in launch:
+        launch["sbatch"] = parse_sbatch(launch["sbatch"])
+    sweep = build(args.config, flags, launch, args.out)
+    for part in sweep.parts:  # a file's include paths are relative to the current directory
+        part.includes = [str(Path(p).resolve()) for p in part.includes]
+    if sweep.out is None:
+        sweep.out = Path("results") / _default_name(sweep.parts[0])
+    return sweep
+
+
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
     from rich.console import Console
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from bench.runner import SweepSpec, run_sweep
     from bench.summary import print_summary
 
-    spec = SweepSpec(
-        tasks=split_list(args.tasks), estimators=split_list(args.estimators),
-        targets=split_list(args.targets), steps=_int_list(args.steps), seeds=_int_list(args.seeds),
-        iters=args.iters, warmup=args.warmup, rounds=args.rounds,
-        memory="off" if args.no_memory else args.memory, timeout=args.timeout or None,
-        device=args.device, includes=[str(Path(p).resolve()) for p in args.include], isolate=args.isolate,
-        threads=args.threads, interleave=args.interleave, baseline=args.baseline, stable=args.stable,
-        timing_cap=args.timing_cap,
-    )
-    out = args.out or Path("results") / _default_name(spec)
+    sweep = sweep_of(args)
+    out = sweep.out
     console = Console(stderr=True)
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=console, disable=args.no_progress)
@@ -256,8 +303,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     def on_start(total: int, reused: int) -> None:
         nonlocal bar
         if reused:
-            console.print(f"{reused} of {total} cells already in {out / 'rows.jsonl'}; skipping them "
-                          f"(--force reruns)")
+            console.print(f"{reused} of {total} cells already have rows in {out}; skipping them (--force reruns)")
         bar = progress.add_task("sweep", total=total, completed=reused)
         progress.start()  # only once the whole sweep has been checked
 
@@ -276,14 +322,28 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         try:
-            rows = run_sweep(spec, out, force=args.force, argv=argv, on_start=on_start,
-                             on_point=on_point, on_row=on_row)
+            if sweep.launch.launcher == "local":
+                rows = run_sweep_local(sweep, args.force, argv, on_start, on_point, on_row)
+            else:
+                from bench.launch import run_sweep_jobs
+
+                rows = run_sweep_jobs(sweep, args.force, argv, on_start, progress, lambda: bar, console)
         finally:
             if bar is not None:  # stopping a bar that never started prints a stray newline
                 progress.stop()
-    print_summary(rows, Console())
-    Console().print(f"rows: {out / 'rows.jsonl'}   run: {out / 'run.json'}")
+    if rows is None:  # detached
+        return 0
+    if rows:
+        print_summary(rows, Console())
+    Console().print(f"rows: {out}   status: python -m bench status {out}")
     return 0
+
+
+def run_sweep_local(sweep, force, argv, on_start, on_point, on_row):
+    from bench.runner import run_sweep
+
+    return run_sweep(sweep.parts, sweep.out, force=force, argv=argv, on_start=on_start, on_point=on_point,
+                     on_row=on_row, extra={"launcher": sweep.launch.options(), "config": sweep.source})
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -319,6 +379,15 @@ def _check(args: argparse.Namespace) -> int:
     checks = check_all(args.estimators or None)
     print_checks(checks, Console())
     return 1 if any(c.status == "fail" for c in checks) else 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from bench.status import print_status, status
+
+    print_status(status(args.run_dir), Console())
+    return 0
 
 
 def _figures(args: argparse.Namespace) -> int:

@@ -127,6 +127,10 @@ FIELDS: tuple[Field, ...] = (
           "`timing` (its own rounds), `memory`, `optimise`, `evaluate`, `samples`, and `harness`: time between "
           "them (bookkeeping, its share of the timing loop's own cost and of waiting for the memory process)"),
     Field("cell_seconds", "s", "the sum of the cell's phases: its wall time, where interleaved cells split the passes they share"),
+    Field("job", "", "the job that wrote the row (`--launcher slurm` or `submitit-local`); absent for `local`",
+          numeric=False),
+    Field("finished", "", "UTC time the row was written (ISO 8601); of two rows of a key, the later wins",
+          numeric=False),
 )
 
 

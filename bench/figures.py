@@ -273,7 +273,7 @@ def render(path: Path, out: Path, formats=("png", "svg")) -> dict[str, Any]:
     written = plots.save(fig, out / path.stem, formats)
     device = f"{meta.get('device')} ({meta.get('device_name')})" if meta else "unknown device"
     return {"name": path.stem, "title": spec["title"], "claim": spec["claim"].strip(), "measured": measured,
-            "files": written, "source": spec["source"], "device": device}
+            "files": written, "source": spec["source"], "device": device, "sweep": spec.get("sweep")}
 
 
 def render_all(folder: Path = FIGURES, out: Path | None = None, only: list[str] | None = None,
@@ -296,10 +296,12 @@ def render_all(folder: Path = FIGURES, out: Path | None = None, only: list[str] 
 
 def _write_index(out: Path, results: list[dict[str, Any]]) -> None:
     lines = ["# The papers' figures, measured", "",
-             "Written by `python -m bench figures` from the reference results named under each figure "
-             "(regenerate those with `results/reference/run_all.sh`). Edit a figure's `.toml` to change it.", ""]
+             "Written by `python -m bench figures` from the reference results named under each figure; "
+             "each names the sweep file that regenerates them (`python -m bench run --config FILE`). "
+             "Edit a figure's `.toml` to change it.", ""]
     for r in results:
+        rerun = f"; sweep `{r['sweep']}`" if r["sweep"] else ""
         lines += [f"## {r['title']}", "", f"![{r['name']}]({r['name']}.png)", "",
-                  f"**Claim.** {r['claim']}", "", f"**Measured** ({r['device']}; rows in `{r['source']}`). "
+                  f"**Claim.** {r['claim']}", "", f"**Measured** ({r['device']}; rows in `{r['source']}`{rerun}). "
                   f"{r['measured']}", ""]
     (out / "README.md").write_text("\n".join(lines))

@@ -18,13 +18,15 @@ import bench
 from bench import store
 
 
-def environment(spec, argv: list[str] | None) -> dict[str, Any]:
+def environment(specs: list, argv: list[str] | None) -> dict[str, Any]:
     import diffusers
 
+    spec = specs[0]
     device = torch.device(spec.device)
     return {
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "argv": argv, "spec": asdict(spec), "bench_version": bench.__version__,
+        "argv": argv, "spec": asdict(spec), **({"parts": [asdict(s) for s in specs]} if len(specs) > 1 else {}),
+        "bench_version": bench.__version__,
         "python": sys.version.split()[0], "torch": torch.__version__, "diffusers": diffusers.__version__,
         "cuda": torch.version.cuda, "device": spec.device,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
@@ -56,9 +58,11 @@ def git_state() -> dict[str, Any]:
     return {"git_commit": commit, "git_dirty": dirty}
 
 
-def write_run_json(out: Path, spec, argv: list[str] | None) -> None:
-    """run.json: this invocation, with every earlier one under `history` (called under the folder's
-    lock). An unreadable run.json is kept aside as run.json.unreadable-<time>, never dropped."""
+def write_run_json(out: Path, specs: list, argv: list[str] | None, cells: list,
+                   extra: dict[str, Any] | None = None) -> None:
+    """run.json: this invocation (its parts, the keys of its cells for `bench status`, and `extra`,
+    e.g. the launcher), with every earlier one under `history` (called under the folder's lock).
+    An unreadable run.json is kept aside as run.json.unreadable-<time>, never dropped."""
     path = out / store.RUN
     history: list[Any] = []
     if path.exists():
@@ -70,7 +74,13 @@ def write_run_json(out: Path, spec, argv: list[str] | None) -> None:
         else:
             earlier = previous.pop("history", [])
             history = (earlier if isinstance(earlier, list) else [earlier]) + [previous]
-    record = environment(spec, argv)
+    record = environment(specs, argv)
+    record.update(extra or {})
+    record["cells"] = [{"key": c.key, "task": c.task.spec, "estimator": c.estimator.spec, "target": c.target,
+                        "steps": c.steps, "seed": c.seed} for c in {c.key: c for c in cells}.values()]
+    for earlier in history:  # the cell lists of earlier invocations are not kept
+        if isinstance(earlier, dict):
+            earlier.pop("cells", None)
     record["history"] = history
     tmp = path.with_name(f".{store.RUN}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(record, indent=2, default=str))

@@ -435,56 +435,88 @@ class CellRunner:
         return {"samples_png": f"samples/{cell.key}.png"}
 
 
-def run_sweep(spec: SweepSpec, out: Path, force: bool = False, argv: list[str] | None = None,
+def plan(specs: list[SweepSpec]) -> list[tuple[SweepSpec, list[Cell]]]:
+    """Every part of a sweep with its cells, each part resolved and checked before anything runs."""
+    return [(spec, expand(spec, *resolve(spec))) for spec in specs]
+
+
+def run_sweep(spec: SweepSpec | list[SweepSpec], out: Path, force: bool = False, argv: list[str] | None = None,
               on_start: Callable[[int, int], None] | None = None,
               on_point: Callable[[list[Cell]], None] | None = None,
-              on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-    """Run every cell not already in OUT/rows.jsonl (all of them with force); return the rows of
-    this sweep's cells (fresh or reused)."""
-    tasks, estimators = resolve(spec)
-    cells = expand(spec, tasks, estimators)
+              on_row: Callable[[dict[str, Any]], None] | None = None,
+              extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Run, in this process, every cell of the sweep (its parts, one after the other) that has no
+    row in the run folder yet (all of them with force); return the rows of the sweep's cells."""
+    parts = plan(spec if isinstance(spec, list) else [spec])
+    with store.locked(out):
+        rows_path = out / store.ROWS
+        store.repair(rows_path)
+        done = store.latest_by_key(store.read_rows(out))  # rows.jsonl and every job's rows.d file
+        write_run_json(out, [s for s, _ in parts], argv, [c for _, cells in parts for c in cells], extra)
+        todo = {c.key for _, cells in parts for c in cells if force or c.key not in done}
+        total = len({c.key for _, cells in parts for c in cells})
+        if on_start:
+            on_start(total, total - len(todo))
+
+        def write(row: dict[str, Any]) -> None:
+            store.append_row(rows_path, row)
+            if on_row:
+                on_row(row)
+
+        for part, cells in parts:
+            run_cells(part, out, [c for c in cells if c.key in todo], done, True, write, on_point)
+            todo -= {c.key for c in cells}
+    return list({c.key: done[c.key] for _, cells in parts for c in cells if c.key in done}.values())
+
+
+def run_cells(spec: SweepSpec, out: Path, cells: list[Cell], done: dict[str, dict[str, Any]], force: bool,
+              write: Callable[[dict[str, Any]], None],
+              on_point: Callable[[list[Cell]], None] | None = None) -> None:
+    """Run `cells` (of one part) a point at a time, calling write(row) as each finishes and
+    recording it in `done`. A cell already in `done` is skipped unless force."""
     points: dict[tuple, list[Cell]] = {}
     for cell in cells:
         points.setdefault(cell.point, []).append(cell)
     baseline = ESTIMATORS.create(spec.baseline).spec
-    with store.locked(out):
-        rows_path = out / store.ROWS
-        store.repair(rows_path)
-        done = store.latest_by_key(store.read_rows(rows_path))
-        write_run_json(out, spec, argv)
-        todo = [cell for cell in cells if force or cell.key not in done]
-        if on_start:
-            on_start(len(cells), len(cells) - len(todo))
-        isolate = spec.isolate == "cell" or (spec.isolate == "auto" and spec.device.startswith("cuda"))
-        runner = None if isolate else CellRunner(spec, out)
-        try:
-            with sigint_recorded():
-                for point_cells in points.values():
-                    waiting = [cell for cell in point_cells if force or cell.key not in done]
-                    if not waiting:
-                        continue
-                    if on_point:
-                        on_point(waiting)
-                    for row in _point_rows(spec, runner, point_cells, waiting, baseline, out, isolate):
-                        store.append_row(rows_path, row)
-                        done[row["key"]] = row
-                        if on_row:
-                            on_row(row)
-        finally:
-            if runner is not None:
-                runner.close()
-    return [done[cell.key] for cell in cells]
+    isolate = spec.isolate == "cell" or (spec.isolate == "auto" and spec.device.startswith("cuda"))
+    runner = None if isolate else CellRunner(spec, out)
+    try:
+        with sigint_recorded():
+            for point_cells in points.values():
+                waiting = [cell for cell in point_cells if force or cell.key not in done]
+                if not waiting:
+                    continue
+                if on_point:
+                    on_point(waiting)
+                companions = _baseline_companions(spec, point_cells[0], baseline, waiting)
+                for row in _point_rows(spec, runner, companions, waiting, out, isolate):
+                    write(row)
+                    done[row["key"]] = row
+    finally:
+        if runner is not None:
+            runner.close()
 
 
-def _point_rows(spec: SweepSpec, runner: CellRunner | None, point_cells: list[Cell], waiting: list[Cell],
-                baseline: str, out: Path, isolate: bool) -> Iterator[dict[str, Any]]:
+def _baseline_companions(spec: SweepSpec, cell: Cell, baseline: str, waiting: list[Cell]) -> list[Cell]:
+    """The point's baseline cell, to be timed beside `waiting` when the sweep has it but it is not
+    among them (its row exists, or another job runs it)."""
+    if not spec.interleave or any(c.estimator.spec == baseline for c in waiting):
+        return []
+    if baseline not in {ESTIMATORS.create(name).spec for name in spec.estimators}:
+        return []
+    estimator = ESTIMATORS.create(spec.baseline)
+    identity = {**cell.identity, "estimator": estimator.spec, "estimator_code": code_hash(type(estimator))}
+    return [Cell(cell.task, estimator, cell.target, cell.steps, cell.seed, cell_key(identity), identity)]
+
+
+def _point_rows(spec: SweepSpec, runner: CellRunner | None, companions: list[Cell], waiting: list[Cell],
+                out: Path, isolate: bool) -> Iterator[dict[str, Any]]:
     """Rows of a point's waiting cells: interleaved in this process (with the baseline timed beside
-    them when its row already exists), one by one, or each in its own process."""
+    them when it is not among them), one by one, or each in its own process."""
     if isolate:
         for cell in waiting:
             yield run_in_process(spec, cell, out)
     elif spec.interleave:
-        companions = [c for c in point_cells if c not in waiting and c.estimator.spec == baseline]
         yield from runner.run_point(waiting, companions)
     else:
         for cell in waiting:

@@ -1,6 +1,8 @@
-"""Result rows: one JSON object per line in DIR/rows.jsonl, appended and flushed per cell.
-A torn last line (a run killed mid-write) or any other unusable line is skipped on read with a
-warning that names it."""
+"""Result rows: one JSON object per line, appended and flushed per cell, in DIR/rows.jsonl (the
+local launcher) and DIR/rows.d/<job id>.jsonl (one file per job of a job launcher, bench/launch.py).
+Reading a run folder merges them; the latest row of a key (by its `finished` time) wins. A torn
+last line (a run killed mid-write) or any other unusable line is skipped on read with a warning
+that names it."""
 from __future__ import annotations
 
 import fcntl
@@ -9,6 +11,7 @@ import os
 import socket
 import warnings
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -16,7 +19,13 @@ from bench.errors import SpecError
 
 SCHEMA = 1
 ROWS = "rows.jsonl"
+ROWS_DIR = "rows.d"
 RUN = "run.json"
+
+
+def now() -> str:
+    """UTC time to the microsecond, as ISO 8601 (these strings sort in time order)."""
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
 def repair(path: Path) -> None:
@@ -33,6 +42,9 @@ def repair(path: Path) -> None:
 
 
 def append_row(path: Path, row: dict[str, Any]) -> None:
+    """Append one row (stamped `finished` if it is not) in a single write, flushed to disk."""
+    row.setdefault("finished", now())
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
         handle.write(json.dumps(row, allow_nan=True) + "\n")
         handle.flush()
@@ -53,12 +65,25 @@ def _row_problem(row: Any) -> str | None:
     return None
 
 
+def row_files(folder: Path) -> list[Path]:
+    """The rows files of a run folder: rows.jsonl, then each job's under rows.d/."""
+    folder = Path(folder)
+    return [folder / ROWS, *sorted((folder / ROWS_DIR).glob("*.jsonl"))]
+
+
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of a rows.jsonl file. A line that is torn, not UTF-8, not JSON, not an object or
-    without the identity fields (REQUIRED) is skipped with a warning that names it."""
+    """The rows of a rows file, or of every rows file of a run folder in the order they were
+    finished (rows without a `finished` time, from before it was recorded, first)."""
     path = Path(path)
     if path.is_dir():
-        path = path / ROWS
+        rows = [row for file in row_files(path) for row in _read_file(file)]
+        return sorted(rows, key=lambda row: str(row.get("finished", "")))  # stable: file order otherwise
+    return _read_file(path)
+
+
+def _read_file(path: Path) -> list[dict[str, Any]]:
+    """A line that is torn, not UTF-8, not JSON, not an object or without the identity fields
+    (REQUIRED) is skipped with a warning that names it."""
     if not path.exists():
         return []
     rows = []

@@ -1,0 +1,394 @@
+"""Where a sweep's cells run: `--launcher local` (this process, bench/runner.py's loop), or jobs
+through submitit: `submitit-local` (processes on this machine) and `slurm` (a SLURM job array).
+
+A job runs a list of cells (by default one point's, so they are timed side by side) and appends
+each cell's row to its own file, OUT/rows.d/<job id>.jsonl: jobs on different nodes never share a
+file, a lock or an append, which network filesystems do not make safe. Reading a run folder merges
+those files with rows.jsonl (latest row per key, bench/store.py). While a job works on a point it
+keeps a claim, OUT/rows.d/<job id>.claim.json, whose modification time it refreshes every
+HEARTBEAT_S: a job the scheduler kills (time limit, preemption, node failure) leaves no row for the
+cell it was in and a claim that goes stale, so that cell counts as missing and the same command
+reruns it, and only it. OUT/jobs.jsonl records every submitted job and its cells; OUT/jobs/ holds
+submitit's scripts and logs.
+
+On CUDA each cell still runs in its own process inside its job (`--isolate auto`), so a cell's
+peak memory comes from an allocator no other cell used."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+from bench import store
+from bench.errors import SpecError
+
+LAUNCHERS = {
+    "local": "every cell in this process, one after the other (the default)",
+    "submitit-local": "jobs as processes on this machine through submitit's local executor "
+                      "(at most --array-parallelism at once)",
+    "slurm": "a SLURM job array through submitit (sbatch; --partition, --time-min, --gpus-per-job, ...)",
+}
+HEARTBEAT_S = 15.0  # a job refreshes its claim this often ...
+STALE_S = 4 * HEARTBEAT_S  # ... and a claim older than this belongs to a job that no longer runs
+JOBS = "jobs.jsonl"
+JOBS_DIR = "jobs"
+SLURM_LIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING",
+              "REQUEUE_HOLD", "REQUEUE_FED", "STAGE_OUT", "SIGNALING"}
+
+
+@dataclass
+class LaunchSpec:
+    launcher: str = "local"
+    partition: str = ""  # SLURM partition ("" : the cluster's default)
+    time_min: int = 60  # time limit of one job, minutes
+    gpus_per_job: int = 0
+    cpus_per_job: int = 0  # 0: the sweep's --threads (1 on a CPU)
+    array_parallelism: int = 0  # jobs running at once (0: SLURM's array default; locally, the cores / cpus per job)
+    cells_per_job: int = 0  # 0: one point's cells per job (timed side by side)
+    sbatch: dict[str, Any] = field(default_factory=dict)  # extra sbatch parameters, e.g. {"account": "lab"}
+    detach: bool = False  # submit and return; `python -m bench status OUT` watches
+
+    @classmethod
+    def build(cls, values: dict[str, Any]) -> "LaunchSpec":
+        spec = cls()
+        for name, value in values.items():
+            default = getattr(spec, name)
+            if isinstance(default, bool):
+                ok = isinstance(value, bool)
+            elif isinstance(default, int):
+                ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+            else:
+                ok = isinstance(value, type(default))
+            if not ok:
+                kind = {bool: "true or false", int: "an integer >= 0", str: "a string",
+                        dict: "a table of sbatch parameters"}[type(default)]
+                raise SpecError(f"launcher option {name} must be {kind}, got {value!r}")
+            setattr(spec, name, value)
+        if spec.launcher not in LAUNCHERS:
+            raise SpecError(f"unknown launcher {spec.launcher!r}; valid: {', '.join(LAUNCHERS)}")
+        if spec.time_min < 1:
+            raise SpecError(f"--time-min must be at least 1 minute, got {spec.time_min}")
+        return spec
+
+    def options(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def parse_sbatch(items: list[str]) -> dict[str, str]:
+    """--sbatch KEY=VALUE (repeatable) as a dict; KEY is sbatch's long option without dashes."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().lstrip("-").replace("-", "_")
+        if not sep or not key:
+            raise SpecError(f"--sbatch expects KEY=VALUE (an sbatch option, e.g. account=mylab), got {item!r}")
+        out[key] = value.strip()
+    return out
+
+
+# -- the job's side --------------------------------------------------------------------------
+
+def job_id() -> str:
+    """This job's id as its scheduler names it (array jobs: ARRAY_TASK), or the process's."""
+    try:
+        import submitit
+
+        return str(submitit.JobEnvironment().job_id)
+    except Exception:  # not inside a submitit job
+        return f"pid{os.getpid()}"
+
+
+class Claim:
+    """OUT/rows.d/<job>.claim.json: the cells a job is working on, refreshed every HEARTBEAT_S."""
+
+    def __init__(self, out: Path, job: str) -> None:
+        self.path = out / store.ROWS_DIR / f"{job}.claim.json"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.job = job
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+
+    def hold(self, keys: list[str]) -> None:
+        record = {"job": self.job, "host": socket.gethostname(), "pid": os.getpid(), "cells": keys,
+                  "since": store.now()}
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(json.dumps(record))
+        tmp.replace(self.path)
+        if not self._thread.is_alive():
+            self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass
+
+    def release(self) -> None:
+        self._stop.set()
+        self.path.unlink(missing_ok=True)
+
+
+def run_job(spec_fields: dict[str, Any], out: str, keys: list[str], force: bool = False) -> dict[str, int]:
+    """A job: run the cells `keys` of the sweep part `spec_fields` that have no row yet (all of
+    them with force), appending their rows to OUT/rows.d/<job id>.jsonl. Returns counts by status."""
+    from bench.runner import SweepSpec, plan, run_cells
+
+    folder = Path(out)
+    job = job_id()
+    spec = SweepSpec(**spec_fields)
+    (_, cells), = plan([spec])
+    wanted = set(keys)
+    cells = [cell for cell in cells if cell.key in wanted]
+    rows_path = folder / store.ROWS_DIR / f"{job}.jsonl"
+    store.repair(rows_path)  # a requeued job (same id) killed mid-write: cut its torn line
+    claim = Claim(folder, job)
+    counts: dict[str, int] = {}
+    try:
+        def write(row: dict[str, Any]) -> None:
+            row["job"] = job
+            store.append_row(rows_path, row)
+            counts[row["status"]] = counts.get(row["status"], 0) + 1
+
+        run_cells(spec, folder, cells, done=store.latest_by_key(store.read_rows(folder)), force=force,
+                  write=write, on_point=lambda waiting: claim.hold([c.key for c in waiting]))
+    finally:
+        claim.release()
+    return counts
+
+
+# -- the submitting side --------------------------------------------------------------------
+
+def claims(out: Path) -> list[dict[str, Any]]:
+    """The claims of jobs still alive (refreshed within STALE_S), each with its file's age."""
+    found = []
+    for path in sorted((Path(out) / store.ROWS_DIR).glob("*.claim.json")):
+        try:
+            age = time.time() - path.stat().st_mtime
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict):
+            record["age_s"], record["stale"] = age, age > STALE_S
+            found.append(record)
+    return found
+
+
+def submitted(out: Path) -> list[dict[str, Any]]:
+    """OUT/jobs.jsonl: every job submitted to this folder, oldest first."""
+    path = Path(out) / JOBS
+    if not path.exists():
+        return []
+    jobs = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "job" in record:
+            jobs.append(record)
+    return jobs
+
+
+def job_state(out: Path, record: dict[str, Any]) -> str:
+    """What the scheduler says of a recorded job: a SLURM state, `ALIVE`/`ENDED` for a local job
+    on this host, or `UNKNOWN`."""
+    if record.get("launcher") == "slurm":
+        try:
+            import submitit
+
+            return submitit.SlurmJob(folder=Path(out) / JOBS_DIR, job_id=str(record["job"])).state
+        except Exception:
+            return "UNKNOWN"
+    if record.get("host") == socket.gethostname() and record.get("pid") and record.get("pid_start"):
+        alive = _process_start(int(record["pid"])) == record.get("pid_start")  # not a reused pid
+        return "ALIVE" if alive else "ENDED"
+    return "UNKNOWN"
+
+
+def _process_start(pid: int) -> str | None:
+    """A process's start time (clock ticks since boot, /proc/PID/stat), None once it has ended
+    (zombies included): with the pid it names one process, whatever later reuses the pid."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def busy_cells(out: Path) -> dict[str, str]:
+    """Cells a live job holds or will run: key -> job id (fresh claims; jobs still queued or running)."""
+    busy: dict[str, str] = {}
+    for record in submitted(out):
+        state = job_state(out, record)
+        if state in SLURM_LIVE or state == "ALIVE":
+            busy.update({key: str(record["job"]) for key in record.get("cells", [])})
+    for claim in claims(out):
+        if not claim["stale"]:
+            busy.update({key: str(claim.get("job")) for key in claim.get("cells", [])})
+    return busy
+
+
+def chunks(cells: list[Any], per_job: int) -> list[list[Any]]:
+    """Cells into jobs: one point per job (per_job 0), or per_job cells at a time in sweep order."""
+    if per_job:
+        return [cells[i:i + per_job] for i in range(0, len(cells), per_job)]
+    points: dict[tuple, list[Any]] = {}
+    for cell in cells:
+        points.setdefault(cell.point, []).append(cell)
+    return list(points.values())
+
+
+def make_executor(launch: LaunchSpec, out: Path, threads: int):
+    """submitit's executor for the launcher, or a one-line SpecError saying why there is none."""
+    try:
+        import submitit
+    except ImportError:
+        raise SpecError(f"--launcher {launch.launcher} needs submitit (pip install submitit); "
+                        "--launcher local runs without it") from None
+    folder = out / JOBS_DIR / "%j"
+    cpus = launch.cpus_per_job or threads or 1
+    if launch.launcher == "slurm":
+        missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
+        if missing:
+            raise SpecError(f"--launcher slurm needs SLURM, but {' and '.join(missing)} is not on this machine's "
+                            "PATH; use --launcher local, or --launcher submitit-local for jobs on this machine")
+        executor = submitit.SlurmExecutor(folder=folder)
+        params: dict[str, Any] = {"time": launch.time_min, "cpus_per_task": cpus, "job_name": "bench",
+                                  "additional_parameters": dict(launch.sbatch)}
+        if launch.partition:
+            params["partition"] = launch.partition
+        if launch.gpus_per_job:
+            params["gpus_per_node"] = launch.gpus_per_job
+        if launch.array_parallelism:
+            params["array_parallelism"] = launch.array_parallelism
+        executor.update_parameters(**params)
+        return executor
+    executor = submitit.LocalExecutor(folder=folder)
+    executor.update_parameters(timeout_min=launch.time_min, gpus_per_node=launch.gpus_per_job)
+    return executor
+
+
+def local_parallelism(launch: LaunchSpec, threads: int) -> int:
+    if launch.array_parallelism:
+        return launch.array_parallelism
+    return max(1, (os.cpu_count() or 1) // max(1, launch.cpus_per_job or threads or 1))
+
+
+def submit_jobs(executor, plan: list[tuple[Any, list[Any]]], out: Path, launch: LaunchSpec, threads: int,
+                force: bool, on_poll: Callable[[], None] | None = None) -> list[Any]:
+    """Submit every chunk of every part; record each job in OUT/jobs.jsonl. Local jobs beyond the
+    parallelism wait here for a free slot (submitit's local executor has no queue of its own)."""
+    work = [(spec, chunk) for spec, cells in plan for chunk in chunks(cells, launch.cells_per_job)]
+    jobs: list[Any] = []
+
+    def record(job, chunk) -> None:
+        entry = {"job": str(job.job_id), "launcher": launch.launcher, "submitted": store.now(),
+                 "host": socket.gethostname(), "cells": [c.key for c in chunk]}
+        if launch.launcher != "slurm":
+            entry["pid"] = int(job.job_id)
+            entry["pid_start"] = _process_start(entry["pid"])
+        with open(out / JOBS, "a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+
+    if launch.launcher == "slurm":
+        with executor.batch():  # one job array
+            pending = [(executor.submit(run_job, asdict(spec), str(out), [c.key for c in chunk], force), chunk)
+                       for spec, chunk in work]
+        for job, chunk in pending:
+            record(job, chunk)
+            jobs.append(job)
+        return jobs
+    slots = local_parallelism(launch, threads)
+    for spec, chunk in work:
+        while sum(not job.done() for job in jobs) >= slots:
+            if on_poll:
+                on_poll()
+            time.sleep(0.5)
+        job = executor.submit(run_job, asdict(spec), str(out), [c.key for c in chunk], force)
+        record(job, chunk)
+        jobs.append(job)
+    return jobs
+
+
+def wait(jobs: list[Any], poll_s: float = 1.0, on_poll: Callable[[], None] | None = None) -> list[str]:
+    """Wait for every job; the failures (a job that raised, was killed or timed out) as lines."""
+    while not all(job.done() for job in jobs):
+        if on_poll:
+            on_poll()
+        time.sleep(poll_s)
+    failures = []
+    for job in jobs:
+        try:
+            job.result()
+        except Exception as exc:  # submitit's FailedJobError / UncompletedJobError
+            text = str(exc).strip().splitlines()
+            failures.append(f"job {job.job_id}: {type(exc).__name__}: {text[-1] if text else ''}")
+    return failures
+
+
+def run_sweep_jobs(sweep, force: bool, argv: list[str] | None, on_start: Callable[[int, int], None],
+                   progress, bar: Callable[[], Any], console) -> list[dict[str, Any]] | None:
+    """Submit the sweep's cells that have no row and no live job (all but the live ones with
+    force) as jobs; unless detached, wait for them and return the sweep's rows."""
+    from bench.provenance import write_run_json
+    from bench.runner import plan, timing_threads
+
+    parts = plan(sweep.parts)  # every part checked before anything is submitted
+    out, launch = sweep.out, sweep.launch
+    threads = timing_threads(parts[0][0])
+    with store.locked(out):
+        executor = make_executor(launch, out, threads)  # no SLURM here: one line, nothing written
+        done = store.latest_by_key(store.read_rows(out))
+        cells = [c for _, part_cells in parts for c in part_cells]
+        write_run_json(out, [s for s, _ in parts], argv, cells,
+                       {"launcher": launch.options(), "config": sweep.source})
+        busy = busy_cells(out)
+        seen: set[str] = set()
+        work = []
+        for spec, part_cells in parts:
+            todo = [c for c in part_cells if (force or c.key not in done) and c.key not in busy
+                    and c.key not in seen]
+            seen.update(c.key for c in part_cells)
+            if todo:
+                work.append((spec, todo))
+        total, queued = len(seen), sum(len(todo) for _, todo in work)
+        live = sorted({busy[k] for k in seen if k in busy})
+        if live:
+            console.print(f"{sum(k in busy for k in seen)} cells are queued or running in live jobs "
+                          f"({', '.join(live)}); not submitted again")
+        on_start(total, total - queued)
+        started = store.now()
+        wanted = {c.key for _, todo in work for c in todo}
+
+        def poll() -> None:
+            rows = store.latest_by_key(store.read_rows(out))
+            finished = sum(1 for k in wanted if k in rows and str(rows[k].get("finished", "")) >= started)
+            progress.update(bar(), completed=total - queued + finished)
+
+        jobs = submit_jobs(executor, work, out, launch, threads, force, poll)
+        if jobs:
+            console.print(f"submitted {len(jobs)} job(s) through {launch.launcher}: "
+                          f"{', '.join(str(j.job_id) for j in jobs[:8])}{' ...' if len(jobs) > 8 else ''}; "
+                          f"logs under {out / JOBS_DIR}")
+        if launch.detach:
+            console.print(f"detached: watch with `python -m bench status {out}`; run the same command "
+                          "again to submit the cells that end without a row")
+            return None
+        failures = wait(jobs, on_poll=poll)
+        poll()
+    for line in failures:
+        console.print(f"[red]{line}[/]")
+    rows = store.latest_by_key(store.read_rows(out))
+    missing = [k for k in wanted if k not in rows or str(rows[k].get("finished", "")) < started]
+    if missing:
+        console.print(f"[yellow]{len(missing)} cell(s) got no row[/] (their job ended before them: killed, "
+                      f"timed out or failed); `python -m bench status {out}` shows them, and the same "
+                      "command reruns them")
+    return list({c.key: rows[c.key] for c in cells if c.key in rows}.values())

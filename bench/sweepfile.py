@@ -1,0 +1,171 @@
+"""Sweeps as data: `python -m bench run --config SWEEP.toml`.
+
+A sweep file holds what the run command's flags hold, under the same names (`timing_cap` or
+`timing-cap`; lists as TOML arrays or comma-separated strings), plus an optional `[launcher]`
+table and optional `[[part]]` tables:
+
+    out = "results/reference/digits-scaling"
+    tasks = ["digits"]
+    targets = ["weights"]
+
+    [[part]]                          # each part is a sweep: the settings above plus its own
+    steps = [10, 20, 50, 100]
+    estimators = ["full", "checkpoint", "adjoint"]
+
+    [[part]]
+    steps = [10, 20]
+    estimators = ["edict", "draft-lv"]
+
+    [launcher]                        # where the cells run (bench/launch.py)
+    name = "slurm"
+    partition = "gpu"
+
+Precedence, lowest first: `SweepSpec`'s defaults (the one place they are written), the file's
+top level, a part, then the flags given on the command line (they apply to every part). Paths in
+the file (`out`, `include`) are relative to the current directory, like the flags'."""
+from __future__ import annotations
+
+import difflib
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from bench.errors import SpecError
+from bench.launch import LaunchSpec
+from bench.options import split_list
+from bench.runner import SweepSpec
+
+# names of the run command's flags (and of a sweep file's keys) that differ from SweepSpec's fields
+RENAMED = {"include": "includes"}
+LIST_FIELDS = {"tasks": str, "estimators": str, "targets": str, "steps": int, "seeds": int, "includes": str}
+SPEC_FIELDS = {f.name: f for f in fields(SweepSpec)}
+LAUNCH_FIELDS = {f.name: f for f in fields(LaunchSpec)}
+RUN_KEYS = {"out"}  # not a cell's identity, not a launcher option
+
+
+def spec_defaults() -> SweepSpec:
+    """The sweep settings nothing overrides: the CLI's help shows these."""
+    return SweepSpec()
+
+
+@dataclass
+class Sweep:
+    """One invocation: its parts (each a SweepSpec), the run folder, and where the cells run."""
+    parts: list[SweepSpec]
+    out: Path | None
+    launch: LaunchSpec = field(default_factory=LaunchSpec)
+    source: str | None = None  # the sweep file, if any
+
+
+def _normalise(key: str) -> str:
+    key = key.replace("-", "_")
+    return RENAMED.get(key, key)
+
+
+def _unknown(where: str, key: str, valid: list[str]) -> SpecError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return SpecError(f"{where}: unknown key {key!r}; {hint}valid: {', '.join(sorted(valid))}")
+
+
+def coerce(name: str, value: Any, where: str) -> Any:
+    """A sweep setting from a file or a flag, checked against SweepSpec's field types."""
+    if name in LIST_FIELDS:
+        kind = LIST_FIELDS[name]
+        items = split_list(value) if isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise SpecError(f"{where}: {name} must be a list or a comma-separated string, got {value!r}")
+        try:
+            return [_one(kind, item) for item in items]
+        except (TypeError, ValueError):
+            raise SpecError(f"{where}: {name} must hold {kind.__name__}s, got {value!r}") from None
+    default = SPEC_FIELDS[name].default
+    if name == "timeout":  # 0 or none: no limit
+        return None if value in (None, 0) else _number(name, value, float, where)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise SpecError(f"{where}: {name} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, (int, float)):
+        return _number(name, value, type(default), where)
+    if not isinstance(value, str):
+        raise SpecError(f"{where}: {name} must be a string, got {value!r}")
+    return value
+
+
+def _one(kind: type, item: Any) -> Any:
+    if kind is int and (isinstance(item, bool) or not isinstance(item, (int, str))):
+        raise TypeError(item)
+    if kind is str and not isinstance(item, str):
+        raise TypeError(item)
+    return kind(item.strip() if isinstance(item, str) else item)
+
+
+def _number(name: str, value: Any, kind: type, where: str) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and isinstance(value, float)):
+        raise SpecError(f"{where}: {name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    return kind(value)
+
+
+def _sweep_settings(table: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(SweepSpec fields, run keys) of one table of a sweep file; anything else is refused."""
+    spec, run = {}, {}
+    valid = [k for k in SPEC_FIELDS if k != "includes"] + ["include"] + sorted(RUN_KEYS)
+    for key, value in table.items():
+        name = _normalise(key)
+        if name in SPEC_FIELDS:
+            spec[name] = coerce(name, value, where)
+        elif name in RUN_KEYS:
+            if not isinstance(value, str) or not value.strip():
+                raise SpecError(f"{where}: {name} must be a folder name, got {value!r}")
+            run[name] = value
+        else:
+            raise _unknown(where, key, valid + ["part", "launcher"])
+    return spec, run
+
+
+def launch_settings(table: Any, where: str) -> dict[str, Any]:
+    """The [launcher] table: `name` (the launcher) and LaunchSpec's options."""
+    if not isinstance(table, dict):
+        raise SpecError(f"{where}: [launcher] must be a table, got {table!r}")
+    out = {}
+    for key, value in table.items():
+        name = _normalise(key)
+        name = "launcher" if name == "name" else name
+        if name not in LAUNCH_FIELDS:
+            raise _unknown(f"{where} [launcher]", key, ["name"] + [k for k in LAUNCH_FIELDS if k != "launcher"])
+        out[name] = value
+    return out
+
+
+def read_file(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    """(shared settings, parts, run keys, launcher settings) of a sweep file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"--config {path}: no such file; give a sweep file (TOML, see README 'Sweeps as data')")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise SpecError(f"--config {path}: not valid TOML ({str(exc).splitlines()[0]})") from None
+    parts_table = data.pop("part", [{}])
+    launcher = launch_settings(data.pop("launcher", {}), str(path))
+    shared, run = _sweep_settings(data, str(path))
+    if not isinstance(parts_table, list) or not all(isinstance(p, dict) for p in parts_table) or not parts_table:
+        raise SpecError(f"{path}: 'part' must be an array of tables ([[part]]), each a sweep's own settings")
+    parts = []
+    for number, table in enumerate(parts_table, 1):
+        spec, extra = _sweep_settings(table, f"{path} part {number}")
+        if extra:
+            raise SpecError(f"{path} part {number}: {', '.join(extra)} belongs at the top level (one per file)")
+        parts.append(spec)
+    return shared, parts, run, launcher
+
+
+def build(config: Path | None, flags: dict[str, Any], launch_flags: dict[str, Any], out: Path | None) -> Sweep:
+    """The sweep of an invocation. `flags` and `launch_flags` hold only the flags given on the
+    command line (already named as SweepSpec's and LaunchSpec's fields)."""
+    shared, parts, run, launcher = read_file(config) if config else ({}, [{}], {}, {})
+    specs = [replace(spec_defaults(), **{**shared, **part, **flags}) for part in parts]
+    folder = out if out is not None else (Path(run["out"]) if "out" in run else None)
+    return Sweep(specs, folder, LaunchSpec.build({**launcher, **launch_flags}), str(config) if config else None)
