@@ -1,7 +1,8 @@
 """python -m bench figures: the papers' figures, redrawn from committed reference results.
 
 Each figure is a small TOML spec in reports/figures/: a title, the kind of figure (one of KINDS
-below), the run folder it reads, the paper's claim, and the kind's options. Each writes
+below), the run folder it reads (`source`), the sweep file that writes that folder (`sweep`,
+`python -m bench run --config`), the paper's claim, and the kind's options. Each writes
 reports/figures/<spec name>.png and .svg, and reports/figures/README.md lists every figure with a
 caption that states the claim and what the suite measured (computed from the rows)."""
 from __future__ import annotations

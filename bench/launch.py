@@ -115,8 +115,8 @@ class Claim:
         self._thread = threading.Thread(target=self._beat, daemon=True)
 
     def hold(self, keys: list[str]) -> None:
-        record = {"job": self.job, "host": socket.gethostname(), "pid": os.getpid(), "cells": keys,
-                  "since": store.now()}
+        record = {"job": self.job, "host": socket.gethostname(), "pid": os.getpid(),
+                  "pid_start": _process_start(os.getpid()), "cells": keys, "since": store.now()}
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         tmp.write_text(json.dumps(record))
         tmp.replace(self.path)
@@ -166,7 +166,8 @@ def run_job(spec_fields: dict[str, Any], out: str, keys: list[str], force: bool 
 # -- the submitting side --------------------------------------------------------------------
 
 def claims(out: Path) -> list[dict[str, Any]]:
-    """The claims of jobs still alive (refreshed within STALE_S), each with its file's age."""
+    """Every claim in the folder, each with its file's age and `stale`: its job no longer runs (on
+    this host: its process has ended; elsewhere: not refreshed within STALE_S)."""
     found = []
     for path in sorted((Path(out) / store.ROWS_DIR).glob("*.claim.json")):
         try:
@@ -176,6 +177,8 @@ def claims(out: Path) -> list[dict[str, Any]]:
             continue
         if isinstance(record, dict):
             record["age_s"], record["stale"] = age, age > STALE_S
+            if record.get("host") == socket.gethostname() and record.get("pid") and record.get("pid_start"):
+                record["stale"] = _process_start(int(record["pid"])) != record["pid_start"]
             found.append(record)
     return found
 
@@ -298,9 +301,13 @@ def submit_jobs(executor, plan: list[tuple[Any, list[Any]]], out: Path, launch: 
             handle.write(json.dumps(entry) + "\n")
 
     if launch.launcher == "slurm":
-        with executor.batch():  # one job array
-            pending = [(executor.submit(run_job, asdict(spec), str(out), [c.key for c in chunk], force), chunk)
-                       for spec, chunk in work]
+        try:
+            with executor.batch():  # one job array
+                pending = [(executor.submit(run_job, asdict(spec), str(out), [c.key for c in chunk], force), chunk)
+                           for spec, chunk in work]
+        except Exception as exc:  # sbatch refused: a bad partition, account, time limit...
+            lines = [line for line in str(exc).splitlines() if line.strip()]
+            raise SpecError(f"sbatch refused the job array: {lines[-1] if lines else type(exc).__name__}") from None
         for job, chunk in pending:
             record(job, chunk)
             jobs.append(job)

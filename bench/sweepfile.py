@@ -79,7 +79,8 @@ def coerce(name: str, value: Any, where: str) -> Any:
         try:
             return [_one(kind, item) for item in items]
         except (TypeError, ValueError):
-            raise SpecError(f"{where}: {name} must hold {kind.__name__}s, got {value!r}") from None
+            what = "integers" if kind is int else "strings"
+            raise SpecError(f"{where}: expected a comma-separated list of {what} (or a TOML array), got {value!r}") from None
     default = SPEC_FIELDS[name].default
     if name == "timeout":  # 0 or none: no limit
         return None if value in (None, 0) else _number(name, value, float, where)
