@@ -313,15 +313,41 @@ def submit_jobs(executor, plan: list[tuple[Any, list[Any]]], out: Path, launch: 
             jobs.append(job)
         return jobs
     slots = local_parallelism(launch, threads)
+    gpus = _local_gpus() if launch.gpus_per_job else []
+    if launch.gpus_per_job:
+        if len(gpus) < launch.gpus_per_job:
+            raise SpecError(f"--gpus-per-job {launch.gpus_per_job}, but this machine shows {len(gpus)} GPU(s)")
+        slots = min(slots, len(gpus) // launch.gpus_per_job)
+    held: dict[int, list[int]] = {}  # job index -> the GPUs it was given
     for spec, chunk in work:
         while sum(not job.done() for job in jobs) >= slots:
             if on_poll:
                 on_poll()
             time.sleep(0.5)
+        if launch.gpus_per_job:  # each running job gets GPUs of its own (CUDA_VISIBLE_DEVICES)
+            busy = {g for index, given in held.items() if not jobs[index].done() for g in given}
+            given = [g for g in gpus if g not in busy][:launch.gpus_per_job]
+            executor.update_parameters(visible_gpus=given)
+            held[len(jobs)] = given
         job = executor.submit(run_job, asdict(spec), str(out), [c.key for c in chunk], force)
         record(job, chunk)
         jobs.append(job)
     return jobs
+
+
+def _local_gpus() -> list[int]:
+    """The GPUs this process may use, as numbers for a job's CUDA_VISIBLE_DEVICES: this process's
+    own CUDA_VISIBLE_DEVICES if set (a job given "0" would otherwise see the machine's GPU 0)."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    visible = [item.strip() for item in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if item.strip()]
+    if not visible:
+        return list(range(count))
+    if not all(item.isdigit() for item in visible):
+        raise SpecError("--gpus-per-job with submitit-local needs CUDA_VISIBLE_DEVICES as numbers, got "
+                        f"{os.environ['CUDA_VISIBLE_DEVICES']!r}")
+    return [int(item) for item in visible][:count]
 
 
 def wait(jobs: list[Any], poll_s: float = 1.0, on_poll: Callable[[], None] | None = None) -> list[str]:

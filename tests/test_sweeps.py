@@ -269,3 +269,38 @@ def test_status_of_a_local_run_and_of_no_run(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "2 cells of the latest sweep" in out and "2 done, 0 failed, 0 running, 0 queued, 0 pending" in out
     _one_line_error(capsys, ["status", str(tmp_path)], "is not a run folder")
+
+
+def test_local_jobs_get_gpus_of_their_own(monkeypatch, tmp_path):
+    """Without a GPU here: a stand-in executor records what each job was given."""
+    import torch
+
+    class Job:
+        def __init__(self):
+            self.job_id, self.finished = str(os.getpid()), False
+
+        def done(self):
+            return self.finished
+
+    given, jobs = [], []
+
+    class Executor:
+        def update_parameters(self, **kw):
+            given.append(kw["visible_gpus"])
+
+        def submit(self, *args):
+            jobs.append(Job())
+            if len(jobs) == 2:
+                jobs[0].finished = True  # the first job ends once the second is submitted
+            return jobs[-1]
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+
+    class Cell:
+        key, point = "k", ("p",)
+
+    spec = launch.LaunchSpec(launcher="submitit-local", gpus_per_job=2, cells_per_job=1)
+    launch.submit_jobs(Executor(), [(SweepSpec(), [Cell(), Cell(), Cell()])], tmp_path, spec, threads=1, force=False)
+    assert given == [[4, 5], [6, 7], [4, 5]]
