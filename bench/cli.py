@@ -130,12 +130,12 @@ def _run_flags(run: argparse.ArgumentParser) -> None:
     jobs.add_argument("--time-min", dest="time_min", type=int, metavar="MINUTES",
                       help=f"time limit of one job (default: {launch.time_min}); a job past it is killed and its "
                            "unfinished cell reruns with the same command")
-    jobs.add_argument("--gpus-per-job", dest="gpus_per_job", type=int, help="GPUs per job (default: 0)")
-    jobs.add_argument("--cpus-per-job", dest="cpus_per_job", type=int,
-                      help="CPU cores per job (default: --threads, 1 on a CPU)")
-    jobs.add_argument("--array-parallelism", dest="array_parallelism", type=int,
+    jobs.add_argument("--gpus-per-job", dest="gpus_per_job", type=int, metavar="N", help="GPUs per job (default: 0)")
+    jobs.add_argument("--cpus-per-job", dest="cpus_per_job", type=int, metavar="N",
+                      help="CPU cores per job (default: --threads if given, else 1 on a CPU and 4 on CUDA)")
+    jobs.add_argument("--array-parallelism", dest="array_parallelism", type=int, metavar="N",
                       help="jobs running at once (default: SLURM's; submitit-local: the cores / cpus per job)")
-    jobs.add_argument("--cells-per-job", dest="cells_per_job", type=int,
+    jobs.add_argument("--cells-per-job", dest="cells_per_job", type=int, metavar="N",
                       help="cells per job (default 0: one point's cells, timed side by side)")
     jobs.add_argument("--sbatch", action="append", metavar="KEY=VALUE",
                       help="an extra sbatch parameter, repeatable (e.g. --sbatch account=mylab --sbatch qos=high)")

@@ -48,7 +48,7 @@ class LaunchSpec:
     partition: str = ""  # SLURM partition ("" : the cluster's default)
     time_min: int = 60  # time limit of one job, minutes
     gpus_per_job: int = 0
-    cpus_per_job: int = 0  # 0: the sweep's --threads (1 on a CPU)
+    cpus_per_job: int = 0  # 0: the sweep's --threads if given, else 1 on a CPU and 4 on CUDA
     array_parallelism: int = 0  # jobs running at once (0: SLURM's array default; locally, the cores / cpus per job)
     cells_per_job: int = 0  # 0: one point's cells per job (timed side by side)
     sbatch: dict[str, Any] = field(default_factory=dict)  # extra sbatch parameters, e.g. {"account": "lab"}
@@ -72,6 +72,16 @@ class LaunchSpec:
             setattr(spec, name, value)
         if spec.launcher not in LAUNCHERS:
             raise SpecError(f"unknown launcher {spec.launcher!r}; valid: {', '.join(LAUNCHERS)}")
+        if spec.launcher != "slurm":
+            given = [name for name in ("partition", "sbatch") if getattr(spec, name)]
+            if given:
+                raise SpecError(f"{given[0]} is an option of --launcher slurm, not {spec.launcher}")
+        if spec.launcher == "local":
+            given = [name for name in ("gpus_per_job", "cpus_per_job", "array_parallelism", "cells_per_job",
+                                       "detach") if getattr(spec, name) != getattr(cls(), name)]
+            if given:
+                raise SpecError(f"{given[0]} is an option of the job launchers (--launcher submitit-local or "
+                                "slurm), not of local")
         if spec.time_min < 1:
             raise SpecError(f"--time-min must be at least 1 minute, got {spec.time_min}")
         return spec
@@ -256,7 +266,7 @@ def make_executor(launch: LaunchSpec, out: Path, threads: int):
         raise SpecError(f"--launcher {launch.launcher} needs submitit (pip install submitit); "
                         "--launcher local runs without it") from None
     folder = out / JOBS_DIR / "%j"
-    cpus = launch.cpus_per_job or threads or 1
+    cpus = launch.cpus_per_job or threads
     if launch.launcher == "slurm":
         missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
         if missing:
@@ -371,11 +381,12 @@ def run_sweep_jobs(sweep, force: bool, argv: list[str] | None, on_start: Callabl
     """Submit the sweep's cells that have no row and no live job (all but the live ones with
     force) as jobs; unless detached, wait for them and return the sweep's rows."""
     from bench.provenance import write_run_json
-    from bench.runner import plan, timing_threads
+    from bench.runner import plan
 
     parts = plan(sweep.parts)  # every part checked before anything is submitted
     out, launch = sweep.out, sweep.launch
-    threads = timing_threads(parts[0][0])
+    first = parts[0][0]
+    threads = first.threads or (1 if first.device == "cpu" else 4)  # cores a job asks for by default
     with store.locked(out):
         executor = make_executor(launch, out, threads)  # no SLURM here: one line, nothing written
         done = store.latest_by_key(store.read_rows(out))

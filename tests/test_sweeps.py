@@ -62,7 +62,7 @@ def test_a_sweep_file_with_parts_and_flags_that_override_it(tmp_path):
         estimators = "checkpoint"
         seeds = [1, 2]
         [launcher]
-        name = "submitit-local"
+        name = "slurm"
         cells_per_job = 2
         sbatch = {{ account = "lab" }}
     """))
@@ -72,8 +72,7 @@ def test_a_sweep_file_with_parts_and_flags_that_override_it(tmp_path):
     assert all(p.targets == ["weights"] and p.tasks == [TOY] and p.timing_cap == 5.0 and p.timeout is None
                for p in sweep.parts)
     assert sweep.out == tmp_path / "out"
-    assert (sweep.launch.launcher, sweep.launch.cells_per_job, sweep.launch.sbatch) == ("submitit-local", 3,
-                                                                                        {"account": "lab"})
+    assert (sweep.launch.launcher, sweep.launch.cells_per_job, sweep.launch.sbatch) == ("slurm", 3, {"account": "lab"})
     assert _sweep(["--config", str(config), "--out", str(tmp_path / "x")]).out == tmp_path / "x"
 
 
@@ -87,6 +86,8 @@ def test_a_sweep_file_with_parts_and_flags_that_override_it(tmp_path):
     ("[launcher]\npartitoin = 'gpu'", "did you mean 'partition'?"),
     ("[launcher]\ntime_min = -3", "time_min must be an integer >= 0"),
     ("steps = [", "not valid TOML"),
+    ("[launcher]\npartition = 'gpu'", "partition is an option of --launcher slurm, not local"),
+    ("[launcher]\ndetach = true", "detach is an option of the job launchers"),
 ])
 def test_a_bad_sweep_file_is_one_line(capsys, tmp_path, text, message):
     config = tmp_path / "bad.toml"
@@ -304,3 +305,9 @@ def test_local_jobs_get_gpus_of_their_own(monkeypatch, tmp_path):
     spec = launch.LaunchSpec(launcher="submitit-local", gpus_per_job=2, cells_per_job=1)
     launch.submit_jobs(Executor(), [(SweepSpec(), [Cell(), Cell(), Cell()])], tmp_path, spec, threads=1, force=False)
     assert given == [[4, 5], [6, 7], [4, 5]]
+
+
+def test_every_reference_sweep_file_reads():
+    for path in sorted((ROOT / "results" / "reference" / "sweeps").glob("*.toml")):
+        sweep = build(path, {}, {}, None)
+        assert sweep.out is not None and sweep.parts, path
