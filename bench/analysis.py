@@ -112,7 +112,10 @@ def curves(frame: pd.DataFrame) -> pd.DataFrame:
             continue
         if not isinstance(seconds, list) or len(seconds) != len(curve):
             seconds = [np.nan] * len(curve)
-        for iteration, (reward, elapsed) in enumerate(zip(curve, seconds)):
+        iterates = row.get("reward_curve_iter")
+        if not isinstance(iterates, list) or len(iterates) != len(curve):
+            iterates = range(len(curve))
+        for iteration, reward, elapsed in zip(iterates, curve, seconds):
             records.append({**{k: row[k] for k in CELL}, "seed": row["seed"], "iteration": iteration,
                             "reward": reward, "seconds": elapsed})
     return pd.DataFrame(records, columns=CELL + ["seed", "iteration", "reward", "seconds"])

@@ -97,6 +97,9 @@ def _run_flags(run: argparse.ArgumentParser) -> None:
     flag("--steps", help=f"sampler step counts N (default: {joined(d.steps)})")
     flag("--seeds", help=f"seeds (default: {joined(d.seeds)})")
     flag("--iters", type=int, help=f"Adam iterations of the short optimisation (default: {d.iters})")
+    flag("--budget", type=float, metavar="SECONDS",
+         help="optimisation seconds per cell (gradients and Adam steps; --iters caps; 0, the default: "
+              "--iters alone): equal-compute comparisons")
     flag("--rounds", type=int, help="clean timed rounds per cell at least (rounds slowed by other load are "
                                     f"repeated; default: {d.rounds})")
     flag("--stable", type=float, metavar="FRACTION",
@@ -256,7 +259,7 @@ def _describe(name: str, console) -> int:
     return 0
 
 
-SWEEP_FLAGS = ("tasks", "estimators", "targets", "steps", "seeds", "iters", "rounds", "stable", "timing_cap",
+SWEEP_FLAGS = ("tasks", "estimators", "targets", "steps", "seeds", "iters", "budget", "rounds", "stable", "timing_cap",
                "threads", "interleave", "baseline", "warmup", "device", "memory", "isolate", "timeout", "include")
 LAUNCH_FLAGS = ("launcher", "partition", "time_min", "gpus_per_job", "cpus_per_job", "array_parallelism",
                 "cells_per_job", "sbatch", "detach")

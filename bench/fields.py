@@ -33,7 +33,8 @@ FIELDS: tuple[Field, ...] = (
     Field("target", "", "what is optimised: `latent`, `cond`, `weights` or `noise`", numeric=False),
     Field("steps", "count", "sampler steps N"),
     Field("seed", "", "seed of the problem (initial latent, noises, adapters) and the estimator's draws"),
-    Field("iters", "count", "Adam iterations of the short optimisation"),
+    Field("iters", "count", "Adam iterations of the short optimisation (at most, with `budget`)"),
+    Field("budget", "s", "`--budget`: optimisation seconds per cell, present when given (part of the key)"),
     Field("device", "", "`cpu`, `cuda` or `cuda:N`", numeric=False),
     Field("sampler", "", "the chain differentiated: the task's sampler (`ddim`, `dpmpp2m`, `flow-euler`, with its options), "
           "or `edict`", numeric=False),
@@ -109,7 +110,12 @@ FIELDS: tuple[Field, ...] = (
     # optimisation and quality
     Field("reward_init", "reward", "mean reward of the sampler's output before the optimisation"),
     Field("reward_final", "reward", "mean reward after it (evaluated outside the timed part)"),
-    Field("reward_curve", "reward", "mean reward at each iterate (iters + 1 points)"),
+    Field("reward_curve", "reward", "mean reward of the N-step chain's samples at each iterate (iters_done + 1 "
+          "points), or at those in `reward_curve_iter`"),
+    Field("reward_curve_iter", "count", "the iterates of `reward_curve` where it is not every one (an estimator "
+          "whose gradient pass samples another chain, e.g. shortcut-model, has the N-step chain evaluated "
+          "apart, untimed, at about 16)"),
+    Field("iters_done", "count", "Adam iterations run: iters, or fewer when `--budget` seconds ran out"),
     Field("reward_curve_s", "s", "optimisation wall-clock to reach each iterate (gradients and Adam steps only)"),
     Field("optim_seconds", "s", "optimisation wall-clock in all"),
     Field("eval_*", "", "the task's evaluation of the optimised sampler, outside the timed part: `eval_reward`; "
@@ -145,7 +151,7 @@ def declared(name: str) -> Field | None:
 
 def numeric_columns() -> list[str]:
     """Numeric scalar fields a frame of rows converts to numbers (patterns and lists excluded)."""
-    lists = {"time_rounds_s", "reward_curve", "reward_curve_s", "phase_s"}
+    lists = {"time_rounds_s", "reward_curve", "reward_curve_s", "reward_curve_iter", "phase_s"}
     return [f.name for f in FIELDS if f.numeric and "*" not in f.name and f.name not in lists]
 
 

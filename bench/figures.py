@@ -248,6 +248,48 @@ def frontier(frame: pd.DataFrame, steps: int, target: str = "weights", cosine: f
     return fig, verdict + "; ".join(parts) + "."
 
 
+@kind("equal_compute")
+def equal_compute(frame: pd.DataFrame, steps: int, budget: float, target: str = "weights",
+                  estimators: list[str] | None = None):
+    """Per task (one per reward): the N-step chain's reward against optimisation seconds for each
+    estimator under the same wall-clock budget (mean over seeds; band: min to max), and the reward
+    each reached within it."""
+    curves = analysis.curves(frame)
+    curves = curves[(curves["target"] == target) & (curves["steps"] == steps)]
+    ok = frame[(frame["status"] == "ok") & (frame["target"] == target) & (frame["steps"] == steps)]
+    if ok.empty:
+        raise SpecError(f"the reference rows have no ok cell on {target} at N={steps}")
+    tasks = list(dict.fromkeys(ok["task"]))
+    specs = estimators or plots.order(ok["estimator"].unique())
+    fig, axes = plt.subplots(1, len(tasks), figsize=(7.5 * len(tasks), 5), squeeze=False)
+    notes = []
+    for ax, task in zip(axes[0], tasks):
+        part = curves[curves["task"] == task]
+        reached = []
+        for spec in specs:
+            lines = part[part["estimator"] == spec]
+            if lines.empty:
+                continue
+            for seed, line in lines.groupby("seed"):
+                ax.plot(line["seconds"], line["reward"], color=plots.colour(spec), alpha=0.85,
+                        marker=plots.marker(spec), markersize=3, label=spec if seed == lines["seed"].min() else None)
+            rows = ok[(ok["task"] == task) & (ok["estimator"] == spec)]
+            reached.append((spec, rows["reward_final"].mean(), rows["reward_init"].mean(), rows["iters_done"].mean(),
+                            rows["optim_seconds"].mean()))
+        ax.axvline(budget, color="#555555", linestyle="--", linewidth=1)
+        ax.set_xlabel("optimisation seconds (gradients and Adam steps)")
+        ax.set_ylabel("mean reward of the N-step chain")
+        ax.set_title(f"{task}, {target}, N = {steps}: budget {budget:g} s")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        reached.sort(key=lambda r: -r[1])
+        notes.append(f"{task}: within {budget:g} s, " + "; ".join(
+            f"{spec} {final:.3f} (from {start:.3f}, {iters:.0f} iterations)" for spec, final, start, iters, _ in reached))
+    seeds = int(ok["seed"].nunique())
+    return fig, f"Reward of the {steps}-step chain after each estimator's budget, mean over {seeds} seed(s): " + \
+        ". ".join(notes) + "."
+
+
 def load_spec(path: Path) -> dict[str, Any]:
     try:
         spec = tomllib.loads(path.read_text())

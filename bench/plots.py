@@ -23,11 +23,13 @@ FAMILY_COLOURS = {
     "full": "#222222", "checkpoint": "#8c8c8c", "adjoint": "#1f77b4", "sdo": "#ff7f0e",
     "truncated": "#2ca02c", "draft-lv": "#17becf", "score-function": "#9467bd",
     "zeroth-order": "#e377c2", "dno": "#8c564b", "edict": "#bcbd22", "torchdiffeq-adjoint": "#d62728",
+    "shortcut-model": "#e6194b",
     "coarse-adjoint": "#e6194b",
 }
 FAMILY_MARKERS = {"full": "o", "checkpoint": "s", "adjoint": "D", "sdo": "^", "truncated": "v",
                   "draft-lv": "P", "score-function": "X", "zeroth-order": "*", "dno": "h",
-                  "edict": "p", "torchdiffeq-adjoint": "d", "coarse-adjoint": ">"}
+                  "edict": "p", "torchdiffeq-adjoint": "d", "coarse-adjoint": ">",
+                  "shortcut-model": "<"}
 _SPARE = [mcolors.to_hex(c) for c in plt.get_cmap("tab20").colors]
 _MARKERS = "o s D ^ v P X * h p d < >".split()
 MIB = 2 ** 20

@@ -30,6 +30,9 @@ class Problem:
     reward_fn: Callable[[Tensor], Tensor]  # x_0 -> per-sample rewards (B,)
     target: str
     leaves: list[Tensor]
+    # the task's distilled few-step student (ShortFT): steps K -> its K-step chain on this problem's
+    # denoiser (trainable leaves shared), or None where the task has none
+    shortcut: Callable[[int], Chain] | None = None
 
     @property
     def num_steps(self) -> int:

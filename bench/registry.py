@@ -116,9 +116,11 @@ ESTIMATORS = Registry(
         "edict": "estimators.edict:EDICT",
         "torchdiffeq-adjoint": "estimators.torchdiffeq_adjoint:TorchdiffeqAdjoint",
         "coarse-adjoint": "estimators.coarse_adjoint:CoarseAdjoint",
+        "shortcut-model": "estimators.shortcut_model:ShortcutModel",
     },
     aliases={"bptt": "full", "draft": "truncated", "alignprop": "truncated", "adjointdpm": "adjoint",
-             "ddpo": "score-function", "doodl": "edict", "spsa": "zeroth-order", "es": "zeroth-order"},
+             "ddpo": "score-function", "doodl": "edict", "spsa": "zeroth-order", "es": "zeroth-order",
+             "shortft": "shortcut-model"},
 )
 
 TASKS = Registry("task", "tasks.base:Task", TASK_GROUP,

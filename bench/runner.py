@@ -69,6 +69,7 @@ class SweepSpec:
     baseline: str = "full"  # the estimator time ratios are taken to
     stable: float = 0.0  # > 0: time until IQR / median <= stable (or the cap)
     timing_cap: float = 0.0  # seconds of timing per point; 0: none (DEFAULT_STABLE_CAP_S with --stable)
+    budget: float = 0.0  # seconds of optimisation per cell (gradients and Adam steps); iters caps; 0: iters only
 
 
 @dataclass
@@ -112,7 +113,7 @@ def resolve(spec: SweepSpec) -> tuple[list[Any], list[Any]]:
                               ("threads", spec.threads, 0)):
         if value < low:
             raise SpecError(f"--{label} must be >= {low}, got {value}")
-    for label, value in (("timeout", spec.timeout), ("timing-cap", spec.timing_cap)):
+    for label, value in (("timeout", spec.timeout), ("timing-cap", spec.timing_cap), ("budget", spec.budget)):
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise SpecError(f"--{label} must be a finite number of seconds >= 0 (0: no limit), got {value}")
     if not (math.isfinite(spec.stable) and 0 <= spec.stable < 1):
@@ -134,6 +135,8 @@ def resolve(spec: SweepSpec) -> tuple[list[Any], list[Any]]:
             task.check_steps(steps)
     for estimator, steps in itertools.product(estimators, spec.steps):
         estimator.check_steps(steps)
+    for estimator, task in itertools.product(estimators, tasks):
+        estimator.check_task(task)
     return tasks, estimators
 
 
@@ -157,6 +160,7 @@ def expand(spec: SweepSpec, tasks: list[Any], estimators: list[Any]) -> list[Cel
             "task_code": task_code[id(task)][0], "task_data": task_code[id(task)][1],
             "estimator": estimator.spec, "estimator_code": estimator_code[id(estimator)],
             "target": target, "steps": steps, "seed": seed, "iters": spec.iters, "device": spec.device,
+            **({"budget": spec.budget} if spec.budget else {}),  # absent when off: earlier keys stay valid
         }
         key = cell_key(identity)
         cells.setdefault(key, Cell(task, estimator, target, steps, seed, key, identity))
@@ -373,29 +377,47 @@ class CellRunner:
                                     if "lo" in ratio else {})})
 
     def _optimise(self, attempt: Attempt):
-        """(row fields, the optimised problem, samples before, samples after) of a short Adam run."""
+        """(row fields, the optimised problem, samples before, samples after) of a short Adam run:
+        `iters` iterations, or fewer once the gradients and steps have taken `budget` seconds."""
         cell, rng = attempt.cell, attempt.rng
         problem = cell.task.make_problem(cell.target, cell.steps, cell.seed)
         optimiser = torch.optim.Adam(problem.leaves, lr=cell.task.learning_rates[cell.target])
-        # curve[i]: mean reward of the chain's own samples at iterate i; seconds[i]: optimisation
-        # wall-clock (gradients and Adam steps, no evaluation) spent to reach iterate i.
-        curve, seconds, elapsed, first_x0 = [], [], 0.0, None
-        for _ in range(self.spec.iters):
+        # curve: mean reward of the N-step chain's samples at iterate iterates[j]; seconds: the
+        # optimisation wall-clock (gradients and Adam steps, no evaluation) spent to reach it. An
+        # estimator whose gradient pass samples another chain (shortcut-model) has the N-step chain
+        # evaluated apart, untimed, at about 16 iterates.
+        own = cell.estimator.samples_long_chain
+        stride = 1 if own else max(1, self.spec.iters // 16)
+        curve, seconds, iterates, elapsed, first_x0, done = [], [], [], 0.0, None, 0
+        while done < self.spec.iters and not (self.spec.budget and elapsed >= self.spec.budget):
+            if not own and done % stride == 0:
+                x0 = cell.estimator.sample(problem)
+                first_x0 = x0 if first_x0 is None else first_x0
+                curve.append(float(problem.reward_fn(x0).mean()))
+                seconds.append(elapsed)
+                iterates.append(done)
             synchronize(self.device)
             start = time.perf_counter()
             outcome_ = cell.estimator(problem, rng)
-            first_x0 = outcome_.x0 if first_x0 is None else first_x0
             if not (math.isfinite(outcome_.loss) and _finite(problem.flat_grad())):
-                raise Diverged(f"non-finite loss or gradient at optimisation iteration {len(curve) + 1}")
+                raise Diverged(f"non-finite loss or gradient at optimisation iteration {done + 1}")
             optimiser.step()
             synchronize(self.device)
-            curve.append(float(outcome_.rewards.mean()))
-            seconds.append(elapsed)
+            if own:
+                first_x0 = outcome_.x0 if first_x0 is None else first_x0
+                curve.append(float(outcome_.rewards.mean()))
+                seconds.append(elapsed)
+                iterates.append(done)
             elapsed += time.perf_counter() - start
+            done += 1
         x0 = cell.estimator.sample(problem)
         curve.append(float(problem.reward_fn(x0).mean()))
         seconds.append(elapsed)
-        fields = {"reward_init": curve[0], "reward_curve": curve, "reward_curve_s": seconds, "optim_seconds": elapsed}
+        iterates.append(done)
+        fields = {"reward_init": curve[0], "reward_curve": curve, "reward_curve_s": seconds, "optim_seconds": elapsed,
+                  "iters_done": done}
+        if iterates != list(range(len(curve))):
+            fields["reward_curve_iter"] = iterates
         return fields, problem, first_x0, x0
 
     def _evaluate(self, attempt: Attempt, problem, x0: torch.Tensor) -> dict[str, Any]:

@@ -64,6 +64,7 @@ class Estimator(Configurable):
     variants: ClassVar[tuple[str, ...]] = ()
     # p if the error to the exact gradient falls like N^-p (checked by the suite); None: no claim.
     convergence_order: ClassVar[float | None] = None
+    samples_long_chain: ClassVar[bool] = True  # False if its gradient pass samples another chain than the task's
     random_counts: ClassVar[bool] = False  # True if call counts depend on random draws (reported, not checked)
 
     def reference_spec(self) -> str:
@@ -77,6 +78,10 @@ class Estimator(Configurable):
 
     def check_steps(self, steps: int) -> None:
         """Raise SpecError if these options cannot run an N-step chain (e.g. k > N)."""
+
+    def check_task(self, task) -> None:
+        """Raise SpecError if these options cannot run on `task` at all (e.g. it lacks a model the
+        estimator needs); cells that merely do not apply are skipped with skip_reason instead."""
 
     def skip_reason(self, problem: Problem) -> str | None:
         """Why this estimator gives no gradient to this problem's target, or None."""

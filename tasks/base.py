@@ -76,6 +76,11 @@ class Task(Configurable):
         """The N-step schedule of the task's sampler on its model's noise table."""
         return self.chosen_sampler().schedule(self.scheduler_config(), steps, self.eta)
 
+    def shortcut_steps(self) -> list[int]:
+        """Step counts K of the distilled few-step students this task ships (ShortFT's
+        `shortcut-model`); none by default."""
+        return []
+
     def check_steps(self, steps: int) -> None:
         """SpecError if the sampler cannot take `steps` steps (more than the model's training steps)."""
         if self.train_timesteps is not None and steps > self.train_timesteps:

@@ -156,5 +156,14 @@ class Toy(Task):
         for p in denoiser.parameters():
             p.requires_grad_(target == "weights")
         leaves = self.leaves_for(target, x_start, cond, noises, denoiser)
-        return Problem(chain=Chain(denoiser, schedule), x_start=x_start, cond=cond, noises=noises,
-                       reward_fn=self.reward_of, target=target, leaves=leaves)
+        problem = Problem(chain=Chain(denoiser, schedule), x_start=x_start, cond=cond, noises=noises,
+                          reward_fn=self.reward_of, target=target, leaves=leaves)
+        if self.eta == 0:  # a stand-in student for shortcut-model: the toy's own model on K steps
+            problem.shortcut = lambda k: Chain(denoiser, self.make_schedule(k), counter=problem.chain.counter)
+        return problem
+
+    def shortcut_steps(self) -> list[int]:
+        """shortcut-model's student here is the toy's exact model on a K-step grid of its sampler:
+        not distilled, so it follows the long chain only as well as K steps do; it exercises the
+        estimator's path (the conformance suite) with a known answer (full at N = K)."""
+        return list(range(1, 65))

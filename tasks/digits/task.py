@@ -25,7 +25,7 @@ from bench.errors import SpecError
 from bench.options import Option, at_least
 from bench.problem import Problem
 from tasks.base import Task, sampler_option
-from tasks.digits import data, metrics, paths
+from tasks.digits import data, metrics, paths, shortcut
 from tasks.digits.classifier import DigitClassifier
 from tasks.digits.model import (FLOW_SCHEDULER_CONFIG, NULL_CLASS, SCHEDULER_CONFIG, TOKENS, WIDTH,
                                  GuidedDenoiser)
@@ -162,8 +162,20 @@ class Digits(Task):
         cond = self.embeddings[self.cls].clone().to(device=self.device, dtype=dtype)
         leaves = self.leaves_for(target, x_start, cond, noises, denoiser)
         schedule = self.make_schedule(steps)
-        return Problem(chain=Chain(denoiser, schedule), x_start=x_start, cond=cond, noises=noises,
-                       reward_fn=self.reward_of, target=target, leaves=leaves)
+        problem = Problem(chain=Chain(denoiser, schedule), x_start=x_start, cond=cond, noises=noises,
+                          reward_fn=self.reward_of, target=target, leaves=leaves)
+        if self._student_applies():
+            problem.shortcut = lambda k: shortcut.student_chain(self, problem, k)
+        return problem
+
+    def shortcut_steps(self) -> list[int]:
+        return shortcut.shipped_steps(self._folder()) if self.model == "epsilon" else []
+
+    def _student_applies(self) -> bool:
+        """The shipped students follow the deterministic DDIM chain of the epsilon model at their
+        guidance (tasks/digits/shortcut.py)."""
+        return (self.model == "epsilon" and self.chosen_sampler().name == "ddim" and self.eta == 0
+                and self.guidance == shortcut.GUIDANCE)
 
     def images(self, problem: Problem, x0: Tensor) -> Tensor:
         return ((x0.detach().float() + 1) / 2).clamp(0, 1)
