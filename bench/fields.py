@@ -114,7 +114,7 @@ FIELDS: tuple[Field, ...] = (
           "points), or at those in `reward_curve_iter`"),
     Field("reward_curve_iter", "count", "the iterates of `reward_curve` where it is not every one (an estimator "
           "whose gradient pass samples another chain, e.g. shortcut-model, has the N-step chain evaluated "
-          "apart, untimed, at about 16)"),
+          "apart, untimed, at 0, 1, 2, 4, 8, ... and every iters // 16-th)"),
     Field("iters_done", "count", "Adam iterations run: iters, or fewer when `--budget` seconds ran out"),
     Field("reward_curve_s", "s", "optimisation wall-clock to reach each iterate (gradients and Adam steps only)"),
     Field("optim_seconds", "s", "optimisation wall-clock in all"),

@@ -385,12 +385,12 @@ class CellRunner:
         # curve: mean reward of the N-step chain's samples at iterate iterates[j]; seconds: the
         # optimisation wall-clock (gradients and Adam steps, no evaluation) spent to reach it. An
         # estimator whose gradient pass samples another chain (shortcut-model) has the N-step chain
-        # evaluated apart, untimed, at about 16 iterates.
+        # evaluated apart, untimed, at iterates 0, 1, 2, 4, 8, ... and every iters // 16-th.
         own = cell.estimator.samples_long_chain
-        stride = 1 if own else max(1, self.spec.iters // 16)
+        stride = max(1, self.spec.iters // 16)
         curve, seconds, iterates, elapsed, first_x0, done = [], [], [], 0.0, None, 0
         while done < self.spec.iters and not (self.spec.budget and elapsed >= self.spec.budget):
-            if not own and done % stride == 0:
+            if not own and (done % stride == 0 or done & (done - 1) == 0):
                 x0 = cell.estimator.sample(problem)
                 first_x0 = x0 if first_x0 is None else first_x0
                 curve.append(float(problem.reward_fn(x0).mean()))
