@@ -425,7 +425,12 @@ def run_sweep_jobs(sweep, force: bool, argv: list[str] | None, on_start: Callabl
             console.print(f"detached: watch with `python -m bench status {out}`; run the same command "
                           "again to submit the cells that end without a row")
             return None
-        failures = wait(jobs, on_poll=poll)
+        try:
+            failures = wait(jobs, on_poll=poll)
+        except KeyboardInterrupt:  # the jobs are not this process's children to stop
+            console.print(f"stopped waiting; the jobs keep running: watch with `python -m bench status {out}`, "
+                          "cancel them with your scheduler (scancel) or by their process ids in jobs.jsonl")
+            return None
         poll()
     for line in failures:
         console.print(f"[red]{line}[/]")

@@ -56,6 +56,9 @@ def status(run_dir: Path) -> dict[str, Any]:
             if cell["key"] in stale:
                 entry["job"] = stale[cell["key"]].get("job")
                 entry["note"] = "interrupted: its job stopped refreshing its claim without writing its row"
+            elif job is not None and job["state"] == "UNKNOWN":
+                entry["job"] = job["job"]
+                entry["note"] = "its job's state is unknown here (no sacct, or another host); no row yet"
             elif job is not None:
                 entry["job"] = job["job"]
                 entry["note"] = f"its job ended ({job['state'].lower()}) without its row"
