@@ -156,6 +156,9 @@ def run_job(spec_fields: dict[str, Any], out: str, keys: list[str], force: bool 
     (_, cells), = plan([spec])
     wanted = set(keys)
     cells = [cell for cell in cells if cell.key in wanted]
+    if len(cells) != len(wanted):  # the code changed after submission: those keys no longer exist
+        print(f"{len(wanted) - len(cells)} of this job's {len(wanted)} cells have other keys with the code as it "
+              "is now; they stay pending and the same command submits them under their new keys", flush=True)
     rows_path = folder / store.ROWS_DIR / f"{job}.jsonl"
     store.repair(rows_path)  # a requeued job (same id) killed mid-write: cut its torn line
     claim = Claim(folder, job)
