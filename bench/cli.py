@@ -276,13 +276,11 @@ def sweep_of(args: argparse.Namespace):
         if value is not None:
             field = "includes" if name == "include" else name
             flags[field] = coerce(field, value, "--" + name.replace("_", "-"))
-    if "includes" in flags:
-        flags["includes"] = [str(Path(p).resolve()) for p in flags["includes"]]
     launch = {name: getattr(args, name) for name in LAUNCH_FLAGS if getattr(args, name) is not None}
     if "sbatch" in launch:
         launch["sbatch"] = parse_sbatch(launch["sbatch"])
     sweep = build(args.config, flags, launch, args.out)
-    for part in sweep.parts:  # a file's include paths are relative to the current directory
+    for part in sweep.parts:  # include paths, the file's and the flags', are relative to the current directory
         part.includes = [str(Path(p).resolve()) for p in part.includes]
     if sweep.out is None:
         sweep.out = Path("results") / _default_name(sweep.parts[0])

@@ -189,9 +189,8 @@ def claims(out: Path) -> list[dict[str, Any]]:
         except (OSError, ValueError):
             continue
         if isinstance(record, dict):
-            record["age_s"], record["stale"] = age, age > STALE_S
-            if record.get("host") == socket.gethostname() and record.get("pid") and record.get("pid_start"):
-                record["stale"] = _process_start(int(record["pid"])) != record["pid_start"]
+            alive = _alive_here(record)
+            record["age_s"], record["stale"] = age, (age > STALE_S) if alive is None else not alive
             found.append(record)
     return found
 
@@ -222,10 +221,16 @@ def job_state(out: Path, record: dict[str, Any]) -> str:
             return submitit.SlurmJob(folder=Path(out) / JOBS_DIR, job_id=str(record["job"])).state
         except Exception:
             return "UNKNOWN"
+    alive = _alive_here(record)
+    return "UNKNOWN" if alive is None else "ALIVE" if alive else "ENDED"
+
+
+def _alive_here(record: dict[str, Any]) -> bool | None:
+    """Whether the process a claim or job record names still runs: known on its own host only
+    (pid and start time, so a reused pid is not it), None elsewhere."""
     if record.get("host") == socket.gethostname() and record.get("pid") and record.get("pid_start"):
-        alive = _process_start(int(record["pid"])) == record.get("pid_start")  # not a reused pid
-        return "ALIVE" if alive else "ENDED"
-    return "UNKNOWN"
+        return _process_start(int(record["pid"])) == record["pid_start"]
+    return None
 
 
 def _process_start(pid: int) -> str | None:

@@ -1,7 +1,7 @@
 """What a task hands an estimator: the chain, its inputs, the reward and the leaves to differentiate."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -33,6 +33,14 @@ class Problem:
     # the task's distilled few-step student (ShortFT): steps K -> its K-step chain on this problem's
     # denoiser (trainable leaves shared), or None where the task has none
     shortcut: Callable[[int], Chain] | None = None
+    _students: dict[int, Chain] = field(default_factory=dict, repr=False)
+
+    def student(self, steps: int) -> Chain:
+        """The task's K-step student chain, built once per problem (loading a student is not part of
+        a gradient)."""
+        if steps not in self._students:
+            self._students[steps] = self.shortcut(steps)
+        return self._students[steps]
 
     @property
     def num_steps(self) -> int:

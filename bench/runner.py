@@ -499,7 +499,9 @@ def run_cells(spec: SweepSpec, out: Path, cells: list[Cell], done: dict[str, dic
     points: dict[tuple, list[Cell]] = {}
     for cell in cells:
         points.setdefault(cell.point, []).append(cell)
-    baseline = ESTIMATORS.create(spec.baseline).spec
+    baseline = ESTIMATORS.create(spec.baseline)
+    timed_beside = spec.interleave and baseline.spec in {ESTIMATORS.create(name).spec for name in spec.estimators}
+    baseline_code = code_hash(type(baseline)) if timed_beside else None
     isolate = spec.isolate == "cell" or (spec.isolate == "auto" and spec.device.startswith("cuda"))
     runner = None if isolate else CellRunner(spec, out)
     try:
@@ -510,7 +512,8 @@ def run_cells(spec: SweepSpec, out: Path, cells: list[Cell], done: dict[str, dic
                     continue
                 if on_point:
                     on_point(waiting)
-                companions = _baseline_companions(spec, point_cells[0], baseline, waiting)
+                companions = (_baseline_companion(point_cells[0], baseline, baseline_code, waiting)
+                              if timed_beside else [])
                 for row in _point_rows(spec, runner, companions, waiting, out, isolate):
                     write(row)
                     done[row["key"]] = row
@@ -519,16 +522,13 @@ def run_cells(spec: SweepSpec, out: Path, cells: list[Cell], done: dict[str, dic
             runner.close()
 
 
-def _baseline_companions(spec: SweepSpec, cell: Cell, baseline: str, waiting: list[Cell]) -> list[Cell]:
-    """The point's baseline cell, to be timed beside `waiting` when the sweep has it but it is not
-    among them (its row exists, or another job runs it)."""
-    if not spec.interleave or any(c.estimator.spec == baseline for c in waiting):
+def _baseline_companion(cell: Cell, baseline: Any, baseline_code: str, waiting: list[Cell]) -> list[Cell]:
+    """The point's baseline cell (of the sweep), to be timed beside `waiting` when it is not among
+    them (its row exists, or another job runs it)."""
+    if any(c.estimator.spec == baseline.spec for c in waiting):
         return []
-    if baseline not in {ESTIMATORS.create(name).spec for name in spec.estimators}:
-        return []
-    estimator = ESTIMATORS.create(spec.baseline)
-    identity = {**cell.identity, "estimator": estimator.spec, "estimator_code": code_hash(type(estimator))}
-    return [Cell(cell.task, estimator, cell.target, cell.steps, cell.seed, cell_key(identity), identity)]
+    identity = {**cell.identity, "estimator": baseline.spec, "estimator_code": baseline_code}
+    return [Cell(cell.task, baseline, cell.target, cell.steps, cell.seed, cell_key(identity), identity)]
 
 
 def _point_rows(spec: SweepSpec, runner: CellRunner | None, companions: list[Cell], waiting: list[Cell],

@@ -49,7 +49,7 @@ class ShortcutModel(Estimator):
         return Cost(nfe_forward=self.steps, nfe_vjp=self.steps, memory="K·A", activations=self.steps)
 
     def estimate(self, problem: Problem, rng: random.Random) -> Estimate:
-        chain = problem.shortcut(self.steps)
+        chain = problem.student(self.steps)
         state = (problem.x_start,)
         for i in range(chain.schedule.num_steps, 0, -1):
             state = chain.advance(state, i, problem.cond)

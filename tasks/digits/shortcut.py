@@ -95,6 +95,11 @@ def _teacher_grid(task, steps: int, segment: int):
     return short, long
 
 
+def _teacher(task) -> GuidedDenoiser:
+    """The digits model with the guidance the students are distilled at."""
+    return GuidedDenoiser(task.unet, task.embeddings[NULL_CLASS], GUIDANCE)
+
+
 @torch.no_grad()
 def trajectories(task, denoiser: nn.Module, steps: int, segment: int, noise: Tensor, cond: Tensor) -> Tensor:
     """The teacher's states at the student's grid points: (K + 1, B, ...), x_N first."""
@@ -109,7 +114,7 @@ def distil(task, steps: int, segment: int = SEGMENT, per_class: int = 128, train
     taken on the student's epsilon, eps* = (x_target - a_i x_i) / b_i, so segments weigh alike)."""
     torch.manual_seed(seed)
     short, _ = _teacher_grid(task, steps, segment)
-    teacher = GuidedDenoiser(task.unet, task.embeddings[NULL_CLASS], GUIDANCE)
+    teacher = _teacher(task)
     labels = torch.arange(10).repeat_interleave(per_class)
     conds = task.embeddings[labels]
     noise = torch.randn(len(labels), 1, 8, 8)
@@ -162,7 +167,7 @@ def check(task, delta: dict[str, Tensor], steps: int, segment: int = SEGMENT, pe
     labels = torch.arange(10).repeat_interleave(per_class)
     noise = torch.randn(len(labels), 1, 8, 8, generator=generator)
     conds = task.embeddings[labels]
-    teacher = GuidedDenoiser(task.unet, task.embeddings[NULL_CLASS], GUIDANCE)
+    teacher = _teacher(task)
     _, long = _teacher_grid(task, steps, segment)
     short = task.make_schedule(steps)
     x_teacher = Chain(teacher, long).sample(noise, conds)
