@@ -9,8 +9,10 @@ from torch import Tensor
 
 from bench.chain import Chain
 
-TARGETS = ("latent", "cond", "weights", "noise")
+TARGETS = ("latent", "cond", "weights", "noise")  # what every task serves
+GATES = "gates"  # DiP-GO's keep/reuse gate logits: tasks with gated denoiser blocks (digits)
 TARGET_HELP = {
+    "gates": "keep/reuse gate logits per (step, block) of a gated denoiser (DiP-GO's pruning search)",
     "latent": "the initial latent x_N (guided generation, adversarial auditing)",
     "noise": "x_N and every injected noise xi_i of the eta > 0 sampler (DNO)",
     "cond": "the conditioning embedding c (textual-inversion-like)",
@@ -34,6 +36,11 @@ class Problem:
     # denoiser (trainable leaves shared), or None where the task has none
     shortcut: Callable[[int], Chain] | None = None
     _students: dict[int, Chain] = field(default_factory=dict, repr=False)
+    # a term of the loss on the leaves themselves (DiP-GO's sparsity on the gates), or None
+    penalty: Callable[[], Tensor] | None = None
+    # why the denoiser must be called along the sampler's grid, N..1 in one pass (a stateful
+    # denoiser: the gates' block cache), or None where any call order is valid
+    in_order_only: str | None = None
 
     def student(self, steps: int) -> Chain:
         """The task's K-step student chain, built once per problem (loading a student is not part of
@@ -47,9 +54,10 @@ class Problem:
         return self.chain.schedule.num_steps
 
     def loss(self, x0: Tensor) -> tuple[Tensor, Tensor]:
-        """(loss, rewards) with loss = -mean(R(x_0))."""
+        """(loss, rewards) with loss = -mean(R(x_0)) (+ the penalty on the leaves, where any)."""
         rewards = self.reward_fn(x0)
-        return -rewards.mean(), rewards
+        loss = -rewards.mean()
+        return (loss + self.penalty() if self.penalty is not None else loss), rewards
 
     def zero_grad(self) -> None:
         for leaf in self.leaves:

@@ -229,7 +229,7 @@ class CellRunner:
         self.baseline = ESTIMATORS.create(spec.baseline).spec
         self.references: dict[tuple, torch.Tensor | None] = {}
         self.initial_quality: dict[tuple, dict[str, Any]] = {}
-        self.floors: dict[str, dict[str, Any]] = {}
+        self.floors: dict[tuple[str, str], dict[str, Any]] = {}
         self.ready_tasks: set[int] = set()
 
     def close(self) -> None:
@@ -281,7 +281,7 @@ class CellRunner:
         if cell.target in ("cond", "weights") and not problem.chain.schedule.effective_steps():
             raise SkipCell("every step of this schedule is an identity step (the denoiser's output "
                            "has weight 0), so cond and weights do not change the samples")
-        reason = cell.estimator.skip_reason(problem)
+        reason = cell.estimator.applies(problem)
         if reason:
             raise SkipCell(reason)
         attempt.problem, attempt.cost = problem, cell.estimator.cost_for(problem)
@@ -431,12 +431,12 @@ class CellRunner:
         if key not in self.initial_quality:
             start = cell.task.make_problem(cell.target, cell.steps, cell.seed)
             self.initial_quality[key] = cell.task.evaluate(start, cell.estimator.sample(start))
-        if cell.task.spec not in self.floors:
-            self.floors[cell.task.spec] = cell.task.quality_floor()
+        if (cell.task.spec, cell.target) not in self.floors:
+            self.floors[cell.task.spec, cell.target] = cell.task.quality_floor(cell.target)
         fields = {"reward_final": metrics["reward"], **{f"eval_{k}": v for k, v in metrics.items()}}
         fields.update({f"eval_{k}_init": v for k, v in self.initial_quality[key].items()})
-        fields.update({f"eval_{k}_floor": v for k, v in self.floors[cell.task.spec].items()})
-        reference = cell.task.quality_reference()
+        fields.update({f"eval_{k}_floor": v for k, v in self.floors[cell.task.spec, cell.target].items()})
+        reference = cell.task.quality_reference(cell.target)
         return {**fields, **({"eval_reference": reference} if reference else {})}
 
     def _save_samples(self, cell: Cell, problem, before, after) -> dict[str, Any]:

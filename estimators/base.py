@@ -10,7 +10,7 @@ from torch import Tensor
 
 from bench.errors import SkipCell
 from bench.options import Configurable, Option
-from bench.problem import Problem
+from bench.problem import GATES, Problem
 
 
 @dataclass
@@ -66,6 +66,9 @@ class Estimator(Configurable):
     convergence_order: ClassVar[float | None] = None
     samples_long_chain: ClassVar[bool] = True  # False if its gradient pass samples another chain than the task's
     random_counts: ClassVar[bool] = False  # True if call counts depend on random draws (reported, not checked)
+    # True if every pass calls the denoiser only on the sampler's grid, N..1 in order, never a step
+    # alone or off the grid: what a stateful denoiser (the gates target's block cache) needs
+    in_order: ClassVar[bool] = False
 
     def reference_spec(self) -> str:
         """An estimator whose gradient is the exact gradient of the chain this one differentiates
@@ -87,6 +90,17 @@ class Estimator(Configurable):
         """Why this estimator gives no gradient to this problem's target, or None."""
         return None
 
+    def applies(self, problem: Problem) -> str | None:
+        """Why this estimator cannot serve this problem (skip_reason, or a denoiser that must run
+        in order where this estimator does not), or None. What the runner asks."""
+        if problem.in_order_only and not self.in_order:
+            from bench.registry import ESTIMATORS
+
+            able = [name for name in ESTIMATORS.names() if ESTIMATORS.get(name).in_order]
+            return (f"{self.name} calls the denoiser out of the sampler's order (a step alone, off the grid, "
+                    f"or another chain), and {problem.in_order_only}; estimators that serve it: {', '.join(able)}")
+        return self.skip_reason(problem)
+
     def cost(self, steps: int, target: str) -> Cost:
         raise NotImplementedError
 
@@ -101,6 +115,12 @@ class Estimator(Configurable):
     def __call__(self, problem: Problem, rng: random.Random) -> Estimate:
         problem.zero_grad()
         return self.estimate(problem, rng)
+
+
+def reached_calls(steps: int, target: str) -> int:
+    """Denoiser outputs a gradient can reach: all N, but N - 1 on the gates target (step N
+    computes every block, so its output depends on no gate)."""
+    return steps - 1 if target == GATES else steps
 
 
 def require_graph(loss: Tensor) -> None:

@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint as recompute_in_backward
 from bench.errors import SpecError
 from bench.options import Option, at_least
 from bench.problem import Problem
-from estimators.base import Cost, Estimate, Estimator, backprop
+from estimators.base import Cost, Estimate, Estimator, backprop, reached_calls
 from estimators.masked_chain import run_masked_chain
 
 
@@ -82,6 +82,7 @@ class Checkpoint(Estimator):
     name = "checkpoint"
     summary = "exact backprop, graph recomputed in backward (per step, in segments, or recursively)"
     exact = True
+    in_order = True
     options = (
         Option("segment", int, 1, "steps per checkpointed segment", check=at_least(1)),
         Option("recursive", bool, False, "binomial checkpointing: O(log N) stored latents"),
@@ -100,11 +101,11 @@ class Checkpoint(Estimator):
     def cost(self, steps: int, target: str) -> Cost:
         if self.recursive:
             depth = recursion_depth(steps)
-            return Cost(nfe_forward=recursive_forwards(steps), nfe_vjp=steps, memory="A + log2(N)·S",
+            return Cost(nfe_forward=recursive_forwards(steps), nfe_vjp=reached_calls(steps, target), memory="A + log2(N)·S",
                         checkpointed_forwards=recursive_forwards(steps),
                         activations=1, latents=depth)
         segments = math.ceil(steps / self.segment)
-        return Cost(nfe_forward=2 * steps, nfe_vjp=steps, checkpointed_forwards=2 * steps,
+        return Cost(nfe_forward=2 * steps, nfe_vjp=reached_calls(steps, target), checkpointed_forwards=2 * steps,
                     memory="A + N·S" if self.segment == 1 else "s·A + (N/s)·S",
                     activations=self.segment, latents=segments)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from estimators.base import Cost, Estimate, Estimator, backprop
+from estimators.base import Cost, Estimate, Estimator, backprop, reached_calls
 from estimators.masked_chain import run_masked_chain
 from bench.problem import Problem
 
@@ -13,9 +13,10 @@ class Full(Estimator):
     name = "full"
     summary = "backprop through all N denoiser calls (exact; memory grows with N)"
     exact = True
+    in_order = True
 
     def cost(self, steps: int, target: str) -> Cost:
-        return Cost(nfe_forward=steps, nfe_vjp=steps, memory="N·A", activations=steps)
+        return Cost(nfe_forward=steps, nfe_vjp=reached_calls(steps, target), memory="N·A", activations=steps)
 
     def estimate(self, problem: Problem, rng: random.Random) -> Estimate:
         x0 = run_masked_chain(problem, keep_graph=lambda i: True, keep_latent_path=True)

@@ -15,13 +15,14 @@ import random
 from bench.errors import SpecError
 from bench.options import Option, at_least
 from bench.problem import Problem
-from estimators.base import Cost, Estimate, Estimator, backprop
+from estimators.base import Cost, Estimate, Estimator, backprop, reached_calls
 from estimators.masked_chain import run_masked_chain
 
 
 class Truncated(Estimator):
     name = "truncated"
     summary = "backprop through the last K steps only (DRaFT-K / AlignProp)"
+    in_order = True
     options = (
         Option("k", int, 1, "number of final steps that keep their graph", check=at_least(1)),
         Option("latent_path", bool, False, "keep the linear latent path through early steps (AlignProp)"),
@@ -67,7 +68,7 @@ class Truncated(Estimator):
 
     def cost_for(self, problem: Problem) -> Cost:
         cost = self.cost(problem.num_steps, problem.target)
-        effective = len(problem.chain.schedule.effective_steps())
+        effective = min(len(problem.chain.schedule.effective_steps()), reached_calls(problem.num_steps, problem.target))
         if cost.nfe_vjp <= effective:
             return cost
         return Cost(nfe_forward=cost.nfe_forward, nfe_vjp=effective, memory=cost.memory, activations=effective)

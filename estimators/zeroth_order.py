@@ -3,7 +3,7 @@ variant; ESTIMATORS.md section 8). No backprop at all: only samplings.
 
     g = -(1/(2 mu n)) sum_j [J(z + mu u_j) - J(z - mu u_j)] u_j,   u_j ~ N(0, I),
 
-with J the mean reward of the sampler's x_0 and z all the target's leaves at once. g is an
+with J the mean reward of the sampler's x_0 (less the problem's penalty on the leaves, if any) and z all the target's leaves at once. g is an
 unbiased estimate of the gradient of the loss of the smoothed objective J_mu(z) = E_u J(z + mu u),
 which tends to the true gradient as mu -> 0 (bias O(mu^2) for smooth J). It needs no
 differentiable reward. Time 2nNF (+ NF for the reward at z), memory of sampling only."""
@@ -31,6 +31,7 @@ class ZerothOrder(Estimator):
         Option("mu", float, 0.01, "smoothing radius (perturbation size)", check=_positive),
     )
     variants = ("n=1", "n=3,mu=0.1")
+    in_order = True
 
     def cost(self, steps: int, target: str) -> Cost:
         return Cost(nfe_forward=(2 * self.n + 1) * steps, nfe_vjp=0, memory="sampling only")
@@ -40,9 +41,9 @@ class ZerothOrder(Estimator):
         chain, leaves = problem.chain, problem.leaves
         generator = torch_generator(rng)
 
-        def mean_reward() -> float:
+        def mean_reward() -> float:  # J = -loss: the mean reward, less the leaves' penalty where any
             x0 = chain.sample(problem.x_start, problem.cond, problem.noises)
-            return float(problem.reward_fn(x0).mean())
+            return -float(problem.loss(x0)[0])
 
         grads = [torch.zeros_like(leaf) for leaf in leaves]
         for _ in range(self.n):

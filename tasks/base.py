@@ -9,7 +9,7 @@ import torch
 from bench.chain import Schedule
 from bench.errors import SpecError
 from bench.options import Configurable, Option
-from bench.problem import TARGETS, Problem
+from bench.problem import GATES, TARGETS, Problem
 
 DEFAULT_SAMPLERS = {"epsilon": "ddim", "flow": "flow-euler"}
 
@@ -94,6 +94,13 @@ class Task(Configurable):
 
     def check_target(self, target: str) -> None:
         """SpecError unless this task can build problems for `target`."""
+        if target == GATES and target not in self.targets:
+            from bench.registry import TASKS
+
+            gated = [name for name in TASKS.names() if GATES in TASKS.get(name).targets]
+            raise SpecError(f"target 'gates' needs a task with gated denoiser blocks (DiP-GO); task {self.spec} "
+                            f"has none; tasks with gates: {', '.join(gated) or 'none'}; its targets: "
+                            f"{', '.join(self.targets)}")
         if target not in self.targets:
             raise SpecError(f"unknown target {target!r} for task {self.spec}; valid: {', '.join(self.targets)}")
         if target == "noise" and not self.eta > 0:
@@ -121,11 +128,11 @@ class Task(Configurable):
         None where samples are not images (the toy)."""
         return None
 
-    def quality_reference(self) -> str | None:
+    def quality_reference(self, target: str | None = None) -> str | None:
         """What the quality metrics compare samples with (a row's `eval_reference`), or None."""
         return None
 
-    def quality_floor(self) -> dict[str, float]:
+    def quality_floor(self, target: str | None = None) -> dict[str, float]:
         """Metrics of real images against real images (`eval_<name>_floor`), computed once per
         sweep: the best value samples could reach. Empty where the task has no real images."""
         return {}

@@ -23,13 +23,14 @@ from torch import Tensor
 from bench.chain import Chain
 from bench.errors import SpecError
 from bench.options import Option, at_least
-from bench.problem import Problem
+from bench.problem import GATES, TARGETS, Problem
 from tasks.base import Task, sampler_option
-from tasks.digits import data, metrics, paths, shortcut
+from tasks.digits import data, gates, metrics, paths, shortcut
 from tasks.digits.classifier import DigitClassifier
 from tasks.digits.model import (FLOW_SCHEDULER_CONFIG, NULL_CLASS, SCHEDULER_CONFIG, TOKENS, WIDTH,
                                  GuidedDenoiser)
 
+STATIC_RESULTS: dict[tuple, dict[str, float]] = {}  # the gates' static baselines, per task and N
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
 
 
@@ -39,6 +40,10 @@ def _digit(value: int) -> str | None:
 
 def _positive(value: float) -> str | None:
     return None if value > 0 else "must be > 0"
+
+
+def _fraction(value: float) -> str | None:
+    return None if 0 < value <= 1 else "must be in (0, 1]"
 
 
 class Digits(Task):
@@ -64,7 +69,15 @@ class Digits(Task):
         Option("model", str, "epsilon", "epsilon: the DDPM noise-prediction U-Net; flow: the "
                "rectified-flow velocity U-Net (same architecture and data)", choices=("epsilon", "flow")),
         sampler_option(),
+        Option("gate_keep", float, 0.5, "gates target: the fraction of the unpruned sampler's operations "
+               "the sparsity term allows for free", check=_fraction),
+        Option("gate_sparsity", float, 1.0, "gates target: the sparsity term's weight", check=at_least(0.0)),
+        Option("gate_init", float, 1.0, "gates target: the mean initial gate logit (> 0: computed)"),
+        Option("gate_spread", float, 1.0, "gates target: the standard deviation of the initial logits "
+               "around gate_init (seeded; 0: all equal, where the consistency term has no gradient)",
+               check=at_least(0.0)),
     )
+    targets = (*TARGETS, GATES)
 
     train_timesteps = SCHEDULER_CONFIG["num_train_timesteps"]
 
@@ -91,7 +104,8 @@ class Digits(Task):
 
     @property
     def learning_rates(self) -> dict[str, float]:
-        return {"latent": 0.05, "cond": 0.05, "noise": 0.05, "weights": 3e-3 if self.tune == "lora" else 1e-4}
+        return {"latent": 0.05, "cond": 0.05, "noise": 0.05, "weights": 3e-3 if self.tune == "lora" else 1e-4,
+                GATES: 0.1}
 
     def setup(self, device: torch.device) -> None:
         super().setup(device)
@@ -110,6 +124,7 @@ class Digits(Task):
         self.classifier.eval().requires_grad_(False)
         self.held_out, self.held_out_labels = data.split("held_out")
         self._classifiers: dict[torch.dtype, DigitClassifier] = {}
+        self._flops: dict[str, float] | None = None
 
     @staticmethod
     def _train_and_cache(model: str):
@@ -152,6 +167,8 @@ class Digits(Task):
                      dtype: torch.dtype | None = None) -> Problem:
         self.check_target(target)
         dtype = dtype or self.dtype
+        if target == GATES:
+            return self._gate_problem(steps, seed, dtype)
         denoiser = self.denoiser(target, dtype, seed)
         generator = torch.Generator().manual_seed(seed)
         x_start = torch.randn(self.batch, 1, 8, 8, generator=generator).to(device=self.device, dtype=dtype)
@@ -168,6 +185,37 @@ class Digits(Task):
             problem.shortcut = lambda k: shortcut.student_chain(self, problem, k)
         return problem
 
+    def _gate_problem(self, steps: int, seed: int, dtype: torch.dtype) -> Problem:
+        """DiP-GO's search (tasks/digits/gates.py): gate logits per (step, block) of a frozen U-Net;
+        reward: consistency, -(mean squared distance of x_0 to the unpruned sampler's x_0 from the
+        same noise); penalty: sparsity on the gates' operations fraction above gate_keep."""
+        if steps < 2:
+            raise SpecError("the gates target needs N >= 2 steps: step N computes every block, so at N = 1 "
+                            "there is nothing to gate")
+        problem = self.make_problem("latent", steps, seed, dtype)
+        problem.x_start.requires_grad_(False)
+        with torch.no_grad():
+            unpruned = problem.chain.sample(problem.x_start, problem.cond, problem.noises)
+        generator = torch.Generator().manual_seed(seed)
+        logits = self.gate_init + self.gate_spread * torch.randn(steps - 1, len(gates.BLOCKS), generator=generator)
+        logits = logits.to(device=self.device, dtype=dtype).requires_grad_(True)
+        denoiser = problem.chain.denoiser
+        denoiser.unet = gates.GatedUNet(denoiser.unet, gates.model_times(problem.chain.schedule), logits)
+        flops, settings = self.block_flops(), gates.GateSettings(self.gate_keep, self.gate_sparsity)
+        problem.chain.counter.reset()
+        problem.target, problem.leaves = GATES, [logits]
+        problem.reward_fn = lambda x: -((x - unpruned) ** 2).mean(dim=(1, 2, 3))
+        problem.penalty = lambda: settings.penalty(logits, flops)
+        problem.in_order_only = "the gates target's denoiser reuses block outputs of the previous step"
+        problem.shortcut = None
+        return problem
+
+    def block_flops(self) -> dict[str, float]:
+        """Operations of each gated block of one guided call (gates.block_flops), counted once."""
+        if self._flops is None:
+            self._flops = gates.block_flops(self.unet, self.embeddings[self.cls])
+        return self._flops
+
     def shortcut_steps(self) -> list[int]:
         return shortcut.shipped_steps(self._folder()) if self.model == "epsilon" else []
 
@@ -180,22 +228,30 @@ class Digits(Task):
     def images(self, problem: Problem, x0: Tensor) -> Tensor:
         return ((x0.detach().float() + 1) / 2).clamp(0, 1)
 
-    def _reference_images(self) -> Tensor:
-        """What FID and KID compare samples with: the held-out digits of the class the reward asks
-        for where it names one (classify, decision), else every held-out digit."""
-        if self.reward in ("classify", "decision"):
-            return self.held_out[self.held_out_labels == self.digit]
-        return self.held_out
+    def _reference_class(self, target: str | None) -> int | None:
+        """The class samples should show: the conditioning class for the gates target (the pruned
+        sampler should draw what the unpruned one draws), the reward's class for classify and
+        decision, else none (every class)."""
+        if target == GATES:
+            return self.cls
+        return self.digit if self.reward in ("classify", "decision") else None
 
-    def quality_reference(self) -> str:
-        which = f"class {self.digit}" if self.reward in ("classify", "decision") else "every class"
-        return f"held-out digits of {which} ({len(self._reference_images())} images)"
+    def _reference_images(self, target: str | None = None) -> Tensor:
+        """What FID and KID compare samples with: the held-out digits of `_reference_class`, or
+        every held-out digit."""
+        cls = self._reference_class(target)
+        return self.held_out if cls is None else self.held_out[self.held_out_labels == cls]
+
+    def quality_reference(self, target: str | None = None) -> str:
+        cls = self._reference_class(target)
+        which = "every class" if cls is None else f"class {cls}"
+        return f"held-out digits of {which} ({len(self._reference_images(target))} images)"
 
     @torch.no_grad()
-    def quality_floor(self) -> dict[str, float]:
+    def quality_floor(self, target: str | None = None) -> dict[str, float]:
         """FID and KID between two halves of the reference images: what a perfect sampler would
         score at that sample size (FID is biased upward at small sizes; KID is not)."""
-        reals = self._reference_images()
+        reals = self._reference_images(target)
         order = torch.randperm(len(reals), generator=torch.Generator().manual_seed(0))
         half = len(reals) // 2
         first, second = reals[order[:half]], reals[order[half:2 * half]]
@@ -208,13 +264,12 @@ class Digits(Task):
         """Reward of the problem's own samples; FID, KID, accuracy and diversity on fresh samples
         where the optimised quantity allows drawing more (cond, weights), else on the batch itself
         (latent, noise). FID and KID compare with `_reference_images`."""
+        if problem.target == GATES:
+            return self._evaluate_gates(problem, x0)
         rewards = self.reward_of(x0)
         samples = x0
         if problem.target in ("cond", "weights"):
-            generator = torch.Generator().manual_seed(10_000)
-            fresh = torch.randn(self.fid_samples, 1, 8, 8, generator=generator).to(x0)
-            noises = None if problem.noises is None else [
-                torch.randn(fresh.shape, generator=generator).to(x0) for _ in problem.noises]
+            fresh, noises = self._fresh(problem, x0)
             samples = problem.chain.sample(fresh, problem.cond, noises)
         classifier = self.classifier_in(torch.float32)
         reals = self._reference_images().to(self.device)
@@ -230,3 +285,39 @@ class Digits(Task):
         if value is not None:
             result["clean_fid"] = value
         return {k: v for k, v in result.items() if not (isinstance(v, float) and math.isnan(v))}
+
+    def _fresh(self, problem: Problem, like: Tensor) -> tuple[Tensor, list[Tensor] | None]:
+        """fid_samples fresh initial latents (and injected noises), the same for every evaluation."""
+        generator = torch.Generator().manual_seed(10_000)
+        fresh = torch.randn(self.fid_samples, 1, 8, 8, generator=generator).to(like)
+        noises = None if problem.noises is None else [
+            torch.randn(fresh.shape, generator=generator).to(like) for _ in problem.noises]
+        return fresh, noises
+
+    @torch.no_grad()
+    def _evaluate_gates(self, problem: Problem, x0: Tensor) -> dict[str, float]:
+        """The searched gates deployed (closed blocks skipped) on fid_samples fresh samples: speed-up
+        over the unpruned sampler (wall-clock, operations, block calls) and quality (accuracy for the
+        conditioning class, digits-FID, distance to the unpruned samples); the static baselines
+        (gates.STATIC) beside, measured once per step count."""
+        chain, logits = problem.chain, problem.leaves[0]
+        fresh, noises = self._fresh(problem, x0)
+        classifier = self.classifier_in(torch.float32)
+        reals = self._reference_images(GATES).to(self.device)
+
+        def quality(samples: Tensor, unpruned: Tensor) -> dict[str, float]:
+            return {"accuracy": metrics.class_accuracy(classifier, samples, self.cls),
+                    "fid": metrics.digits_fid(classifier, samples, reals),
+                    "consistency_mse": float(((samples - unpruned) ** 2).mean())}
+
+        measure = dict(unet=chain.denoiser.unet.unet, denoiser=chain.denoiser, chain=chain, fresh=fresh,
+                       cond=problem.cond, noises=noises, quality=quality, flops=self.block_flops(),
+                       device=self.device, threads=torch.get_num_threads())
+        found = gates.evaluate_patterns({"pruned": gates.hard_pattern(logits)}, **measure)
+        # the baselines do not depend on the gate options: measured once per sweep for the rest
+        key = (self.data_fingerprint(), *sorted((k, v) for k, v in self.values.items() if not k.startswith("gate_")),
+               problem.num_steps, str(x0.dtype))
+        if key not in STATIC_RESULTS:
+            STATIC_RESULTS[key] = gates.evaluate_patterns(gates.static_patterns(problem.num_steps), **measure)
+        static = {k: v for k, v in STATIC_RESULTS[key].items() if not k.startswith("unpruned_")}
+        return {"reward": float(problem.reward_fn(x0).mean()), **found, **static}
