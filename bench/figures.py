@@ -302,6 +302,85 @@ def equal_compute(frame: pd.DataFrame, steps: int, budget: float, target: str = 
                  "at iterates 0, 1, 2, 4, 8, ... and every iters/16-th, so its crossing time is coarser). " + ". ".join(notes) + ".")
 
 
+@kind("pruning")
+def pruning(frame: pd.DataFrame, steps: int, speedup: float = 1.5, accuracy_drop: float = 0.02,
+            statics: tuple[str, ...] = ("deepcache", "reuse")):
+    """DiP-GO's result: each searched gate pattern (a row: estimator and gate_keep) deployed, its
+    wall-clock speed-up over the unpruned sampler against its classifier accuracy, digits-FID and
+    distance to the unpruned samples, beside the static baselines (every k-th step computed), with
+    the target region (at least `speedup` times faster, accuracy within `accuracy_drop`)."""
+    ok = frame[(frame["status"] == "ok") & (frame["target"] == "gates") & (frame["steps"] == steps)]
+    if ok.empty:
+        raise SpecError(f"the reference rows have no ok cell on gates at N={steps}")
+    first = ok.iloc[0]
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.2))
+    panels = (("accuracy", "classifier accuracy (conditioning class), %", 100.0, False),
+              ("fid", "digits-FID to held-out digits of that class", 1.0, False),
+              ("consistency_mse", "mean squared distance to the unpruned samples", 1.0, True))
+    unpruned_accuracy = float(ok["eval_unpruned_accuracy"].mean())
+    for ax, (metric, label, scale, log) in zip(axes, panels):
+        for name, style_ in zip(statics, ("s--", "^:")):
+            ks = sorted(int(c[len(name) + len("eval_"):-len("_speedup")]) for c in ok.columns
+                        if c.startswith(f"eval_{name}") and c.endswith("_speedup")
+                        and c[len(name) + len("eval_"):-len("_speedup")].isdigit())
+            xs = [float(first[f"eval_{name}{k}_speedup"]) for k in ks]
+            ys = [float(first[f"eval_{name}{k}_{metric}"]) * scale for k in ks]
+            ax.plot(xs, ys, style_, color="#777777" if name == "deepcache" else "#bbbbbb", markersize=7,
+                    label=f"static: {'DeepCache-like' if name == 'deepcache' else 'reuse the output'}, every k-th step")
+            for k, x, y in zip(ks, xs, ys):
+                ax.annotate(f"k={k}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color="#555555")
+        if metric != "consistency_mse":
+            ax.plot([1.0], [float(ok[f"eval_unpruned_{metric}"].mean()) * scale], "k*", markersize=12,
+                    label="unpruned")
+        for _, r in ok.iterrows():
+            keep = _task_value(r["task"], "gate_keep", 0.5)
+            ax.plot([r["eval_pruned_speedup"]], [r[f"eval_pruned_{metric}"] * scale], plots.marker(r["estimator"]),
+                    color=plots.colour(r["estimator"]), markersize=9, markeredgecolor="black", markeredgewidth=0.6,
+                    label=f"searched: {r['estimator']}, keep {keep:g}")
+        if metric == "accuracy":
+            ax.axhspan((unpruned_accuracy - accuracy_drop) * 100, 100.5, color="#3cb44b", alpha=0.08)
+        ax.axvline(speedup, color="#e6194b", linestyle="--", linewidth=0.8)
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel("wall-clock speed-up over the unpruned sampler (×)")
+        ax.set_ylabel(label)
+        ax.set_title(f"N = {steps}: {metric.replace('_', ' ')}")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_title(f"N = {steps}: accuracy (band: within {accuracy_drop * 100:g} points; line: {speedup:g}×)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    fig.legend(unique.values(), unique.keys(), loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.12, 1, 0.94))
+    parts, hits = [], []
+    for _, r in ok.sort_values("eval_pruned_speedup").iterrows():
+        keep = _task_value(r["task"], "gate_keep", 0.5)
+        drop = unpruned_accuracy - r["eval_pruned_accuracy"]
+        if r["eval_pruned_speedup"] >= speedup and drop <= accuracy_drop:
+            hits.append(f"{r['estimator']} (keep {keep:g})")
+        parts.append(f"{r['estimator']}, keep {keep:g}: {r['eval_pruned_speedup']:.2f}× wall-clock "
+                     f"({r['eval_pruned_flops_fraction']:.2f} of the operations, {r['eval_pruned_block_fraction']:.2f} "
+                     f"of the block calls), accuracy {r['eval_pruned_accuracy'] * 100:.1f} %, FID "
+                     f"{r['eval_pruned_fid']:.1f}, distance {r['eval_pruned_consistency_mse']:.4f} after "
+                     f"{r['iters_done']:.0f} search steps")
+    base = [f"{name}{k}: {first[f'eval_{name}{k}_speedup']:.2f}×, {first[f'eval_{name}{k}_accuracy'] * 100:.1f} %, "
+            f"FID {first[f'eval_{name}{k}_fid']:.1f}, distance {first[f'eval_{name}{k}_consistency_mse']:.4f}"
+            for name in statics for k in range(2, steps)
+            if f"eval_{name}{k}_speedup" in first and pd.notna(first[f"eval_{name}{k}_speedup"])]
+    samples = int(_task_value(first["task"], "fid_samples", 64))
+    return fig, (f"Unpruned at N = {steps}: accuracy {unpruned_accuracy * 100:.1f} %, FID "
+                 f"{ok['eval_unpruned_fid'].mean():.1f} ({samples} fresh samples; the timed pass draws "
+                 f"{min(samples, 64)}, {int(first['threads'])} thread(s)). At least {speedup:g}× faster with accuracy "
+                 f"within {accuracy_drop * 100:g} points: {', '.join(hits) or 'none of the searched patterns'}. "
+                 "Searched: " + "; ".join(parts) + ". Static: " + "; ".join(base) + ".")
+
+
+def _task_value(task: str, option: str, default: float) -> float:
+    """An option's value in a task spec ('digits[gate_keep=0.3]'), else its default."""
+    from bench.options import parse_spec
+
+    return float(parse_spec(task)[1].get(option, default))
+
+
 def load_spec(path: Path) -> dict[str, Any]:
     try:
         spec = tomllib.loads(path.read_text())

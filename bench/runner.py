@@ -133,6 +133,8 @@ def resolve(spec: SweepSpec) -> tuple[list[Any], list[Any]]:
             task.check_target(target)
         for steps in spec.steps:
             task.check_steps(steps)
+        for target, steps in itertools.product(spec.targets, spec.steps):
+            task.check_point(target, steps)
     for estimator, steps in itertools.product(estimators, spec.steps):
         estimator.check_steps(steps)
     for estimator, task in itertools.product(estimators, tasks):

@@ -106,6 +106,12 @@ class Task(Configurable):
         if target == "noise" and not self.eta > 0:
             raise SpecError(f"target 'noise' needs a stochastic sampler: set eta > 0, e.g. {self.name}[eta=1.0]")
 
+    def check_point(self, target: str, steps: int) -> None:
+        """SpecError if `target` cannot be built at `steps` steps (after check_target, check_steps)."""
+        if target == GATES and steps < 2:
+            raise SpecError(f"target 'gates' needs N >= 2 steps, got {steps}: step N computes every block, so "
+                            "at N = 1 there is nothing to gate")
+
     def leaves_for(self, target: str, x_start, cond, noises, denoiser) -> list:
         """The tensors an estimator differentiates for `target` (made to require grad)."""
         leaves = {"latent": [x_start], "cond": [cond], "noise": [x_start, *(noises or [])],

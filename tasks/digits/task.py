@@ -189,9 +189,7 @@ class Digits(Task):
         """DiP-GO's search (tasks/digits/gates.py): gate logits per (step, block) of a frozen U-Net;
         reward: consistency, -(mean squared distance of x_0 to the unpruned sampler's x_0 from the
         same noise); penalty: sparsity on the gates' operations fraction above gate_keep."""
-        if steps < 2:
-            raise SpecError("the gates target needs N >= 2 steps: step N computes every block, so at N = 1 "
-                            "there is nothing to gate")
+        self.check_point(GATES, steps)
         problem = self.make_problem("latent", steps, seed, dtype)
         problem.x_start.requires_grad_(False)
         with torch.no_grad():
