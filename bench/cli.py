@@ -93,7 +93,8 @@ def _run_flags(run: argparse.ArgumentParser) -> None:
     flag = run.add_argument
     flag("--tasks", help=f"comma-separated task specs (default: {joined(d.tasks)})")
     flag("--estimators", help=f"comma-separated estimator specs name[k=v,...] (default: {joined(d.estimators)})")
-    flag("--targets", help=f"latent, cond, weights, noise (needs eta > 0) (default: {joined(d.targets)})")
+    flag("--targets", help=f"latent, cond, weights, noise (needs eta > 0), gates (digits: DiP-GO's "
+         f"block gates) (default: {joined(d.targets)})")
     flag("--steps", help=f"sampler step counts N (default: {joined(d.steps)})")
     flag("--seeds", help=f"seeds (default: {joined(d.seeds)})")
     flag("--iters", type=int, help=f"Adam iterations of the short optimisation (default: {d.iters})")

@@ -30,7 +30,7 @@ FIELDS: tuple[Field, ...] = (
     Field("estimator", "", "estimator spec, e.g. `truncated[k=2]`", numeric=False),
     Field("estimator_code", "", "hash of the code the estimator imports", numeric=False),
     Field("options", "", "every option value of the estimator, defaults included", numeric=False),
-    Field("target", "", "what is optimised: `latent`, `cond`, `weights` or `noise`", numeric=False),
+    Field("target", "", "what is optimised: `latent`, `cond`, `weights`, `noise` or `gates`", numeric=False),
     Field("steps", "count", "sampler steps N"),
     Field("seed", "", "seed of the problem (initial latent, noises, adapters) and the estimator's draws"),
     Field("iters", "count", "Adam iterations of the short optimisation (at most, with `budget`)"),
@@ -121,7 +121,10 @@ FIELDS: tuple[Field, ...] = (
     Field("eval_*", "", "the task's evaluation of the optimised sampler, outside the timed part: `eval_reward`; "
           "on `digits` also `eval_fid`, `eval_kid` (class-matched where the reward names a class), "
           "`eval_fid_samples`, `eval_accuracy`, `eval_diversity` (and `eval_clean_fid` with local Inception "
-          "weights)"),
+          "weights); on the `gates` target the deployed pruned sampler: `eval_pruned_<m>`, the static "
+          "baselines `eval_deepcache<k>_<m>` and `eval_reuse<k>_<m>`, and `eval_unpruned_<m>`, with m in "
+          "speedup (the unpruned pass's wall-clock over its own), time_s, flops_fraction, block_fraction, "
+          "accuracy (conditioning class), fid, consistency_mse (to the unpruned samples)"),
     Field("eval_*_init", "", "the same metric of the unoptimised sampler at the same point: the baseline"),
     Field("eval_*_floor", "", "the metric between two halves of the real reference images (FID, KID): the "
           "best value samples could reach at that sample size"),

@@ -319,38 +319,50 @@ def pruning(frame: pd.DataFrame, steps: int, speedup: float = 1.5, accuracy_drop
               ("consistency_mse", "mean squared distance to the unpruned samples", 1.0, True))
     unpruned_accuracy = float(ok["eval_unpruned_accuracy"].mean())
     for ax, (metric, label, scale, log) in zip(axes, panels):
+        shown = []  # the values the axis is scaled to: baselines, unpruned, searched within reach
         for name, style_ in zip(statics, ("s--", "^:")):
-            ks = sorted(int(c[len(name) + len("eval_"):-len("_speedup")]) for c in ok.columns
-                        if c.startswith(f"eval_{name}") and c.endswith("_speedup")
-                        and c[len(name) + len("eval_"):-len("_speedup")].isdigit())
+            ks = _static_intervals(ok.columns, name)
             xs = [float(first[f"eval_{name}{k}_speedup"]) for k in ks]
             ys = [float(first[f"eval_{name}{k}_{metric}"]) * scale for k in ks]
+            shown += ys
             ax.plot(xs, ys, style_, color="#777777" if name == "deepcache" else "#bbbbbb", markersize=7,
-                    label=f"static: {'DeepCache-like' if name == 'deepcache' else 'reuse the output'}, every k-th step")
+                    label=f"static: {'DeepCache-like' if name == 'deepcache' else 'reuse the whole output'}, "
+                          "every k-th step computed")
             for k, x, y in zip(ks, xs, ys):
-                ax.annotate(f"k={k}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color="#555555")
+                ax.annotate(f"k={k}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7, color="#555555")
         if metric != "consistency_mse":
-            ax.plot([1.0], [float(ok[f"eval_unpruned_{metric}"].mean()) * scale], "k*", markersize=12,
-                    label="unpruned")
+            shown.append(float(ok[f"eval_unpruned_{metric}"].mean()) * scale)
+            ax.plot([1.0], [shown[-1]], "k*", markersize=12, label="unpruned")
+        low, high = min(shown), max(shown)
+        if log:
+            low, high = low / 2, high * 2
+        else:
+            pad = 0.15 * (high - low) if high > low else 1.0
+            low, high = low - pad, high + pad
         for _, r in ok.iterrows():
             keep = _task_value(r["task"], "gate_keep", 0.5)
-            ax.plot([r["eval_pruned_speedup"]], [r[f"eval_pruned_{metric}"] * scale], plots.marker(r["estimator"]),
-                    color=plots.colour(r["estimator"]), markersize=9, markeredgecolor="black", markeredgewidth=0.6,
-                    label=f"searched: {r['estimator']}, keep {keep:g}")
-        if metric == "accuracy":
-            ax.axhspan((unpruned_accuracy - accuracy_drop) * 100, 100.5, color="#3cb44b", alpha=0.08)
-        ax.axvline(speedup, color="#e6194b", linestyle="--", linewidth=0.8)
+            x, y = float(r["eval_pruned_speedup"]), float(r[f"eval_pruned_{metric}"]) * scale
+            drawn = min(max(y, low), high)  # a point off the scale sits on its edge, with its value
+            ax.plot([x], [drawn], plots.marker(r["estimator"]), color=plots.colour(r["estimator"]), markersize=9,
+                    markeredgecolor="black", markeredgewidth=0.6, label=f"searched with {r['estimator']}")
+            note = f"keep {keep:g}" + ("" if drawn == y else f": {y:.3g} (off the scale)")
+            ax.annotate(note, (x, drawn), textcoords="offset points", xytext=(5, 4), fontsize=7,
+                        color=plots.colour(r["estimator"]))
         if log:
-            ax.set_yscale("log")
+            plots.plain_log(ax, "y")
+        ax.set_ylim(low, high)
+        if metric == "accuracy":
+            ax.axhspan((unpruned_accuracy - accuracy_drop) * 100, high, color="#3cb44b", alpha=0.08)
+        ax.axvline(speedup, color="#e6194b", linestyle="--", linewidth=0.8)
         ax.set_xlabel("wall-clock speed-up over the unpruned sampler (×)")
         ax.set_ylabel(label)
         ax.set_title(f"N = {steps}: {metric.replace('_', ' ')}")
         ax.grid(True, alpha=0.3)
-    axes[0].set_title(f"N = {steps}: accuracy (band: within {accuracy_drop * 100:g} points; line: {speedup:g}×)")
+    axes[0].set_title(f"N = {steps}: accuracy (band: within {accuracy_drop * 100:g} points, line: {speedup:g}×)")
     handles, labels = axes[0].get_legend_handles_labels()
     unique = dict(zip(labels, handles))
     fig.legend(unique.values(), unique.keys(), loc="lower center", ncol=4, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.12, 1, 0.94))
+    fig.tight_layout(rect=(0, 0.1, 1, 0.94))
     parts, hits = [], []
     for _, r in ok.sort_values("eval_pruned_speedup").iterrows():
         keep = _task_value(r["task"], "gate_keep", 0.5)
@@ -364,14 +376,28 @@ def pruning(frame: pd.DataFrame, steps: int, speedup: float = 1.5, accuracy_drop
                      f"{r['iters_done']:.0f} search steps")
     base = [f"{name}{k}: {first[f'eval_{name}{k}_speedup']:.2f}×, {first[f'eval_{name}{k}_accuracy'] * 100:.1f} %, "
             f"FID {first[f'eval_{name}{k}_fid']:.1f}, distance {first[f'eval_{name}{k}_consistency_mse']:.4f}"
-            for name in statics for k in range(2, steps)
-            if f"eval_{name}{k}_speedup" in first and pd.notna(first[f"eval_{name}{k}_speedup"])]
+            for name in statics for k in _static_intervals(ok.columns, name)]
+    within = [(first[f"eval_{name}{k}_speedup"], f"{name}{k}") for name in statics
+              for k in _static_intervals(ok.columns, name)
+              if unpruned_accuracy - first[f"eval_{name}{k}_accuracy"] <= accuracy_drop]
+    searched = [(r["eval_pruned_speedup"], f"{r['estimator']} keep {_task_value(r['task'], 'gate_keep', 0.5):g}")
+                for _, r in ok.iterrows() if unpruned_accuracy - r["eval_pruned_accuracy"] <= accuracy_drop]
+    best = (f"The fastest within {accuracy_drop * 100:g} points of the unpruned accuracy: searched "
+            + (f"{max(searched)[0]:.2f}× ({max(searched)[1]})" if searched else "none")
+            + ", static " + (f"{max(within)[0]:.2f}× ({max(within)[1]})" if within else "none") + ". ")
     samples = int(_task_value(first["task"], "fid_samples", 64))
     return fig, (f"Unpruned at N = {steps}: accuracy {unpruned_accuracy * 100:.1f} %, FID "
                  f"{ok['eval_unpruned_fid'].mean():.1f} ({samples} fresh samples; the timed pass draws "
                  f"{min(samples, 64)}, {int(first['threads'])} thread(s)). At least {speedup:g}× faster with accuracy "
                  f"within {accuracy_drop * 100:g} points: {', '.join(hits) or 'none of the searched patterns'}. "
-                 "Searched: " + "; ".join(parts) + ". Static: " + "; ".join(base) + ".")
+                 + best + "Searched: " + "; ".join(parts) + ". Static: " + "; ".join(base) + ".")
+
+
+def _static_intervals(columns, name: str) -> list[int]:
+    """The k of the static baseline `name` present in the rows (eval_<name><k>_speedup)."""
+    found = (c[len("eval_") + len(name):-len("_speedup")] for c in columns
+             if c.startswith(f"eval_{name}") and c.endswith("_speedup"))
+    return sorted(int(k) for k in found if k.isdigit())
 
 
 def _task_value(task: str, option: str, default: float) -> float:

@@ -12,11 +12,11 @@ from bench.chain import Chain
 TARGETS = ("latent", "cond", "weights", "noise")  # what every task serves
 GATES = "gates"  # DiP-GO's keep/reuse gate logits: tasks with gated denoiser blocks (digits)
 TARGET_HELP = {
-    "gates": "keep/reuse gate logits per (step, block) of a gated denoiser (DiP-GO's pruning search)",
     "latent": "the initial latent x_N (guided generation, adversarial auditing)",
     "noise": "x_N and every injected noise xi_i of the eta > 0 sampler (DNO)",
     "cond": "the conditioning embedding c (textual-inversion-like)",
     "weights": "the denoiser's trainable parameters theta (reward fine-tuning)",
+    "gates": "keep/reuse gate logits per (step, block) of a gated denoiser (DiP-GO's pruning search)",
 }
 
 

@@ -72,17 +72,19 @@ def test_compare_flags_changes_beyond_the_factor_and_the_spread(toy_run, tmp_pat
 def test_figures_redraw_from_the_committed_reference_results(tmp_path):
     results = render_all(out=tmp_path)
     assert [r["name"] for r in results] == ["1_sdo_headline", "2_adjoint_memory", "3_draft_k", "4_tradeoff",
-                                            "5_frontier", "6_shortft"]
+                                            "5_frontier", "6_shortft", "7_dipgo"]
     for r in results:
         for suffix in ("png", "svg"):
             assert (tmp_path / f"{r['name']}.{suffix}").stat().st_size > 10_000
         assert r["claim"] and any(ch.isdigit() for ch in r["measured"])
     index = (tmp_path / "README.md").read_text()
-    assert index.count("**Claim.**") == 6 and "digits-scaling" in index
+    assert index.count("**Claim.**") == 7 and "digits-scaling" in index
     frontier = next(r for r in results if r["name"] == "5_frontier")["measured"]
     assert "In the region (cosine ≥ 0.99 at ≤ 12.5 VJPs" in frontier and "coarse-adjoint: cosine" in frontier
     shortft = next(r for r in results if r["name"] == "6_shortft")["measured"]
     assert "shortcut-model -0.0005 after" in shortft and "95 % of the best gain" in shortft
+    dipgo = next(r for r in results if r["name"] == "7_dipgo")["measured"]
+    assert "within 2 points: full (keep 0.6)" in dipgo and "searched 3.19× (full keep 0.3)" in dipgo
     for spec in (ROOT / "reports" / "figures").glob("*.toml"):
         source = ROOT / __import__("tomllib").loads(spec.read_text())["source"]
         assert json.loads((source / "run.json").read_text())["device"]  # the device is recorded

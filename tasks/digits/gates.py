@@ -58,6 +58,7 @@ class GatedUNet(nn.Module):
 
     def __init__(self, unet: nn.Module, model_times: list[float], gates: Tensor) -> None:
         super().__init__()
+        check_unet(unet)
         if gates.shape != (len(model_times) - 1, len(BLOCKS)):
             raise ValueError(f"gates of shape {tuple(gates.shape)}; expected {(len(model_times) - 1, len(BLOCKS))}")
         self.unet = unet
@@ -68,12 +69,13 @@ class GatedUNet(nn.Module):
         self.counter = BlockCounter()
 
     def step_of(self, timestep: Tensor) -> int:
-        times = {round(float(t), 6) for t in timestep.reshape(-1)}
-        steps = {self._step_at.get(t) for t in times}
-        if len(steps) != 1 or None in steps:
-            raise RuntimeError(f"gated denoiser called at model time {sorted(times)}, off its sampler's grid: the "
-                               "gates target needs estimators that run the sampler's own steps in order")
-        return steps.pop()
+        """The sampler's step of this call's model time (one read from the device, not one per row)."""
+        values = timestep.reshape(-1)
+        step = self._step_at.get(round(float(values[0]), 6))
+        if step is None or not bool((values == values[0]).all()):
+            raise RuntimeError(f"gated denoiser called at model time {float(values[0])}, off its sampler's grid: "
+                               "the gates target needs estimators that run the sampler's own steps in order")
+        return step
 
     def gate_row(self, step: int) -> Tensor | None:
         """The gates of `step` (None at step N: every block computed)."""
@@ -139,7 +141,7 @@ class GatedUNet(nn.Module):
 
 def check_unet(unet: nn.Module) -> None:
     """GatedUNet reproduces the forward of plain UNet2DConditionModels (digits'): no class or
-    added embeddings, a mid block, two down and two up blocks, no centring, sizes divisible."""
+    added embeddings, a mid block, two down and two up blocks (BLOCKS), no centring."""
     config = unet.config
     plain = (config.class_embed_type is None and config.addition_embed_type is None and unet.mid_block is not None
              and not config.center_input_sample and len(unet.down_blocks) == 2 and len(unet.up_blocks) == 2
@@ -261,12 +263,10 @@ def model_times(schedule) -> list[float]:
 
 
 def _with_unet(denoiser, unet: nn.Module):
-    """A shallow copy of the guided denoiser around another U-Net (the weights are shared)."""
-    import copy
+    """The guided denoiser's guidance around another U-Net (the weights are shared)."""
+    from tasks.digits.model import GuidedDenoiser
 
-    twin = copy.copy(denoiser)
-    twin._modules = dict(denoiser._modules, unet=unet)
-    return twin
+    return GuidedDenoiser(unet, denoiser.null_embedding, denoiser.guidance)
 
 
 def evaluate_patterns(patterns: dict[str, Tensor], *, unet: nn.Module, denoiser, chain, fresh: Tensor, cond: Tensor,
