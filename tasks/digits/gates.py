@@ -19,7 +19,7 @@ N, N-1, ..., 1 on its grid (a pass starts at step N). A call off the grid or out
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
@@ -36,9 +36,6 @@ class BlockCounter:
 
     computed: int = 0
     reused: int = 0
-
-    def reset(self) -> None:
-        self.computed = self.reused = 0
 
 
 def straight_through(logits: Tensor) -> Tensor:
@@ -164,7 +161,7 @@ def pattern(steps: int, kind: str, interval: int) -> Tensor:
 
 
 def hard_pattern(logits: Tensor) -> Tensor:
-    return (logits.detach() > 0).reshape(logits.shape)
+    return logits.detach() > 0
 
 
 @torch.no_grad()
@@ -180,7 +177,7 @@ def block_flops(unet: nn.Module, cond: Tensor) -> dict[str, float]:
     with FlopCounterMode(display=False) as counter:
         gated(x, torch.full((2,), 500.0, dtype=x.dtype), ehs)
     by_module = counter.get_flop_counts()
-    total = float(sum(counter.get_flop_counts()["Global"].values()))
+    total = float(sum(by_module["Global"].values()))
     for name, module in zip(BLOCKS, modules):
         key = next(k for k in by_module if k.endswith(_module_path(unet, module)))
         counts[name] = float(sum(by_module[key].values()))
@@ -192,23 +189,20 @@ def _module_path(root: nn.Module, module: nn.Module) -> str:
     return next(name for name, m in root.named_modules() if m is module)
 
 
+def operations_fraction(gate_values: Tensor, flops: dict[str, float]) -> Tensor:
+    """Operations of an N-step pass with these gate values (N - 1, len(BLOCKS)) over the unpruned
+    pass's. Given straight-through gates it is the hard fraction in value with its gradient through
+    sigma'(z) (DiP-GO's sparsity term acts on the expected operations)."""
+    steps = gate_values.shape[0] + 1
+    per_call = sum(flops.values())
+    block = torch.tensor([flops[name] for name in BLOCKS], dtype=gate_values.dtype, device=gate_values.device)
+    done = steps * flops["rest"] + float(block.sum()) + (gate_values * block).sum()
+    return done / (steps * per_call)
+
+
 def flops_fraction(pattern_: Tensor, flops: dict[str, float]) -> float:
-    """Operations of an N-step pass with this pattern over the unpruned pass's."""
-    steps = pattern_.shape[0] + 1
-    per_call = sum(flops.values())
-    block = torch.tensor([flops[name] for name in BLOCKS], dtype=torch.float64)
-    done = steps * flops["rest"] + float(block.sum()) + float((pattern_.to(torch.float64) * block).sum())
-    return done / (steps * per_call)
-
-
-def soft_flops_fraction(logits: Tensor, flops: dict[str, float]) -> Tensor:
-    """flops_fraction of the straight-through gates: the hard fraction in value, its gradient
-    through sigma'(z) (DiP-GO's sparsity term acts on the expected operations)."""
-    steps = logits.shape[0] + 1
-    per_call = sum(flops.values())
-    block = torch.tensor([flops[name] for name in BLOCKS], dtype=logits.dtype, device=logits.device)
-    done = steps * flops["rest"] + float(block.sum()) + (straight_through(logits) * block).sum()
-    return done / (steps * per_call)
+    """operations_fraction of a fixed 0/1 pattern, in float64."""
+    return float(operations_fraction(pattern_.to(torch.float64), flops))
 
 
 @dataclass
@@ -218,7 +212,7 @@ class GateSettings:
 
     def penalty(self, logits: Tensor, flops: dict[str, float]) -> Tensor:
         """sparsity * max(0, operations fraction - keep)."""
-        return self.sparsity * torch.relu(soft_flops_fraction(logits, flops) - self.keep)
+        return self.sparsity * torch.relu(operations_fraction(straight_through(logits), flops) - self.keep)
 
 
 @dataclass
@@ -226,7 +220,6 @@ class SamplerOutcome:
     samples: Tensor
     computed: int
     reused: int
-    seconds: list[float] = field(default_factory=list)
 
     @property
     def block_fraction(self) -> float:
