@@ -153,20 +153,63 @@ def _distinct(items: list[Any]) -> list[Any]:
 def expand(spec: SweepSpec, tasks: list[Any], estimators: list[Any]) -> list[Cell]:
     """Every cell of the sweep, grouped by point (task, target, N, seed) in the spec's order."""
     cells: dict[str, Cell] = {}
-    task_code = {id(task): (code_hash(type(task)), task.data_fingerprint()) for task in tasks}
-    estimator_code = {id(estimator): code_hash(type(estimator)) for estimator in estimators}
+    hashes = CodeHashes()
     for task, target, steps, seed, estimator in itertools.product(
             tasks, dict.fromkeys(spec.targets), dict.fromkeys(spec.steps), dict.fromkeys(spec.seeds), estimators):
-        identity = {
-            "schema": store.SCHEMA, "task": task.spec, "task_version": task.version,
-            "task_code": task_code[id(task)][0], "task_data": task_code[id(task)][1],
-            "estimator": estimator.spec, "estimator_code": estimator_code[id(estimator)],
-            "target": target, "steps": steps, "seed": seed, "iters": spec.iters, "device": spec.device,
-            **({"budget": spec.budget} if spec.budget else {}),  # absent when off: earlier keys stay valid
-        }
-        key = cell_key(identity)
-        cells.setdefault(key, Cell(task, estimator, target, steps, seed, key, identity))
+        cell = make_cell(spec, task, estimator, target, steps, seed, hashes)
+        cells.setdefault(cell.key, cell)
     return list(cells.values())
+
+
+def reference_estimator(task: Any, estimator: Any) -> str | None:
+    """The spec of the estimator whose gradient a cell's agreement is measured against: full
+    backprop, checkpointed where the task's graph does not fit, or the estimator's own reference
+    where it samples another chain (edict); None where the task measures no agreement."""
+    if task.reference_dtype is None:
+        return None
+    spec = estimator.reference_spec()
+    return "checkpoint" if spec == "full" and task.reference_checkpointed else spec
+
+
+class CodeHashes:
+    """code_hash of each task, estimator and reference of a sweep (and each task's data
+    fingerprint), computed once per spec."""
+
+    def __init__(self) -> None:
+        self.codes: dict[tuple[type, str], str] = {}
+        self.data: dict[str, str] = {}
+
+    def code(self, component: Any) -> str:
+        """The hash of a task's or an estimator's code and of what it resolves by name at run time."""
+        key = (type(component), component.spec)
+        if key not in self.codes:
+            self.codes[key] = code_hash(type(component), *component.code_objects())
+        return self.codes[key]
+
+    def reference(self, spec: str) -> str:
+        return self.code(ESTIMATORS.create(spec))
+
+    def task_data(self, task: Any) -> str:
+        if task.spec not in self.data:
+            self.data[task.spec] = task.data_fingerprint()
+        return self.data[task.spec]
+
+
+def make_cell(spec: SweepSpec, task: Any, estimator: Any, target: str, steps: int, seed: int,
+              hashes: CodeHashes) -> Cell:
+    """A cell and its key: the readable specs, and the hashes of every piece of code that can change
+    what it computes: the task's (with its sampler and reward), the estimator's, and the
+    reference's, against which its agreement figures are measured."""
+    reference = reference_estimator(task, estimator)
+    identity = {
+        "schema": store.SCHEMA, "task": task.spec, "task_version": task.version,
+        "task_code": hashes.code(task), "task_data": hashes.task_data(task),
+        "estimator": estimator.spec, "estimator_code": hashes.code(estimator),
+        **({"reference_code": hashes.reference(reference)} if reference is not None else {}),
+        "target": target, "steps": steps, "seed": seed, "iters": spec.iters, "device": spec.device,
+        **({"budget": spec.budget} if spec.budget else {}),  # absent when off: earlier keys stay valid
+    }
+    return Cell(task, estimator, target, steps, seed, cell_key(identity), identity)
 
 
 def timing_threads(spec: SweepSpec) -> int:
@@ -317,15 +360,11 @@ class CellRunner:
         return fields
 
     def reference(self, cell: Cell) -> tuple[torch.Tensor | None, str, str]:
-        """(exact gradient, estimator, dtype) of the cell's discrete chain at its point: full
-        backprop in float64, or the estimator's own reference where it samples another chain
-        (edict); a task too large for that names another precision and checkpointed backprop, or
-        none (agreement is then not measured)."""
-        spec, dtype = cell.estimator.reference_spec(), cell.task.reference_dtype
-        if dtype is None:
+        """(exact gradient, estimator, dtype) of the cell's discrete chain at its point
+        (`reference_estimator`), or none (agreement is then not measured)."""
+        spec, dtype = reference_estimator(cell.task, cell.estimator), cell.task.reference_dtype
+        if spec is None:
             return None, "off", "none"
-        if spec == "full" and cell.task.reference_checkpointed:
-            spec = "checkpoint"
         key = (*cell.point, spec)
         if key not in self.references:
             problem = cell.task.make_problem(cell.target, cell.steps, cell.seed, dtype=dtype)
@@ -503,7 +542,7 @@ def run_cells(spec: SweepSpec, out: Path, cells: list[Cell], done: dict[str, dic
         points.setdefault(cell.point, []).append(cell)
     baseline = ESTIMATORS.create(spec.baseline)
     timed_beside = spec.interleave and baseline.spec in {ESTIMATORS.create(name).spec for name in spec.estimators}
-    baseline_code = code_hash(type(baseline)) if timed_beside else None
+    hashes = CodeHashes()
     isolate = spec.isolate == "cell" or (spec.isolate == "auto" and spec.device.startswith("cuda"))
     runner = None if isolate else CellRunner(spec, out)
     try:
@@ -514,7 +553,7 @@ def run_cells(spec: SweepSpec, out: Path, cells: list[Cell], done: dict[str, dic
                     continue
                 if on_point:
                     on_point(waiting)
-                companions = (_baseline_companion(point_cells[0], baseline, baseline_code, waiting)
+                companions = (_baseline_companion(spec, point_cells[0], baseline, waiting, hashes)
                               if timed_beside else [])
                 for row in _point_rows(spec, runner, companions, waiting, out, isolate):
                     write(row)
@@ -524,13 +563,13 @@ def run_cells(spec: SweepSpec, out: Path, cells: list[Cell], done: dict[str, dic
             runner.close()
 
 
-def _baseline_companion(cell: Cell, baseline: Any, baseline_code: str, waiting: list[Cell]) -> list[Cell]:
+def _baseline_companion(spec: SweepSpec, cell: Cell, baseline: Any, waiting: list[Cell],
+                        hashes: CodeHashes) -> list[Cell]:
     """The point's baseline cell (of the sweep), to be timed beside `waiting` when it is not among
     them (its row exists, or another job runs it)."""
     if any(c.estimator.spec == baseline.spec for c in waiting):
         return []
-    identity = {**cell.identity, "estimator": baseline.spec, "estimator_code": baseline_code}
-    return [Cell(cell.task, baseline, cell.target, cell.steps, cell.seed, cell_key(identity), identity)]
+    return [make_cell(spec, cell.task, baseline, cell.target, cell.steps, cell.seed, hashes)]
 
 
 def _point_rows(spec: SweepSpec, runner: CellRunner | None, companions: list[Cell], waiting: list[Cell],

@@ -70,6 +70,12 @@ class Estimator(Configurable):
     # alone or off the grid: what a stateful denoiser (the gates target's block cache) needs
     in_order: ClassVar[bool] = False
 
+    def code_objects(self) -> tuple:
+        """What the estimator runs beyond its own class and the modules it imports, resolved by
+        name at run time (a solver or another estimator chosen by an option): their code is in
+        every cell's key."""
+        return ()
+
     def reference_spec(self) -> str:
         """An estimator whose gradient is the exact gradient of the chain this one differentiates
         (what its agreement is measured against)."""

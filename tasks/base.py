@@ -72,6 +72,13 @@ class Task(Configurable):
                             f"{sampler.spec} is deterministic (eta > 0 applies to ddim)")
         return sampler
 
+    def code_objects(self) -> tuple:
+        """What the task runs beyond its own class, resolved by name at run time (its sampler;
+        a task with a reward by name adds the reward): their code is in every cell's key."""
+        if not hasattr(self, "sampler"):
+            return ()
+        return (type(self.chosen_sampler()),)
+
     def make_schedule(self, steps: int) -> Schedule:
         """The N-step schedule of the task's sampler on its model's noise table."""
         return self.chosen_sampler().schedule(self.scheduler_config(), steps, self.eta)

@@ -113,11 +113,12 @@ def test_every_figure_names_the_sweep_that_reproduces_its_committed_cells():
         assert len(rows) == len(cells), spec_path
         for row in rows:
             cell = cells[(row["task"], row["estimator"], row["target"], row["steps"], row["seed"])]
-            identity = {**cell.identity, **{k: row[k] for k in ("task_code", "estimator_code")}}
-            if "task_data" in row:
-                identity["task_data"] = row["task_data"]
-            else:  # rows from before the weights' digest was part of the key
-                identity.pop("task_data")
+            identity = dict(cell.identity)
+            for name in ("task_code", "estimator_code", "task_data", "reference_code"):
+                if name in row:
+                    identity[name] = row[name]
+                else:  # rows from before the weights' digest and the reference's code were in the key
+                    identity.pop(name, None)
             assert cell_key(identity) == row["key"], (spec_path, row["estimator"])
 
 
