@@ -134,8 +134,12 @@ class Schedule:
             return [self.ode_point(i) for i in range(n + 1)]
         low, high = self.ode_point(0), self.ode_point(n)
         edge_low, edge_high = self.ode_edges()
-        head = [low] if low < edge_low < high and steps >= 2 else []
-        tail = [high] if low < edge_high < high and steps - len(head) >= 2 else []
+        # An edge within rounding of an end point is that end point: the same rho computed by two
+        # formulas (a grid point's abar, the table at t = 0) can differ by an ulp, and an interval
+        # of 1e-18 would waste one of the M evaluations.
+        apart = 1e-9 * (high - low)
+        head = [low] if low + apart < edge_low < high - apart and steps >= 2 else []
+        tail = [high] if low + apart < edge_high < high - apart and steps - len(head) >= 2 else []
         inner = self.ode_grid_between(edge_low if head else low, edge_high if tail else high,
                                       steps - len(head) - len(tail))
         return head + inner + tail

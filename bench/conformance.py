@@ -222,7 +222,7 @@ class Suite:
             grad, exact, reference = self._against_reference(toy, target)
             err = float((grad - exact).norm() / exact.norm())
             cos = float(grad @ exact / (grad.norm() * exact.norm()))
-            if self.cls.exact:
+            if self.estimator().exact:
                 _require(err < EXACT_TOLERANCE, f"declared exact, but rel. error {err:.2e} to {reference}")
             return f"cos {cos:.3f}, rel err {err:.1e}" + ("" if reference == "full" else f" (to {reference})")
         return self._each_target(check)
@@ -266,7 +266,7 @@ def check_estimator(spec: str) -> list[Check]:
     suite.run("gradients on the target's leaves only", suite.leaves)
     suite.run("no stale .grad across calls", suite.no_accumulation)
     suite.run("counts match the cost model", suite.counts)
-    suite.run("agreement with the exact gradient" + (" (required)" if suite.cls.exact else ""), suite.agreement)
+    suite.run("agreement with the exact gradient" + (" (required)" if suite.estimator().exact else ""), suite.agreement)
     suite.run("declared convergence order", suite.convergence)
     suite.run("same seed, same gradient", suite.determinism)
     suite.run("nothing left behind", suite.nothing_left_behind)

@@ -13,11 +13,16 @@ is integrated by a `solver`, each a step of the whole augmented state Z = (y, a_
 
 - euler (order 1): Z += h G(Z, s). The VJP is taken at the clean end of each interval (the exact
   discrete adjoint of DDIM takes it at the noisy end), so it is off by O(h).
-- discrete (order 1): Z += h G(Z at s with y from s + h), the VJP at the interval's noisy end
-  with the adjoint from its clean end. On the sampler's own grid this is the exact discrete
-  adjoint of an Euler sampler (DDIM where each step lands on the next point, flow-matching
-  Euler): the chain's exact gradient, in constant activation memory. For the mode with
-  sigma J = I (high noise) its factor 1 - (1 - rho_a / rho_b) = e^{-du} is exact at any step.
+- discrete: Z += h G(Z at s with y from s + h), the VJP at the interval's noisy end with the
+  adjoint from its clean end. With recover=cache, on the sampler's own grid (steps = 0), this is
+  the exact discrete adjoint of a single-step sampler (DDIM, flow-matching Euler, DPM-Solver++ at
+  order 1): the chain's exact gradient, in constant activation memory plus the N cached states
+  (`exact`, checked by the conformance suite). With recover=backward (the default) the states
+  are recovered by running each step backwards from x_0, which is exact only for a model linear
+  in x: for a nonlinear model they drift, and the gradient is first order in N like euler's
+  (`convergence_order`, checked). For the mode with sigma J = I (high noise) its factor
+  1 - (1 - rho_a / rho_b) = e^{-du} is exact at any step. Not exact on a multistep sampler
+  (dpmpp2m at order 2), whose step is not the interval's Euler step.
 - heun (order 2, explicit trapezoid): K1 = G(Z, s), K2 = G(Z + h K1, s + h), Z += h (K1 + K2) / 2.
 - dpm2 (order 2, AdjointDPM's exponential integrator, DPM-Solver-2): in y and s the ODE has no
   linear part, so the exponential integrator reduces to a midpoint rule whose midpoint s_m is
@@ -31,8 +36,9 @@ is integrated by a `solver`, each a step of the whole augmented state Z = (y, a_
 The orders are measured by tests/test_adjoint_solvers.py: the slope of the error against the
 number of adjoint steps M, with the forward fixed, against a converged reference.
 
-Options: `steps` (0: the sampler's own grid; M > 0: M steps uniform in model time between the
-same end points), `solver`, and `recover` (backward: re-integrate y alongside the adjoint, constant
+Options: `steps` (0: the sampler's own grid; M > 0: M steps uniform in lambda = log(alpha / sigma)
+between the same end points, with fixed end intervals where lambda is infinite or the model's time
+stops: `Schedule.ode_grid`), `solver`, and `recover` (backward: re-integrate y alongside the adjoint, constant
 memory plus drift; cache: keep the forward states, N*S memory, no drift, what the reference code
 amounts to; between states y is interpolated linearly in s). Needs a deterministic sampler (eta =
 0). Memory A (+ N*S cached), time about NF + kM(F + V), k the solver's stages (1 or 2).
@@ -61,12 +67,13 @@ class Adjoint(Estimator):
                check=at_least(0, " (0: the sampler's grid)")),
         Option("recover", str, "backward", "how states are recovered: backward (O(1) memory) or cache",
                choices=("backward", "cache")),
-        Option("solver", str, "euler", "adjoint ODE solver: euler (order 1), discrete (1: the VJP at "
-               "the noisy end; exact for DDIM on its grid), heun (2), dpm2 (2, AdjointDPM's "
+        Option("solver", str, "euler", "adjoint ODE solver: euler (order 1), discrete (the VJP at "
+               "the noisy end: with recover=cache and steps=0 the chain's exact gradient on single-step "
+               "samplers; order 1 with recover=backward), heun (2), dpm2 (2, AdjointDPM's "
                "exponential integrator), ab2 (2, one VJP per step)", choices=tuple(SOLVERS)),
     )
     variants = ("recover=cache", "steps=7", "steps=7,recover=cache", "solver=heun", "solver=dpm2,recover=cache",
-                "solver=discrete", "solver=ab2,steps=9")
+                "solver=discrete", "solver=discrete,recover=cache", "solver=ab2,steps=9")
 
     @property
     def solver_order(self) -> int:
@@ -74,11 +81,17 @@ class Adjoint(Estimator):
         return SOLVERS[self.solver][0]
 
     @property
+    def exact(self) -> bool:
+        """solver=discrete through the cached states on the sampler's own grid: the chain's exact
+        discrete adjoint (on single-step samplers; the conformance suite's toy samples with DDIM)."""
+        return self.solver == "discrete" and self.recover == "cache" and self.steps == 0
+
+    @property
     def convergence_order(self) -> float | None:
         """At least first order in N on the sampler's own grid (the N-step chain itself is a
-        first-order discretisation of the ODE); a fixed M does not converge to the chain's
-        gradient; solver=discrete on the sampler's grid is exact for DDIM (no order to measure)."""
-        return 1.0 if self.steps == 0 and self.solver != "discrete" else None
+        first-order discretisation of the ODE; discrete with backward recovery drifts at that
+        order too); a fixed M does not converge to the chain's gradient; exact: no order."""
+        return 1.0 if self.steps == 0 and not self.exact else None
 
     def skip_reason(self, problem: Problem) -> str | None:
         if problem.chain.schedule.eta > 0:

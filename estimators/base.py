@@ -56,7 +56,9 @@ class Estimator(Configurable):
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
-    exact: ClassVar[bool] = False  # True: the gradient equals the exact gradient of the chain
+    # True: the gradient equals the exact gradient of the chain (checked by the conformance suite
+    # in every declared variant); an estimator exact in some options only makes it a property
+    exact: ClassVar[bool] = False
     options: ClassVar[tuple[Option, ...]] = ()
     sampler: ClassVar[str] = ""  # "": the task's sampler is the chain differentiated; edict has its own
     # Option strings worth checking beside the defaults: `python -m bench check NAME` and make test

@@ -44,6 +44,12 @@ class CoarseAdjoint(Adjoint):
     steps, recover = 0, "cache"  # the adjoint's options, fixed here
 
     @property
+    def exact(self) -> bool:
+        """At budget 1 the discrete rule steps over every sampler interval: the exact gradient on
+        single-step samplers (checked by the conformance suite's budget=1 variant)."""
+        return self.solver == "discrete" and self.budget >= 1
+
+    @property
     def convergence_order(self) -> float | None:
         return None  # at a fixed fraction of N the grid refines with N; no order is claimed
 

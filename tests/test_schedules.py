@@ -223,3 +223,23 @@ def test_every_estimator_runs_at_trailing_n_equal_t(eta, target):
             assert rel_err(grad, exact) < 1e-8, spec
         served += 1
     assert served >= (7 if eta == 0 else 3)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp2m", "flow-euler"])
+@pytest.mark.parametrize("alpha_to_one", [False, True])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_an_adjoint_grid_has_no_interval_of_rounding_width(sampler, alpha_to_one, spacing):
+    """Issue 21, item 4: with diffusers' default linear betas and set_alpha_to_one=False, rho at the
+    clean end came from two formulas an ulp apart, and ode_grid(M) opened with an interval of
+    1.7e-18: one of the M adjoint evaluations wasted. Every interval is a real step now."""
+    from bench.samplers import make_sampler
+
+    config = dict(DDIMScheduler(set_alpha_to_one=alpha_to_one, timestep_spacing=spacing).config)
+    for steps in (10, 25):
+        schedule = make_sampler(sampler).schedule(config, steps)
+        for points in (5, 20, 64):
+            grid = schedule.ode_grid(points)
+            assert len(grid) == points + 1
+            span = grid[-1] - grid[0]
+            smallest = min(b - a for a, b in zip(grid, grid[1:]))
+            assert smallest > 1e-6 * span, (steps, points, smallest)
