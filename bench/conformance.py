@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 
 from bench.errors import SkipCell, SpecError
+from bench.limits import exception_text
 from bench.options import Option, parse_spec
 from bench.problem import Problem
 from bench.registry import ESTIMATORS, TASKS
@@ -75,7 +76,7 @@ class Suite:
         except Failed as exc:
             self.checks.append(Check(self.spec, name, "fail", str(exc)))
         except Exception as exc:  # the estimator crashed: that is a failed check, with the reason
-            self.checks.append(Check(self.spec, name, "fail", f"{type(exc).__name__}: {exc}"))
+            self.checks.append(Check(self.spec, name, "fail", f"{type(exc).__name__}: {exception_text(exc)}"))
 
     # -- the checks ---------------------------------------------------------------------------
     def options(self) -> str:

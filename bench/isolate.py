@@ -13,6 +13,9 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from bench.guard import guarded
+from bench.limits import exception_text
+
 GRACE_S = 60.0  # beyond --timeout, before the parent kills a child that did not time itself out
 STARTUP_S = 600.0  # for the child's imports, before its cell starts
 
@@ -31,12 +34,13 @@ def _serve_cell(conn, payload: dict[str, Any]) -> None:
         runner = CellRunner(spec, Path(payload["out"]))
         conn.send({"started": True})  # imports done: the cell's own clock starts now
         try:
-            row = runner.run(cell)
+            with guarded():
+                row = runner.run(cell)
         finally:
             runner.close()
     except BaseException as exc:  # a failure to even build the cell is still the cell's row
         row = {"key": payload["key"], **payload["identity"], "status": "error",
-               "error": f"cell process: {type(exc).__name__}: {exc}", "error_type": type(exc).__name__}
+               "error": f"cell process: {type(exc).__name__}: {exception_text(exc)}", "error_type": type(exc).__name__}
     conn.send(row)
     conn.close()
 

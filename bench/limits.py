@@ -50,8 +50,20 @@ def is_out_of_memory(exc: BaseException) -> bool:
     MemoryError, or the CPU allocator's RuntimeError."""
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
         return True
-    text = str(exc).lower()
+    text = exception_text(exc).lower()
     return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+
+
+def exception_text(exc: BaseException) -> str:
+    """str(exc), or a stand-in where a plug-in's exception cannot say what it is (its __str__
+    raises): a failing cell is a row even then."""
+    try:
+        return str(exc)
+    except BaseException:
+        try:
+            return repr(exc)
+        except BaseException:
+            return f"<{type(exc).__name__}: its str() raised>"
 
 
 def outcome(exc: BaseException) -> dict[str, Any]:
@@ -59,12 +71,13 @@ def outcome(exc: BaseException) -> dict[str, Any]:
     if is_user_interrupt(exc):
         raise exc
     if isinstance(exc, SkipCell):
-        return {"status": "skipped", "reason": str(exc)}
+        return {"status": "skipped", "reason": exception_text(exc)}
     if isinstance(exc, Diverged):
-        return {"status": "diverged", "error": str(exc)}
+        return {"status": "diverged", "error": exception_text(exc)}
     if isinstance(exc, CellTimeout):
-        return {"status": "timeout", "error": str(exc)}
-    message = str(exc).splitlines()[0] if str(exc).strip() else repr(exc)
+        return {"status": "timeout", "error": exception_text(exc)}
+    text = exception_text(exc)
+    message = text.splitlines()[0] if text.strip() else type(exc).__name__
     lines = traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-3)
     return {"status": "oom" if is_out_of_memory(exc) else "error", "error": message,
             "error_type": type(exc).__name__, "traceback": "".join(lines)}
@@ -91,9 +104,14 @@ def time_limit(seconds: float | None, total: float | None = None):
         signal.signal(signal.SIGALRM, previous)
 
 
+SHARED_PHASES = ("harness", "units")  # shared work charged to a point's cells, not their own
+
+
 class Clock:
-    """A cell's time: its limit (None or 0: none), spent over its phases, and the seconds of each
-    named phase (the row's `phase_s`)."""
+    """A cell's time: its limit (None or 0: none) over its own phases, and the seconds of each
+    named phase (the row's `phase_s`), shared ones included. The shared ones (the harness's own
+    work and waits, the time model's units, split between a point's cells) do not count against
+    the limit: one cell's slow plug-in must not time out the others."""
 
     def __init__(self, limit: float | None) -> None:
         self.limit = limit or None
@@ -102,6 +120,10 @@ class Clock:
     @property
     def spent(self) -> float:
         return sum(self.phases.values())
+
+    @property
+    def own(self) -> float:
+        return sum(seconds for name, seconds in self.phases.items() if name not in SHARED_PHASES)
 
     def charge(self, name: str, seconds: float) -> None:
         self.phases[name] = self.phases.get(name, 0.0) + max(0.0, seconds)
@@ -117,7 +139,7 @@ class Clock:
 
     @contextmanager
     def phase(self, name: str):
-        remaining = None if self.limit is None else self.limit - self.spent
+        remaining = None if self.limit is None else self.limit - self.own
         if remaining is not None and remaining <= 0:
             raise CellTimeout(f"cell exceeded the {self.limit:g} s limit (--timeout)")
         start = time.perf_counter()

@@ -44,6 +44,12 @@ class MemoryMeter:
         if self.worker is not None:
             self.worker.close()
 
+    def prepare(self, cell) -> None:
+        """The worker started and the cell's task set up in it: shared work, done before the cell's
+        own measurement so that its time is not the cell's (nor counted against its --timeout)."""
+        if self.worker is not None:
+            self.worker.prepare(cell.task.spec)
+
     def measure(self, cell, problem, rng: random.Random, cost) -> dict[str, Any]:
         """The row's memory fields: the peak of one gradient call and the model's prediction."""
         fields: dict[str, Any] = {"mem_baseline_bytes": tensor_bytes(problem_tensors(problem))}

@@ -21,6 +21,7 @@ import random
 import signal
 from typing import Any
 
+from bench.limits import exception_text
 from bench.measure import MALLOC_ENV
 
 
@@ -44,7 +45,7 @@ def _measure_in_child(task, request: dict[str, Any]) -> dict[str, Any]:
         problem.zero_grad()
         return rss_peak_bytes(lambda: estimator(problem, rng))
     except BaseException as exc:  # reported; the sweep decides what to do
-        return {"error": f"{type(exc).__name__}: {exc}"}
+        return {"error": f"{type(exc).__name__}: {exception_text(exc)}"}
 
 
 def _die_with_parent() -> None:
@@ -89,6 +90,11 @@ def _serve(conn, includes: list[str]) -> None:
         _serve_requests(conn, includes)
     except (EOFError, BrokenPipeError, ConnectionResetError, KeyboardInterrupt):
         pass  # the sweep went away: leave quietly
+    except BaseException as exc:  # said in the rows (mem_error), not as a traceback on the terminal
+        try:
+            conn.send({"ready": False, "error": f"{type(exc).__name__}: {exception_text(exc)}"})
+        except (OSError, EOFError):
+            pass
 
 
 def _serve_requests(conn, includes: list[str]) -> None:
@@ -99,7 +105,7 @@ def _serve_requests(conn, includes: list[str]) -> None:
     from bench.registry import TASKS, include
 
     for path in includes:
-        include(path)
+        include(path)  # a SpecError here is sent as the worker's start error by _serve
     tasks: dict[str, Any] = {}
     conn.send({"ready": True})
     while True:
@@ -111,8 +117,11 @@ def _serve_requests(conn, includes: list[str]) -> None:
                 task = TASKS.create(request["task"])
                 task.setup(torch.device("cpu"))
                 tasks[request["task"]] = task
-        except Exception as exc:
-            conn.send({"error": f"{type(exc).__name__}: {exc}"})
+        except BaseException as exc:  # sys.exit() in a task's set-up too
+            conn.send({"error": f"{type(exc).__name__}: {exception_text(exc)}"})
+            continue
+        if request.get("setup_only"):
+            conn.send({"ready": True})
             continue
         conn.send(_fork_and_measure(tasks[request["task"]], request))
 
@@ -123,6 +132,8 @@ class MemoryWorker:
         self.process = None
         self.conn = None
         self.ready = False
+        self.start_error: str | None = None  # the worker could not start (an include failed in it)
+        self.tasks_set_up: set[str] = set()
 
     def _start(self) -> None:
         context = mp.get_context("spawn")
@@ -149,18 +160,30 @@ class MemoryWorker:
             return
         try:
             if self.conn.poll(timeout_s):
-                self.ready = bool(self.conn.recv().get("ready"))
+                reply = self.conn.recv()
+                self.ready = bool(reply.get("ready"))
+                if not self.ready:
+                    self.start_error = reply.get("error", "no reason given")
+                    self.close(kill=True)
         except (EOFError, OSError):
             self.close()
+
+    def prepare(self, task: str, timeout_s: float = 3600.0) -> None:
+        """Start the worker and set `task` up in it, so that a cell's measurement is its own."""
+        if self.start_error is None and task not in self.tasks_set_up:
+            if self.measure({"task": task, "setup_only": True}, timeout_s).get("ready"):
+                self.tasks_set_up.add(task)
 
     def measure(self, request: dict[str, Any], timeout_s: float = 3600.0) -> dict[str, Any]:
         """{'peak': bytes, 'before': bytes} or {'error': message}; a dead or stuck zygote is
         replaced next time. With request['unit'], the measured call is one_kept_call."""
+        if self.start_error is not None:  # not restarted for every cell: it would fail the same way
+            return {"error": f"memory worker failed to start: {self.start_error}"}
         if self.process is None or not self.process.is_alive():
             self.close()
         self.wait_ready(timeout_s)
         if self.process is None:
-            return {"error": "memory worker failed to start"}
+            return {"error": f"memory worker failed to start{': ' + self.start_error if self.start_error else ''}"}
         try:
             self.conn.send(request)
             if not self.conn.poll(timeout_s):
@@ -189,3 +212,4 @@ class MemoryWorker:
         self.process = None
         self.conn = None
         self.ready = False
+        self.tasks_set_up = set()

@@ -26,6 +26,7 @@ import torch
 
 from bench import store
 from bench.errors import Diverged, SkipCell, SpecError
+from bench.guard import children, end_strays, guarded, leave_if_forked
 from bench.identity import cell_key, code_hash
 from bench.isolate import run_in_process
 from bench.limits import Clock, is_user_interrupt, outcome, sigint_recorded
@@ -245,8 +246,11 @@ class Attempt:
             with self.clock.phase(phase):
                 return fn()
         except BaseException as exc:  # a failing cell is data, even sys.exit() in a plug-in
+            leave_if_forked()
             self.fail(exc)
             return None
+        finally:
+            leave_if_forked()
 
     def fail(self, exc: BaseException) -> None:
         self.ended = outcome(exc)  # re-raises the user's Ctrl-C
@@ -304,6 +308,8 @@ class CellRunner:
             attempt.clock.charge("harness", shared / len(timed))
         for attempt in attempts:
             with attempt.clock.accounting():
+                if attempt.ended is None:  # the worker's start and the task's set-up in it: the harness's
+                    self.memory.prepare(attempt.cell)
                 attempt.add(attempt.run("memory", lambda: self.memory.measure(
                     attempt.cell, attempt.problem, attempt.rng, attempt.cost)))
                 optimised = attempt.run("optimise", lambda: self._optimise(attempt))
@@ -386,8 +392,11 @@ class CellRunner:
 
         def timed_call(attempt: Attempt) -> Callable[[], None]:
             def call() -> None:
-                with attempt.clock.phase("timing"):
-                    attempt.cell.estimator(attempt.problem, attempt.rng)
+                try:
+                    with attempt.clock.phase("timing"):
+                        attempt.cell.estimator(attempt.problem, attempt.rng)
+                finally:
+                    leave_if_forked()
             return call
 
         calls = {a.cell.key: timed_call(a) for a in attempts}
@@ -546,7 +555,7 @@ def run_cells(spec: SweepSpec, out: Path, cells: list[Cell], done: dict[str, dic
     isolate = spec.isolate == "cell" or (spec.isolate == "auto" and spec.device.startswith("cuda"))
     runner = None if isolate else CellRunner(spec, out)
     try:
-        with sigint_recorded():
+        with sigint_recorded(), guarded():
             for point_cells in points.values():
                 waiting = [cell for cell in point_cells if force or cell.key not in done]
                 if not waiting:
@@ -555,9 +564,12 @@ def run_cells(spec: SweepSpec, out: Path, cells: list[Cell], done: dict[str, dic
                     on_point(waiting)
                 companions = (_baseline_companion(spec, point_cells[0], baseline, waiting, hashes)
                               if timed_beside else [])
+                before = children()
                 for row in _point_rows(spec, runner, companions, waiting, out, isolate):
+                    leave_if_forked()
                     write(row)
                     done[row["key"]] = row
+                end_strays(before)  # what the point's code left running
     finally:
         if runner is not None:
             runner.close()

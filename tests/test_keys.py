@@ -123,3 +123,22 @@ def test_a_run_reuses_rows_after_a_docstring_edit_and_recomputes_them_after_a_sa
     assert len(rows()) == 2
     _add_code(tree / "bench" / "samplers" / "ddim.py", "EDITED_AGAIN = 2")
     assert len(rows()) == 4
+
+
+def test_a_reward_given_by_file_is_in_the_key(tmp_path):
+    """A reward resolved by name at run time (sd[reward=file.py:function]) re-keys its cells when
+    its code changes, and not when its docstring does."""
+    from bench.runner import SweepSpec, plan
+
+    reward = tmp_path / "my_reward.py"
+    reward.write_text('"""Mine."""\ndef score(images):\n    return images.mean(dim=(1, 2, 3))\n')
+    spec = SweepSpec(tasks=[f"sd[reward={reward}:score]"], estimators=["sdo"], targets=["latent"], steps=[2])
+
+    def key() -> str:
+        return plan([spec])[0][1][0].key
+
+    before = key()
+    reward.write_text('"""Mine, documented."""\ndef score(images):\n    return images.mean(dim=(1, 2, 3))\n')
+    assert key() == before
+    reward.write_text('"""Mine."""\ndef score(images):\n    return -images.mean(dim=(1, 2, 3))\n')
+    assert key() != before
