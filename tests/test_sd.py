@@ -37,20 +37,103 @@ def sd(cache):
     return task
 
 
-def test_the_chain_is_the_pipelines_own_sampler(sd):
-    """Same prompts, latents, guidance and DDIM grid (SD 1.x's leading spacing, steps_offset = 1):
-    the task's chain and StableDiffusionPipeline give the same final latents."""
-    folder = resolve_model("tiny")
-    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None,
+@pytest.fixture(scope="module")
+def pipe(cache):
+    """StableDiffusionPipeline loaded from the tiny pipeline's folder (the path a user's weights
+    take), with DDIM on the folder's own scheduler configuration."""
+    pipe = StableDiffusionPipeline.from_pretrained(resolve_model("tiny"), local_files_only=True, safety_checker=None,
                                                    requires_safety_checker=False)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    assert pipe.scheduler.config.steps_offset == 1 and pipe.scheduler.config.timestep_spacing == "leading"
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_the_chain_is_the_pipelines_own_sampler(sd, pipe):
+    """Same prompts, latents, guidance and DDIM grid (SD 1.x's leading spacing, steps_offset = 1):
+    the task's chain and StableDiffusionPipeline give the same final latents."""
+    assert pipe.scheduler.config.steps_offset == 1 and pipe.scheduler.config.timestep_spacing == "leading"
     problem = sd.make_problem("latent", 6, 0)
     ours = problem.chain.sample(problem.x_start, problem.cond)
     theirs = pipe(prompt=sd.prompt_list[:2], num_inference_steps=6, guidance_scale=sd.guidance, eta=0.0,
                   latents=problem.x_start.clone(), output_type="latent").images
     assert rel_err(ours.flatten(), theirs.flatten()) < 1e-5
+
+
+# (the task's options, the same request to StableDiffusionPipeline)
+GUIDANCE_CASES = {
+    "empty prompt": ("prompt=", dict(prompt="")),
+    "negative prompt": ("negative_prompt=a blurry photo", dict(negative_prompt="a blurry photo")),
+    "guidance_rescale": ("guidance_rescale=0.7", dict(guidance_rescale=0.7)),
+    "all three": ("prompt=,negative_prompt=a blurry photo,guidance_rescale=0.7",
+                  dict(prompt="", negative_prompt="a blurry photo", guidance_rescale=0.7)),
+}
+MATCH = 1e-5  # float32, 3 guided U-Net calls: measured 1e-7 to 9e-7; a batch-wide std in the rescale gives 7e-3
+
+
+def _pipeline_latents(pipe, task, x_start, output_type="latent", prompt=None, negative_prompt=None, **call):
+    batch = x_start.shape[0]
+    prompts = [prompt] * batch if prompt is not None else [task.prompt_list[b % len(task.prompt_list)]
+                                                            for b in range(batch)]
+    negative = [negative_prompt] * batch if negative_prompt is not None else None  # a list, as the prompts
+    return pipe(prompt=prompts, negative_prompt=negative, num_inference_steps=3, guidance_scale=task.guidance,
+                eta=0.0, latents=x_start.clone(), output_type=output_type, **call).images
+
+
+@pytest.mark.parametrize("case", list(GUIDANCE_CASES))
+def test_empty_and_negative_prompts_and_guidance_rescale_are_the_pipelines(sd, pipe, case):
+    """The chain of every target (the estimators' denoiser: negative prompt in the unguided half,
+    the rescale inside the guided prediction) gives the pipeline's latents for the same request,
+    and the request changes the pipeline's latents by far more than the tolerance."""
+    options, call = GUIDANCE_CASES[case]
+    task = TASKS.create(f"sd[batch=2,{options}]")
+    task.setup(torch.device("cpu"))
+    for target in ("latent", "cond", "weights"):
+        problem = task.make_problem(target, 3, 0)
+        with torch.no_grad():
+            ours = problem.chain.sample(problem.x_start, problem.cond)
+        theirs = _pipeline_latents(pipe, task, problem.x_start, **call)
+        assert rel_err(ours.flatten(), theirs.flatten()) < MATCH, target
+    plain = sd.make_problem("latent", 3, 0)
+    assert torch.equal(plain.x_start, problem.x_start)
+    without = _pipeline_latents(pipe, sd, plain.x_start)
+    assert rel_err(without.flatten(), theirs.flatten()) > 1000 * MATCH
+
+
+def test_the_decoded_images_of_all_three_are_the_pipelines(pipe):
+    options, call = GUIDANCE_CASES["all three"]
+    task = TASKS.create(f"sd[batch=2,{options}]")
+    task.setup(torch.device("cpu"))
+    problem = task.make_problem("latent", 3, 0)
+    with torch.no_grad():
+        ours = task.images(problem, problem.chain.sample(problem.x_start, problem.cond))
+    theirs = _pipeline_latents(pipe, task, problem.x_start, output_type="pt", **call)
+    assert ours.shape == theirs.shape and rel_err(ours.flatten(), theirs.flatten()) < MATCH
+
+
+def test_the_rescale_is_lin_et_als_equation_16():
+    """guidance_rescale against diffusers' rescale_noise_cfg on random predictions (float64)."""
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    from tasks.sd.task import rescale_guided
+
+    generator = torch.Generator().manual_seed(0)
+    guided, cond = (torch.randn(3, 4, 5, 5, generator=generator, dtype=torch.float64) * scale for scale in (3, 1))
+    for phi in (0.0, 0.3, 0.7, 1.0):
+        assert torch.allclose(rescale_guided(guided, cond, phi), rescale_noise_cfg(guided, cond, phi),
+                              rtol=1e-14, atol=0)
+    matched = rescale_guided(guided, cond, 1.0)  # phi = 1: each sample has the conditional one's std
+    assert torch.allclose(matched.flatten(1).std(1), cond.flatten(1).std(1), rtol=1e-12)
+
+
+def test_gradients_flow_through_the_negative_prompt_and_the_rescale(cache):
+    task = TASKS.create("sd[batch=2,negative_prompt=a blurry photo,guidance_rescale=0.7]")
+    task.setup(torch.device("cpu"))
+    grads = {}
+    for spec in ("full", "checkpoint"):
+        problem = task.make_problem("cond", 2, 0)
+        ESTIMATORS.create(spec)(problem, random.Random(0))
+        grads[spec] = problem.flat_grad().clone()
+    assert float(grads["full"].norm()) > 0 and cosine(grads["full"], grads["checkpoint"]) > 0.9999
 
 
 @pytest.mark.parametrize("target", ["latent", "cond", "weights"])
@@ -175,3 +258,19 @@ def test_sample_grids_land_in_the_run_folder_and_the_report(tmp_path):
     assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "report")]) == 0
     page = (tmp_path / "report" / "index.md").read_text()
     assert "before (top) and after (bottom)" in page and list((tmp_path / "report").glob("samples-*.png"))
+
+
+def test_an_edited_prompts_file_changes_the_cells_data_key(tmp_path):
+    prompts, negative = tmp_path / "prompts.txt", tmp_path / "negative.txt"
+    prompts.write_text("a red fox\n")
+    negative.write_text("blurry, low quality\n")
+    spec = f"sd[prompts={prompts},negative_prompt_file={negative}]"
+    keys = [TASKS.create(spec).data_fingerprint()]
+    prompts.write_text("a grey wolf\n")
+    keys.append(TASKS.create(spec).data_fingerprint())
+    negative.write_text("blurry, low quality, watermark\n")
+    keys.append(TASKS.create(spec).data_fingerprint())
+    assert len(set(keys)) == 3
+    task = TASKS.create(spec)
+    task.preflight()
+    assert task.prompt_list == ["a grey wolf"] and task.negative_text == "blurry, low quality, watermark"

@@ -21,10 +21,14 @@
 from __future__ import annotations
 
 import copy
+import functools
+import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
 import io
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -216,7 +220,9 @@ def write_random_alexnet(path: Path, seed: int = 0) -> Path:
 
 
 def user_reward(spec: str) -> Callable[[Tensor], Tensor]:
-    """'package.module:function', 'path/to/file.py:function', or an entry point's name."""
+    """'package.module:function', 'path/to/file.py:function', or an entry point's name: loaded,
+    its signature checked (it must take the images as its one argument), and wrapped so that a
+    sys.exit() inside it fails the cell instead of ending the sweep."""
     spec = plugin_rewards().get(spec, spec)
     target, _, attr = spec.rpartition(":")
     try:
@@ -224,20 +230,63 @@ def user_reward(spec: str) -> Callable[[Tensor], Tensor]:
             file = Path(target).expanduser()
             if not file.is_file():
                 raise SpecError(f"reward={spec}: no such file {file}")
-            module_spec = importlib.util.spec_from_file_location(f"_bench_reward_{file.stem}", file)
+            name = f"_bench_reward_{file.stem}_{hashlib.sha256(str(file.resolve()).encode()).hexdigest()[:8]}"
+            module_spec = importlib.util.spec_from_file_location(name, file)
             module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
+            sys.modules[name] = module  # found by name, so that its code is in the cells' keys
+            try:
+                module_spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[name]
+                raise
         else:
             module = importlib.import_module(target)
         function = getattr(module, attr)
     except SpecError:
         raise
+    except SystemExit as exc:
+        raise SpecError(f"reward={spec}: loading it called sys.exit({exc.code!r}); a reward module must "
+                        "only define its function") from None
     except Exception as exc:
-        raise SpecError(f"reward={spec}: cannot load it ({type(exc).__name__}: {exc}); "
+        raise SpecError(f"reward={spec}: cannot load it ({first_line(exc)}); "
                         "expected module:function or file.py:function") from None
     if not callable(function):
         raise SpecError(f"reward={spec}: {attr} is not callable")
-    return function
+    _check_signature(function, spec)
+    return _exit_is_an_error(function, spec)
+
+
+def first_line(exc: BaseException) -> str:
+    """'Type: the first line of its message', for one-line errors."""
+    try:
+        text = str(exc).strip()
+    except Exception:  # a plug-in's exception whose str() fails still gets a line
+        text = ""
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def _check_signature(function: Callable, spec: str) -> None:
+    """SpecError unless function(images) is a valid call (one positional argument)."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):  # some builtins have no signature: nothing to check
+        return
+    try:
+        signature.bind(object())
+    except TypeError as exc:
+        raise SpecError(f"reward={spec}: its signature {signature} cannot be called as function(images) ({exc}); "
+                        "expected function(images in [0, 1], (B, 3, H, W)) -> (B,) rewards") from None
+
+
+def _exit_is_an_error(function: Callable, spec: str) -> Callable[[Tensor], Tensor]:
+    @functools.wraps(function)
+    def reward(images: Tensor) -> Tensor:
+        try:
+            return function(images)
+        except SystemExit as exc:
+            raise RuntimeError(f"reward={spec} called sys.exit({exc.code!r}) while scoring images; a reward "
+                               "returns a (B,) tensor of rewards and never exits") from None
+    return reward
 
 
 def check_name(value: str) -> str | None:

@@ -8,8 +8,12 @@ tokenizer/, scheduler/), a model id already in the local Hugging Face cache, or 
 nothing). Everything is loaded with local_files_only=True. The sampler (`sampler`: DDIM by
 default, DPM-Solver++ 2M...) runs on the scheduler configuration the pipeline ships (steps_offset,
 timestep spacing and set_alpha_to_one taken from it), tested equal to StableDiffusionPipeline's
-own latents. The VAE decode sits inside the reward
-path, so its time and memory count, as in DRaFT and AlignProp.
+own latents. The VAE decode sits inside the reward path, so its time and memory count, as in
+DRaFT and AlignProp.
+
+The prompts (`prompt`, one for every sample, `prompt=` being the unconditional prompt; or a
+`prompts` file), `negative_prompt` and `guidance_rescale` mean what StableDiffusionPipeline's
+arguments of those names mean, and the chain is tested equal to the pipeline with each of them.
 
 Targets: latent (x_T), cond (the prompts' text-encoder output embeddings), weights (U-Net LoRA on
 the attention projections, as diffusers' LoRA training scripts; or all U-Net weights with
@@ -86,25 +90,122 @@ def _guidance(value: float) -> str | None:
     return None if value >= 1.0 else "must be >= 1 (1: no classifier-free guidance)"
 
 
-class GuidedUNet(nn.Module):
-    """eps(x, t, c) = eps_null + w (eps_c - eps_null), both halves in one U-Net call (the pipeline's
-    order: unconditional first). The U-Net runs in its own dtype; x and c may be float32 leaves."""
+def _rescale(value: float) -> str | None:
+    return None if 0.0 <= value <= 1.0 else "must be in [0, 1] (0: off; Lin et al. suggest 0.7)"
 
-    def __init__(self, unet: nn.Module, null: Tensor, guidance: float) -> None:
+
+# The files from_pretrained loads when no variant is named: one file, or the index of shards.
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                     "diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.bin.index.json")
+TRANSFORMERS_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                        "pytorch_model.bin.index.json")
+WEIGHT_FILES = {"unet": DIFFUSERS_WEIGHTS, "vae": DIFFUSERS_WEIGHTS, "text_encoder": TRANSFORMERS_WEIGHTS}
+# The configuration entries the task and the networks' shapes depend on; a missing one would make
+# from_pretrained build a default architecture the weights do not fit.
+REQUIRED_CONFIG = {"unet": ("in_channels", "sample_size", "block_out_channels", "cross_attention_dim"),
+                   "vae": ("latent_channels", "block_out_channels"),
+                   "text_encoder": ("hidden_size",)}
+
+
+def read_json_object(path: Path, owner: str) -> dict:
+    """The JSON object in `path`, or a one-line SpecError that names the file."""
+    if not path.is_file():
+        raise SpecError(f"{owner}: {path} is missing")
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise SpecError(f"{owner}: {path} is not readable JSON ({rewards.first_line(exc)})") from None
+    if not isinstance(value, dict):
+        raise SpecError(f"{owner}: {path} holds a JSON {type(value).__name__}, not an object of settings")
+    return value
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_counts(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(_is_count(v) for v in value)
+
+
+def _valid_entry(key: str, value) -> bool:
+    if key == "block_out_channels":
+        return _is_counts(value)
+    if key in ("sample_size", "cross_attention_dim"):  # per axis or per block in some configs
+        return _is_count(value) or _is_counts(value)
+    return _is_count(value)
+
+
+def read_component(folder: Path, name: str, owner: str) -> dict:
+    """The checked configuration of a network folder (unet/, vae/, text_encoder/): readable JSON
+    with the entries REQUIRED_CONFIG names, and a weights file from_pretrained would load."""
+    config = read_json_object(folder / name / "config.json", owner)
+    missing = [key for key in REQUIRED_CONFIG[name] if key not in config]
+    if missing:
+        raise SpecError(f"{owner}: {folder / name / 'config.json'} lacks {', '.join(missing)} "
+                        "(a config.json as save_pretrained writes it has them)")
+    for key in REQUIRED_CONFIG[name]:
+        if not _valid_entry(key, config[key]):
+            raise SpecError(f"{owner}: {folder / name / 'config.json'}: {key}={config[key]!r} is not a positive "
+                            "integer" + (" list" if key == "block_out_channels" else ""))
+    if not any((folder / name / file).is_file() for file in WEIGHT_FILES[name]):
+        found = sorted(p.name for p in (folder / name).iterdir() if p.suffix in (".safetensors", ".bin"))
+        hint = f"; found only {', '.join(found)} (variants are not loaded)" if found else ""
+        raise SpecError(f"{owner}: no weights in {folder / name} (expected {WEIGHT_FILES[name][0]} or "
+                        f"{WEIGHT_FILES[name][1]}){hint}")
+    return config
+
+
+def read_text_file(path: Path, owner: str, what: str) -> str:
+    """A UTF-8 text file's contents (a byte-order mark allowed), or a one-line SpecError for a
+    missing, unreadable or binary file."""
+    if not path.is_file():
+        raise SpecError(f"{owner}: no such file ({what})")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SpecError(f"{owner}: cannot read it ({rewards.first_line(exc)})") from None
+    if b"\0" in data:
+        raise SpecError(f"{owner}: not a text file (it holds NUL bytes); give UTF-8 text, {what}")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{owner}: not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start}); "
+                        f"give UTF-8 text, {what}") from None
+
+
+class GuidedUNet(nn.Module):
+    """eps(x, t, c) = eps_u + w (eps_c - eps_u), both halves in one U-Net call (the pipeline's
+    order: unconditional first). The unconditional half is conditioned on `uncond`: the negative
+    prompt's embedding, the empty prompt's when there is none (StableDiffusionPipeline's
+    negative_prompt). With `rescale` = phi > 0 the guided prediction is rescaled as the pipeline's
+    guidance_rescale does. The U-Net runs in its own dtype; x and c may be float32 leaves."""
+
+    def __init__(self, unet: nn.Module, uncond: Tensor, guidance: float, rescale: float = 0.0) -> None:
         super().__init__()
-        self.unet, self.guidance = unet, guidance
-        self.register_buffer("null", null.detach().clone())
+        self.unet, self.guidance, self.rescale = unet, guidance, rescale
+        self.register_buffer("uncond", uncond.detach().clone())
 
     def forward(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         dtype = self.unet.dtype
         cond = cond.to(dtype).expand(x.shape[0], *cond.shape[-2:]) if cond.shape[0] == 1 else cond.to(dtype)
         if self.guidance == 1.0:
             return self.unet(x.to(dtype), t, encoder_hidden_states=cond).sample.to(x.dtype)
-        null = self.null.to(dtype).expand_as(cond)
+        uncond = self.uncond.to(dtype).expand_as(cond)
         both = self.unet(torch.cat([x, x]).to(dtype), torch.cat([t, t]),
-                         encoder_hidden_states=torch.cat([null, cond])).sample.to(x.dtype)
-        eps_null, eps_cond = both.chunk(2)
-        return eps_null + self.guidance * (eps_cond - eps_null)
+                         encoder_hidden_states=torch.cat([uncond, cond])).sample.to(x.dtype)
+        eps_uncond, eps_cond = both.chunk(2)
+        guided = eps_uncond + self.guidance * (eps_cond - eps_uncond)
+        return rescale_guided(guided, eps_cond, self.rescale) if self.rescale > 0 else guided
+
+
+def rescale_guided(guided: Tensor, eps_cond: Tensor, phi: float) -> Tensor:
+    """Lin et al. 2023 ("Common Diffusion Noise Schedules and Sample Steps are Flawed", sec. 3.4,
+    eqs. 15-16): scale the guided prediction to the conditional one's standard deviation, per
+    sample over all other dimensions, then mix phi of that with 1 - phi of the guided one."""
+    dims = tuple(range(1, guided.ndim))
+    matched = guided * (eps_cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return phi * matched + (1 - phi) * guided
 
 
 class StableDiffusion(Task):
@@ -114,9 +215,21 @@ class StableDiffusion(Task):
     learning_rates = {"latent": 0.05, "cond": 0.01, "noise": 0.05, "weights": 1e-3}
     options = (
         Option("model", str, "tiny", "pipeline folder, cached model id, or tiny (random, built offline)"),
-        Option("prompts", str, "", "file with one prompt per line (default: four built-in prompts)"),
+        Option("prompt", str, None, "one prompt for every sample, as the pipeline's prompt; `prompt=` (empty) is "
+               "the unconditional prompt \"\"; no commas or brackets (use prompts= for those); unset (None): "
+               "prompts=", metavar="text"),
+        Option("prompts", str, "", "file with one prompt per line, blank lines skipped (default: four built-in "
+               "prompts); for the empty prompt use prompt="),
+        Option("negative_prompt", str, "", "the pipeline's negative_prompt: what the unguided half of "
+               "classifier-free guidance is conditioned on (empty: the unconditional prompt); no commas or "
+               "brackets (use negative_prompt_file= for those)"),
+        Option("negative_prompt_file", str, "", "file whose whole text (stripped) is the negative prompt"),
         Option("guidance", float, 7.5, "classifier-free guidance scale (1: none)", check=_guidance),
-        Option("resolution", int, 0, "image size in pixels (0: the U-Net's sample size x 8)", check=at_least(0)),
+        Option("guidance_rescale", float, 0.0, "the pipeline's guidance_rescale phi: the guided noise "
+               "prediction rescaled to the conditional one's std, mixed phi : 1 - phi with the unrescaled one "
+               "(Lin et al. 2023, eq. 16; 0: off)", check=_rescale),
+        Option("resolution", int, 0, "image size in pixels, a multiple of the VAE's downsampling factor (8 for "
+               "SD; 0: the U-Net's sample size times it)", check=at_least(0)),
         Option("batch", int, 2, "samples per problem (prompts cycle over them)", check=at_least(1)),
         Option("dtype", str, "fp32", "precision of the frozen networks (leaves stay fp32)", choices=tuple(DTYPES)),
         Option("eta", float, 0.0, "DDIM eta (0: deterministic)", check=at_least(0.0)),
@@ -152,11 +265,25 @@ class StableDiffusion(Task):
         if missing:
             raise SpecError(f"sd[model={self.model}]: {self.folder} is not a diffusers pipeline folder "
                             f"(no {', '.join(n + '/' for n in missing)}); valid: a folder save_pretrained wrote")
+        owner = f"sd[model={self.model}]"
+        configs = {name: read_component(self.folder, name, owner) for name in WEIGHT_FILES}
+        self.latent_shape = self._latent_shape(configs)
+        self._check_text_width(configs)
         self.prompt_list = self._read_prompts()
-        config = json.loads((self.folder / "scheduler" / "scheduler_config.json").read_text())
-        self.train_timesteps = int(config.get("num_train_timesteps", 1000))
-        self.pipeline_scheduler = config
+        self.negative_text = self._read_negative_prompt()
+        self._check_guidance_options()
+        config = read_json_object(self.folder / "scheduler" / "scheduler_config.json", owner)
+        train = config.get("num_train_timesteps", 1000)
+        if not _is_count(train):
+            raise SpecError(f"{owner}: scheduler_config.json: num_train_timesteps={train!r} is not a positive integer")
+        self.train_timesteps, self.pipeline_scheduler = train, config
         super().preflight()  # the sampler against the model
+        try:  # the sampler's diffusers scheduler on this configuration: bad values fail here, not in set-up
+            self.chosen_sampler().scheduler(config)
+        except SpecError:
+            raise
+        except Exception as exc:
+            raise SpecError(f"{owner}: scheduler_config.json does not make a scheduler ({rewards.first_line(exc)})") from None
         if self.reward in ("clip", "aesthetic"):
             self.clip_folder = resolve_model(self.clip_model, "clip_model") if self.clip_model != "tiny" else None
             if self.clip_folder is not None and not (self.clip_folder / "config.json").exists():
@@ -195,24 +322,87 @@ class StableDiffusion(Task):
         return dict(self.pipeline_scheduler)
 
     def _read_prompts(self) -> list[str]:
+        if self.prompt is not None:
+            if self.prompts:
+                raise SpecError("sd: give prompt= (one prompt) or prompts= (a file), not both")
+            return [self.prompt]
         if not self.prompts:
             return list(PROMPTS)
-        path = Path(self.prompts).expanduser()
-        if not path.is_file():
-            raise SpecError(f"sd[prompts={self.prompts}]: no such file (one prompt per line)")
-        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+        owner = f"sd[prompts={self.prompts}]"
+        text = read_text_file(Path(self.prompts).expanduser(), owner, "one prompt per line")
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
         if not lines:
-            raise SpecError(f"sd[prompts={self.prompts}]: the file holds no prompt (one per line)")
+            raise SpecError(f"{owner}: the file holds no prompt (one per line; for the empty prompt use prompt=)")
         return lines
+
+    def _read_negative_prompt(self) -> str:
+        if not self.negative_prompt_file:
+            return self.negative_prompt
+        if self.negative_prompt:
+            raise SpecError("sd: give negative_prompt= or negative_prompt_file=, not both")
+        owner = f"sd[negative_prompt_file={self.negative_prompt_file}]"
+        return read_text_file(Path(self.negative_prompt_file).expanduser(), owner, "the negative prompt").strip()
+
+    def _check_guidance_options(self) -> None:
+        """The pipeline ignores a negative prompt and guidance_rescale without guidance: refuse them."""
+        if self.guidance == 1.0:
+            for name, given in (("guidance_rescale", self.guidance_rescale > 0),
+                                ("negative_prompt", bool(self.negative_text))):
+                if given:
+                    raise SpecError(f"sd: {name} acts on classifier-free guidance, which guidance=1 turns off; "
+                                    "set guidance > 1 (7.5 by default)")
+
+    def _latent_shape(self, configs: dict[str, dict]) -> tuple[int, int, int]:
+        """(channels, side, side) of the latents for the `resolution` option, checked against the
+        VAE's downsampling factor (the pipeline's vae_scale_factor) and the U-Net's."""
+        unet, vae, owner = configs["unet"], configs["vae"], f"sd[model={self.model}]"
+        if unet["in_channels"] != vae["latent_channels"]:
+            raise SpecError(f"{owner}: the U-Net takes {unet['in_channels']} input channels but the VAE's latents "
+                            f"have {vae['latent_channels']} (an inpainting or image-conditioned U-Net); valid: a "
+                            "text-to-image pipeline")
+        vae_scale = 2 ** (len(vae["block_out_channels"]) - 1)
+        unet_scale = 2 ** (len(unet["block_out_channels"]) - 1)
+        size, which = self.resolution, f"sd[resolution={self.resolution}]"
+        if not size:
+            sample = unet["sample_size"]
+            sides = set(sample) if isinstance(sample, list) else {sample}
+            if len(sides) != 1:
+                raise SpecError(f"{owner}: the U-Net's sample_size {sample} is not square; set resolution=")
+            size = sides.pop() * vae_scale
+            which = f"{owner}: the resolution {size} from the U-Net's sample_size"
+        smallest = vae_scale * unet_scale  # below it the U-Net's coarsest feature map has no pixel
+        if size % vae_scale or size < smallest:
+            raise SpecError(f"{which}: must be a multiple of {vae_scale} (the VAE's downsampling) "
+                            f"and at least {smallest} (the U-Net's {unet_scale}x downsampling of the latents); "
+                            f"e.g. {max(smallest, size - size % vae_scale)}")
+        return (unet["in_channels"], size // vae_scale, size // vae_scale)
+
+    def _check_text_width(self, configs: dict[str, dict]) -> None:
+        width, attention = configs["text_encoder"]["hidden_size"], configs["unet"]["cross_attention_dim"]
+        if isinstance(attention, int) and attention != width:
+            raise SpecError(f"sd[model={self.model}]: the U-Net attends to {attention}-wide text embeddings but the "
+                            f"text encoder gives {width}-wide ones; valid: a pipeline whose parts belong together")
 
     def _check_once(self) -> None:
         """preflight, unless done (resolve() runs it; fingerprint and set-up need its results)."""
         if not getattr(self, "_checked", False):
             self.preflight()
 
+    def code_objects(self) -> tuple:
+        """The sampler, and a reward given by name (module:function, file.py:function, an entry
+        point): its code is in the cells' keys like the task's own."""
+        objects = super().code_objects()
+        if self.reward not in rewards.BUILT_IN:
+            objects += (rewards.user_reward(self.reward),)
+        return objects
+
     def data_fingerprint(self) -> str:
         self._check_once()
-        return _fingerprint(self.folder)
+        if not (self.prompts or self.negative_prompt_file):
+            return _fingerprint(self.folder)
+        # the texts of the prompt files too: an edited file must not reuse the old rows
+        texts = json.dumps([self.prompt_list, self.negative_text]).encode()
+        return hashlib.sha256(_fingerprint(self.folder).encode() + texts).hexdigest()[:16]
 
     def setup(self, device: torch.device) -> None:
         from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -235,12 +425,7 @@ class StableDiffusion(Task):
         tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **load)
         text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **load).to(device)
         self.prompt_embeds = self.encode(tokenizer, text_encoder, self.prompt_list)
-        self.null_embeds = self.encode(tokenizer, text_encoder, [""])
-        scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        size = self.resolution or self.unet.config.sample_size * scale
-        if size % scale:
-            raise SpecError(f"sd[resolution={size}]: must be a multiple of {scale} (the VAE's downsampling)")
-        self.latent_shape = (self.unet.config.in_channels, size // scale, size // scale)
+        self.uncond_embeds = self.encode(tokenizer, text_encoder, [self.negative_text])  # "" without one
         self._reward = self._make_reward(device)
         self._copies: dict[torch.dtype, tuple[nn.Module, object]] = {}
 
@@ -314,7 +499,7 @@ class StableDiffusion(Task):
                         param.data = param.data.to(dtype if dtype == torch.float64 else torch.float32)
             else:
                 unet.requires_grad_(True)
-        denoiser = GuidedUNet(unet, self.null_embeds.to(dtype), self.guidance)
+        denoiser = GuidedUNet(unet, self.uncond_embeds.to(dtype), self.guidance, self.guidance_rescale)
         generator = torch.Generator().manual_seed(seed)
         x_start = torch.randn(self.batch, *self.latent_shape, generator=generator).to(self.device, dtype)
         noises = None
