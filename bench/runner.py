@@ -18,6 +18,7 @@ import itertools
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -526,6 +527,7 @@ def run_sweep(spec: SweepSpec | list[SweepSpec], out: Path, force: bool = False,
         done = store.latest_by_key(store.read_rows(out))  # rows.jsonl and every job's rows.d file
         write_run_json(out, [s for s, _ in parts], argv, [c for _, cells in parts for c in cells], extra)
         todo = {c.key for _, cells in parts for c in cells if force or c.key not in done}
+        todo -= _held_by_live_jobs(out, todo)
         total = len({c.key for _, cells in parts for c in cells})
         if on_start:
             on_start(total, total - len(todo))
@@ -539,6 +541,20 @@ def run_sweep(spec: SweepSpec | list[SweepSpec], out: Path, force: bool = False,
             run_cells(part, out, [c for c in cells if c.key in todo], done, True, write, on_point)
             todo -= {c.key for c in cells}
     return list({c.key: done[c.key] for _, cells in parts for c in cells if c.key in done}.values())
+
+
+def _held_by_live_jobs(out: Path, keys: set[str]) -> set[str]:
+    """The keys among `keys` that a live job (submitted by any launcher) holds or has queued: not
+    run here, whoever asks (--force included), and said once."""
+    from bench.launch import busy_cells  # the launchers build on this module
+
+    busy = busy_cells(out)
+    held = {key for key in keys if key in busy}
+    if held:
+        jobs = sorted({busy[key] for key in held})
+        warnings.warn(f"{len(held)} cell(s) are held by live job(s) {', '.join(jobs)} and are left to them; "
+                      f"see python -m bench status {out}", stacklevel=2)
+    return held
 
 
 def run_cells(spec: SweepSpec, out: Path, cells: list[Cell], done: dict[str, dict[str, Any]], force: bool,

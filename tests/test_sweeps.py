@@ -15,7 +15,7 @@ from bench import launch, store
 from bench.cli import build_parser, main, sweep_of
 from bench.figures import FIGURES, load_spec
 from bench.identity import cell_key
-from bench.runner import SweepSpec, plan
+from bench.runner import SweepSpec, plan, run_sweep
 from bench.sweepfile import build
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -312,3 +312,24 @@ def test_every_reference_sweep_file_reads():
     for path in sorted((ROOT / "results" / "reference" / "sweeps").glob("*.toml")):
         sweep = build(path, {}, {}, None)
         assert sweep.out is not None and sweep.parts, path
+
+
+def test_a_local_run_leaves_the_cells_a_live_job_holds_to_it(tmp_path):
+    """Issue 21, item 11: a local run on a folder whose cells a live job holds ran them again (8
+    rows for 4 keys). A fresh claim of a live process keeps them out of the local run, --force too."""
+    spec = SweepSpec(tasks=["toy[d=2,batch=2]"], estimators=["full", "sdo"], targets=["latent"], steps=[2],
+                     iters=0, rounds=1, memory="off")
+    keys = [c.key for _, cells in plan([spec]) for c in cells]
+    out = tmp_path / "out"
+    out.mkdir()
+    claim = launch.Claim(out, "4242")
+    claim.hold(keys[:1])  # this process is alive: the claim is fresh
+    try:
+        with pytest.warns(UserWarning, match="1 cell\\(s\\) are held by live job\\(s\\) 4242"):
+            rows = run_sweep(spec, out, force=True)
+        assert [r["key"] for r in store.read_rows(out)] == keys[1:]
+        assert [r["key"] for r in rows] == keys[1:]
+    finally:
+        claim.release()
+    run_sweep(spec, out)  # released: the cell runs now
+    assert sorted(r["key"] for r in store.read_rows(out)) == sorted(keys)
