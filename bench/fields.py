@@ -19,16 +19,21 @@ class Field:
 FIELDS: tuple[Field, ...] = (
     # identity
     Field("schema", "", "row format version", numeric=False),
-    Field("key", "", "content key of the cell: specs, target, N, seed, iters, device, a hash of the code the "
-          "estimator and the task use, and `task_data` (a digest of the trained weights a task loads), so a "
-          "changed estimator, a changed helper it imports, or retrained weights never reuse a stale row",
+    Field("key", "", "content key of the cell: specs, target, N, seed, iters, device, hashes of the code the "
+          "cell runs (the task with its sampler and reward, the estimator, the reference its agreement is "
+          "measured against; docstrings and comments excluded), and `task_data` (a digest of the trained "
+          "weights a task loads), so changed code, a changed helper it imports, or retrained weights never "
+          "reuse a stale row; the measuring harness is in no key (`--remeasure`)",
           numeric=False),
     Field("task", "", "task spec, e.g. `digits[reward=ink]`", numeric=False),
     Field("task_version", "", "the task's version (bumped when its results change meaning)", numeric=False),
-    Field("task_code", "", "hash of the code the task imports", numeric=False),
+    Field("task_code", "", "hash of the code of the task, of what it imports, and of the sampler and reward it "
+          "resolves by name", numeric=False),
     Field("task_data", "", "digest of the data files (trained weights) the task loads", numeric=False),
     Field("estimator", "", "estimator spec, e.g. `truncated[k=2]`", numeric=False),
-    Field("estimator_code", "", "hash of the code the estimator imports", numeric=False),
+    Field("estimator_code", "", "hash of the code of the estimator and of what it imports", numeric=False),
+    Field("reference_code", "", "hash of the code of the reference estimator (`reference`), where agreement "
+          "is measured", numeric=False),
     Field("options", "", "every option value of the estimator, defaults included", numeric=False),
     Field("target", "", "what is optimised: `latent`, `cond`, `weights`, `noise` or `gates`", numeric=False),
     Field("steps", "count", "sampler steps N"),
@@ -134,8 +139,11 @@ FIELDS: tuple[Field, ...] = (
     # the harness
     Field("phase_s", "s", "seconds of each phase of the cell: `setup`, `reference`, `agreement`, `units`, "
           "`timing` (its own rounds), `memory`, `optimise`, `evaluate`, `samples`, and `harness`: time between "
-          "them (bookkeeping, its share of the timing loop's own cost and of waiting for the memory process)"),
+          "them (bookkeeping, its share of the timing loop's own cost, of waiting for the memory process and "
+          "of its start); `harness` and `units` are shared work, not counted against `--timeout`"),
     Field("cell_seconds", "s", "the sum of the cell's phases: its wall time, where interleaved cells split the passes they share"),
+    Field("remeasured", "", "`--remeasure`: what this row measured again (`time`, `memory`), its other "
+          "fields kept from the cell's earlier row", numeric=False),
     Field("job", "", "the job that wrote the row (`--launcher slurm` or `submitit-local`); absent for `local`",
           numeric=False),
     Field("finished", "", "UTC time the row was written (ISO 8601); of two rows of a key, the later wins",

@@ -35,7 +35,8 @@ def _serve_cell(conn, payload: dict[str, Any]) -> None:
         conn.send({"started": True})  # imports done: the cell's own clock starts now
         try:
             with guarded():
-                row = runner.run(cell)
+                kept = {cell.key: payload["kept"]} if payload.get("kept") else {}
+                row = next(runner.run_point([cell], (), kept, frozenset(payload.get("remeasure", ()))))
         finally:
             runner.close()
     except BaseException as exc:  # a failure to even build the cell is still the cell's row
@@ -45,14 +46,16 @@ def _serve_cell(conn, payload: dict[str, Any]) -> None:
     conn.close()
 
 
-def run_in_process(spec, cell, out: Path) -> dict[str, Any]:
-    """The cell's row, computed in a fresh process. Memory there is measured in process (CUDA's
-    counters; on a CPU the process's own resident high-water mark)."""
+def run_in_process(spec, cell, out: Path, kept: dict[str, Any] | None = None,
+                   remeasure: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The cell's row, computed in a fresh process (or, with its earlier row `kept`, measured
+    again as `remeasure` says). Memory there is measured in process (CUDA's counters; on a CPU
+    the process's own resident high-water mark)."""
     child_spec = replace(spec, memory="inprocess" if spec.memory in ("auto", "process") else spec.memory,
                          isolate="none")
     payload = {"spec": asdict(child_spec), "task": cell.task.spec, "estimator": cell.estimator.spec,
                "target": cell.target, "steps": cell.steps, "seed": cell.seed, "key": cell.key,
-               "identity": cell.identity, "out": str(out)}
+               "identity": cell.identity, "out": str(out), "kept": kept, "remeasure": sorted(remeasure)}
     context = mp.get_context("spawn")
     reader, writer = context.Pipe(duplex=False)
     process = context.Process(target=_serve_cell, args=(writer, payload), daemon=True)

@@ -74,6 +74,15 @@ class SweepSpec:
     budget: float = 0.0  # seconds of optimisation per cell (gradients and Adam steps); iters caps; 0: iters only
 
 
+# --remeasure: what can be measured again without computing the gradients again, and the row
+# fields each replaces (the harness's code is in no cell key: README, "What a cell's key covers")
+REMEASURED: dict[str, Callable[[str], bool]] = {
+    "time": lambda name: name.startswith("time_") or name in ("timing_suspect", "threads"),
+    "memory": lambda name: name == "peak_mem_bytes" or name.startswith("mem_"),
+}
+IDENTITY_FIELDS = ("key", "options", "phase_s", "cell_seconds", "finished", "job", "remeasured")
+
+
 @dataclass
 class Cell:
     task: Any
@@ -230,8 +239,11 @@ class Attempt:
     """One cell on its way to a row: its clock (limit and phase seconds), the row parts its phases
     returned, and the outcome that ended it early, if any."""
 
-    def __init__(self, cell: Cell, limit: float | None) -> None:
+    def __init__(self, cell: Cell, limit: float | None, kept: dict[str, Any] | None = None,
+                 remeasure: frozenset[str] = frozenset()) -> None:
         self.cell, self.clock = cell, Clock(limit)
+        # --remeasure: the cell's earlier row, whose fields are kept but for those re-measured
+        self.kept, self.remeasure = (kept, remeasure) if kept is not None and remeasure else (None, frozenset())
         self.parts: dict[str, Any] = {}
         self.ended: dict[str, Any] | None = None
         self.problem = None
@@ -260,9 +272,17 @@ class Attempt:
         if fields and self.ended is None:
             self.parts.update(fields)
 
+    def measures(self, what: str) -> bool:
+        """Whether this attempt runs phase group `what` (time, memory, or the rest: compute)."""
+        return self.kept is None or what in self.remeasure
+
     def row(self) -> dict[str, Any]:
         phases = {name: round(seconds, 3) for name, seconds in self.clock.phases.items()}
         fields = {"status": "ok", **self.parts, **(self.ended or {})}
+        if self.kept is not None:  # the earlier row's figures, but for those measured again
+            kept = {k: v for k, v in self.kept.items() if k not in IDENTITY_FIELDS
+                    and not any(REMEASURED[what](k) for what in self.remeasure)}
+            fields = {**kept, **fields, "remeasured": sorted(self.remeasure)}
         return self.cell.row(**fields, phase_s=phases, cell_seconds=round(self.clock.spent, 3))
 
 
@@ -289,18 +309,23 @@ class CellRunner:
     def run(self, cell: Cell) -> dict[str, Any]:
         return next(iter(self.run_point([cell])))
 
-    def run_point(self, cells: list[Cell], companions: Iterable[Cell] = ()) -> Iterator[dict[str, Any]]:
+    def run_point(self, cells: list[Cell], companions: Iterable[Cell] = (), kept: dict[str, dict[str, Any]] | None = None,
+                  remeasure: frozenset[str] = frozenset()) -> Iterator[dict[str, Any]]:
         """Rows of `cells` (one point), yielded as each finishes. `companions` (cells of the point
-        already done, e.g. the baseline on a resumed sweep) are timed beside them, not re-rowed."""
-        attempts = [Attempt(cell, self.spec.timeout) for cell in cells]
+        already done, e.g. the baseline on a resumed sweep) are timed beside them, not re-rowed.
+        With `remeasure` (time, memory), a cell with a row in `kept` runs only its set-up and those
+        phases; its other fields come from that row."""
+        kept = kept or {}
+        attempts = [Attempt(cell, self.spec.timeout, kept.get(cell.key), remeasure) for cell in cells]
         extra = [Attempt(cell, self.spec.timeout) for cell in companions]
         for attempt in attempts + extra:
             with attempt.clock.accounting():
                 attempt.add(attempt.run("setup", lambda: self._setup(attempt)))
-                attempt.add(attempt.run("agreement", lambda: self._agreement(attempt)))
-                attempt.add(attempt.run("reference", lambda: self._agreement_to_reference(attempt)))
+                if attempt.measures("compute"):
+                    attempt.add(attempt.run("agreement", lambda: self._agreement(attempt)))
+                    attempt.add(attempt.run("reference", lambda: self._agreement_to_reference(attempt)))
         start = time.perf_counter()
-        timed = [a for a in attempts + extra if a.ended is None]
+        timed = [a for a in attempts + extra if a.ended is None and a.measures("time")]
         before = sum(a.clock.spent for a in timed)
         self.memory.wait_idle()  # the memory process is idle: the cores are the timing's alone
         self._time(timed)
@@ -309,10 +334,13 @@ class CellRunner:
             attempt.clock.charge("harness", shared / len(timed))
         for attempt in attempts:
             with attempt.clock.accounting():
-                if attempt.ended is None:  # the worker's start and the task's set-up in it: the harness's
-                    self.memory.prepare(attempt.cell)
-                attempt.add(attempt.run("memory", lambda: self.memory.measure(
-                    attempt.cell, attempt.problem, attempt.rng, attempt.cost)))
+                if attempt.ended is None and attempt.measures("memory"):
+                    self.memory.prepare(attempt.cell)  # the worker's start and the task's set-up: the harness's
+                    attempt.add(attempt.run("memory", lambda: self.memory.measure(
+                        attempt.cell, attempt.problem, attempt.rng, attempt.cost)))
+                if not attempt.measures("compute"):
+                    yield attempt.row()
+                    continue
                 optimised = attempt.run("optimise", lambda: self._optimise(attempt))
                 if optimised is not None:
                     fields, problem, first_x0, x0 = optimised
@@ -517,16 +545,22 @@ def run_sweep(spec: SweepSpec | list[SweepSpec], out: Path, force: bool = False,
               on_start: Callable[[int, int], None] | None = None,
               on_point: Callable[[list[Cell]], None] | None = None,
               on_row: Callable[[dict[str, Any]], None] | None = None,
-              extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+              extra: dict[str, Any] | None = None, remeasure: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
     """Run, in this process, every cell of the sweep (its parts, one after the other) that has no
-    row in the run folder yet (all of them with force); return the rows of the sweep's cells."""
+    row in the run folder yet (all of them with force); return the rows of the sweep's cells. With
+    `remeasure` ({'time', 'memory'} or part of it), the cells whose row is ok are measured again
+    in those respects only, their other fields kept (gradients are not computed again)."""
+    unknown = set(remeasure) - set(REMEASURED)
+    if unknown:
+        raise SpecError(f"--remeasure {','.join(sorted(unknown))}: valid: {', '.join(REMEASURED)}")
     parts = plan(spec if isinstance(spec, list) else [spec])
     with store.locked(out):
         rows_path = out / store.ROWS
         store.repair(rows_path)
         done = store.latest_by_key(store.read_rows(out))  # rows.jsonl and every job's rows.d file
         write_run_json(out, [s for s, _ in parts], argv, [c for _, cells in parts for c in cells], extra)
-        todo = {c.key for _, cells in parts for c in cells if force or c.key not in done}
+        kept = {} if force or not remeasure else {key: row for key, row in done.items() if row.get("status") == "ok"}
+        todo = {c.key for _, cells in parts for c in cells if force or c.key not in done or c.key in kept}
         todo -= _held_by_live_jobs(out, todo)
         total = len({c.key for _, cells in parts for c in cells})
         if on_start:
@@ -538,7 +572,8 @@ def run_sweep(spec: SweepSpec | list[SweepSpec], out: Path, force: bool = False,
                 on_row(row)
 
         for part, cells in parts:
-            run_cells(part, out, [c for c in cells if c.key in todo], done, True, write, on_point)
+            run_cells(part, out, [c for c in cells if c.key in todo], done, True, write, on_point,
+                      kept=kept, remeasure=frozenset(remeasure))
             todo -= {c.key for c in cells}
     return list({c.key: done[c.key] for _, cells in parts for c in cells if c.key in done}.values())
 
@@ -559,9 +594,12 @@ def _held_by_live_jobs(out: Path, keys: set[str]) -> set[str]:
 
 def run_cells(spec: SweepSpec, out: Path, cells: list[Cell], done: dict[str, dict[str, Any]], force: bool,
               write: Callable[[dict[str, Any]], None],
-              on_point: Callable[[list[Cell]], None] | None = None) -> None:
+              on_point: Callable[[list[Cell]], None] | None = None,
+              kept: dict[str, dict[str, Any]] | None = None, remeasure: frozenset[str] = frozenset()) -> None:
     """Run `cells` (of one part) a point at a time, calling write(row) as each finishes and
-    recording it in `done`. A cell already in `done` is skipped unless force."""
+    recording it in `done`. A cell already in `done` is skipped unless force. A cell with a row in
+    `kept` is only measured again (`remeasure`: time, memory)."""
+    kept = kept or {}
     points: dict[tuple, list[Cell]] = {}
     for cell in cells:
         points.setdefault(cell.point, []).append(cell)
@@ -581,7 +619,7 @@ def run_cells(spec: SweepSpec, out: Path, cells: list[Cell], done: dict[str, dic
                 companions = (_baseline_companion(spec, point_cells[0], baseline, waiting, hashes)
                               if timed_beside else [])
                 before = children()
-                for row in _point_rows(spec, runner, companions, waiting, out, isolate):
+                for row in _point_rows(spec, runner, companions, waiting, out, isolate, kept, remeasure):
                     leave_if_forked()
                     write(row)
                     done[row["key"]] = row
@@ -601,14 +639,15 @@ def _baseline_companion(spec: SweepSpec, cell: Cell, baseline: Any, waiting: lis
 
 
 def _point_rows(spec: SweepSpec, runner: CellRunner | None, companions: list[Cell], waiting: list[Cell],
-                out: Path, isolate: bool) -> Iterator[dict[str, Any]]:
+                out: Path, isolate: bool, kept: dict[str, dict[str, Any]],
+                remeasure: frozenset[str]) -> Iterator[dict[str, Any]]:
     """Rows of a point's waiting cells: interleaved in this process (with the baseline timed beside
     them when it is not among them), one by one, or each in its own process."""
     if isolate:
         for cell in waiting:
-            yield run_in_process(spec, cell, out)
+            yield run_in_process(spec, cell, out, kept.get(cell.key), remeasure)
     elif spec.interleave:
-        yield from runner.run_point(waiting, companions)
+        yield from runner.run_point(waiting, companions, kept, remeasure)
     else:
         for cell in waiting:
-            yield from runner.run_point([cell])
+            yield from runner.run_point([cell], (), kept, remeasure)

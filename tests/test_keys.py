@@ -142,3 +142,36 @@ def test_a_reward_given_by_file_is_in_the_key(tmp_path):
     assert key() == before
     reward.write_text('"""Mine."""\ndef score(images):\n    return -images.mean(dim=(1, 2, 3))\n')
     assert key() != before
+
+
+def test_remeasure_measures_time_or_memory_again_and_keeps_the_gradients(tmp_path, capsys):
+    """Item 9: the measuring harness is in no key, by design; --remeasure time,memory measures a
+    cell again without computing its gradients, optimisation or evaluation again."""
+    from bench import store
+    from bench.cli import main
+    from bench.runner import SweepSpec, run_sweep
+
+    spec = SweepSpec(tasks=["toy[d=2,batch=2]"], estimators=["full", "sdo"], targets=["latent"], steps=[2],
+                     iters=1, rounds=1, memory="inprocess")
+    out = tmp_path / "out"
+    first = {row["key"]: row for row in run_sweep(spec, out)}
+    again = {row["key"]: row for row in run_sweep(spec, out, remeasure=frozenset({"time"}))}
+    assert len(store.read_rows(out)) == 4 and again.keys() == first.keys()
+    for key, row in again.items():
+        assert row["remeasured"] == ["time"] and row["status"] == "ok"
+        assert "agreement" not in row["phase_s"] and "optimise" not in row["phase_s"] and "timing" in row["phase_s"]
+        assert "memory" not in row["phase_s"]
+        for kept in ("grad_cos", "grad_rel_err", "nfe_forward", "reward_curve", "peak_mem_bytes", "eval_reward"):
+            assert row[kept] == first[key][kept], kept
+        assert row["time_rounds_s"] != first[key]["time_rounds_s"]
+    memory = {row["key"]: row for row in run_sweep(spec, out, remeasure=frozenset({"memory"}))}
+    assert all(row["remeasured"] == ["memory"] and "memory" in row["phase_s"] and "timing" not in row["phase_s"]
+               and row["time_rounds_s"] == again[key]["time_rounds_s"] for key, row in memory.items())
+    assert store.latest_by_key(store.read_rows(out)).keys() == first.keys()
+
+    for bad, message in ((["--remeasure", "speed"], "is not a list of time, memory"),
+                         (["--remeasure", "time", "--launcher", "submitit-local"], "--remeasure runs in this process")):
+        assert main(["run", "--tasks", "toy[d=2,batch=2]", "--steps", "2", "--no-progress", "--out",
+                     str(tmp_path / "bad"), *bad]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
