@@ -21,12 +21,12 @@ MEASURED_PHASES = ("reference", "agreement", "units", "timing", "memory", "optim
 def load_run(run_dir: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     """(rows as a frame with derived columns, run.json) of a run folder; SpecError if it is none."""
     run_dir = Path(run_dir)
-    if not (run_dir / store.ROWS).is_file():
-        raise SpecError(f"{run_dir} is not a run folder (no {store.ROWS}); "
+    if not store.has_rows_files(run_dir):
+        raise SpecError(f"{run_dir} is not a run folder (no {store.ROWS} and no {store.ROWS_DIR}/*.jsonl); "
                         f"make one with: python -m bench run --out {run_dir}")
     frame = store.load_frame(run_dir)
     if frame.empty:
-        raise SpecError(f"{run_dir / store.ROWS} holds no rows")
+        raise SpecError(f"{run_dir} holds no rows (in {store.ROWS} or {store.ROWS_DIR}/*.jsonl)")
     meta = store.read_run_json(run_dir) or {}
     return derive(frame), meta
 

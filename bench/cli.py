@@ -28,6 +28,15 @@ class _Parser(argparse.ArgumentParser):
         raise SpecError(message)
 
 
+def _remeasure_arg(text: str) -> frozenset:
+    from bench.runner import REMEASURED
+
+    chosen = frozenset(split_list(text))
+    if not chosen or not chosen <= set(REMEASURED):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of {', '.join(REMEASURED)}")
+    return chosen
+
+
 def _folder_arg(text: str) -> Path:
     if not text.strip():
         raise argparse.ArgumentTypeError("is empty; give a folder")
@@ -127,6 +136,9 @@ def _run_flags(run: argparse.ArgumentParser) -> None:
     flag("--out", type=_folder_arg, help="run folder (default: the sweep file's out, else results/<a name derived "
                                          "from the sweep>)")
     flag("--force", action="store_true", default=False, help="rerun cells that already have a row")
+    flag("--remeasure", type=_remeasure_arg, default=frozenset(), metavar="time,memory",
+         help="measure the time and/or memory of cells whose row is ok again, keeping their gradients, "
+              "optimisation and evaluation (the harness's code is in no cell key; README: What a cell's key covers)")
     flag("--no-progress", action="store_true", default=False, help="no progress bar")
     jobs = run.add_argument_group("launcher (where the cells run; a sweep file's [launcher] table)")
     jobs.add_argument("--launcher", help="; ".join(f"{k}: {v}" for k, v in LAUNCHERS.items()))
@@ -200,7 +212,7 @@ def _list(args: argparse.Namespace) -> int:
     from bench.samplers import SAMPLERS
 
     console.print(_class_table("Estimators", ESTIMATORS, ("exact", "options (type = default)", "what it does"),
-                               lambda cls: ("yes" if cls.exact else "no", _options(cls), cls.summary)))
+                               lambda cls: (_exactness(cls), _options(cls), cls.summary)))
     console.print(_class_table("Tasks", TASKS, ("options (type = default)", "targets", "what it is"),
                                lambda cls: (_options(cls), ", ".join(cls.targets), cls.summary)))
     console.print(_class_table("Samplers (a task's sampler=NAME\\[k=v])", SAMPLERS,
@@ -223,6 +235,13 @@ def _list(args: argparse.Namespace) -> int:
         table.add_row(name, text)
     console.print(table)
     return 0
+
+
+def _exactness(cls) -> str:
+    """yes, no, or "some options" where `exact` is a property of the options (adjoint)."""
+    if isinstance(cls.exact, property):
+        return "some options"
+    return "yes" if cls.exact else "no"
 
 
 def _options(cls) -> str:
@@ -306,6 +325,9 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         nonlocal bar
         if reused:
             console.print(f"{reused} of {total} cells already have rows in {out}; skipping them (--force reruns)")
+        if args.remeasure:
+            console.print(f"measuring {' and '.join(sorted(args.remeasure))} again of the cells whose row is ok; "
+                          "their gradients, optimisation and evaluation are kept")
         bar = progress.add_task("sweep", total=total, completed=reused)
         progress.start()  # only once the whole sweep has been checked
 
@@ -325,7 +347,9 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         warnings.simplefilter("always")
         try:
             if sweep.launch.launcher == "local":
-                rows = run_sweep_local(sweep, args.force, argv, on_start, on_point, on_row)
+                rows = run_sweep_local(sweep, args.force, argv, on_start, on_point, on_row, args.remeasure)
+            elif args.remeasure:
+                raise SpecError(f"--remeasure runs in this process: use --launcher local, not {sweep.launch.launcher}")
             else:
                 from bench.launch import run_sweep_jobs
 
@@ -341,11 +365,12 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
-def run_sweep_local(sweep, force, argv, on_start, on_point, on_row):
+def run_sweep_local(sweep, force, argv, on_start, on_point, on_row, remeasure=frozenset()):
     from bench.runner import run_sweep
 
     return run_sweep(sweep.parts, sweep.out, force=force, argv=argv, on_start=on_start, on_point=on_point,
-                     on_row=on_row, extra={"launcher": sweep.launch.options(), "config": sweep.source})
+                     on_row=on_row, extra={"launcher": sweep.launch.options(), "config": sweep.source},
+                     remeasure=remeasure)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -395,13 +420,20 @@ def _status(args: argparse.Namespace) -> int:
 def _figures(args: argparse.Namespace) -> int:
     from bench.figures import FIGURES, render_all
 
-    if args.specs is not None and not args.specs.is_dir():
+    if args.specs is not None and not _is_folder(args.specs):
         raise SpecError(f"--specs {args.specs} is not a folder of figure specs")
 
     results = render_all(args.specs or FIGURES, args.out, split_list(args.only) or None)
     for result in results:
         print(f"{result['name']}: {', '.join(result['files'])}")
     return 0
+
+
+def _is_folder(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a name longer than the filesystem allows
+        return False
 
 
 def _default_name(spec) -> str:

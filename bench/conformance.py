@@ -20,8 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from bench.errors import SkipCell, SpecError
-from bench.limits import exception_text
+from bench.errors import SkipCell, SpecError, exception_text
 from bench.options import Option, parse_spec
 from bench.problem import Problem
 from bench.registry import ESTIMATORS, TASKS

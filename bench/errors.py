@@ -13,3 +13,15 @@ class SkipCell(Exception):
 class Diverged(Exception):
     """Raised when a gradient, a loss or an estimator's own reconstruction is no longer finite or
     no longer trustworthy: the cell's row says `diverged` with this message."""
+
+
+def exception_text(exc: BaseException) -> str:
+    """str(exc), or a stand-in where a plug-in's exception cannot say what it is (its __str__
+    raises): a failure is reported even then."""
+    try:
+        return str(exc)
+    except BaseException:
+        try:
+            return repr(exc)
+        except BaseException:
+            return f"<{type(exc).__name__}: its str() raised>"

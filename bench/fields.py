@@ -146,7 +146,9 @@ FIELDS: tuple[Field, ...] = (
           "fields kept from the cell's earlier row", numeric=False),
     Field("job", "", "the job that wrote the row (`--launcher slurm` or `submitit-local`); absent for `local`",
           numeric=False),
-    Field("finished", "", "UTC time the row was written (ISO 8601); of two rows of a key, the later wins",
+    Field("finished", "", "UTC time the row was written (ISO 8601); of two rows of a key, the later written "
+          "wins: the later line in one file, the later time across files (a time more than 5 minutes in the "
+          "future is not trusted; bench/store.py read_rows)",
           numeric=False),
 )
 

@@ -7,7 +7,10 @@ reports/figures/<spec name>.png and .svg, and reports/figures/README.md lists ev
 caption that states the claim and what the suite measured (computed from the rows)."""
 from __future__ import annotations
 
+import inspect
 import tomllib
+import types
+import typing
 from pathlib import Path
 from typing import Any, Callable
 
@@ -407,24 +410,83 @@ def _task_value(task: str, option: str, default: float) -> float:
     return float(parse_spec(task)[1].get(option, default))
 
 
+SPEC_KEYS = {"title": str, "kind": str, "source": str, "claim": str, "sweep": str, "options": dict}
+REQUIRED_KEYS = ("title", "kind", "source", "claim")
+
+
 def load_spec(path: Path) -> dict[str, Any]:
+    """A figure spec, checked: its keys and their types, its kind, and the kind's options (names
+    and types from the kind's signature). Anything else is a one-line SpecError naming the file."""
     try:
-        spec = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise SpecError(f"{path}: not valid TOML ({exc})") from None
-    for key in ("title", "kind", "source", "claim"):
+        spec = tomllib.loads(path.read_bytes().decode("utf-8-sig"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{path}: not a figure spec (TOML in UTF-8): {str(exc).splitlines()[0]}") from None
+    except RecursionError:
+        raise SpecError(f"{path}: arrays or tables nested too deeply to read") from None
+    except OSError as exc:  # a folder named like a spec, no permission
+        raise SpecError(f"{path}: cannot be read as a figure spec ({exc.strerror or exc})") from None
+    for key in REQUIRED_KEYS:
         if key not in spec:
-            raise SpecError(f"{path}: missing '{key}' (a figure spec needs title, kind, source, claim)")
+            raise SpecError(f"{path}: missing '{key}' (a figure spec needs {', '.join(REQUIRED_KEYS)})")
+    for key, value in spec.items():
+        kind = SPEC_KEYS.get(key)
+        if kind is None:
+            raise SpecError(f"{path}: unknown key {key!r}; valid: {', '.join(SPEC_KEYS)}")
+        if not isinstance(value, kind):
+            raise SpecError(f"{path}: {key} must be {'a table' if kind is dict else 'a string'}, got {value!r}")
     if spec["kind"] not in KINDS:
         raise SpecError(f"{path}: unknown kind {spec['kind']!r}; valid: {', '.join(KINDS)}")
+    check_options(path, spec["kind"], spec.get("options", {}))
     return spec
 
 
-def render(path: Path, out: Path, formats=("png", "svg")) -> dict[str, Any]:
-    spec = load_spec(path)
+def check_options(path: Path, kind_name: str, options: dict[str, Any]) -> None:
+    """Each option a parameter of the kind, of the type its annotation says; every required one given."""
+    function = KINDS[kind_name]
+    parameters = dict(list(inspect.signature(function).parameters.items())[1:])  # the frame comes first
+    hints = typing.get_type_hints(function)
+    for name, value in options.items():
+        if name not in parameters:
+            raise SpecError(f"{path}: unknown option {name!r} of kind {kind_name!r}; valid: {', '.join(parameters)}")
+        hint = hints.get(name, typing.Any)
+        if not _fits(value, hint):
+            raise SpecError(f"{path}: option {name} must be {_describe(hint)}, got {value!r}")
+    missing = [name for name, p in parameters.items() if p.default is inspect.Parameter.empty and name not in options]
+    if missing:
+        raise SpecError(f"{path}: kind {kind_name!r} needs the option(s) {', '.join(missing)}")
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a TOML value fits a kind's annotation (int, float, str, a list or tuple of them, X | None)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is typing.Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in args if arg is not type(None))
+    if origin in (list, tuple):
+        return isinstance(value, list) and all(_fits(item, args[0]) for item in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, hint) and not (isinstance(value, bool) and hint is not bool)
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in args if arg is not type(None))
+    if origin in (list, tuple):
+        return "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(args[0], str(args[0]))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(hint, str(hint))
+
+
+def source_folder(spec: dict[str, Any]) -> Path:
     source = Path(spec["source"])
-    source = source if source.is_absolute() else ROOT / source
-    frame, meta = analysis.load_run(source)
+    return source if source.is_absolute() else ROOT / source
+
+
+def render(path: Path, out: Path, formats=("png", "svg"), spec: dict[str, Any] | None = None) -> dict[str, Any]:
+    spec = spec or load_spec(path)
+    frame, meta = analysis.load_run(source_folder(spec))
     try:
         fig, measured = KINDS[spec["kind"]](frame, **spec.get("options", {}))
     except TypeError as exc:
@@ -438,8 +500,6 @@ def render(path: Path, out: Path, formats=("png", "svg")) -> dict[str, Any]:
 
 def render_all(folder: Path = FIGURES, out: Path | None = None, only: list[str] | None = None,
                formats=("png", "svg")) -> list[dict[str, Any]]:
-    out = out or folder
-    store.writable_folder(out, "--out")
     specs = sorted(folder.glob("*.toml"))
     if only:
         unknown = set(only) - {p.stem for p in specs}
@@ -448,7 +508,14 @@ def render_all(folder: Path = FIGURES, out: Path | None = None, only: list[str] 
         specs = [p for p in specs if p.stem in only]
     if not specs:
         raise SpecError(f"no figure specs (*.toml) in {folder}")
-    results = [render(path, out, formats) for path in specs]
+    loaded = {path: load_spec(path) for path in specs}  # every spec checked before any figure is drawn
+    for path, spec in loaded.items():
+        if not store.has_rows_files(source_folder(spec)):
+            raise SpecError(f"{path}: source {spec['source']} is not a run folder (no rows); "
+                            + (f"make it with: python -m bench run --config {spec['sweep']}" if spec.get("sweep")
+                               else "give the --out folder of a sweep"))
+    out = store.writable_folder(out or folder, "--out")
+    results = [render(path, out, formats, spec) for path, spec in loaded.items()]
     if not only:
         _write_index(out, results)
     return results

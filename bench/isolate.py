@@ -13,8 +13,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from bench.errors import exception_text
 from bench.guard import guarded
-from bench.limits import exception_text
 
 GRACE_S = 60.0  # beyond --timeout, before the parent kills a child that did not time itself out
 STARTUP_S = 600.0  # for the child's imports, before its cell starts

@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -70,6 +73,9 @@ class LaunchSpec:
                         dict: "a table of sbatch parameters"}[type(default)]
                 raise SpecError(f"launcher option {name} must be {kind}, got {value!r}")
             setattr(spec, name, value)
+        for name in ("launcher", "partition"):
+            check_script_text(f"launcher option {name}", getattr(spec, name))
+        spec.sbatch = check_sbatch(spec.sbatch)
         if spec.launcher not in LAUNCHERS:
             raise SpecError(f"unknown launcher {spec.launcher!r}; valid: {', '.join(LAUNCHERS)}")
         if spec.launcher != "slurm":
@@ -90,12 +96,42 @@ class LaunchSpec:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+SBATCH_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def check_script_text(what: str, text: str) -> None:
+    """SpecError unless `text` can go into a line of the job script as it is: no control character
+    (a newline would end the line and start a directive of its own)."""
+    bad = next((c for c in text if ord(c) < 0x20 or ord(c) == 0x7F), None)
+    if bad is not None:
+        raise SpecError(f"{what} {text!r} holds a control character (U+{ord(bad):04X}); each becomes part of a "
+                        "line of the sbatch script, which a newline would end")
+
+
+def check_sbatch(params: dict[str, Any]) -> dict[str, Any]:
+    """Extra sbatch parameters (from --sbatch or a sweep file's [launcher] sbatch table): each key an
+    sbatch long option (letters, digits, '-' and '_'), each value a string without control
+    characters, a number or true. Keys are given with '_' for '-', as submitit expects."""
+    checked = {}
+    for key, value in params.items():
+        if not isinstance(key, str) or not SBATCH_KEY.fullmatch(key):
+            raise SpecError(f"sbatch parameter {key!r}: a key is an sbatch option's name (letters, digits, '-' "
+                            "and '_'), e.g. account or mail-type")
+        if not (value is True or isinstance(value, (str, int, float)) and not isinstance(value, bool)):
+            raise SpecError(f"sbatch parameter {key}: the value must be a string, a number or true, got {value!r}")
+        if isinstance(value, str):
+            check_script_text(f"sbatch parameter {key}", value)
+        checked[key.replace("-", "_")] = value
+    return checked
+
+
 def parse_sbatch(items: list[str]) -> dict[str, str]:
-    """--sbatch KEY=VALUE (repeatable) as a dict; KEY is sbatch's long option without dashes."""
+    """--sbatch KEY=VALUE (repeatable) as a dict; KEY is sbatch's long option without dashes
+    (LaunchSpec.build checks keys and values)."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
-        key = key.strip().lstrip("-").replace("-", "_")
+        key = key.strip().lstrip("-")
         if not sep or not key:
             raise SpecError(f"--sbatch expects KEY=VALUE (an sbatch option, e.g. account=mylab), got {item!r}")
         out[key] = value.strip()
@@ -145,9 +181,55 @@ class Claim:
         self.path.unlink(missing_ok=True)
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_controller() -> None:
+    """Under submitit's local executor: end this task when its controller ends.
+
+    A local job is two processes: the controller (`python -m submitit.local._local`; its pid is the
+    job id, which the submitting side watches) and this task, its child. Killed alone, the
+    controller would leave the task running on as an orphan that writes its rows after the
+    submitting side has reported them missing. So the kernel is asked to SIGKILL this process when
+    its parent ends (Linux prctl PR_SET_PDEATHSIG; elsewhere a thread watches the parent pid),
+    and a task whose controller has already ended stops here. Not on SLURM: there the parent is
+    slurmstepd, which ends its job's processes itself, and PDEATHSIG fires when the parent
+    *thread* that forked the task ends, which a multithreaded daemon does not promise to outlive
+    it (the local controller forks from its only thread)."""
+    if os.environ.get("SUBMITIT_EXECUTOR") != "local":
+        return
+    controller = os.getppid()
+    if not os.environ.get("SUBMITIT_LOCAL_WITH_SHELL"):  # no set-up shell: the controller's pid is the job id
+        controller = int(os.environ.get("SUBMITIT_LOCAL_JOB_ID", controller))
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        watched = libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+    except (OSError, AttributeError):  # not Linux
+        watched = False
+    if os.getppid() != controller:  # it ended before the kernel was asked
+        _controller_gone(controller)
+    if not watched:
+        threading.Thread(target=_watch_parent, args=(controller,), daemon=True).start()
+
+
+def _watch_parent(controller: int) -> None:
+    while os.getppid() == controller:
+        time.sleep(0.2)
+    _controller_gone(controller)
+
+
+def _controller_gone(controller: int) -> None:
+    """End as PDEATHSIG would: SIGKILL, which no handler or patched os._exit (bench/guard.py) delays."""
+    print(f"this job's controller (pid {controller}) has ended; the task stops without writing rows", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def run_job(spec_fields: dict[str, Any], out: str, keys: list[str], force: bool = False) -> dict[str, int]:
     """A job: run the cells `keys` of the sweep part `spec_fields` that have no row yet (all of
     them with force), appending their rows to OUT/rows.d/<job id>.jsonl. Returns counts by status."""
+    die_with_controller()
     from bench.runner import SweepSpec, plan, run_cells
 
     folder = Path(out)
@@ -178,36 +260,83 @@ def run_job(spec_fields: dict[str, Any], out: str, keys: list[str], force: bool 
 
 # -- the submitting side --------------------------------------------------------------------
 
+CLAIM_FIELDS = {"job": (str, int), "host": str, "pid": int, "pid_start": (str, type(None)), "cells": list,
+                "since": str}
+JOB_FIELDS = {"job": (str, int), "launcher": str, "submitted": str, "host": str, "cells": list, "pid": int,
+              "pid_start": (str, type(None))}  # pid_start is null for a process that ended before it was read
+
+
+def _record_problem(record: Any, kinds: dict[str, Any], required: tuple[str, ...]) -> str | None:
+    """Why a claim or a jobs.jsonl line is not one (written by another version, or damaged), or None."""
+    if not isinstance(record, dict):
+        return f"not a JSON object ({type(record).__name__})"
+    for name in required:
+        if name not in record:
+            return f"no field {name!r}"
+    for name, kind in kinds.items():
+        value = record.get(name)
+        if name in record and (isinstance(value, bool) or not isinstance(value, kind)):
+            return f"field {name!r} has the wrong type ({type(value).__name__})"
+    if not all(isinstance(key, str) for key in record.get("cells", [])):
+        return "field 'cells' is not a list of cell keys"
+    return None
+
+
 def claims(out: Path) -> list[dict[str, Any]]:
     """Every claim in the folder, each with its file's age and `stale`: its job no longer runs (on
-    this host: its process has ended; elsewhere: not refreshed within STALE_S)."""
+    this host: its process has ended; elsewhere: not refreshed within STALE_S). A claim that cannot
+    be read is skipped with a warning (one that vanishes while read was released: silently)."""
     found = []
     for path in sorted((Path(out) / store.ROWS_DIR).glob("*.claim.json")):
         try:
             age = time.time() - path.stat().st_mtime
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
+            record = json.loads(path.read_bytes().decode("utf-8"))
+            problem = _record_problem(record, CLAIM_FIELDS, ("job", "cells"))
+        except FileNotFoundError:
             continue
-        if isinstance(record, dict):
-            alive = _alive_here(record)
-            record["age_s"], record["stale"] = age, (age > STALE_S) if alive is None else not alive
-            found.append(record)
+        except OSError as exc:
+            problem = f"cannot be read ({exc.strerror or type(exc).__name__})"
+        except UnicodeDecodeError:
+            problem = "not UTF-8"
+        except (ValueError, RecursionError):
+            problem = "not JSON"
+        if problem:
+            warnings.warn(f"{path}: ignoring this claim: {problem}", stacklevel=2)
+            continue
+        record["job"] = str(record["job"])
+        alive = _alive_here(record)
+        record["age_s"], record["stale"] = age, (age > STALE_S) if alive is None else not alive
+        found.append(record)
     return found
 
 
 def submitted(out: Path) -> list[dict[str, Any]]:
-    """OUT/jobs.jsonl: every job submitted to this folder, oldest first."""
+    """OUT/jobs.jsonl: every job submitted to this folder, oldest first (a line that is not a job
+    record is skipped with a warning, as rows lines are)."""
     path = Path(out) / JOBS
-    if not path.exists():
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        warnings.warn(f"{path}: skipped, cannot be read ({exc.strerror or type(exc).__name__})", stacklevel=2)
         return []
     jobs = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        if not raw.strip():
             continue
-        if isinstance(record, dict) and "job" in record:
-            jobs.append(record)
+        try:
+            record = json.loads(raw.decode("utf-8"))
+            problem = _record_problem(record, JOB_FIELDS, ("job",))
+        except UnicodeDecodeError:
+            problem = "not UTF-8"
+        except (ValueError, RecursionError):
+            problem = "not JSON"
+        if problem:
+            warnings.warn(f"{path}: skipping line {number}: {problem}", stacklevel=2)
+            continue
+        record["job"] = str(record["job"])
+        jobs.append(record)
     return jobs
 
 
@@ -348,6 +477,9 @@ def submit_jobs(executor, plan: list[tuple[Any, list[Any]]], out: Path, launch: 
             executor.update_parameters(visible_gpus=given)
             held[len(jobs)] = given
         job = executor.submit(run_job, asdict(spec), str(out), [c.key for c in chunk], force)
+        # submitit waits 15 s for a result a slow network filesystem may not show yet; a local job's
+        # task has written its result (or never will) once its controller has ended
+        job._results_timeout_s = 0
         record(job, chunk)
         jobs.append(job)
     return jobs
@@ -384,6 +516,10 @@ def wait(jobs: list[Any], poll_s: float = 1.0, on_poll: Callable[[], None] | Non
     return failures
 
 
+def _fingerprint(row: dict[str, Any]) -> str:
+    return json.dumps(row, sort_keys=True, default=str)  # NaN, unequal to itself, prints the same
+
+
 def run_sweep_jobs(sweep, force: bool, argv: list[str] | None, on_start: Callable[[int, int], None],
                    progress, bar: Callable[[], Any], console) -> list[dict[str, Any]] | None:
     """Submit the sweep's cells that have no row and no live job (all but the live ones with
@@ -416,12 +552,16 @@ def run_sweep_jobs(sweep, force: bool, argv: list[str] | None, on_start: Callabl
             console.print(f"{sum(k in busy for k in seen)} cells are queued or running in live jobs "
                           f"({', '.join(live)}); not submitted again")
         on_start(total, total - queued)
-        started = store.now()
         wanted = {c.key for _, todo in work for c in todo}
+        before = {k: _fingerprint(done[k]) for k in wanted if k in done}
+
+        def written(rows: dict[str, dict[str, Any]]) -> set[str]:
+            """The wanted cells whose latest row is not the one they had before the jobs were
+            submitted: by content, not by clock (a node's clock may be ahead or behind)."""
+            return {k for k in wanted if k in rows and _fingerprint(rows[k]) != before.get(k)}
 
         def poll() -> None:
-            rows = store.latest_by_key(store.read_rows(out))
-            finished = sum(1 for k in wanted if k in rows and str(rows[k].get("finished", "")) >= started)
+            finished = len(written(store.latest_by_key(store.read_rows(out))))
             progress.update(bar(), completed=total - queued + finished)
 
         jobs = submit_jobs(executor, work, out, launch, threads, force, poll)
@@ -443,7 +583,7 @@ def run_sweep_jobs(sweep, force: bool, argv: list[str] | None, on_start: Callabl
     for line in failures:
         console.print(f"[red]{line}[/]")
     rows = store.latest_by_key(store.read_rows(out))
-    missing = [k for k in wanted if k not in rows or str(rows[k].get("finished", "")) < started]
+    missing = wanted - written(rows)
     if missing:
         console.print(f"[yellow]{len(missing)} cell(s) got no row[/] (their job ended before them: killed, "
                       f"timed out or failed); `python -m bench status {out}` shows them, and the same "

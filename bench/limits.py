@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from bench.errors import Diverged, SkipCell
+from bench.errors import Diverged, SkipCell, exception_text
 
 
 class CellTimeout(Exception):
@@ -52,18 +52,6 @@ def is_out_of_memory(exc: BaseException) -> bool:
         return True
     text = exception_text(exc).lower()
     return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
-
-
-def exception_text(exc: BaseException) -> str:
-    """str(exc), or a stand-in where a plug-in's exception cannot say what it is (its __str__
-    raises): a failing cell is a row even then."""
-    try:
-        return str(exc)
-    except BaseException:
-        try:
-            return repr(exc)
-        except BaseException:
-            return f"<{type(exc).__name__}: its str() raised>"
 
 
 def outcome(exc: BaseException) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import random
 import signal
 from typing import Any
 
-from bench.limits import exception_text
+from bench.errors import exception_text
 from bench.measure import MALLOC_ENV
 
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from bench.errors import SpecError
+from bench.errors import SpecError, exception_text
 from bench.options import parse_spec
 
 ESTIMATOR_GROUP = "diffgrad_bench.estimators"
@@ -71,7 +71,7 @@ class Registry:
                 entry = _load(entry)
             except Exception as exc:  # a broken plug-in must not look like a typo
                 raise SpecError(f"{self.kind} {name!r} failed to load from {self._entries[name]}: "
-                                f"{type(exc).__name__}: {exc}") from None
+                                f"{type(exc).__name__}: {exception_text(exc)}") from None
             if not isinstance(entry, type) or not issubclass(entry, self.base):
                 raise SpecError(f"{self.kind} {name!r} ({self._entries[name]}) is not a "
                                 f"subclass of {self.base.__name__}")
@@ -161,7 +161,11 @@ def include(path: str | Path) -> None:
         spec.loader.exec_module(module)
     except SpecError:
         raise
+    except SystemExit as exc:  # sys.exit() while being imported: not a way to end the sweep silently
+        del sys.modules[module_name]
+        raise SpecError(f"--include {path} called sys.exit({exc.code!r}) while being imported; an include file "
+                        "defines and registers estimators or tasks, and nothing in it may end the program") from None
     except Exception as exc:
         del sys.modules[module_name]
-        raise SpecError(f"--include {path} failed: {type(exc).__name__}: {exc}") from None
+        raise SpecError(f"--include {path} failed: {type(exc).__name__}: {exception_text(exc)}") from None
     _INCLUDED[str(file)] = module

@@ -3,6 +3,7 @@ six-panel figure per task and target (memory, time and gradient cosine against N
 iteration and against wall-clock; memory against time coloured by reward)."""
 from __future__ import annotations
 
+import hashlib
 import html
 import math
 import re
@@ -176,9 +177,25 @@ def environment_line(meta: dict[str, Any]) -> str:
             f"last started {meta.get('started')}.")
 
 
+def default_name(run_dir: Path) -> str:
+    """The report's folder under reports/: the run folder's name made safe for a path, or, for a
+    name with nothing left of it ('@@@', '/'), 'run-' and a hash of the folder's path."""
+    folder = Path(run_dir).resolve()
+    return _slug(folder.name) or f"run-{hashlib.sha256(str(folder).encode()).hexdigest()[:8]}"
+
+
+def rows_files_text(run_dir: Path) -> str:
+    """Where the rows were read: rows.jsonl and/or the jobs' files under rows.d/."""
+    files = [path for path in store.row_files(run_dir) if path.is_file()]
+    jobs = [path for path in files if path.parent.name == store.ROWS_DIR]
+    parts = ([str(run_dir / store.ROWS)] if run_dir / store.ROWS in files else []) + (
+        [f"{len(jobs)} job file(s) under {run_dir / store.ROWS_DIR}"] if jobs else [])
+    return " and ".join(parts)
+
+
 def write_report(run_dir: Path, out: Path | None = None, formats=("png",)) -> Path:
     frame, meta = analysis.load_run(run_dir)
-    out = out or Path("reports") / _slug(Path(run_dir).resolve().name)
+    out = out or Path("reports") / default_name(run_dir)
     store.writable_folder(out, "--out")
     means, curves = analysis.cell_means(frame), analysis.curves(frame)
     page = Page()
@@ -187,7 +204,7 @@ def write_report(run_dir: Path, out: Path | None = None, formats=("png",)) -> Pa
     page.text(environment_line(meta))
     counts = Counter(frame["status"])
     page.text("Cells: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) +
-              f". Rows: {Path(run_dir) / 'rows.jsonl'}.")
+              f". Rows: {rows_files_text(Path(run_dir))}.")
     kinds = sorted(k for k in frame["mem_kind"].dropna().unique() if k in MEMORY_KINDS)
     page.text("Memory: " + ("; ".join(f"{k}: {MEMORY_KINDS[k]}" for k in kinds) or "not measured") +
               ". 'mem ÷ model' divides the peak by the cost model's prediction (ESTIMATORS.md), "

@@ -8,6 +8,7 @@
            without its row: killed by a time limit, preemption or a node failure)"""
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -19,14 +20,18 @@ STATES = ("done", "failed", "running", "queued", "pending")
 
 
 def status(run_dir: Path) -> dict[str, Any]:
+    """Where each cell stands. A record that cannot be read (a line of jobs.jsonl, a claim, run.json
+    or a part of it, a rows file) is skipped with a one-line warning; the rest is still reported."""
     folder = Path(run_dir)
-    if not folder.is_dir() or not any((folder / name).exists() for name in (store.ROWS, store.RUN, store.ROWS_DIR)):
+    if not _is_run_folder(folder):
         raise SpecError(f"{folder} is not a run folder (no {store.RUN}, {store.ROWS} or {store.ROWS_DIR}/); "
                         "give the --out folder of a sweep")
     record = store.read_run_json(folder) or {}
     rows = store.latest_by_key(store.read_rows(folder))
-    cells = record.get("cells") or [{k: row.get(k) for k in ("key", "task", "estimator", "target", "steps", "seed")}
-                                    for row in rows.values()]
+    cells = _sweep_cells(folder, record) or [{k: row.get(k) for k in CELL_FIELDS} for row in rows.values()]
+    launcher = record.get("launcher")
+    launcher = launcher.get("launcher") if isinstance(launcher, dict) else None
+    config = record.get("config")
     claims = launch.claims(folder)
     live = {key: c for c in claims if not c["stale"] for key in c.get("cells", [])}
     stale = {key: c for c in claims if c["stale"] for key in c.get("cells", [])}
@@ -34,7 +39,7 @@ def status(run_dir: Path) -> dict[str, Any]:
     for job in jobs:
         job["state"] = launch.job_state(folder, job)
     last_job = {key: job for job in jobs for key in job.get("cells", [])}
-    written = Counter(row.get("job") for row in rows.values() if row.get("job"))
+    written = Counter(str(row["job"]) for row in rows.values() if row.get("job"))
     entries = []
     for cell in cells:
         row = rows.get(cell["key"])
@@ -68,7 +73,39 @@ def status(run_dir: Path) -> dict[str, Any]:
         job["rows"] = written.get(job["job"], 0)
     return {"folder": str(folder), "cells": entries, "counts": {s: counts.get(s, 0) for s in STATES},
             "jobs": jobs, "other_rows": len(set(rows) - {c["key"] for c in cells}),
-            "launcher": (record.get("launcher") or {}).get("launcher", "local"), "config": record.get("config")}
+            "launcher": launcher if isinstance(launcher, str) else "local",
+            "config": config if isinstance(config, str) else None}
+
+
+CELL_FIELDS = {"key": str, "task": str, "estimator": str, "target": str, "steps": int, "seed": int}
+
+
+def _is_run_folder(folder: Path) -> bool:
+    try:
+        return folder.is_dir() and any((folder / name).exists() for name in (store.ROWS, store.RUN, store.ROWS_DIR))
+    except OSError:  # a name too long for the filesystem
+        return False
+
+
+def _is_cell(entry: Any) -> bool:
+    return isinstance(entry, dict) and all(isinstance(entry.get(name), kind) and not isinstance(entry.get(name), bool)
+                                           for name, kind in CELL_FIELDS.items())
+
+
+def _sweep_cells(folder: Path, record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The latest sweep's cells as run.json lists them; entries that are not cells are skipped
+    with a warning ([] when run.json has no usable list: the rows stand in for it)."""
+    cells = record.get("cells")
+    if cells is None:
+        return []
+    if not isinstance(cells, list):
+        warnings.warn(f"{folder / store.RUN}: 'cells' is not a list; the cells are taken from the rows")
+        return []
+    usable = [cell for cell in cells if _is_cell(cell)]
+    if len(usable) < len(cells):
+        warnings.warn(f"{folder / store.RUN}: skipping {len(cells) - len(usable)} of its {len(cells)} 'cells' that "
+                      f"are not cells (an object with {', '.join(CELL_FIELDS)})")
+    return [{name: cell[name] for name in CELL_FIELDS} for cell in usable]
 
 
 def print_status(report: dict[str, Any], console) -> None:
@@ -78,7 +115,7 @@ def print_status(report: dict[str, Any], console) -> None:
     counts = report["counts"]
     total = sum(counts.values())
     console.print(f"[bold]{escape(report['folder'])}[/]: {total} cells of the latest sweep"
-                  f" ({report['launcher']}{', ' + escape(report['config']) if report['config'] else ''}): "
+                  f" ({escape(report['launcher'])}{', ' + escape(report['config']) if report['config'] else ''}): "
                   + ", ".join(f"{counts[s]} {s}" for s in STATES)
                   + (f"; {report['other_rows']} rows of other sweeps" if report["other_rows"] else ""))
     shown = [e for e in report["cells"] if e["state"] != "done"]

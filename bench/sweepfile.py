@@ -26,6 +26,8 @@ the file (`out`, `include`) are relative to the current directory, like the flag
 from __future__ import annotations
 
 import difflib
+import math
+import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -36,6 +38,9 @@ from bench.launch import LaunchSpec
 from bench.options import split_list
 from bench.runner import SweepSpec
 
+MAX_SECONDS = 365 * 24 * 3600.0  # --timeout, --timing-cap, --budget
+SECONDS_FIELDS = ("timing_cap", "budget")
+MAX_SLURM_THREADS = 512
 # names of the run command's flags (and of a sweep file's keys) that differ from SweepSpec's fields
 RENAMED = {"include": "includes"}
 LIST_FIELDS = {"tasks": str, "estimators": str, "targets": str, "steps": int, "seeds": int, "includes": str}
@@ -83,7 +88,9 @@ def coerce(name: str, value: Any, where: str) -> Any:
             raise SpecError(f"{where}: expected a comma-separated list of {what} (or a TOML array), got {value!r}") from None
     default = SPEC_FIELDS[name].default
     if name == "timeout":  # 0 or none: no limit
-        return None if value in (None, 0) else _number(name, value, float, where)
+        return None if value in (None, 0) else _seconds(name, _number(name, value, float, where), where)
+    if name in SECONDS_FIELDS:
+        return _seconds(name, _number(name, value, float, where), where)
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise SpecError(f"{where}: {name} must be true or false, got {value!r}")
@@ -107,6 +114,46 @@ def _number(name: str, value: Any, kind: type, where: str) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and isinstance(value, float)):
         raise SpecError(f"{where}: {name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
     return kind(value)
+
+
+def _seconds(name: str, value: float, where: str) -> float:
+    """A limit in seconds: at most MAX_SECONDS (a larger finite one overflows the platform's clocks
+    and timers; an infinite or negative one is refused with the other range checks, bench/runner.py)."""
+    if math.isfinite(value) and value > MAX_SECONDS:
+        raise SpecError(f"{where}: {name} must be at most {MAX_SECONDS:.0f} seconds (a year), got {value:g}")
+    return value
+
+
+def threads_limit(launcher: str) -> tuple[int, str]:
+    """The most intra-op threads a sweep may ask for, and what that limit is: this machine's cores
+    where the cells run here (more threads than cores only wait for each other), MAX_SLURM_THREADS
+    on SLURM (the nodes' cores are not known here)."""
+    if launcher == "slurm":
+        return MAX_SLURM_THREADS, f"{MAX_SLURM_THREADS}, the most this suite lets a SLURM job ask for"
+    cores = os.cpu_count() or 1
+    return cores, f"{cores}, this machine's cores (os.cpu_count())"
+
+
+def check_threads(spec: SweepSpec, launcher: str, where: str) -> None:
+    limit, what = threads_limit(launcher)
+    if spec.threads > limit:
+        raise SpecError(f"{where} {spec.threads} is more threads than {what}; give at most {limit} (0: the default)")
+
+
+def check_baseline(spec: SweepSpec, where: str) -> None:
+    """An explicit baseline must be one of the sweep's estimators: the time ratios are taken to it,
+    timed side by side at every point. (The default, full, when the sweep does not run it: no ratios.)"""
+    from bench.registry import ESTIMATORS, include
+
+    if not spec.estimators:
+        return  # refused as empty when the sweep is resolved
+    for path in spec.includes:  # a plug-in baseline
+        include(path)
+    baseline = ESTIMATORS.create(spec.baseline).spec
+    estimators = list(dict.fromkeys(ESTIMATORS.create(name).spec for name in spec.estimators))
+    if baseline not in estimators:
+        raise SpecError(f"{where} {spec.baseline} is not among the sweep's estimators ({', '.join(estimators)}); "
+                        "the time ratios are taken to an estimator the sweep runs: give one of them, or add it")
 
 
 def _sweep_settings(table: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -143,12 +190,20 @@ def launch_settings(table: Any, where: str) -> dict[str, Any]:
 def read_file(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
     """(shared settings, parts, run keys, launcher settings) of a sweep file."""
     path = Path(path)
-    if not path.is_file():
+    try:
+        is_file = path.is_file()
+    except OSError:  # a name too long for the filesystem
+        is_file = False
+    if not is_file:
         raise SpecError(f"--config {path}: no such file; give a sweep file (TOML, see README 'Sweeps as data')")
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_bytes().decode("utf-8-sig"))  # a byte-order mark is valid UTF-8
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise SpecError(f"--config {path}: not valid TOML ({str(exc).splitlines()[0]})") from None
+    except RecursionError:
+        raise SpecError(f"--config {path}: arrays or tables nested too deeply to read") from None
+    except OSError as exc:
+        raise SpecError(f"--config {path}: cannot be read ({exc.strerror or exc})") from None
     parts_table = data.pop("part", [{}])
     launcher = launch_settings(data.pop("launcher", {}), str(path))
     shared, run = _sweep_settings(data, str(path))
@@ -167,6 +222,20 @@ def build(config: Path | None, flags: dict[str, Any], launch_flags: dict[str, An
     """The sweep of an invocation. `flags` and `launch_flags` hold only the flags given on the
     command line (already named as SweepSpec's and LaunchSpec's fields)."""
     shared, parts, run, launcher = read_file(config) if config else ({}, [{}], {}, {})
-    specs = [replace(spec_defaults(), **{**shared, **part, **flags}) for part in parts]
+    launch = LaunchSpec.build({**launcher, **launch_flags})
+    specs = []
+    for number, part in enumerate(parts, 1):
+        given = {**shared, **part, **flags}
+        spec = replace(spec_defaults(), **given)
+
+        def origin(name: str) -> str:
+            """Where a setting came from, to name it in an error: the flag, or the file (and part)."""
+            return f"--{name}" if name in flags else f"{config}{f' part {number}' if len(parts) > 1 else ''}: {name}"
+
+        if "threads" in given:
+            check_threads(spec, launch.launcher, origin("threads"))
+        if "baseline" in given:
+            check_baseline(spec, origin("baseline"))
+        specs.append(spec)
     folder = out if out is not None else (Path(run["out"]) if "out" in run else None)
-    return Sweep(specs, folder, LaunchSpec.build({**launcher, **launch_flags}), str(config) if config else None)
+    return Sweep(specs, folder, launch, str(config) if config else None)
