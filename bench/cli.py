@@ -201,7 +201,7 @@ def _list(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from bench.problem import TARGET_HELP
+    from bench.problem import TARGET_INFO
     from bench.registry import ESTIMATORS, TASKS, include
 
     for path in args.include:
@@ -231,7 +231,7 @@ def _list(args: argparse.Namespace) -> int:
     table = Table(title="Targets")
     table.add_column("name")
     table.add_column("what is optimised")
-    for name, text in TARGET_HELP.items():
+    for name, text in ((t.name, t.help) for t in TARGET_INFO.values()):
         table.add_row(name, text)
     console.print(table)
     return 0

@@ -2,22 +2,45 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from bench.chain import Chain
 
+@dataclass(frozen=True)
+class Target:
+    """What an estimator can differentiate. The four of TARGETS are every task's; a task that
+    brings a target of its own registers it (`register_target`) in its module, with what a task
+    needs to serve it and how many of the chain's first calls no gradient to it reaches."""
+
+    name: str
+    help: str
+    needs: str = ""  # what a task must have to serve it, for the refusal of a task that has not
+    unreached_calls: int = 0  # leading denoiser calls whose output depends on none of its leaves
+
+
 TARGETS = ("latent", "cond", "weights", "noise")  # what every task serves
-GATES = "gates"  # DiP-GO's keep/reuse gate logits: tasks with gated denoiser blocks (digits)
-TARGET_HELP = {
-    "latent": "the initial latent x_N (guided generation, adversarial auditing)",
-    "noise": "x_N and every injected noise xi_i of the eta > 0 sampler (DNO)",
-    "cond": "the conditioning embedding c (textual-inversion-like)",
-    "weights": "the denoiser's trainable parameters theta (reward fine-tuning)",
-    "gates": "keep/reuse gate logits per (step, block) of a gated denoiser (DiP-GO's pruning search)",
-}
+TARGET_INFO: dict[str, Target] = {target.name: target for target in (
+    Target("latent", "the initial latent x_N (guided generation, adversarial auditing)"),
+    Target("cond", "the conditioning embedding c (textual-inversion-like)"),
+    Target("weights", "the denoiser's trainable parameters theta (reward fine-tuning)"),
+    Target("noise", "x_N and every injected noise xi_i of the eta > 0 sampler (DNO)"),
+)}
+
+
+def register_target(target: Target) -> str:
+    """Make a task-owned target known (its help in `bench list`, its needs in refusals); its name."""
+    known = TARGET_INFO.get(target.name)
+    if known is not None and known != target:
+        raise ValueError(f"target {target.name!r} is already registered differently")
+    TARGET_INFO[target.name] = target
+    return target.name
+
+
+def unreached_calls(target: str) -> int:
+    return TARGET_INFO[target].unreached_calls if target in TARGET_INFO else 0
 
 
 @dataclass
@@ -32,22 +55,12 @@ class Problem:
     reward_fn: Callable[[Tensor], Tensor]  # x_0 -> per-sample rewards (B,)
     target: str
     leaves: list[Tensor]
-    # the task's distilled few-step student (ShortFT): steps K -> its K-step chain on this problem's
-    # denoiser (trainable leaves shared), or None where the task has none
-    shortcut: Callable[[int], Chain] | None = None
-    _students: dict[int, Chain] = field(default_factory=dict, repr=False)
-    # a term of the loss on the leaves themselves (DiP-GO's sparsity on the gates), or None
+    # a term of the loss on the leaves themselves (a regulariser, e.g. a sparsity cost), or None
     penalty: Callable[[], Tensor] | None = None
-    # why the denoiser must be called along the sampler's grid, N..1 in one pass (a stateful
-    # denoiser: the gates' block cache), or None where any call order is valid
-    in_order_only: str | None = None
-
-    def student(self, steps: int) -> Chain:
-        """The task's K-step student chain, built once per problem (loading a student is not part of
-        a gradient)."""
-        if steps not in self._students:
-            self._students[steps] = self.shortcut(steps)
-        return self._students[steps]
+    # capabilities an estimator must provide to serve this problem: name -> why (bench/capabilities.py)
+    requires: dict[str, str] = field(default_factory=dict)
+    # what the task hands the estimators that need more than the chain: name -> object (bench/capabilities.py)
+    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_steps(self) -> int:

@@ -20,18 +20,33 @@ SAMPLER_GROUP = "diffgrad_bench.samplers"
 
 
 class Registry:
-    def __init__(self, kind: str, base_path: str, group: str, builtins: dict[str, str],
+    """Names -> classes of one kind. `builtins` is a dict of name -> "module:Class", or the path
+    "package:BUILT_IN" of such a dict in the package that holds the kind's modules (read on first
+    use, with the package's ALIASES beside it), so that adding a built-in touches that package only."""
+
+    def __init__(self, kind: str, base_path: str, group: str, builtins: dict[str, str] | str,
                  aliases: dict[str, str] | None = None) -> None:
         self.kind, self.base_path, self.group = kind, base_path, group
-        self._entries: dict[str, str | type] = dict(builtins)
+        self._table = builtins if isinstance(builtins, str) else None
+        self._entries: dict[str, str | type] = {} if self._table else dict(builtins)
         self._aliases = dict(aliases or {})
         self._plugins_loaded = False
+
+    def _read_table(self) -> None:
+        if self._table is not None:
+            table, self._table = self._table, None
+            module = importlib.import_module(table.partition(":")[0])
+            for name, entry in getattr(module, table.partition(":")[2]).items():
+                self._entries.setdefault(name, entry)
+            for alias, name in getattr(module, "ALIASES", {}).items():
+                self._aliases.setdefault(alias, name)
 
     @property
     def base(self) -> type:
         return _load(self.base_path)
 
     def register(self, cls: type, name: str | None = None, aliases: tuple[str, ...] = ()) -> type:
+        self._read_table()
         name = name or getattr(cls, "name", "")
         if not name:
             raise TypeError(f"{cls.__name__} has no `name`; set the class attribute")
@@ -47,6 +62,7 @@ class Registry:
 
     def load_plugins(self) -> None:
         """Register what installed packages declare in this registry's entry-point group."""
+        self._read_table()
         if self._plugins_loaded:
             return
         self._plugins_loaded = True
@@ -101,31 +117,8 @@ def origin(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
-ESTIMATORS = Registry(
-    "estimator", "estimators.base:Estimator", ESTIMATOR_GROUP,
-    builtins={
-        "full": "estimators.full:Full",
-        "checkpoint": "estimators.checkpoint:Checkpoint",
-        "adjoint": "estimators.adjoint:Adjoint",
-        "sdo": "estimators.sdo:SDO",
-        "truncated": "estimators.truncated:Truncated",
-        "draft-lv": "estimators.draft_lv:DraftLV",
-        "zeroth-order": "estimators.zeroth_order:ZerothOrder",
-        "score-function": "estimators.score_function:ScoreFunction",
-        "dno": "estimators.dno:DNO",
-        "edict": "estimators.edict:EDICT",
-        "torchdiffeq-adjoint": "estimators.torchdiffeq_adjoint:TorchdiffeqAdjoint",
-        "coarse-adjoint": "estimators.coarse_adjoint:CoarseAdjoint",
-        "shortcut-model": "estimators.shortcut_model:ShortcutModel",
-    },
-    aliases={"bptt": "full", "draft": "truncated", "alignprop": "truncated", "adjointdpm": "adjoint",
-             "ddpo": "score-function", "doodl": "edict", "spsa": "zeroth-order", "es": "zeroth-order",
-             "shortft": "shortcut-model"},
-)
-
-TASKS = Registry("task", "tasks.base:Task", TASK_GROUP,
-                 builtins={"toy": "tasks.toy:Toy", "digits": "tasks.digits.task:Digits",
-                           "sd": "tasks.sd.task:StableDiffusion"})
+ESTIMATORS = Registry("estimator", "estimators.base:Estimator", ESTIMATOR_GROUP, builtins="estimators:BUILT_IN")
+TASKS = Registry("task", "tasks.base:Task", TASK_GROUP, builtins="tasks:BUILT_IN")
 
 
 def register_estimator(cls: type | None = None, *, name: str | None = None,

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from bench.errors import SkipCell
 from bench.options import Configurable, Option
-from bench.problem import GATES, Problem
+from bench.problem import Problem, unreached_calls
 
 
 @dataclass
@@ -68,9 +68,11 @@ class Estimator(Configurable):
     convergence_order: ClassVar[float | None] = None
     samples_long_chain: ClassVar[bool] = True  # False if its gradient pass samples another chain than the task's
     random_counts: ClassVar[bool] = False  # True if call counts depend on random draws (reported, not checked)
-    # True if every pass calls the denoiser only on the sampler's grid, N..1 in order, never a step
-    # alone or off the grid: what a stateful denoiser (the gates target's block cache) needs
-    in_order: ClassVar[bool] = False
+    # capabilities it provides, that some problems require (bench/capabilities.py), e.g. IN_ORDER:
+    # every pass calls the denoiser only on the sampler's grid, N..1, never a step alone or off it
+    provides: ClassVar[frozenset[str]] = frozenset()
+    # what it needs of a problem beyond the chain: name -> what it is (problem.extras, task.offers())
+    needs: ClassVar[dict[str, str]] = {}
 
     def code_objects(self) -> tuple:
         """What the estimator runs beyond its own class and the modules it imports, resolved by
@@ -99,15 +101,11 @@ class Estimator(Configurable):
         return None
 
     def applies(self, problem: Problem) -> str | None:
-        """Why this estimator cannot serve this problem (skip_reason, or a denoiser that must run
-        in order where this estimator does not), or None. What the runner asks."""
-        if problem.in_order_only and not self.in_order:
-            from bench.registry import ESTIMATORS
+        """Why this estimator cannot serve this problem, or None: what the runner asks
+        (bench/capabilities.py decides: requirements, skip_reason, needs)."""
+        from bench.capabilities import unmet
 
-            able = [name for name in ESTIMATORS.names() if ESTIMATORS.get(name).in_order]
-            return (f"{self.name} calls the denoiser out of the sampler's order (a step alone, off the grid, "
-                    f"or another chain), and {problem.in_order_only}; estimators that serve it: {', '.join(able)}")
-        return self.skip_reason(problem)
+        return unmet(self, problem)
 
     def cost(self, steps: int, target: str) -> Cost:
         raise NotImplementedError
@@ -126,9 +124,9 @@ class Estimator(Configurable):
 
 
 def reached_calls(steps: int, target: str) -> int:
-    """Denoiser outputs a gradient can reach: all N, but N - 1 on the gates target (step N
-    computes every block, so its output depends on no gate)."""
-    return steps - 1 if target == GATES else steps
+    """Denoiser outputs a gradient to `target` can reach: all N, less the target's unreached
+    leading calls (a task-owned target declares them, bench/problem.py Target)."""
+    return steps - unreached_calls(target)
 
 
 def require_graph(loss: Tensor) -> None:

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
+from bench.capabilities import IN_ORDER
 from bench.errors import SpecError
 from bench.options import Option, at_least
 from bench.problem import Problem
@@ -82,7 +83,7 @@ class Checkpoint(Estimator):
     name = "checkpoint"
     summary = "exact backprop, graph recomputed in backward (per step, in segments, or recursively)"
     exact = True
-    in_order = True
+    provides = frozenset({IN_ORDER})
     options = (
         Option("segment", int, 1, "steps per checkpointed segment", check=at_least(1)),
         Option("recursive", bool, False, "binomial checkpointing: O(log N) stored latents"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+from bench.capabilities import IN_ORDER
 from estimators.base import Cost, Estimate, Estimator, backprop, reached_calls
 from estimators.masked_chain import run_masked_chain
 from bench.problem import Problem
@@ -13,7 +14,7 @@ class Full(Estimator):
     name = "full"
     summary = "backprop through all N denoiser calls (exact; memory grows with N)"
     exact = True
-    in_order = True
+    provides = frozenset({IN_ORDER})
 
     def cost(self, steps: int, target: str) -> Cost:
         return Cost(nfe_forward=steps, nfe_vjp=reached_calls(steps, target), memory="N·A", activations=steps)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 
+from bench.capabilities import FEW_STEP_CHAIN
 from bench.errors import SpecError
 from bench.options import Option, at_least
 from bench.problem import Problem
@@ -26,10 +27,11 @@ class ShortcutModel(Estimator):
     name = "shortcut-model"
     summary = "backprop through a distilled few-step student's K-step chain (ShortFT)"
     samples_long_chain = False  # its rewards are the student's; the runner evaluates the N-step chain
+    needs = {FEW_STEP_CHAIN: "a distilled few-step student of the task's model"}
     options = (Option("steps", int, 4, "the student's step count K (one the task ships)", check=at_least(1)),)
 
     def check_task(self, task) -> None:
-        shipped = task.shortcut_steps()
+        shipped = task.offers().get(FEW_STEP_CHAIN, [])
         if self.steps not in shipped:
             listed = (f"{shipped[0]}..{shipped[-1]}" if len(shipped) > 2 and shipped == list(range(shipped[0], shipped[-1] + 1))
                       else ", ".join(map(str, shipped)))
@@ -38,7 +40,7 @@ class ShortcutModel(Estimator):
                             "digits (steps=4), toy (steps=1..64: its own model, not distilled)")
 
     def skip_reason(self, problem: Problem) -> str | None:
-        if problem.shortcut is None:
+        if FEW_STEP_CHAIN not in problem.extras:
             return ("the task's student follows its deterministic chain (digits: DDIM on the epsilon model at "
                     "the default guidance); this problem's sampler, eta, model or guidance differs")
         if problem.target == "noise":
@@ -49,7 +51,7 @@ class ShortcutModel(Estimator):
         return Cost(nfe_forward=self.steps, nfe_vjp=self.steps, memory="K·A", activations=self.steps)
 
     def estimate(self, problem: Problem, rng: random.Random) -> Estimate:
-        chain = problem.student(self.steps)
+        chain = problem.extras[FEW_STEP_CHAIN](self.steps)  # built once per problem by the task
         state = (problem.x_start,)
         for i in range(chain.schedule.num_steps, 0, -1):
             state = chain.advance(state, i, problem.cond)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 
+from bench.capabilities import IN_ORDER
 from bench.errors import SpecError
 from bench.options import Option, at_least
 from bench.problem import Problem
@@ -22,7 +23,7 @@ from estimators.masked_chain import run_masked_chain
 class Truncated(Estimator):
     name = "truncated"
     summary = "backprop through the last K steps only (DRaFT-K / AlignProp)"
-    in_order = True
+    provides = frozenset({IN_ORDER})
     options = (
         Option("k", int, 1, "number of final steps that keep their graph", check=at_least(1)),
         Option("latent_path", bool, False, "keep the linear latent path through early steps (AlignProp)"),

@@ -13,6 +13,7 @@ import random
 
 import torch
 
+from bench.capabilities import IN_ORDER
 from bench.options import Option, at_least
 from bench.problem import Problem
 from estimators.base import Cost, Estimate, Estimator, write_gradients
@@ -31,7 +32,7 @@ class ZerothOrder(Estimator):
         Option("mu", float, 0.01, "smoothing radius (perturbation size)", check=_positive),
     )
     variants = ("n=1", "n=3,mu=0.1")
-    in_order = True
+    provides = frozenset({IN_ORDER})
 
     def cost(self, steps: int, target: str) -> Cost:
         return Cost(nfe_forward=(2 * self.n + 1) * steps, nfe_vjp=0, memory="sampling only")

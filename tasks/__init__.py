@@ -1,1 +1,5 @@
-"""Standardized tasks: a model, sampler settings, rewards, targets and evaluation metrics."""
+"""Standardized tasks: a model, sampler settings, rewards, targets and evaluation metrics.
+BUILT_IN maps each task's name to its class: adding a task is a module (or folder) here and a
+line below."""
+
+BUILT_IN = {"toy": "tasks.toy:Toy", "digits": "tasks.digits.task:Digits", "sd": "tasks.sd.task:StableDiffusion"}

@@ -9,7 +9,7 @@ import torch
 from bench.chain import Schedule
 from bench.errors import SpecError
 from bench.options import Configurable, Option
-from bench.problem import GATES, TARGETS, Problem
+from bench.problem import TARGET_INFO, TARGETS, Problem
 
 DEFAULT_SAMPLERS = {"epsilon": "ddim", "flow": "flow-euler"}
 
@@ -83,10 +83,11 @@ class Task(Configurable):
         """The N-step schedule of the task's sampler on its model's noise table."""
         return self.chosen_sampler().schedule(self.scheduler_config(), steps, self.eta)
 
-    def shortcut_steps(self) -> list[int]:
-        """Step counts K of the distilled few-step students this task ships (ShortFT's
-        `shortcut-model`); none by default."""
-        return []
+    def offers(self) -> dict[str, object]:
+        """What this task can attach to its problems' `extras` for estimators that need it, by
+        name (bench/capabilities.py), with what an estimator may check before anything runs (e.g.
+        the step counts of the few-step chains it ships); none by default."""
+        return {}
 
     def check_steps(self, steps: int) -> None:
         """SpecError if the sampler cannot take `steps` steps (more than the model's training steps)."""
@@ -101,13 +102,14 @@ class Task(Configurable):
 
     def check_target(self, target: str) -> None:
         """SpecError unless this task can build problems for `target`."""
-        if target == GATES and target not in self.targets:
+        if target not in self.targets and target not in TARGETS:
             from bench.registry import TASKS
 
-            gated = [name for name in TASKS.names() if GATES in TASKS.get(name).targets]
-            raise SpecError(f"target 'gates' needs a task with gated denoiser blocks (DiP-GO); task {self.spec} "
-                            f"has none; tasks with gates: {', '.join(gated) or 'none'}; its targets: "
-                            f"{', '.join(self.targets)}")
+            owners = [name for name in TASKS.names() if target in TASKS.get(name).targets]  # registers theirs
+            info = TARGET_INFO.get(target)
+            if info is not None and info.needs:
+                raise SpecError(f"target {target!r} needs {info.needs}; task {self.spec} has none; tasks with "
+                                f"{target}: {', '.join(owners) or 'none'}; its targets: {', '.join(self.targets)}")
         if target not in self.targets:
             raise SpecError(f"unknown target {target!r} for task {self.spec}; valid: {', '.join(self.targets)}")
         if target == "noise" and not self.eta > 0:
@@ -115,9 +117,6 @@ class Task(Configurable):
 
     def check_point(self, target: str, steps: int) -> None:
         """SpecError if `target` cannot be built at `steps` steps (after check_target, check_steps)."""
-        if target == GATES and steps < 2:
-            raise SpecError(f"target 'gates' needs N >= 2 steps, got {steps}: step N computes every block, so "
-                            "at N = 1 there is nothing to gate")
 
     def leaves_for(self, target: str, x_start, cond, noises, denoiser) -> list:
         """The tensors an estimator differentiates for `target` (made to require grad)."""

@@ -13,12 +13,14 @@ checked against the exact gradient.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from diffusers import DDIMScheduler
 from torch import Tensor, nn
 
+from bench.capabilities import FEW_STEP_CHAIN
 from bench.chain import Chain, alpha_bar_at_time
 from bench.options import Option, at_least
 from bench.problem import Problem
@@ -159,11 +161,12 @@ class Toy(Task):
         problem = Problem(chain=Chain(denoiser, schedule), x_start=x_start, cond=cond, noises=noises,
                           reward_fn=self.reward_of, target=target, leaves=leaves)
         if self.eta == 0:  # a stand-in student for shortcut-model: the toy's own model on K steps
-            problem.shortcut = lambda k: Chain(denoiser, self.make_schedule(k), counter=problem.chain.counter)
+            problem.extras[FEW_STEP_CHAIN] = functools.cache(
+                lambda k: Chain(denoiser, self.make_schedule(k), counter=problem.chain.counter))
         return problem
 
-    def shortcut_steps(self) -> list[int]:
+    def offers(self) -> dict[str, object]:
         """shortcut-model's student here is the toy's exact model on a K-step grid of its sampler:
         not distilled, so it follows the long chain only as well as K steps do; it exercises the
         estimator's path (the conformance suite) with a known answer (full at N = K)."""
-        return list(range(1, 65))
+        return {FEW_STEP_CHAIN: list(range(1, 65))}

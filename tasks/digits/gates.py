@@ -26,6 +26,12 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench.problem import Target, register_target
+
+GATES = register_target(Target(
+    "gates", "keep/reuse gate logits per (step, block) of a gated denoiser (DiP-GO's pruning search)",
+    needs="a task with gated denoiser blocks (DiP-GO)",
+    unreached_calls=1))  # step N computes every block: its output depends on no gate
 BLOCKS = ("down0", "down1", "mid", "up0", "up1")
 DEEP = ("down1", "mid", "up0")  # DeepCache's reused branch; down0 -> up1 is its shallow branch
 

@@ -12,6 +12,7 @@ picks any sampler the model can drive (ddim or dpmpp2m for the epsilon model).""
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import torch
@@ -20,17 +21,18 @@ from diffusers.utils import logging as diffusers_logging
 from safetensors.torch import load_file
 from torch import Tensor
 
+from bench.capabilities import FEW_STEP_CHAIN, IN_ORDER
 from bench.chain import Chain
 from bench.errors import SpecError
 from bench.options import Option, at_least
-from bench.problem import GATES, TARGETS, Problem
+from bench.problem import TARGETS, Problem
 from tasks.base import Task, sampler_option
 from tasks.digits import data, gates, metrics, paths, shortcut
+from tasks.digits.gates import GATES
 from tasks.digits.classifier import DigitClassifier
 from tasks.digits.model import (FLOW_SCHEDULER_CONFIG, NULL_CLASS, SCHEDULER_CONFIG, TOKENS, WIDTH,
                                  GuidedDenoiser)
 
-STATIC_RESULTS: dict[tuple, dict[str, float]] = {}  # the gates' static baselines, per task and N
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
 
 
@@ -125,6 +127,7 @@ class Digits(Task):
         self.held_out, self.held_out_labels = data.split("held_out")
         self._classifiers: dict[torch.dtype, DigitClassifier] = {}
         self._flops: dict[str, float] | None = None
+        self._static_results: dict[tuple, dict[str, float]] = {}  # the gates' static baselines, per N
 
     @staticmethod
     def _train_and_cache(model: str):
@@ -182,7 +185,7 @@ class Digits(Task):
         problem = Problem(chain=Chain(denoiser, schedule), x_start=x_start, cond=cond, noises=noises,
                           reward_fn=self.reward_of, target=target, leaves=leaves)
         if self._student_applies():
-            problem.shortcut = lambda k: shortcut.student_chain(self, problem, k)
+            problem.extras[FEW_STEP_CHAIN] = functools.cache(lambda k: shortcut.student_chain(self, problem, k))
         return problem
 
     def _gate_problem(self, steps: int, seed: int, dtype: torch.dtype) -> Problem:
@@ -204,8 +207,8 @@ class Digits(Task):
         problem.target, problem.leaves = GATES, [logits]
         problem.reward_fn = lambda x: -((x - unpruned) ** 2).mean(dim=(1, 2, 3))
         problem.penalty = lambda: settings.penalty(logits, flops)
-        problem.in_order_only = "the gates target's denoiser reuses block outputs of the previous step"
-        problem.shortcut = None
+        problem.requires[IN_ORDER] = "the gates target's denoiser reuses block outputs of the previous step"
+        problem.extras.pop(FEW_STEP_CHAIN, None)
         return problem
 
     def block_flops(self) -> dict[str, float]:
@@ -214,8 +217,14 @@ class Digits(Task):
             self._flops = gates.block_flops(self.unet, self.embeddings[self.cls])
         return self._flops
 
-    def shortcut_steps(self) -> list[int]:
-        return shortcut.shipped_steps(self._folder()) if self.model == "epsilon" else []
+    def offers(self) -> dict[str, object]:
+        """shortcut-model's distilled students: the step counts shipped for the epsilon model."""
+        return {FEW_STEP_CHAIN: shortcut.shipped_steps(self._folder()) if self.model == "epsilon" else []}
+
+    def check_point(self, target: str, steps: int) -> None:
+        if target == GATES and steps < 2:
+            raise SpecError(f"target 'gates' needs N >= 2 steps, got {steps}: step N computes every block, so "
+                            "at N = 1 there is nothing to gate")
 
     def _student_applies(self) -> bool:
         """The shipped students follow the deterministic DDIM chain of the epsilon model at their
@@ -315,7 +324,7 @@ class Digits(Task):
         # the baselines do not depend on the gate options: measured once per sweep for the rest
         key = (self.data_fingerprint(), *sorted((k, v) for k, v in self.values.items() if not k.startswith("gate_")),
                problem.num_steps, str(x0.dtype))
-        if key not in STATIC_RESULTS:
-            STATIC_RESULTS[key] = gates.evaluate_patterns(gates.static_patterns(problem.num_steps), **measure)
-        static = {k: v for k, v in STATIC_RESULTS[key].items() if not k.startswith("unpruned_")}
+        if key not in self._static_results:
+            self._static_results[key] = gates.evaluate_patterns(gates.static_patterns(problem.num_steps), **measure)
+        static = {k: v for k, v in self._static_results[key].items() if not k.startswith("unpruned_")}
         return {"reward": float(problem.reward_fn(x0).mean()), **found, **static}
