@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("estimators", nargs="*", metavar="SPEC", help="estimator specs (default: all registered)")
     check.add_argument("--include", action="append", default=[], metavar="FILE.py",
                        help="import a file that registers estimators")
+    check.add_argument("--samplers", nargs="*", default=None, metavar="SPEC",
+                       help="run the sampler suite instead (bench/check/samplers.py): these specs, or with none "
+                            "every registered sampler and its variants")
+    check.add_argument("--tasks", nargs="*", default=None, metavar="SPEC",
+                       help="run the task suite instead (bench/check/tasks.py): these specs, or with none every "
+                            "registered task with its defaults")
 
     figures = sub.add_parser("figures", help="redraw the papers' figures from reference results (reports/figures)")
     figures.add_argument("--only", default="", help="comma-separated figure names (spec file stems)")
@@ -398,13 +404,25 @@ def _compare(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from bench.conformance import check_all, print_checks
     from bench.registry import include
 
     for path in args.include:
         include(path)
-    checks = check_all(args.estimators or None)
-    print_checks(checks, Console())
+    if args.samplers is not None:
+        from bench.check.samplers import check_all_samplers, print_sampler_checks
+
+        checks = check_all_samplers(args.samplers or None)
+        print_sampler_checks(checks, Console())
+    elif args.tasks is not None:
+        from bench.check.tasks import check_all_tasks, print_task_checks
+
+        checks = check_all_tasks(args.tasks or None)
+        print_task_checks(checks, Console())
+    else:
+        from bench.conformance import check_all, print_checks
+
+        checks = check_all(args.estimators or None)
+        print_checks(checks, Console())
     return 1 if any(c.status == "fail" for c in checks) else 0
 
 
