@@ -16,7 +16,7 @@ run: $(STAMP)
 	$(PY) -m bench run
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m benchmark tests/benchmarks --benchmark-sort=name

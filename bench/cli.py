@@ -29,7 +29,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _remeasure_arg(text: str) -> frozenset:
-    from bench.runner import REMEASURED
+    from bench.plan import REMEASURED
 
     chosen = frozenset(split_list(text))
     if not chosen or not chosen <= set(REMEASURED):

@@ -24,7 +24,8 @@ def _serve_cell(conn, payload: dict[str, Any]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and kills this process
     try:
         from bench.registry import ESTIMATORS, TASKS, include
-        from bench.runner import Cell, CellRunner, SweepSpec
+        from bench.cell import CellRunner
+        from bench.plan import Cell, SweepSpec
 
         spec = SweepSpec(**payload["spec"])
         for path in spec.includes:

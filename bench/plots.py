@@ -19,17 +19,6 @@ from matplotlib import ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-FAMILY_COLOURS = {
-    "full": "#222222", "checkpoint": "#8c8c8c", "adjoint": "#1f77b4", "sdo": "#ff7f0e",
-    "truncated": "#2ca02c", "draft-lv": "#17becf", "score-function": "#9467bd",
-    "zeroth-order": "#e377c2", "dno": "#8c564b", "edict": "#bcbd22", "torchdiffeq-adjoint": "#d62728",
-    "shortcut-model": "#e6194b",
-    "coarse-adjoint": "#e6194b",
-}
-FAMILY_MARKERS = {"full": "o", "checkpoint": "s", "adjoint": "D", "sdo": "^", "truncated": "v",
-                  "draft-lv": "P", "score-function": "X", "zeroth-order": "*", "dno": "h",
-                  "edict": "p", "torchdiffeq-adjoint": "d", "coarse-adjoint": ">",
-                  "shortcut-model": "<"}
 _SPARE = [mcolors.to_hex(c) for c in plt.get_cmap("tab20").colors]
 _MARKERS = "o s D ^ v P X * h p d < >".split()
 MIB = 2 ** 20
@@ -43,10 +32,28 @@ def family(spec: str) -> str:
     return spec.split("[")[0]
 
 
+def family_style(name: str) -> tuple[str, str]:
+    """(colour, marker) of an estimator family: the `plot_style` its class declares, else a pair
+    that no registered estimator declares, chosen by its name (a plug-in, or a row's estimator
+    that is not registered here)."""
+    from bench.errors import SpecError
+    from bench.registry import ESTIMATORS
+
+    try:
+        declared = ESTIMATORS.get(name).plot_style
+    except SpecError:
+        declared = None
+    if declared:
+        return declared
+    taken = {ESTIMATORS.get(n).plot_style for n in ESTIMATORS.listed()}
+    free = [(c, m) for c in _SPARE for m in _MARKERS if (c, m) not in taken]
+    return free[_stable(name) % len(free)]
+
+
 def colour(spec: str) -> str:
     """The estimator's colour: its family's, lightened for variants (by K for truncated)."""
     name = family(spec)
-    base = FAMILY_COLOURS.get(name) or _SPARE[_stable(name) % len(_SPARE)]
+    base = family_style(name)[0]
     if spec == name:
         return base
     k = re.search(r"\bk=(\d+)", spec)
@@ -59,8 +66,7 @@ def colour(spec: str) -> str:
 
 
 def marker(spec: str) -> str:
-    name = family(spec)
-    return FAMILY_MARKERS.get(name) or _MARKERS[_stable(name) % len(_MARKERS)]
+    return family_style(family(spec))[1]
 
 
 def style(spec: str) -> dict:
@@ -68,8 +74,10 @@ def style(spec: str) -> dict:
 
 
 def order(specs) -> list[str]:
-    """Estimators in a stable reading order: built-in families first, then the rest."""
-    ranking = list(FAMILY_COLOURS)
+    """Estimators in a stable reading order: registered families in their listed order, then the rest."""
+    from bench.registry import ESTIMATORS
+
+    ranking = ESTIMATORS.listed()
     return sorted(set(specs), key=lambda s: (ranking.index(family(s)) if family(s) in ranking else 99, s))
 
 

@@ -74,6 +74,11 @@ class Registry:
         self.load_plugins()
         return sorted(self._entries)
 
+    def listed(self) -> list[str]:
+        """The names in the order they were listed: the built-in table's, then plug-ins'."""
+        self.load_plugins()
+        return list(self._entries)
+
     def get(self, name: str) -> type:
         self.load_plugins()
         name = self._aliases.get(name, name)

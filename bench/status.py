@@ -2,7 +2,7 @@
 
   done     its row is `ok` or `skipped`
   failed   its row is `error`, `oom`, `timeout` or `diverged` (the error is shown)
-  running  a live job holds it (a claim refreshed within launch.STALE_S)
+  running  a live job holds it (a claim refreshed within bench/jobs.py STALE_S)
   queued   a job that has it is still waiting or running (SLURM's state; a local job's process)
   pending  none of these: the same command runs it (`interrupted` when a job held it and ended
            without its row: killed by a time limit, preemption or a node failure)"""
@@ -13,7 +13,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench import launch, store
+from bench import jobs as job_records
+from bench import store
 from bench.errors import SpecError
 
 STATES = ("done", "failed", "running", "queued", "pending")
@@ -32,12 +33,12 @@ def status(run_dir: Path) -> dict[str, Any]:
     launcher = record.get("launcher")
     launcher = launcher.get("launcher") if isinstance(launcher, dict) else None
     config = record.get("config")
-    claims = launch.claims(folder)
+    claims = job_records.claims(folder)
     live = {key: c for c in claims if not c["stale"] for key in c.get("cells", [])}
     stale = {key: c for c in claims if c["stale"] for key in c.get("cells", [])}
-    jobs = launch.submitted(folder)
+    jobs = job_records.submitted(folder)
     for job in jobs:
-        job["state"] = launch.job_state(folder, job)
+        job["state"] = job_records.job_state(folder, job)
     last_job = {key: job for job in jobs for key in job.get("cells", [])}
     written = Counter(str(row["job"]) for row in rows.values() if row.get("job"))
     entries = []
@@ -54,7 +55,7 @@ def status(run_dir: Path) -> dict[str, Any]:
             claim = live[cell["key"]]
             entry["state"], entry["job"] = "running", claim.get("job")
             entry["note"] = f"on {claim.get('host')} since {str(claim.get('since', ''))[:19]}"
-        elif job is not None and (job["state"] in launch.SLURM_LIVE or job["state"] == "ALIVE"):
+        elif job is not None and (job["state"] in job_records.SLURM_LIVE or job["state"] == "ALIVE"):
             entry["state"], entry["job"], entry["note"] = "queued", job["job"], job["state"].lower()
         else:
             entry["state"] = "pending"

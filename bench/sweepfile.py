@@ -36,7 +36,7 @@ from typing import Any
 from bench.errors import SpecError
 from bench.launch import LaunchSpec
 from bench.options import split_list
-from bench.runner import SweepSpec
+from bench.plan import SweepSpec
 
 MAX_SECONDS = 365 * 24 * 3600.0  # --timeout, --timing-cap, --budget
 SECONDS_FIELDS = ("timing_cap", "budget")

@@ -1,6 +1,6 @@
 """Gradient estimators, one module each (estimators/base.py holds the contract). BUILT_IN maps
-each name to its class, ALIASES the other names users know them by: adding an estimator is a
-module here and a line below."""
+each name to its class, in the order tables and figures list them; ALIASES the other names users
+know them by. Adding an estimator is a module here and a line below."""
 
 BUILT_IN = {
     "full": "estimators.full:Full",
@@ -9,13 +9,13 @@ BUILT_IN = {
     "sdo": "estimators.sdo:SDO",
     "truncated": "estimators.truncated:Truncated",
     "draft-lv": "estimators.draft_lv:DraftLV",
-    "zeroth-order": "estimators.zeroth_order:ZerothOrder",
     "score-function": "estimators.score_function:ScoreFunction",
+    "zeroth-order": "estimators.zeroth_order:ZerothOrder",
     "dno": "estimators.dno:DNO",
     "edict": "estimators.edict:EDICT",
     "torchdiffeq-adjoint": "estimators.torchdiffeq_adjoint:TorchdiffeqAdjoint",
-    "coarse-adjoint": "estimators.coarse_adjoint:CoarseAdjoint",
     "shortcut-model": "estimators.shortcut_model:ShortcutModel",
+    "coarse-adjoint": "estimators.coarse_adjoint:CoarseAdjoint",
 }
 ALIASES = {"bptt": "full", "draft": "truncated", "alignprop": "truncated", "adjointdpm": "adjoint",
            "ddpo": "score-function", "doodl": "edict", "spsa": "zeroth-order", "es": "zeroth-order",

@@ -68,6 +68,9 @@ class Estimator(Configurable):
     convergence_order: ClassVar[float | None] = None
     samples_long_chain: ClassVar[bool] = True  # False if its gradient pass samples another chain than the task's
     random_counts: ClassVar[bool] = False  # True if call counts depend on random draws (reported, not checked)
+    # (colour, marker) in every figure, unique among the registered estimators; None: the figures
+    # pick a pair no registered estimator has (bench/plots.py)
+    plot_style: ClassVar[tuple[str, str] | None] = None
     # capabilities it provides, that some problems require (bench/capabilities.py), e.g. IN_ORDER:
     # every pass calls the denoiser only on the sampler's grid, N..1, never a step alone or off it
     provides: ClassVar[frozenset[str]] = frozenset()

@@ -81,6 +81,7 @@ def recursive_forwards(steps: int) -> int:
 
 class Checkpoint(Estimator):
     name = "checkpoint"
+    plot_style = ("#8c8c8c", "s")  # colour and marker in every figure
     summary = "exact backprop, graph recomputed in backward (per step, in segments, or recursively)"
     exact = True
     provides = frozenset({IN_ORDER})

@@ -60,6 +60,7 @@ def probability_regulariser(z: Tensor, block: int, perms: int, generator: torch.
 
 class DNO(Estimator):
     name = "dno"
+    plot_style = ("#8c564b", "h")  # colour and marker in every figure
     summary = "checkpointed backprop to x_N and the injected noises, optional probability regulariser (DNO)"
     options = (
         Option("reg", float, 0.0, "weight gamma of the probability regulariser (0: none; exact gradient)",

@@ -28,6 +28,7 @@ from estimators.randomness import torch_generator
 
 class DraftLV(Estimator):
     name = "draft-lv"
+    plot_style = ("#17becf", "P")  # colour and marker in every figure
     summary = "re-noise x_0 n times and backprop through the last step only (DRaFT-LV)"
     options = (Option("n", int, 2, "re-noised copies of x_0 (the paper uses 2)", check=at_least(1)),)
     variants = ("n=1", "n=5")

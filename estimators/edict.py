@@ -56,6 +56,7 @@ def _check_reconstruction(problem: Problem, x: Tensor, y: Tensor) -> None:
 
 class EDICT(Estimator):
     name = "edict"
+    plot_style = ("#bcbd22", "p")  # colour and marker in every figure
     summary = "exact gradient, constant memory, through EDICT's invertible coupled sampler (DOODL)"
     sampler = "edict"
     exact = True

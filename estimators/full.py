@@ -12,6 +12,7 @@ from bench.problem import Problem
 
 class Full(Estimator):
     name = "full"
+    plot_style = ("#222222", "o")  # colour and marker in every figure
     summary = "backprop through all N denoiser calls (exact; memory grows with N)"
     exact = True
     provides = frozenset({IN_ORDER})

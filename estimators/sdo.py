@@ -42,6 +42,7 @@ def _step_choice(value: str) -> str | None:
 
 class SDO(Estimator):
     name = "sdo"
+    plot_style = ("#ff7f0e", "^")  # colour and marker in every figure
     summary = "one-step shortcut: identity path plus one kept denoiser call (SDO)"
     options = (
         Option("step", str, "first", "which call keeps its graph (index: 0-based, sampling order)",

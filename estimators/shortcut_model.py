@@ -25,6 +25,7 @@ from estimators.base import Cost, Estimate, Estimator, backprop
 
 class ShortcutModel(Estimator):
     name = "shortcut-model"
+    plot_style = ("#911eb4", "<")  # colour and marker in every figure
     summary = "backprop through a distilled few-step student's K-step chain (ShortFT)"
     samples_long_chain = False  # its rewards are the student's; the runner evaluates the N-step chain
     needs = {FEW_STEP_CHAIN: "a distilled few-step student of the task's model"}

@@ -55,6 +55,7 @@ class ProbabilityFlow(nn.Module):
 
 class TorchdiffeqAdjoint(Estimator):
     name = "torchdiffeq-adjoint"
+    plot_style = ("#d62728", "d")  # colour and marker in every figure
     summary = "torchdiffeq.odeint_adjoint, Euler on the sampler's rho grid (AdjointDPM's off-the-shelf route)"
     convergence_order = 1.0
 

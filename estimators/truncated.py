@@ -22,6 +22,7 @@ from estimators.masked_chain import run_masked_chain
 
 class Truncated(Estimator):
     name = "truncated"
+    plot_style = ("#2ca02c", "v")  # colour and marker in every figure
     summary = "backprop through the last K steps only (DRaFT-K / AlignProp)"
     provides = frozenset({IN_ORDER})
     options = (

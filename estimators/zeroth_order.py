@@ -26,6 +26,7 @@ def _positive(value: float) -> str | None:
 
 class ZerothOrder(Estimator):
     name = "zeroth-order"
+    plot_style = ("#e377c2", "*")  # colour and marker in every figure
     summary = "antithetic random-direction finite differences; no backprop (SPSA / ES)"
     options = (
         Option("n", int, 8, "antithetic direction pairs per gradient", check=at_least(1)),

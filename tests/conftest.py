@@ -6,7 +6,26 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # an accidental hub call fails at once
 
+from bench import registry  # noqa: E402
 from bench.registry import ESTIMATORS, TASKS  # noqa: E402
+from bench.samplers import SAMPLERS  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registries_scoped_to_the_test_file():
+    """What a test file registers (an --include, a decorated class) is gone after it: no plug-in
+    of one file leaks into another's listings or skip reasons."""
+    saved = [(r, dict(r._entries), dict(r._aliases)) for r in (ESTIMATORS, TASKS, SAMPLERS) if r.names()]
+    included = dict(registry._INCLUDED)
+    yield
+    for r, entries, aliases in saved:
+        loaded = {name: r._entries[name] for name in entries if not isinstance(r._entries.get(name), str)}
+        r._entries.clear()
+        r._entries.update({**entries, **loaded})  # keep classes loaded since (lazy entries resolved)
+        r._aliases.clear()
+        r._aliases.update(aliases)
+    registry._INCLUDED.clear()
+    registry._INCLUDED.update(included)
 
 
 @pytest.fixture(scope="session")

@@ -94,3 +94,15 @@ def test_a_bad_figure_spec_is_one_line(tmp_path, capsys):
     (tmp_path / "broken.toml").write_text('title = "x"\nkind = "pie"\nsource = "results"\nclaim = "c"\n')
     assert main(["figures", "--specs", str(tmp_path)]) == 2
     assert "unknown kind 'pie'; valid: cost_and_reward" in capsys.readouterr().err
+
+
+def test_every_registered_estimator_has_a_colour_and_marker_of_its_own():
+    """Styles come from the estimators' own classes (plot_style): no two registered estimators share
+    a colour and a marker, and one without a declared style gets a pair no other has."""
+    from bench import plots
+    from bench.registry import ESTIMATORS
+
+    styles = {name: plots.family_style(name) for name in ESTIMATORS.listed()}
+    assert len(set(styles.values())) == len(styles), styles
+    assert all(ESTIMATORS.get(name).plot_style for name in ("full", "adjoint", "coarse-adjoint", "shortcut-model"))
+    assert plots.family_style("not-registered") not in set(styles.values())

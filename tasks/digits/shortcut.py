@@ -185,7 +185,7 @@ def check(task, delta: dict[str, Tensor], steps: int, segment: int = SEGMENT, pe
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tasks.digits.task import Digits
+    from bench.registry import TASKS  # the task by name: this module is part of it, not above it
     from tasks.digits.train import record
 
     parser = argparse.ArgumentParser(prog="python -m tasks.digits.shortcut", description=__doc__,
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=paths.COMMITTED, help="the digits weights folder")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    task = Digits()
+    task = TASKS.create("digits")
     task.setup(torch.device("cpu"))
     delta, info = distil(task, args.steps, args.segment, per_class=args.per_class, train_steps=args.train_steps,
                          batch=args.batch)
