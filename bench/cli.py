@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("estimators", nargs="*", metavar="SPEC", help="estimator specs (default: all registered)")
     check.add_argument("--include", action="append", default=[], metavar="FILE.py",
                        help="import a file that registers estimators")
+    check.add_argument("--on", action="append", default=None, metavar="TASK",
+                       help="the estimator suite's tasks (default: toy[d=3,batch=6] and its eta=1.0 twin): a "
+                            "deterministic task spec first, then one with injected noise")
     check.add_argument("--samplers", nargs="*", default=None, metavar="SPEC",
                        help="run the sampler suite instead (bench/check/samplers.py): these specs, or with none "
                             "every registered sampler and its variants")
@@ -421,7 +424,7 @@ def _check(args: argparse.Namespace) -> int:
     else:
         from bench.conformance import check_all, print_checks
 
-        checks = check_all(args.estimators or None)
+        checks = check_all(args.estimators or None, args.on)
         print_checks(checks, Console())
     return 1 if any(c.status == "fail" for c in checks) else 0
 

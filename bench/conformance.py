@@ -51,12 +51,15 @@ def _require(condition: bool, message: str) -> None:
 
 
 class Suite:
-    def __init__(self, spec: str) -> None:
-        self.spec = spec
+    def __init__(self, spec: str, toys: tuple[str, ...] = TOYS) -> None:
+        """The suite of estimator `spec` on `toys`: a deterministic task spec first, then one with
+        injected noise (eta > 0); a plug-in's own task where its estimator needs what the toy
+        does not provide."""
+        self.spec, self.toys = spec, tuple(toys)
         self.cls = ESTIMATORS.get(spec.split("[")[0])
         self.checks: list[Check] = []
         self.tasks = {}
-        for toy in TOYS:
+        for toy in self.toys:
             task = TASKS.create(toy)
             task.setup(torch.device("cpu"))
             self.tasks[toy] = task
@@ -101,7 +104,7 @@ class Suite:
                 if target == "noise" and not task.eta > 0:
                     continue  # the deterministic sampler has no injected noise to optimise
                 problem = task.make_problem(target, STEPS, 0)
-                reason = estimator.skip_reason(problem)
+                reason = estimator.applies(problem)  # its requirements and needs too (bench/capabilities.py)
                 _require(reason is None or (isinstance(reason, str) and reason.strip()),
                          f"skip_reason returned {reason!r}: None or a sentence")
                 if reason is None:
@@ -198,7 +201,7 @@ class Suite:
         order = self.estimator().convergence_order
         if order is None:
             return "n/a", "no convergence order declared"
-        toy = TOYS[0]
+        toy = self.toys[0]
 
         def check(target, _):
             errors = []
@@ -259,8 +262,8 @@ class Suite:
         return f"{target}: {growth:+d} live tensors over {2 * COUNT_CALLS} calls"
 
 
-def check_estimator(spec: str) -> list[Check]:
-    suite = Suite(spec)
+def check_estimator(spec: str, toys: tuple[str, ...] = TOYS) -> list[Check]:
+    suite = Suite(spec, toys)
     suite.run("options declared and validated", suite.options)
     suite.run("skip reasons", suite.skips)
     suite.run("gradients on the target's leaves only", suite.leaves)
@@ -284,11 +287,13 @@ def variant_specs(spec: str) -> list[str]:
     return [cls.name] + [f"{cls.name}[{variant}]" for variant in cls.variants]
 
 
-def check_all(specs: list[str] | None = None) -> list[Check]:
+def check_all(specs: list[str] | None = None, toys: tuple[str, ...] | None = None) -> list[Check]:
     specs = [variant for spec in (specs or ESTIMATORS.names()) for variant in variant_specs(spec)]
     for spec in specs:
         ESTIMATORS.create(spec)  # a bad name or option is a SpecError before anything runs
-    return [check for spec in specs for check in check_estimator(spec)]
+    for toy in toys or ():
+        TASKS.create(toy)
+    return [check for spec in specs for check in check_estimator(spec, tuple(toys or TOYS))]
 
 
 def print_checks(checks: list[Check], console: Any) -> None:
