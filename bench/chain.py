@@ -29,6 +29,9 @@ import torch
 from torch import Tensor, nn
 
 State = tuple[Tensor, ...]
+# Schedule.ode_grid_between: a grid uniform in model time is kept if its smallest interval is at
+# least this fraction of the uniform grid's, else the grid is uniform in s.
+SPREAD = 1e-3
 
 
 class Schedule:
@@ -128,7 +131,9 @@ class Schedule:
         uniform in lambda = log(alpha / sigma) between the same end points (the exponential
         integrators' grid, smooth for every solver), with a fixed first (last) interval where
         lambda is infinite or the model's time stops at an end (`ode_edges`), and uniform in model
-        time where lambda is infinite with no edge to stop at."""
+        time where lambda is infinite with no edge to stop at (uniform in s where the model time
+        hardly moves across the interval, e.g. all of it below rho(t = 0): see `ode_grid_between`).
+        Always `steps` + 1 points, strictly increasing where s_0 < s_N."""
         n = self.num_steps
         if steps in (0, n):
             return [self.ode_point(i) for i in range(n + 1)]
@@ -150,6 +155,10 @@ class Schedule:
         return -math.inf, math.inf
 
     def ode_grid_between(self, low: float, high: float, steps: int) -> list[float]:
+        """`steps` + 1 points from low to high: uniform in lambda where it is finite at both ends,
+        else uniform in model time, else (where model-time steps would leave an interval below
+        SPREAD of the uniform one: the model time is clamped across most of the interval, as
+        from rho = 0 to rho(t = 0) on a one-step grid ending at abar = 1) uniform in s."""
         if 0 < self.ode_to_rho(low) < math.inf and 0 < self.ode_to_rho(high) < math.inf:
             log_low, log_high = math.log(self.ode_to_rho(low)), math.log(self.ode_to_rho(high))
             inner = [self.ode_from_rho(math.exp(log_low + (log_high - log_low) * j / steps))
@@ -157,6 +166,9 @@ class Schedule:
         else:
             t_low, t_high = self.ode_time(low), self.ode_time(high)
             inner = [self.ode_point_at_time(t_low + (t_high - t_low) * j / steps) for j in range(1, steps)]
+            grid = [low, *inner, high]
+            if min(b - a for a, b in zip(grid, grid[1:])) <= SPREAD * (high - low) / steps:
+                inner = [low + (high - low) * j / steps for j in range(1, steps)]
         return [low, *inner, high]
 
     def ode_to_rho(self, s: float) -> float:

@@ -2,8 +2,9 @@
 
 Sample without graph except at one step k, and keep the sampler's affine arithmetic of every
 step as an identity path. With W_x = dx_0/dx_N and W_k = dx_0/d out_k, every model output held
-fixed (Schedule.state_weight, output_weight; for DDIM at eta = 0 W_x = alpha_0 / alpha_N and
-W_k = alpha_0 (rho_{k-1} - rho_k)):
+fixed (Schedule.state_weight, output_weight: the step rule's own; for DDIM at eta = 0, where each
+step lands on the next grid point (leading spacing, or trailing with N dividing T), W_x =
+alpha_0 / alpha_N and W_k = alpha_0 (rho_{k-1} - rho_k)):
 
     dx_0/dx_N   ~ W_x I + W_k J_x(out_k)   (J term only if k = N)
     dx_0/dtheta ~ W_k d out_k / d theta

@@ -15,15 +15,11 @@ from bench.samplers.flow_euler import FlowEuler, FlowEulerSchedule
 BUILT_IN = [name for name in SAMPLERS.names() if SAMPLERS.get(name).__module__.startswith("bench.samplers.")]
 SPECS = [variant for name in BUILT_IN for variant in sampler_variants(name)]
 
-# What the suite finds in the built-in samplers today (report of the conformance issue).
-KNOWN = {
-    ("ddim", "linear weights = autograd"):
-        "linspace grids land beside their points: state_weight 157.40 (ODE view) vs 61.00 by the step rule at N=4",
-    ("ddim", "ODE grid"):
-        "N=1 ending at abar=1 with t_1=0: ode_grid(2) = [0, rho(0), rho(0) - 1 ulp], an interval of -1.7e-18",
-    ("ddim", "unsupported configurations refused"):
-        "clip_sample=True and thresholding=True are accepted and not reproduced (rel. distance 5.4 and 1.1)",
-}
+# What the suite finds in the built-in samplers today (report of the conformance issue): strict
+# expected failures, so that a fix shows. None left: DDIM's weights are the step rule's, its ODE
+# grid at N = 1 inside the clamped model time is uniform in rho, clip_sample and thresholding are
+# refused.
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +50,9 @@ def test_each_check_measures_what_it_says(results):
     assert "11 table(s)" in ddim["trajectory = the diffusers step loop"].detail
     assert ddim["trajectory with injected noise"].status == "pass"
     assert "identity steps at linear leading offset=0" in ddim["identity steps"].detail
+    assert ddim["unsupported configurations refused"].detail.startswith(
+        "refused: clip_sample, thresholding, v_prediction, sample prediction")
+    assert "88 (table, N, eta)" in ddim["linear weights = autograd"].detail  # linspace grids too
     assert results["dpmpp2m"]["unsupported configurations refused"].detail.startswith(
         "refused: thresholding, v_prediction, sample prediction, karras sigmas")
     assert "7 table(s)" in results["dpmpp2m"]["trajectory = the diffusers step loop"].detail  # set_alpha_to_one: no DPM key

@@ -128,12 +128,15 @@ def _sdo_closed_form(task, target, steps, k, seed=0):
 
 
 @pytest.mark.parametrize("target", TARGETS)
-@pytest.mark.parametrize("step,k", [("first", 12), ("last", 1), ("4", 8)])
+# N = 10 divides T = 1000: every trailing step lands on the next grid point, where the closed form
+# (alpha_0 / alpha_N, alpha_0 beta_k) is the chain's; elsewhere the weights are the step rule's own
+# (tests/test_samplers.py)
+@pytest.mark.parametrize("step,k", [("first", 10), ("last", 1), ("4", 6)])
 @pytest.mark.parametrize("task_name", ["toy", "toy_eta"])
 def test_sdo_matches_its_closed_form(request, target, step, k, task_name):
     task = request.getfixturevalue(task_name)
-    grad, _ = gradient(task, f"sdo[step={step}]", target, steps=12)
-    expected = _sdo_closed_form(task, target, 12, k)
+    grad, _ = gradient(task, f"sdo[step={step}]", target, steps=10)
+    expected = _sdo_closed_form(task, target, 10, k)
     assert float(expected.norm()) > 0
     assert rel_err(grad, expected) < 1e-12
 

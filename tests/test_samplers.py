@@ -80,25 +80,108 @@ def test_stochastic_ddim_equals_diffusers_with_the_same_noise(config):
     assert float((ours - x).norm() / x.norm()) < 1e-6  # diffusers computes the variance in float32
 
 
-@pytest.mark.parametrize("spec", ["ddim", "dpmpp2m", "dpmpp2m[order=1]", "flow-euler[shift=3]"])
-@pytest.mark.parametrize("steps", [1, 4, 20])
-def test_linear_weights_equal_autograd(spec, steps):
-    """x_0 = W_x x_N + sum_i W_i out_i: the weights SDO and the latent path use, against autograd
-    through the step rule with every model output a free leaf. (DDIM reports them in the ODE
-    view, equal to the step rule's where N divides T, as here.)"""
-    schedule = make_sampler(spec).schedule(VP_CONFIGS["sd-trailing"], steps)
+WEIGHT_CASES = [(spec, "sd-trailing", steps) for spec in ("ddim", "dpmpp2m", "dpmpp2m[order=1]", "flow-euler[shift=3]")
+                for steps in (1, 4, 20)] + [
+    # DDIM's steps land beside the grid points: linspace spacing, and trailing with N not dividing T
+    ("ddim", "linear-linspace", 4), ("ddim", "linear-linspace", 25), ("ddim", "sd-trailing", 16),
+    ("ddim", "linear-trailing", 16), ("dpmpp2m", "linear-linspace", 16)]
+
+
+def _linear_trailing():
+    return dict(VP_CONFIGS["linear-linspace"], timestep_spacing="trailing", set_alpha_to_one=False)
+
+
+@pytest.mark.parametrize("spec,config,steps,eta", [case + (eta,) for case in WEIGHT_CASES
+                                                   for eta in ((0.0, 0.8) if case[0] == "ddim" else (0.0,))])
+def test_linear_weights_equal_autograd(spec, config, steps, eta):
+    """x_0 = W_x x_N + sum_i W_i out_i (+ injected noise): the weights SDO and the latent path use,
+    against autograd through the step rule with every model output a free leaf, on every spacing
+    (DDIM's steps from t to t - T // N land beside the next grid point on linspace spacing and on
+    trailing spacing with N not dividing T: the weights are still the step rule's)."""
+    table = _linear_trailing() if config == "linear-trailing" else VP_CONFIGS[config]
+    schedule = make_sampler(spec).schedule(table, steps, eta)
+    generator = torch.Generator().manual_seed(steps)
     x_start = torch.full((1,), 0.7, dtype=torch.float64, requires_grad=True)
-    outs = [torch.randn(1, dtype=torch.float64).requires_grad_(True) for _ in range(steps)]
+    outs = [torch.randn(1, generator=generator, dtype=torch.float64).requires_grad_(True) for _ in range(steps)]
+    noises = [torch.randn(1, generator=generator, dtype=torch.float64) for _ in range(steps)] if eta else None
     state = schedule.start(x_start)
     for i in range(steps, 0, -1):
-        state = schedule.advance(state, i, outs[steps - i])
+        state = schedule.advance(state, i, outs[steps - i], noise_for(noises, i))
     grads = torch.autograd.grad(state[0].sum(), [x_start, *outs])
     assert float(grads[0]) == pytest.approx(schedule.state_weight, rel=1e-12)
     for i in range(steps, 0, -1):
         assert float(grads[steps - i + 1]) == pytest.approx(schedule.output_weight(i), rel=1e-12, abs=1e-15)
-    affine = schedule.state_weight * x_start + sum(schedule.output_weight(i) * outs[steps - i]
-                                                   for i in range(steps, 0, -1))
-    assert float(affine) == pytest.approx(float(state[0]), rel=1e-12)  # no constant term
+    if eta == 0:
+        affine = schedule.state_weight * x_start + sum(schedule.output_weight(i) * outs[steps - i]
+                                                       for i in range(steps, 0, -1))
+        assert float(affine.detach()) == pytest.approx(float(state[0].detach()), rel=1e-12)  # no constant term
+
+
+@pytest.mark.parametrize("config,steps,step_rule", [("linear-linspace-default", 4, 61.00109055143243),
+                                                    ("linear-trailing", 16, 151.5375761659998)])
+def test_ddim_weights_are_the_step_rule_where_steps_land_beside_the_grid(config, steps, step_rule):
+    """The conformance issue's numbers: the ODE view's W_x = alpha_0 / alpha_N (157.40 with
+    diffusers' default linear betas) is not what the step rule applies when the steps land beside
+    the grid points (999 -> 749 with 666 the next point at N = 4 on linspace spacing)."""
+    table = _linear_trailing() if config == "linear-trailing" else dict(VP_CONFIGS["linear-linspace"],
+                                                                        set_alpha_to_one=False)
+    schedule = make_sampler("ddim").schedule(table, steps)
+    assert schedule.alpha(0) / schedule.alpha(steps) == pytest.approx(157.40257378, rel=1e-9)
+    assert schedule.state_weight == pytest.approx(step_rule, rel=1e-12)
+    product = 1.0
+    for i in range(steps, 0, -1):
+        product *= schedule.coefficients(i)[0]
+    assert schedule.state_weight == pytest.approx(product, rel=1e-14)
+
+
+@pytest.mark.parametrize("change,key", [(dict(clip_sample=True), "clip_sample"),
+                                        (dict(clip_sample=None), "clip_sample"),  # absent: DDIMScheduler's True
+                                        (dict(thresholding=True), "thresholding")])
+def test_ddim_refuses_steps_it_cannot_take(change, key):
+    """DDIMScheduler's clipping and thresholding of the x_0 prediction are not affine: the chain
+    cannot reproduce them, so building the schedule refuses them in one line that says what to do."""
+    config = {k: v for k, v in {**VP_CONFIGS["sd-trailing"], **change}.items() if v is not None}
+    for build in (lambda: make_sampler("ddim").schedule(config, 4),
+                  lambda: make_sampler("ddim").schedule(config, 4, eta=1.0)):
+        with pytest.raises(SpecError, match=f"{key}=True") as caught:
+            build()
+        message = str(caught.value)
+        assert "\n" not in message and f"set {key} false in the model's scheduler_config.json" in message
+    from bench.chain import Schedule
+
+    with pytest.raises(SpecError, match=f"{key}=True"):
+        Schedule.from_scheduler(make_sampler("ddim").scheduler(config), 4)
+    # DPM-Solver++ has no clip_sample; its own refusal of thresholding is older
+    if key == "clip_sample":
+        make_sampler("dpmpp2m").schedule(config, 4)
+
+
+@pytest.mark.parametrize("spec", ["toy", "toy[sampler=dpmpp2m]", "digits", "sd[model=tiny]"])
+def test_the_tasks_configs_state_that_they_do_not_clip(spec):
+    """Every built-in task's scheduler configuration says clip_sample=False (an absent key would be
+    DDIMScheduler's default, True, and refused): its preflight and schedules go through."""
+    task = TASKS.create(spec)
+    task.preflight()
+    config = task.scheduler_config()
+    assert config["clip_sample"] is False and not config.get("thresholding", False)
+    assert task.make_schedule(4).num_steps == 4
+
+
+def test_a_clipping_model_is_refused_by_the_tasks_preflight(tmp_path):
+    """sd with a scheduler_config.json that clips: refused in preflight, before any set-up."""
+    import json
+    import shutil
+
+    from tasks.sd.task import resolve_model
+
+    model = tmp_path / "clipping-sd"
+    shutil.copytree(resolve_model("tiny"), model)
+    path = model / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "clip_sample": True}))
+    with pytest.raises(SpecError, match=r"clip_sample=True .*set clip_sample false") as caught:
+        TASKS.create(f"sd[model={model}]").preflight()
+    assert str(caught.value).startswith(f"sd[model={model}]: ") and "\n" not in str(caught.value)
+    TASKS.create(f"sd[model={model},sampler=dpmpp2m]").preflight()  # DPM-Solver++ does not clip
 
 
 TOYS = ["toy", "toy[sampler=dpmpp2m]", "toy[sampler=flow-euler]", "toy[sampler=flow-euler[shift=3]]",

@@ -35,14 +35,15 @@ def leading():
 
 
 def test_leading_offset_zero_ends_on_an_exact_identity_step():
-    schedule = Schedule.from_scheduler(DDIMScheduler(set_alpha_to_one=False), 10)  # diffusers' defaults
+    schedule = Schedule.from_scheduler(DDIMScheduler(set_alpha_to_one=False, clip_sample=False), 10)  # diffusers' defaults
     assert schedule.model_time(1) == 0 and schedule.is_identity(1)
     assert schedule.coefficients(1) == (1.0, 0.0, 0.0)
     assert schedule.effective_steps() == tuple(range(10, 1, -1))
     assert schedule.rho(0) == schedule.rho(1)
-    trailing = Schedule.from_scheduler(DDIMScheduler(timestep_spacing="trailing", set_alpha_to_one=False), 1000)
+    trailing = Schedule.from_scheduler(DDIMScheduler(timestep_spacing="trailing", set_alpha_to_one=False,
+                                                    clip_sample=False), 1000)
     assert trailing.is_identity(1) and not any(trailing.is_identity(i) for i in range(2, 1001))
-    noiseless = Schedule.from_scheduler(DDIMScheduler(set_alpha_to_one=True), 10, eta=1.0)
+    noiseless = Schedule.from_scheduler(DDIMScheduler(set_alpha_to_one=True, clip_sample=False), 10, eta=1.0)
     a, b, s = noiseless.coefficients(1)
     assert s == 0.0 and b != 0.0 and not noiseless.is_identity(1)
 
@@ -231,15 +232,39 @@ def test_every_estimator_runs_at_trailing_n_equal_t(eta, target):
 def test_an_adjoint_grid_has_no_interval_of_rounding_width(sampler, alpha_to_one, spacing):
     """Issue 21, item 4: with diffusers' default linear betas and set_alpha_to_one=False, rho at the
     clean end came from two formulas an ulp apart, and ode_grid(M) opened with an interval of
-    1.7e-18: one of the M adjoint evaluations wasted. Every interval is a real step now."""
+    1.7e-18: one of the M adjoint evaluations wasted. Every interval is a real step now. And at
+    N = 1 on leading or linspace spacing with set_alpha_to_one=True (t_1 = 0, rho from 0 to
+    rho(t = 0), where the model time is clamped throughout) ode_grid(2) was [0, rho(0),
+    rho(0) - 1 ulp]: the grid uniform in model time collapsed onto its end; it is uniform in s."""
     from bench.samplers import make_sampler
 
-    config = dict(DDIMScheduler(set_alpha_to_one=alpha_to_one, timestep_spacing=spacing).config)
-    for steps in (10, 25):
+    config = dict(DDIMScheduler(set_alpha_to_one=alpha_to_one, timestep_spacing=spacing, clip_sample=False).config)
+    for steps in (1, 4, 10, 25):
         schedule = make_sampler(sampler).schedule(config, steps)
-        for points in (5, 20, 64):
+        own = [schedule.ode_point(i) for i in range(steps + 1)]
+        span = own[-1] - own[0]
+        if span == 0:  # ddim, leading, N = 1, abar_0 = abar_1: one identity step, nothing to grid
+            assert sampler == "ddim" and schedule.is_identity(1)
+            continue
+        for points in (1, 2, 3, 5, 20, 64):
             grid = schedule.ode_grid(points)
             assert len(grid) == points + 1
-            span = grid[-1] - grid[0]
+            assert grid[0] == own[0] and abs(grid[-1] - own[-1]) <= 1e-12 * span
             smallest = min(b - a for a, b in zip(grid, grid[1:]))
             assert smallest > 1e-6 * span, (steps, points, smallest)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "linspace"])
+def test_a_one_step_grid_inside_the_clamped_model_time_is_uniform(spacing):
+    """The N = 1 grid ending at abar = 1 lies below rho(t = 0) throughout (t_1 = 0): its finer
+    ODE grids are uniform in s = rho, each point's model time 0."""
+    from bench.samplers import make_sampler
+
+    config = dict(DDIMScheduler(set_alpha_to_one=True, timestep_spacing=spacing, clip_sample=False).config)
+    schedule = make_sampler("ddim").schedule(config, 1)
+    assert schedule.model_time(1) == 0 and schedule.rho(0) == 0
+    for points in (2, 3, 64):
+        grid = schedule.ode_grid(points)
+        rho = schedule.rho(1)
+        assert grid == pytest.approx([rho * j / points for j in range(points + 1)], rel=1e-12, abs=1e-18)
+        assert all(abs(schedule.ode_time(s)) <= 1e-9 for s in grid)

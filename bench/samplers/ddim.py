@@ -5,9 +5,19 @@
     b_i = sqrt(1 - abar_{i-1} - s_i^2) - alpha_{i-1} sigma_i / alpha_i
     s_i = eta * sqrt((1 - abar_{i-1}) / (1 - abar_i) * (1 - abar_i / abar_{i-1}))
 
-In y = x / alpha, rho = sigma / alpha this is y_{i-1} = y_i + beta_i eps_i + (s_i/alpha_{i-1}) xi_i
-with beta_i = b_i / alpha_{i-1} (= rho_{i-1} - rho_i when eta = 0): one Euler step of the
-probability-flow ODE dy/drho = eps(alpha(rho) y, t(rho), c).
+with abar_{i-1} where step i lands: diffusers steps from t_i to t_i - T // N, the next grid
+point on leading spacing and on trailing spacing where N divides T, beside it otherwise (linspace
+spacing; trailing with N not dividing T), and the trajectory follows diffusers there too.
+
+Where each step lands on the next grid point, in y = x / alpha, rho = sigma / alpha this is
+y_{i-1} = y_i + beta_i eps_i + (s_i/alpha_{i-1}) xi_i with beta_i = b_i / alpha_{i-1}
+(= rho_{i-1} - rho_i when eta = 0): one Euler step of the probability-flow ODE
+dy/drho = eps(alpha(rho) y, t(rho), c).
+
+The step is affine, so configurations whose DDIMScheduler.step is not are refused when the
+schedule is read (`refuse_nonaffine`): clip_sample (x_0 clipped to +-clip_sample_range; true is
+DDIMScheduler's default where a configuration lacks the key) and thresholding (dynamic
+thresholding of x_0).
 """
 from __future__ import annotations
 
@@ -23,8 +33,9 @@ from bench.samplers import Sampler, check_steps_argument
 
 @dataclass(frozen=True)
 class DDIMSchedule(VPSchedule):
-    alpha_bar_prev: tuple[float, ...] = ()  # where step i lands, at [i - 1]: equals abar_{i-1} on
-    #                                         consistent grids (not trailing spacing with N not dividing T)
+    alpha_bar_prev: tuple[float, ...] = ()  # where step i lands, at [i - 1]: abar_{i-1} on leading
+    #                                         grids and trailing ones with N dividing T, not on linspace
+    #                                         grids nor trailing ones with N not dividing T
     eta: float = 0.0
     sampler: str = "ddim"
 
@@ -36,6 +47,7 @@ class DDIMSchedule(VPSchedule):
         prediction = scheduler.config.get("prediction_type", "epsilon")
         if prediction != "epsilon":
             raise SpecError(f"prediction_type={prediction!r} is not supported by ddim; valid: epsilon")
+        refuse_nonaffine(scheduler.config)
         train = scheduler.config.num_train_timesteps
         check_steps_argument(num_steps, train)
         scheduler.set_timesteps(num_steps)
@@ -43,8 +55,10 @@ class DDIMSchedule(VPSchedule):
         final = float(scheduler.final_alpha_cumprod)
         ts = [int(t) for t in scheduler.timesteps]  # descending: t_N, ..., t_1
         ratio = train // num_steps
-        # DDIMScheduler.step goes from abar[t] to abar[t - T // N] (the final value below 0); with
-        # the usual spacings that is the next grid timestep, and the grid is one ODE's Euler grid.
+        # DDIMScheduler.step goes from abar[t] to abar[t - T // N] (the final value below 0): the
+        # next grid timestep on leading spacing and on trailing spacing with N dividing T (the grid
+        # is then one ODE's Euler grid), beside it on linspace spacing and on trailing spacing with
+        # N not dividing T (999 -> 749 with 666 next at N = 4 on linspace). `prev` is where it lands.
         abar = [float(table[t]) for t in reversed(ts)]  # abar_i for i = 1..N
         prev = [float(table[t - ratio]) if t - ratio >= 0 else final for t in reversed(ts)]
         return cls(timesteps=tuple(float(t) for t in reversed(ts)), alpha_bar=(prev[0], *abar),
@@ -74,19 +88,17 @@ class DDIMSchedule(VPSchedule):
         return self.alpha_bar_prev[i - 1] == self.alpha_bar[i]
 
     def eps_weight(self, i: int) -> float:
-        """beta_i = b_i / alpha_{i-1}: weight of eps_i in y_0 = y_N + sum_i beta_i eps_i + noise."""
+        """beta_i = b_i / alpha_{i-1}, alpha_{i-1} where step i lands: the eps coefficient of the
+        step in y = x / alpha (rho_{i-1} - rho_i at eta = 0 where the step lands on the next grid
+        point; then y_0 = y_N + sum_i beta_i eps_i + noise)."""
         return self.coefficients(i)[1] / math.sqrt(self.alpha_bar_prev[i - 1])
 
-    # SDO's weights in the ODE view y_0 = y_N + sum_i beta_i eps_i (ESTIMATORS.md, section 4):
-    # W_x = alpha_0 / alpha_N, W_i = alpha_0 beta_i. They equal the step rule's own product of a_i
-    # wherever each step lands on the next grid point; on a trailing grid with N not dividing T
-    # (steps land beside the next point) the literal product differs by about 1 %.
-    @property
-    def state_weight(self) -> float:
-        return self.alpha(0) / self.alpha(self.num_steps)
-
-    def output_weight(self, i: int) -> float:
-        return self.alpha(0) * self.eps_weight(i)
+    # state_weight and output_weight(i) are Schedule's: the step rule run on coefficient vectors,
+    # products of the a_i and b_i above. The ODE view's W_x = alpha_0 / alpha_N and
+    # W_i = alpha_0 beta_i equals them only where every step lands on the next grid point; where
+    # steps land beside them it is off: by 3.9 % on trailing spacing at N = 16 (state_weight 157.40
+    # against 151.54, diffusers' default linear betas), by a factor 2.6 on linspace spacing at N = 4
+    # (157.40 against 61.00; 157.40 against 130.19 at N = 25).
 
     def step(self, x: Tensor, i: int, eps: Tensor, noise: Tensor | None = None) -> Tensor:
         """x_{i-1} from x_i and the denoiser output at (x_i, t_i). Pure tensor arithmetic."""
@@ -100,6 +112,26 @@ class DDIMSchedule(VPSchedule):
 
     def advance(self, state: State, i: int, out: Tensor, noise: Tensor | None = None) -> State:
         return (self.step(state[0], i, out, noise),)
+
+
+# DDIMScheduler options that make its step non-affine in (x_i, eps): the chain cannot take them.
+NONAFFINE = {
+    "clip_sample": "DDIMScheduler clips its x_0 prediction to +-clip_sample_range",
+    "thresholding": "DDIMScheduler thresholds its x_0 prediction dynamically",
+}
+
+
+def refuse_nonaffine(config) -> None:
+    """A one-line SpecError if the scheduler configuration turns on an option of NONAFFINE (an
+    absent key counts as DDIMScheduler's default: clip_sample is true there)."""
+    defaults = {"clip_sample": True, "thresholding": False}
+    for key, what in NONAFFINE.items():
+        value = config.get(key, defaults[key])
+        if value:
+            raise SpecError(f"ddim: {key}={value!r} in the scheduler configuration ({what}, which an affine "
+                            f"step cannot reproduce); set {key} false in the model's scheduler_config.json"
+                            + (" (a configuration without the key gets DDIMScheduler's default, true)"
+                               if defaults[key] else ""))
 
 
 class DDIM(Sampler):

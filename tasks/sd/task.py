@@ -17,7 +17,8 @@ arguments of those names mean, and the chain is tested equal to the pipeline wit
 
 Targets: latent (x_T), cond (the prompts' text-encoder output embeddings), weights (U-Net LoRA on
 the attention projections, as diffusers' LoRA training scripts; or all U-Net weights with
-tune=full), noise (eta > 0). Frozen networks run in `dtype`; the optimised leaves stay float32.
+tune=full), noise (eta > 0). Frozen networks run in the option `dtype` (`network_dtype`); the
+optimised leaves stay float32 (`Task.dtype`, the precision of the estimators' runs).
 
 The exact reference: float64 backprop where that fits (`reference=auto` picks it for tiny); at SD
 size checkpointed backprop in the task's precision (`reference=task`), or none (`reference=off`:
@@ -213,6 +214,7 @@ class StableDiffusion(Task):
     summary = "Stable Diffusion-class latent diffusion from a local diffusers folder (tiny: random, offline)"
     version = "1"
     learning_rates = {"latent": 0.05, "cond": 0.01, "noise": 0.05, "weights": 1e-3}
+    dtype = torch.float32  # the estimators' runs: the leaves (the option `dtype` is network_dtype)
     options = (
         Option("model", str, "tiny", "pipeline folder, cached model id, or tiny (random, built offline)"),
         Option("prompt", str, None, "one prompt for every sample, as the pipeline's prompt; `prompt=` (empty) is "
@@ -249,6 +251,13 @@ class StableDiffusion(Task):
                "dtype (task), or off; auto: float64 for tiny, else task", choices=("auto", "float64", "task", "off")),
     )
 
+    def __init__(self, **values) -> None:
+        super().__init__(**values)
+        # Configurable sets every option as an attribute of its name: the option `dtype` (the frozen
+        # networks' precision, a name in DTYPES) would shadow Task.dtype, the torch dtype of the
+        # estimators' runs (the leaves', float32 here). It lives on as network_dtype.
+        self.network_dtype = DTYPES[self.__dict__.pop("dtype")]
+
     @property
     def reference_dtype(self) -> torch.dtype | None:
         choice = self.reference if self.reference != "auto" else ("float64" if self.model == "tiny" else "task")
@@ -284,6 +293,10 @@ class StableDiffusion(Task):
             raise
         except Exception as exc:
             raise SpecError(f"{owner}: scheduler_config.json does not make a scheduler ({rewards.first_line(exc)})") from None
+        try:  # and the sampler's schedule on it: what the sampler cannot reproduce (ddim with
+            self.make_schedule(1)  # clip_sample true, say) is refused here, before anything runs
+        except SpecError as exc:
+            raise SpecError(f"{owner}: {self.folder / 'scheduler' / 'scheduler_config.json'}: {exc}") from None
         if self.reward in ("clip", "aesthetic"):
             self.clip_folder = resolve_model(self.clip_model, "clip_model") if self.clip_model != "tiny" else None
             if self.clip_folder is not None and not (self.clip_folder / "config.json").exists():
@@ -416,7 +429,7 @@ class StableDiffusion(Task):
         transformers_logging.set_verbosity_error()
         transformers_logging.disable_progress_bar()
         self._check_once()
-        dtype, folder = DTYPES[self.dtype_name], self.folder
+        dtype, folder = self.network_dtype, self.folder
         load = dict(local_files_only=True)
         self.unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **load).to(device, dtype)
         self.unet.eval().requires_grad_(False)
@@ -428,10 +441,6 @@ class StableDiffusion(Task):
         self.uncond_embeds = self.encode(tokenizer, text_encoder, [self.negative_text])  # "" without one
         self._reward = self._make_reward(device)
         self._copies: dict[torch.dtype, tuple[nn.Module, object]] = {}
-
-    @property
-    def dtype_name(self) -> str:
-        return self.values["dtype"]
 
     @torch.no_grad()
     def encode(self, tokenizer, text_encoder, prompts: list[str]) -> Tensor:
@@ -445,7 +454,7 @@ class StableDiffusion(Task):
             folder = self.clip_folder or cache_root() / "clip-tiny"
             if self.clip_folder is None and not (folder / "config.json").exists():
                 tiny.build_clip(folder)
-            clip = rewards.ClipImageEmbedding(folder, device, DTYPES[self.dtype_name])
+            clip = rewards.ClipImageEmbedding(folder, device, self.network_dtype)
             if self.reward == "clip":
                 return rewards.ClipSimilarity(clip, folder, self.reward_text)
             head = self.head_file
@@ -456,7 +465,7 @@ class StableDiffusion(Task):
             return rewards.AestheticScore(clip, head)
         if self.reward == "lpips":
             return rewards.LpipsDistance(Path(self.lpips_backbone).expanduser(),
-                                         Path(self.reference_image).expanduser(), device, DTYPES[self.dtype_name])
+                                         Path(self.reference_image).expanduser(), device, self.network_dtype)
         if self.reward == "jpeg":
             return lambda images: -rewards.jpeg_kilobytes(images)
         if self.reward == "jpeg-incompressibility":
@@ -465,7 +474,7 @@ class StableDiffusion(Task):
 
     def _networks(self, dtype: torch.dtype):
         """The VAE and reward in `dtype` for float64 references (cached), else the loaded ones."""
-        if dtype in (torch.float32, DTYPES[self.dtype_name]):
+        if dtype in (torch.float32, self.network_dtype):
             return self.vae, self._reward
         if dtype not in self._copies:
             vae = copy.deepcopy(self.vae).to(dtype)
@@ -482,7 +491,7 @@ class StableDiffusion(Task):
 
     def make_problem(self, target: str, steps: int, seed: int, dtype: torch.dtype | None = None) -> Problem:
         self.check_target(target)
-        dtype = dtype or torch.float32  # the leaves' precision (the `dtype` option is the networks')
+        dtype = dtype or self.dtype  # the leaves' precision (the `dtype` option is the networks')
         unet = copy.deepcopy(self.unet)
         if dtype == torch.float64:
             unet = unet.to(dtype)
