@@ -44,9 +44,6 @@ def _folder_arg(text: str) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bench.runner import (DEFAULT_ESTIMATORS, DEFAULT_STEPS, DEFAULT_TASK, DEFAULT_TIMEOUT_S, ISOLATE_MODES,
-                              MEMORY_MODES)
-
     parser = _Parser(prog="python -m bench", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -97,51 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_flags(run: argparse.ArgumentParser) -> None:
-    """The run command's flags. Each defaults to None (not given): the sweep's settings come from
-    SweepSpec's defaults, then --config's file, then the flags given (bench/sweepfile.py)."""
+    """The run command's flags. Those of the sweep's settings are generated from their declarations
+    (bench/settings.py); each defaults to None (not given): the sweep's settings come from the
+    declared defaults, then --config's file, then the flags given (bench/sweepfile.py)."""
+    from bench import settings
     from bench.launch import LAUNCHERS, LaunchSpec
-    from bench.memory import MODES as MEMORY_MODES
-    from bench.runner import ISOLATE_MODES
-    from bench.sweepfile import spec_defaults
 
-    d, launch = spec_defaults(), LaunchSpec()
-    joined = lambda values: ",".join(map(str, values))  # noqa: E731
+    launch = LaunchSpec()
     run.add_argument("--config", type=_folder_arg, default=None, metavar="SWEEP.toml",
                      help="read the sweep from a file; the flags given here override it (README: Sweeps as data)")
+    settings.add_flags(run)
     flag = run.add_argument
-    flag("--tasks", help=f"comma-separated task specs (default: {joined(d.tasks)})")
-    flag("--estimators", help=f"comma-separated estimator specs name[k=v,...] (default: {joined(d.estimators)})")
-    flag("--targets", help=f"latent, cond, weights, noise (needs eta > 0), gates (digits: DiP-GO's "
-         f"block gates) (default: {joined(d.targets)})")
-    flag("--steps", help=f"sampler step counts N (default: {joined(d.steps)})")
-    flag("--seeds", help=f"seeds (default: {joined(d.seeds)})")
-    flag("--iters", type=int, help=f"Adam iterations of the short optimisation (default: {d.iters})")
-    flag("--budget", type=float, metavar="SECONDS",
-         help="optimisation seconds per cell (gradients and Adam steps; --iters caps; 0, the default: "
-              "--iters alone): equal-compute comparisons")
-    flag("--rounds", type=int, help="clean timed rounds per cell at least (rounds slowed by other load are "
-                                    f"repeated; default: {d.rounds})")
-    flag("--stable", type=float, metavar="FRACTION",
-         help="keep timing until each cell's IQR is within FRACTION of its median, e.g. 0.05 (0: off, the "
-              "default; capped by --timing-cap, default 300 s per point then)")
-    flag("--timing-cap", type=float, metavar="SECONDS", help="stop timing a point after SECONDS (0: no cap, the default)")
-    flag("--threads", type=int, help="torch intra-op threads (0, the default: 1 on a CPU, which a busy core cannot "
-                                     "slow; torch's default on CUDA)")
-    flag("--no-interleave", dest="interleave", action="store_const", const=False,
-         help="time each cell on its own instead of round-robin with the other estimators of its point")
-    flag("--baseline", metavar="SPEC", help=f"the estimator time ratios (with bootstrap intervals) are taken to "
-                                            f"(default: {d.baseline})")
-    flag("--warmup", type=int, help=f"untimed calls of each cell right before its timed rounds (default: {d.warmup}; "
-                                    "the untimed agreement call runs earlier)")
-    flag("--device", help=f"cpu, cuda or cuda:N (default: {d.device})")
-    flag("--memory", metavar="MODE", help="peak-memory measurement: " + "; ".join(
-        f"{k}: {v}" for k, v in MEMORY_MODES.items()) + f" (default: {d.memory})")
-    flag("--no-memory", dest="memory", action="store_const", const="off", help="same as --memory off")
-    flag("--isolate", metavar="MODE", help="process per cell: " + "; ".join(
-        f"{k}: {v}" for k, v in ISOLATE_MODES.items()) + f" (default: {d.isolate})")
-    flag("--timeout", type=float, metavar="SECONDS",
-         help=f"limit per cell; a cell over it is recorded as 'timeout' (0: none; default {d.timeout:g})")
-    flag("--include", action="append", metavar="FILE.py", help="import a file that registers estimators or tasks")
     flag("--out", type=_folder_arg, help="run folder (default: the sweep file's out, else results/<a name derived "
                                          "from the sweep>)")
     flag("--force", action="store_true", default=False, help="rerun cells that already have a row")
@@ -288,23 +251,21 @@ def _describe(name: str, console) -> int:
     return 0
 
 
-SWEEP_FLAGS = ("tasks", "estimators", "targets", "steps", "seeds", "iters", "budget", "rounds", "stable", "timing_cap",
-               "threads", "interleave", "baseline", "warmup", "device", "memory", "isolate", "timeout", "include")
 LAUNCH_FLAGS = ("launcher", "partition", "time_min", "gpus_per_job", "cpus_per_job", "array_parallelism",
                 "cells_per_job", "sbatch", "detach")
 
 
 def sweep_of(args: argparse.Namespace):
     """The sweep an invocation names: SweepSpec's defaults, --config's file, the flags given."""
+    from bench import settings
     from bench.launch import parse_sbatch
     from bench.sweepfile import build, coerce
 
     flags = {}
-    for name in SWEEP_FLAGS:
-        value = getattr(args, name)
+    for setting in settings.SETTINGS:
+        value = getattr(args, setting.name, None)
         if value is not None:
-            field = "includes" if name == "include" else name
-            flags[field] = coerce(field, value, "--" + name.replace("_", "-"))
+            flags[setting.name] = coerce(setting.name, value, setting.flag)
     launch = {name: getattr(args, name) for name in LAUNCH_FLAGS if getattr(args, name) is not None}
     if "sbatch" in launch:
         launch["sbatch"] = parse_sbatch(launch["sbatch"])

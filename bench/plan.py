@@ -1,10 +1,10 @@
-"""A sweep's plan: the settings of one part (SweepSpec), every cell it expands to (Cell), each
-with the key that names its row, checked before anything runs (resolve, expand, plan)."""
+"""A sweep's plan: the settings of one part (SweepSpec, declared in bench/settings.py), every cell
+it expands to (Cell), each with the key that names its row, checked before anything runs
+(resolve, expand, plan)."""
 from __future__ import annotations
 
 import itertools
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -12,45 +12,9 @@ import torch
 from bench import store
 from bench.errors import SpecError
 from bench.identity import cell_key, code_hash
-from bench.memory import MODES as MEMORY_MODES
-from bench.options import split_list
 from bench.registry import ESTIMATORS, TASKS, include
-
-DEFAULT_TASK = "digits"
-DEFAULT_ESTIMATORS = "full,checkpoint,adjoint,sdo,truncated[k=2]"
-DEFAULT_STEPS = (10, 20)
-DEFAULT_TIMEOUT_S = 1800.0
-DEFAULT_STABLE_CAP_S = 300.0  # timing seconds per point when --stable is given without --timing-cap
-MAX_SEED = 2**63 - 1
-ISOLATE_MODES = {
-    "auto": "cell on CUDA, none on a CPU",
-    "cell": "each cell in a freshly spawned process (own allocator; a hung kernel is killed)",
-    "none": "every cell in the sweep's process",
-}
-
-
-@dataclass
-class SweepSpec:
-    tasks: list[str] = field(default_factory=lambda: [DEFAULT_TASK])
-    estimators: list[str] = field(default_factory=lambda: split_list(DEFAULT_ESTIMATORS))
-    targets: list[str] = field(default_factory=lambda: ["latent", "cond", "weights"])
-    steps: list[int] = field(default_factory=lambda: list(DEFAULT_STEPS))
-    seeds: list[int] = field(default_factory=lambda: [0])
-    iters: int = 4  # Adam iterations of the short optimisation
-    warmup: int = 1  # untimed calls of each cell right before its timed rounds (the agreement call came earlier)
-    rounds: int = 3  # clean timed rounds at least
-    memory: str = "auto"  # one of MEMORY_MODES
-    timeout: float | None = DEFAULT_TIMEOUT_S  # seconds per cell; None or 0: no limit
-    device: str = "cpu"
-    includes: list[str] = field(default_factory=list)
-    isolate: str = "auto"  # one of ISOLATE_MODES
-    threads: int = 0  # torch intra-op threads; 0: 1 on a CPU (README, "Timing"), torch's default on CUDA
-    interleave: bool = True  # time the cells of a point round-robin
-    baseline: str = "full"  # the estimator time ratios are taken to
-    stable: float = 0.0  # > 0: time until IQR / median <= stable (or the cap)
-    timing_cap: float = 0.0  # seconds of timing per point; 0: none (DEFAULT_STABLE_CAP_S with --stable)
-    budget: float = 0.0  # seconds of optimisation per cell (gradients and Adam steps); iters caps; 0: iters only
-
+from bench.settings import (DEFAULT_ESTIMATORS, DEFAULT_STABLE_CAP_S, DEFAULT_STEPS, DEFAULT_TASK,  # noqa: F401
+                            DEFAULT_TIMEOUT_S, ISOLATE_MODES, MAX_SEED, MEMORY_MODES, SweepSpec, check_spec)
 
 # --remeasure: what can be measured again without computing the gradients again, and the row
 # fields each replaces (the harness's code is in no cell key: README, "What a cell's key covers")
@@ -82,35 +46,11 @@ class Cell:
 
 def resolve(spec: SweepSpec) -> tuple[list[Any], list[Any]]:
     """Build every task and estimator and check the whole sweep before anything runs."""
+    check_spec(spec)  # each setting's own check (bench/settings.py); the checks across settings follow
     for path in spec.includes:
         include(path)
-    if spec.device not in ("cpu", "cuda") and not spec.device.startswith("cuda:"):
-        raise SpecError(f"unknown device {spec.device!r}; valid: cpu, cuda, cuda:N")
     if spec.device.startswith("cuda") and not torch.cuda.is_available():
         raise SpecError(f"device {spec.device!r} requested but CUDA is not available here; valid: cpu")
-    for name, values in (("tasks", spec.tasks), ("estimators", spec.estimators), ("targets", spec.targets),
-                         ("steps", spec.steps), ("seeds", spec.seeds)):
-        if not values:
-            raise SpecError(f"--{name} is empty; give at least one")
-    for steps in spec.steps:
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise SpecError(f"step count must be a positive integer, got {steps}")
-    for seed in spec.seeds:
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-            raise SpecError(f"seed {seed} is out of range; valid: 0..{MAX_SEED} (torch generators take 64 bits)")
-    for label, value, low in (("iters", spec.iters, 0), ("rounds", spec.rounds, 1), ("warmup", spec.warmup, 0),
-                              ("threads", spec.threads, 0)):
-        if value < low:
-            raise SpecError(f"--{label} must be >= {low}, got {value}")
-    for label, value in (("timeout", spec.timeout), ("timing-cap", spec.timing_cap), ("budget", spec.budget)):
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            raise SpecError(f"--{label} must be a finite number of seconds >= 0 (0: no limit), got {value}")
-    if not (math.isfinite(spec.stable) and 0 <= spec.stable < 1):
-        raise SpecError(f"--stable must be a fraction in [0, 1) (IQR / median; 0: off), got {spec.stable}")
-    if spec.memory not in MEMORY_MODES:
-        raise SpecError(f"unknown memory mode {spec.memory!r}; valid: {', '.join(MEMORY_MODES)}")
-    if spec.isolate not in ISOLATE_MODES:
-        raise SpecError(f"unknown isolation {spec.isolate!r}; valid: {', '.join(ISOLATE_MODES)}")
     if spec.memory == "process" and spec.device != "cpu":
         raise SpecError("--memory process measures CPU resident memory; on CUDA use inprocess or auto")
     ESTIMATORS.create(spec.baseline)  # a bad --baseline is refused before anything runs

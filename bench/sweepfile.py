@@ -20,38 +20,29 @@ table and optional `[[part]]` tables:
     name = "slurm"
     partition = "gpu"
 
-Precedence, lowest first: `SweepSpec`'s defaults (the one place they are written), the file's
+Precedence, lowest first: the settings' defaults (bench/settings.py, where each is declared), the file's
 top level, a part, then the flags given on the command line (they apply to every part). Paths in
 the file (`out`, `include`) are relative to the current directory, like the flags'."""
 from __future__ import annotations
 
 import difflib
-import math
-import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from bench import settings
 from bench.errors import SpecError
 from bench.launch import LaunchSpec
-from bench.options import split_list
-from bench.plan import SweepSpec
+from bench.settings import Context, Setting, SweepSpec
 
-MAX_SECONDS = 365 * 24 * 3600.0  # --timeout, --timing-cap, --budget
-SECONDS_FIELDS = ("timing_cap", "budget")
-MAX_SLURM_THREADS = 512
-# names of the run command's flags (and of a sweep file's keys) that differ from SweepSpec's fields
-RENAMED = {"include": "includes"}
-LIST_FIELDS = {"tasks": str, "estimators": str, "targets": str, "steps": int, "seeds": int, "includes": str}
-SPEC_FIELDS = {f.name: f for f in fields(SweepSpec)}
 LAUNCH_FIELDS = {f.name: f for f in fields(LaunchSpec)}
 RUN_KEYS = {"out"}  # not a cell's identity, not a launcher option
 
 
-def spec_defaults() -> SweepSpec:
-    """The sweep settings nothing overrides: the CLI's help shows these."""
-    return SweepSpec()
+def spec_defaults() -> Any:
+    """The sweep settings nothing overrides (SweepSpec's defaults, bench/settings.py)."""
+    return settings.spec_class()()
 
 
 @dataclass
@@ -63,11 +54,6 @@ class Sweep:
     source: str | None = None  # the sweep file, if any
 
 
-def _normalise(key: str) -> str:
-    key = key.replace("-", "_")
-    return RENAMED.get(key, key)
-
-
 def _unknown(where: str, key: str, valid: list[str]) -> SpecError:
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
@@ -75,69 +61,8 @@ def _unknown(where: str, key: str, valid: list[str]) -> SpecError:
 
 
 def coerce(name: str, value: Any, where: str) -> Any:
-    """A sweep setting from a file or a flag, checked against SweepSpec's field types."""
-    if name in LIST_FIELDS:
-        kind = LIST_FIELDS[name]
-        items = split_list(value) if isinstance(value, str) else value
-        if not isinstance(items, list):
-            raise SpecError(f"{where}: {name} must be a list or a comma-separated string, got {value!r}")
-        try:
-            return [_one(kind, item) for item in items]
-        except (TypeError, ValueError):
-            what = "integers" if kind is int else "strings"
-            raise SpecError(f"{where}: expected a comma-separated list of {what} (or a TOML array), got {value!r}") from None
-    default = SPEC_FIELDS[name].default
-    if name == "timeout":  # 0 or none: no limit
-        return None if value in (None, 0) else _seconds(name, _number(name, value, float, where), where)
-    if name in SECONDS_FIELDS:
-        return _seconds(name, _number(name, value, float, where), where)
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise SpecError(f"{where}: {name} must be true or false, got {value!r}")
-        return value
-    if isinstance(default, (int, float)):
-        return _number(name, value, type(default), where)
-    if not isinstance(value, str):
-        raise SpecError(f"{where}: {name} must be a string, got {value!r}")
-    return value
-
-
-def _one(kind: type, item: Any) -> Any:
-    if kind is int and (isinstance(item, bool) or not isinstance(item, (int, str))):
-        raise TypeError(item)
-    if kind is str and not isinstance(item, str):
-        raise TypeError(item)
-    return kind(item.strip() if isinstance(item, str) else item)
-
-
-def _number(name: str, value: Any, kind: type, where: str) -> Any:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and isinstance(value, float)):
-        raise SpecError(f"{where}: {name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
-    return kind(value)
-
-
-def _seconds(name: str, value: float, where: str) -> float:
-    """A limit in seconds: at most MAX_SECONDS (a larger finite one overflows the platform's clocks
-    and timers; an infinite or negative one is refused with the other range checks, bench/runner.py)."""
-    if math.isfinite(value) and value > MAX_SECONDS:
-        raise SpecError(f"{where}: {name} must be at most {MAX_SECONDS:.0f} seconds (a year), got {value:g}")
-    return value
-
-
-def threads_limit(launcher: str) -> tuple[int, str]:
-    """The most intra-op threads a sweep may ask for, and what that limit is: this machine's cores
-    where the cells run here (more threads than cores only wait for each other), MAX_SLURM_THREADS
-    on SLURM (the nodes' cores are not known here)."""
-    if launcher == "slurm":
-        return MAX_SLURM_THREADS, f"{MAX_SLURM_THREADS}, the most this suite lets a SLURM job ask for"
-    cores = os.cpu_count() or 1
-    return cores, f"{cores}, this machine's cores (os.cpu_count())"
-
-
-def check_threads(spec: SweepSpec, launcher: str, where: str) -> None:
-    limit, what = threads_limit(launcher)
-    if spec.threads > limit:
-        raise SpecError(f"{where} {spec.threads} is more threads than {what}; give at most {limit} (0: the default)")
+    """A sweep setting (SweepSpec's field `name`) from a file or a flag, converted by its kind."""
+    return settings.convert(name, value, where)
 
 
 def check_baseline(spec: SweepSpec, where: str) -> None:
@@ -159,11 +84,12 @@ def check_baseline(spec: SweepSpec, where: str) -> None:
 def _sweep_settings(table: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(SweepSpec fields, run keys) of one table of a sweep file; anything else is refused."""
     spec, run = {}, {}
-    valid = [k for k in SPEC_FIELDS if k != "includes"] + ["include"] + sorted(RUN_KEYS)
+    valid = [s.key for s in settings.SETTINGS] + sorted(RUN_KEYS)
     for key, value in table.items():
-        name = _normalise(key)
-        if name in SPEC_FIELDS:
-            spec[name] = coerce(name, value, where)
+        setting = settings.lookup(key)
+        name = key.replace("-", "_")
+        if setting is not None:
+            spec[setting.name] = coerce(setting.name, value, where)
         elif name in RUN_KEYS:
             if not isinstance(value, str) or not value.strip():
                 raise SpecError(f"{where}: {name} must be a folder name, got {value!r}")
@@ -179,7 +105,7 @@ def launch_settings(table: Any, where: str) -> dict[str, Any]:
         raise SpecError(f"{where}: [launcher] must be a table, got {table!r}")
     out = {}
     for key, value in table.items():
-        name = _normalise(key)
+        name = key.replace("-", "_")
         name = "launcher" if name == "name" else name
         if name not in LAUNCH_FIELDS:
             raise _unknown(f"{where} [launcher]", key, ["name"] + [k for k in LAUNCH_FIELDS if k != "launcher"])
@@ -228,14 +154,15 @@ def build(config: Path | None, flags: dict[str, Any], launch_flags: dict[str, An
         given = {**shared, **part, **flags}
         spec = replace(spec_defaults(), **given)
 
-        def origin(name: str) -> str:
+        def origin(setting: Setting) -> str:
             """Where a setting came from, to name it in an error: the flag, or the file (and part)."""
-            return f"--{name}" if name in flags else f"{config}{f' part {number}' if len(parts) > 1 else ''}: {name}"
+            if setting.name in flags or setting.name not in given:
+                return setting.flag
+            return f"{config}{f' part {number}' if len(parts) > 1 else ''}: {setting.key}"
 
-        if "threads" in given:
-            check_threads(spec, launch.launcher, origin("threads"))
+        settings.check_spec(spec, origin, Context(launch.launcher))
         if "baseline" in given:
-            check_baseline(spec, origin("baseline"))
+            check_baseline(spec, origin(settings.lookup("baseline")))
         specs.append(spec)
     folder = out if out is not None else (Path(run["out"]) if "out" in run else None)
     return Sweep(specs, folder, launch, str(config) if config else None)

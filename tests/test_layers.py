@@ -18,7 +18,8 @@ LAYERS = {
     "results": ("bench.store", "bench.fields", "bench.analysis", "bench.summary", "bench.report", "bench.plots",
                 "bench.figures", "bench.compare", "bench.status", "bench.jobs"),
     "run": ("bench.identity", "bench.guard", "bench.limits", "bench.memory", "bench.memworker", "bench.provenance",
-            "bench.plan", "bench.cell", "bench.isolate", "bench.runner", "bench.launch", "bench.sweepfile"),
+            "bench.settings", "bench.plan", "bench.cell", "bench.isolate", "bench.runner", "bench.launch",
+            "bench.sweepfile"),
     "check": ("bench.conformance", "bench.check"),
     "cli": ("bench.cli", "bench.__main__"),
 }
