@@ -1,10 +1,10 @@
-# make run: the default comparison; make test: the test suite. Both create .venv on first use.
+# make run: the default comparison; make test: the test suite; make lint: ruff. Each creates .venv on first use.
 VENV   ?= .venv
 PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench figures clean-venv
+.PHONY: run test lint bench figures clean-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP)
 	$(PY) -m bench run
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15

@@ -1,5 +1,6 @@
 """Rows to tables: everything a report, a comparison or a figure computes from a run folder.
 Raw rows stay as written; every derived number is computed here, at report time."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,8 +14,15 @@ from bench.errors import SpecError
 
 CELL = ["task", "target", "estimator", "steps"]  # a cell up to its seed
 NUMERIC = [name for name in fields.numeric_columns() if name not in ("seed", "steps")]
-DERIVED = ["reward_gain", "mem_over_pred", "time_over_pred", "fwd_over_pred", "vjp_over_pred",
-           "harness_s", "harness_fraction"]
+DERIVED = [
+    "reward_gain",
+    "mem_over_pred",
+    "time_over_pred",
+    "fwd_over_pred",
+    "vjp_over_pred",
+    "harness_s",
+    "harness_fraction",
+]
 MEASURED_PHASES = ("reference", "agreement", "units", "timing", "memory", "optimise", "evaluate")
 
 
@@ -22,8 +30,10 @@ def load_run(run_dir: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     """(rows as a frame with derived columns, run.json) of a run folder; SpecError if it is none."""
     run_dir = Path(run_dir)
     if not store.has_rows_files(run_dir):
-        raise SpecError(f"{run_dir} is not a run folder (no {store.ROWS} and no {store.ROWS_DIR}/*.jsonl); "
-                        f"make one with: python -m bench run --out {run_dir}")
+        raise SpecError(
+            f"{run_dir} is not a run folder (no {store.ROWS} and no {store.ROWS_DIR}/*.jsonl); "
+            f"make one with: python -m bench run --out {run_dir}"
+        )
     frame = store.load_frame(run_dir)
     if frame.empty:
         raise SpecError(f"{run_dir} holds no rows (in {store.ROWS} or {store.ROWS_DIR}/*.jsonl)")
@@ -48,8 +58,9 @@ def derive(frame: pd.DataFrame) -> pd.DataFrame:
     frame["time_over_pred"] = frame["time_s"] / frame["time_pred_s"].where(frame["time_pred_s"] > 0)
     frame["suspect"] = frame["timing_suspect"].notna().astype(float)
     phases = frame["phase_s"] if "phase_s" in frame else pd.Series([None] * len(frame), index=frame.index)
-    measured = phases.map(lambda p: sum(v for k, v in p.items() if k in MEASURED_PHASES)
-                          if isinstance(p, dict) else np.nan)
+    measured = phases.map(
+        lambda p: sum(v for k, v in p.items() if k in MEASURED_PHASES) if isinstance(p, dict) else np.nan
+    )
     cell = pd.to_numeric(frame["cell_seconds"], errors="coerce")
     frame["harness_s"] = cell - measured
     frame["harness_fraction"] = frame["harness_s"] / cell.where(cell > 0)
@@ -116,8 +127,15 @@ def curves(frame: pd.DataFrame) -> pd.DataFrame:
         if not isinstance(iterates, list) or len(iterates) != len(curve):
             iterates = range(len(curve))
         for iteration, reward, elapsed in zip(iterates, curve, seconds):
-            records.append({**{k: row[k] for k in CELL}, "seed": row["seed"], "iteration": iteration,
-                            "reward": reward, "seconds": elapsed})
+            records.append(
+                {
+                    **{k: row[k] for k in CELL},
+                    "seed": row["seed"],
+                    "iteration": iteration,
+                    "reward": reward,
+                    "seconds": elapsed,
+                }
+            )
     return pd.DataFrame(records, columns=CELL + ["seed", "iteration", "reward", "seconds"])
 
 

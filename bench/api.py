@@ -5,6 +5,7 @@
 The names below are the public contract; the modules they live in may move, this list will not
 shrink without notice. A file given to `--include` is executed (imported) by the sweep, and again
 by its memory-measuring process: include only code you trust."""
+
 from bench.chain import CallCounter, Chain, Schedule, noise_for
 from bench.errors import Diverged, SkipCell, SpecError
 from bench.options import Option, at_least
@@ -17,13 +18,30 @@ from tasks.base import Task
 
 __all__ = [
     # the estimator contract
-    "Estimator", "Estimate", "Cost", "backprop", "require_graph", "write_gradients", "register_estimator",
+    "Estimator",
+    "Estimate",
+    "Cost",
+    "backprop",
+    "require_graph",
+    "write_gradients",
+    "register_estimator",
     # options and errors
-    "Option", "at_least", "SpecError", "SkipCell", "Diverged",
+    "Option",
+    "at_least",
+    "SpecError",
+    "SkipCell",
+    "Diverged",
     # the problem and its chain
-    "Problem", "TARGETS", "Chain", "Schedule", "CallCounter", "noise_for", "run_masked_chain",
+    "Problem",
+    "TARGETS",
+    "Chain",
+    "Schedule",
+    "CallCounter",
+    "noise_for",
+    "run_masked_chain",
     # seeded randomness
     "torch_generator",
     # the task contract
-    "Task", "register_task",
+    "Task",
+    "register_task",
 ]

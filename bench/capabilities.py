@@ -10,6 +10,7 @@ names:
   which it can attach (checked before anything runs).
 
 `unmet` is the one place that decides, and that lists the estimators serving a requirement."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -35,8 +36,10 @@ def unmet(estimator: Any, problem: Any) -> str | None:
     for capability, why in problem.requires.items():
         if capability not in estimator.provides:
             lacks = WITHOUT.get(capability, f"does not provide {capability!r}")
-            return (f"{estimator.name} {lacks}, and {why}; estimators that serve it: "
-                    f"{', '.join(serving(capability)) or 'none'}")
+            return (
+                f"{estimator.name} {lacks}, and {why}; estimators that serve it: "
+                f"{', '.join(serving(capability)) or 'none'}"
+            )
     reason = estimator.skip_reason(problem)
     if reason:
         return reason

@@ -10,6 +10,7 @@ its outcome, never the sweep):
   optimise   a short Adam run with the estimator
   evaluate   quality of the optimised sampler beside the unoptimised one's, and the real floor
   samples    the before/after sample grid of image tasks"""
+
 from __future__ import annotations
 
 import math
@@ -24,10 +25,18 @@ from bench.errors import Diverged, SkipCell
 from bench.guard import leave_if_forked
 from bench.limits import Clock, is_user_interrupt, outcome
 from bench.memory import MemoryMeter
-from bench.plan import (DEFAULT_STABLE_CAP_S, IDENTITY_FIELDS, REMEASURED, Cell, SweepSpec, reference_estimator,
-                        timing_threads)
+from bench.plan import (
+    DEFAULT_STABLE_CAP_S,
+    IDENTITY_FIELDS,
+    REMEASURED,
+    Cell,
+    SweepSpec,
+    reference_estimator,
+    timing_threads,
+)
 from bench.registry import ESTIMATORS
 from bench.timing import UNIT_CALLS, paired_ratio, synchronize, time_interleaved, unit_calls, units_from
+
 
 def _finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor).all())
@@ -37,8 +46,13 @@ class Attempt:
     """One cell on its way to a row: its clock (limit and phase seconds), the row parts its phases
     returned, and the outcome that ended it early, if any."""
 
-    def __init__(self, cell: Cell, limit: float | None, kept: dict[str, Any] | None = None,
-                 remeasure: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self,
+        cell: Cell,
+        limit: float | None,
+        kept: dict[str, Any] | None = None,
+        remeasure: frozenset[str] = frozenset(),
+    ) -> None:
         self.cell, self.clock = cell, Clock(limit)
         # --remeasure: the cell's earlier row, whose fields are kept but for those re-measured
         self.kept, self.remeasure = (kept, remeasure) if kept is not None and remeasure else (None, frozenset())
@@ -78,8 +92,11 @@ class Attempt:
         phases = {name: round(seconds, 3) for name, seconds in self.clock.phases.items()}
         fields = {"status": "ok", **self.parts, **(self.ended or {})}
         if self.kept is not None:  # the earlier row's figures, but for those measured again
-            kept = {k: v for k, v in self.kept.items() if k not in IDENTITY_FIELDS
-                    and not any(REMEASURED[what](k) for what in self.remeasure)}
+            kept = {
+                k: v
+                for k, v in self.kept.items()
+                if k not in IDENTITY_FIELDS and not any(REMEASURED[what](k) for what in self.remeasure)
+            }
             fields = {**kept, **fields, "remeasured": sorted(self.remeasure)}
         return self.cell.row(**fields, phase_s=phases, cell_seconds=round(self.clock.spent, 3))
 
@@ -107,8 +124,13 @@ class CellRunner:
     def run(self, cell: Cell) -> dict[str, Any]:
         return next(iter(self.run_point([cell])))
 
-    def run_point(self, cells: list[Cell], companions: Iterable[Cell] = (), kept: dict[str, dict[str, Any]] | None = None,
-                  remeasure: frozenset[str] = frozenset()) -> Iterator[dict[str, Any]]:
+    def run_point(
+        self,
+        cells: list[Cell],
+        companions: Iterable[Cell] = (),
+        kept: dict[str, dict[str, Any]] | None = None,
+        remeasure: frozenset[str] = frozenset(),
+    ) -> Iterator[dict[str, Any]]:
         """Rows of `cells` (one point), yielded as each finishes. `companions` (cells of the point
         already done, e.g. the baseline on a resumed sweep) are timed beside them, not re-rowed.
         With `remeasure` (time, memory), a cell with a row in `kept` runs only its set-up and those
@@ -134,8 +156,12 @@ class CellRunner:
             with attempt.clock.accounting():
                 if attempt.ended is None and attempt.measures("memory"):
                     self.memory.prepare(attempt.cell)  # the worker's start and the task's set-up: the harness's
-                    attempt.add(attempt.run("memory", lambda: self.memory.measure(
-                        attempt.cell, attempt.problem, attempt.rng, attempt.cost)))
+                    attempt.add(
+                        attempt.run(
+                            "memory",
+                            lambda: self.memory.measure(attempt.cell, attempt.problem, attempt.rng, attempt.cost),
+                        )
+                    )
                 if not attempt.measures("compute"):
                     yield attempt.row()
                     continue
@@ -144,8 +170,7 @@ class CellRunner:
                     fields, problem, first_x0, x0 = optimised
                     attempt.add(fields)
                     attempt.add(attempt.run("evaluate", lambda: self._evaluate(attempt, problem, x0)))
-                    attempt.add(attempt.run("samples", lambda: self._save_samples(attempt.cell, problem,
-                                                                                  first_x0, x0)))
+                    attempt.add(attempt.run("samples", lambda: self._save_samples(attempt.cell, problem, first_x0, x0)))
             yield attempt.row()
 
     # -- phases ------------------------------------------------------------------------------
@@ -157,17 +182,25 @@ class CellRunner:
             self.ready_tasks.add(id(cell.task))
         problem = cell.task.make_problem(cell.target, cell.steps, cell.seed)
         if cell.target in ("cond", "weights") and not problem.chain.schedule.effective_steps():
-            raise SkipCell("every step of this schedule is an identity step (the denoiser's output "
-                           "has weight 0), so cond and weights do not change the samples")
+            raise SkipCell(
+                "every step of this schedule is an identity step (the denoiser's output "
+                "has weight 0), so cond and weights do not change the samples"
+            )
         reason = cell.estimator.applies(problem)
         if reason:
             raise SkipCell(reason)
         attempt.problem, attempt.cost = problem, cell.estimator.cost_for(problem)
         cost = attempt.cost
-        return {"sampler": cell.estimator.sampler or problem.chain.schedule.sampler, "threads": self.threads,
-                "nfe_forward_pred": cost.nfe_forward, "nfe_vjp_pred": cost.nfe_vjp,
-                "time_pred_checkpointed": cost.checkpointed_forwards, "mem_class": cost.memory,
-                "mem_pred_activations": cost.activations, "mem_pred_latents": cost.latents}
+        return {
+            "sampler": cell.estimator.sampler or problem.chain.schedule.sampler,
+            "threads": self.threads,
+            "nfe_forward_pred": cost.nfe_forward,
+            "nfe_vjp_pred": cost.nfe_vjp,
+            "time_pred_checkpointed": cost.checkpointed_forwards,
+            "mem_class": cost.memory,
+            "mem_pred_activations": cost.activations,
+            "mem_pred_latents": cost.latents,
+        }
 
     def _agreement(self, attempt: Attempt) -> dict[str, Any]:
         problem = attempt.problem
@@ -177,8 +210,11 @@ class CellRunner:
         if not _finite(grad):
             raise Diverged("non-finite gradient")
         attempt.grad = grad
-        return {"nfe_forward": problem.chain.counter.forward, "nfe_vjp": problem.chain.counter.vjp,
-                "grad_norm": float(grad.norm())}
+        return {
+            "nfe_forward": problem.chain.counter.forward,
+            "nfe_vjp": problem.chain.counter.vjp,
+            "grad_norm": float(grad.norm()),
+        }
 
     def _agreement_to_reference(self, attempt: Attempt) -> dict[str, Any]:
         exact, reference, reference_dtype = self.reference(attempt.cell)
@@ -187,8 +223,9 @@ class CellRunner:
             grad = attempt.grad
             norm = float(grad.norm() * exact.norm())
             fields["grad_cos"] = float(grad @ exact) / norm if norm > 0 else float("nan")
-            fields["grad_rel_err"] = (float((grad - exact).norm() / exact.norm()) if float(exact.norm()) > 0
-                                      else float("nan"))
+            fields["grad_rel_err"] = (
+                float((grad - exact).norm() / exact.norm()) if float(exact.norm()) > 0 else float("nan")
+            )
             fields["exact_grad_norm"] = float(exact.norm())
         return fields
 
@@ -224,18 +261,27 @@ class CellRunner:
                         attempt.cell.estimator(attempt.problem, attempt.rng)
                 finally:
                     leave_if_forked()
+
             return call
 
         calls = {a.cell.key: timed_call(a) for a in attempts}
         calls.update(unit_calls(attempts[0].problem))
         cap = self.spec.timing_cap or (DEFAULT_STABLE_CAP_S if self.spec.stable else 0.0)
-        results = time_interleaved(calls, self.device, rounds=self.spec.rounds, threads=self.threads,
-                                   stable=self.spec.stable, cap_s=cap, warmup=self.spec.warmup,
-                                   fatal=is_user_interrupt)
+        results = time_interleaved(
+            calls,
+            self.device,
+            rounds=self.spec.rounds,
+            threads=self.threads,
+            stable=self.spec.stable,
+            cap_s=cap,
+            warmup=self.spec.warmup,
+            fatal=is_user_interrupt,
+        )
         units = units_from(results)
         unit_seconds = sum(sum(results[name].seconds) for name in UNIT_CALLS)
-        baseline = next((a for a in attempts if a.cell.estimator.spec == self.baseline
-                         and results[a.cell.key].error is None), None)
+        baseline = next(
+            (a for a in attempts if a.cell.estimator.spec == self.baseline and results[a.cell.key].error is None), None
+        )
         for attempt in attempts:
             attempt.clock.charge("units", unit_seconds / len(attempts))
             result = results[attempt.cell.key]
@@ -244,14 +290,28 @@ class CellRunner:
                 continue
             attempt.add({**result.summary(), "time_paired": len(attempts) > 1})
             if units is not None:
-                attempt.add({"time_unit_f_s": units["F"], "time_unit_v_s": units["V"], "time_unit_h_s": units["H"],
-                             "time_pred_s": attempt.cost.predicted_seconds(units["F"], units["V"], units["H"])})
+                attempt.add(
+                    {
+                        "time_unit_f_s": units["F"],
+                        "time_unit_v_s": units["V"],
+                        "time_unit_h_s": units["H"],
+                        "time_pred_s": attempt.cost.predicted_seconds(units["F"], units["V"], units["H"]),
+                    }
+                )
             if baseline is not None:
                 ratio = paired_ratio(result, results[baseline.cell.key])
                 if ratio is not None:
-                    attempt.add({"time_baseline": self.baseline, "time_vs_baseline": ratio["ratio"],
-                                 **({"time_vs_baseline_lo": ratio["lo"], "time_vs_baseline_hi": ratio["hi"]}
-                                    if "lo" in ratio else {})})
+                    attempt.add(
+                        {
+                            "time_baseline": self.baseline,
+                            "time_vs_baseline": ratio["ratio"],
+                            **(
+                                {"time_vs_baseline_lo": ratio["lo"], "time_vs_baseline_hi": ratio["hi"]}
+                                if "lo" in ratio
+                                else {}
+                            ),
+                        }
+                    )
 
     def _optimise(self, attempt: Attempt):
         """(row fields, the optimised problem, samples before, samples after) of a short Adam run:
@@ -291,8 +351,13 @@ class CellRunner:
         curve.append(float(problem.reward_fn(x0).mean()))
         seconds.append(elapsed)
         iterates.append(done)
-        fields = {"reward_init": curve[0], "reward_curve": curve, "reward_curve_s": seconds, "optim_seconds": elapsed,
-                  "iters_done": done}
+        fields = {
+            "reward_init": curve[0],
+            "reward_curve": curve,
+            "reward_curve_s": seconds,
+            "optim_seconds": elapsed,
+            "iters_done": done,
+        }
         if iterates != list(range(len(curve))):
             fields["reward_curve_iter"] = iterates
         return fields, problem, first_x0, x0
@@ -329,6 +394,11 @@ class CellRunner:
         shown = min(8, images[0].shape[0])
         folder = self.out / "samples"
         folder.mkdir(exist_ok=True)
-        save_image(torch.cat([images[0][:shown], images[1][:shown]]).float().cpu(), folder / f"{cell.key}.png",
-                   nrow=shown, padding=1, pad_value=1.0)
+        save_image(
+            torch.cat([images[0][:shown], images[1][:shown]]).float().cpu(),
+            folder / f"{cell.key}.png",
+            nrow=shown,
+            padding=1,
+            pad_value=1.0,
+        )
         return {"samples_png": f"samples/{cell.key}.png"}

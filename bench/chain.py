@@ -18,6 +18,7 @@ The sampler contract (a `Schedule`, built by a sampler in bench/samplers/ for on
   (variance-preserving, epsilon models: DDIM = Euler, DPM-Solver++ a second-order multistep) or
   s = sigma (rectified flow, velocity models: flow-matching Euler). The adjoint integrates it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -47,6 +48,7 @@ class Schedule:
         """The schedule of a diffusers scheduler (DDIM, DPM-Solver++ multistep, flow-matching Euler)
         at `num_steps` steps, read from the scheduler's own grid."""
         from bench.samplers import schedule_from_scheduler
+
         return schedule_from_scheduler(scheduler, num_steps, eta)
 
     # --- the grid -------------------------------------------------------------------------------
@@ -145,8 +147,9 @@ class Schedule:
         apart = 1e-9 * (high - low)
         head = [low] if low + apart < edge_low < high - apart and steps >= 2 else []
         tail = [high] if low + apart < edge_high < high - apart and steps - len(head) >= 2 else []
-        inner = self.ode_grid_between(edge_low if head else low, edge_high if tail else high,
-                                      steps - len(head) - len(tail))
+        inner = self.ode_grid_between(
+            edge_low if head else low, edge_high if tail else high, steps - len(head) - len(tail)
+        )
         return head + inner + tail
 
     def ode_edges(self) -> tuple[float, float]:
@@ -161,8 +164,7 @@ class Schedule:
         from rho = 0 to rho(t = 0) on a one-step grid ending at abar = 1) uniform in s."""
         if 0 < self.ode_to_rho(low) < math.inf and 0 < self.ode_to_rho(high) < math.inf:
             log_low, log_high = math.log(self.ode_to_rho(low)), math.log(self.ode_to_rho(high))
-            inner = [self.ode_from_rho(math.exp(log_low + (log_high - log_low) * j / steps))
-                     for j in range(1, steps)]
+            inner = [self.ode_from_rho(math.exp(log_low + (log_high - log_low) * j / steps)) for j in range(1, steps)]
         else:
             t_low, t_high = self.ode_time(low), self.ode_time(high)
             inner = [self.ode_point_at_time(t_low + (t_high - t_low) * j / steps) for j in range(1, steps)]
@@ -295,8 +297,9 @@ class Chain:
 
     def denoise_at(self, x: Tensor, t: float, cond: Tensor | None) -> Tensor:
         self.counter.forward += 1
-        t_tensor = torch.full((x.shape[0],), t, dtype=x.dtype if x.is_floating_point() else torch.float32,
-                              device=x.device)
+        t_tensor = torch.full(
+            (x.shape[0],), t, dtype=x.dtype if x.is_floating_point() else torch.float32, device=x.device
+        )
         out = self.denoiser(x, t_tensor, cond)
         if out.requires_grad:
             out.register_hook(self._count_vjp)
@@ -311,8 +314,9 @@ class Chain:
         return self.schedule.advance(state, i, self.eps(state[0], i, cond), noise_for(noises, i))
 
     @torch.no_grad()
-    def sample(self, x_start: Tensor, cond: Tensor | None, noises: list[Tensor] | None = None,
-               keep_states: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
+    def sample(
+        self, x_start: Tensor, cond: Tensor | None, noises: list[Tensor] | None = None, keep_states: bool = False
+    ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Run the sampler without graph; optionally return every latent x_N..x_0 (x_i at [N - i];
         a multistep solver's history is not kept)."""
         state, states = self.schedule.start(x_start.detach()), []

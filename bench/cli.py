@@ -1,4 +1,5 @@
 """python -m bench {list,run,report,compare,figures,check}: the command line. Bad input is one line on stderr and exit 2."""
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     lister = sub.add_parser("list", help="estimators (with options), tasks, samplers and targets")
     lister.add_argument("name", nargs="?", help="an estimator, task or sampler: show its documentation")
-    lister.add_argument("--include", action="append", default=[], metavar="FILE.py",
-                        help="import a file that registers estimators or tasks")
+    lister.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="FILE.py",
+        help="import a file that registers estimators or tasks",
+    )
 
     run = sub.add_parser("run", help="run a sweep and write DIR/rows.jsonl and DIR/run.json")
     _run_flags(run)
@@ -64,28 +70,52 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="per-cell ratios B / A of two run folders, changes flagged")
     compare.add_argument("run_a", type=_folder_arg, metavar="DIR_A")
     compare.add_argument("run_b", type=_folder_arg, metavar="DIR_B")
-    compare.add_argument("--factor", type=float, default=1.1,
-                         help="flag ratios beyond this factor (default 1.1), if the spread does not explain them")
+    compare.add_argument(
+        "--factor",
+        type=float,
+        default=1.1,
+        help="flag ratios beyond this factor (default 1.1), if the spread does not explain them",
+    )
     compare.add_argument("--only-changed", action="store_true", help="show flagged cells only")
-    compare.add_argument("--strict", action="store_true", help="exit 1 if any cell got slower, larger or changed its gradient")
+    compare.add_argument(
+        "--strict", action="store_true", help="exit 1 if any cell got slower, larger or changed its gradient"
+    )
 
     check = sub.add_parser("check", help="the conformance suite: estimators against the contract on the toy")
     check.add_argument("estimators", nargs="*", metavar="SPEC", help="estimator specs (default: all registered)")
-    check.add_argument("--include", action="append", default=[], metavar="FILE.py",
-                       help="import a file that registers estimators")
-    check.add_argument("--on", action="append", default=None, metavar="TASK",
-                       help="the estimator suite's tasks (default: toy[d=3,batch=6] and its eta=1.0 twin): a "
-                            "deterministic task spec first, then one with injected noise")
-    check.add_argument("--samplers", nargs="*", default=None, metavar="SPEC",
-                       help="run the sampler suite instead (bench/check/samplers.py): these specs, or with none "
-                            "every registered sampler and its variants")
-    check.add_argument("--tasks", nargs="*", default=None, metavar="SPEC",
-                       help="run the task suite instead (bench/check/tasks.py): these specs, or with none every "
-                            "registered task with its defaults")
+    check.add_argument(
+        "--include", action="append", default=[], metavar="FILE.py", help="import a file that registers estimators"
+    )
+    check.add_argument(
+        "--on",
+        action="append",
+        default=None,
+        metavar="TASK",
+        help="the estimator suite's tasks (default: toy[d=3,batch=6] and its eta=1.0 twin): a "
+        "deterministic task spec first, then one with injected noise",
+    )
+    check.add_argument(
+        "--samplers",
+        nargs="*",
+        default=None,
+        metavar="SPEC",
+        help="run the sampler suite instead (bench/check/samplers.py): these specs, or with none "
+        "every registered sampler and its variants",
+    )
+    check.add_argument(
+        "--tasks",
+        nargs="*",
+        default=None,
+        metavar="SPEC",
+        help="run the task suite instead (bench/check/tasks.py): these specs, or with none every "
+        "registered task with its defaults",
+    )
 
     figures = sub.add_parser("figures", help="redraw the papers' figures from reference results (reports/figures)")
     figures.add_argument("--only", default="", help="comma-separated figure names (spec file stems)")
-    figures.add_argument("--specs", type=_folder_arg, default=None, help="folder of figure specs (default: reports/figures)")
+    figures.add_argument(
+        "--specs", type=_folder_arg, default=None, help="folder of figure specs (default: reports/figures)"
+    )
     figures.add_argument("--out", type=_folder_arg, default=None, help="output folder (default: the specs folder)")
 
     status = sub.add_parser("status", help="cells of a run folder: done, failed, running, queued, pending; its jobs")
@@ -101,34 +131,75 @@ def _run_flags(run: argparse.ArgumentParser) -> None:
     from bench.launch import LAUNCHERS, LaunchSpec
 
     launch = LaunchSpec()
-    run.add_argument("--config", type=_folder_arg, default=None, metavar="SWEEP.toml",
-                     help="read the sweep from a file; the flags given here override it (README: Sweeps as data)")
+    run.add_argument(
+        "--config",
+        type=_folder_arg,
+        default=None,
+        metavar="SWEEP.toml",
+        help="read the sweep from a file; the flags given here override it (README: Sweeps as data)",
+    )
     settings.add_flags(run)
     flag = run.add_argument
-    flag("--out", type=_folder_arg, help="run folder (default: the sweep file's out, else results/<a name derived "
-                                         "from the sweep>)")
+    flag(
+        "--out",
+        type=_folder_arg,
+        help="run folder (default: the sweep file's out, else results/<a name derived from the sweep>)",
+    )
     flag("--force", action="store_true", default=False, help="rerun cells that already have a row")
-    flag("--remeasure", type=_remeasure_arg, default=frozenset(), metavar="time,memory",
-         help="measure the time and/or memory of cells whose row is ok again, keeping their gradients, "
-              "optimisation and evaluation (the harness's code is in no cell key; README: What a cell's key covers)")
+    flag(
+        "--remeasure",
+        type=_remeasure_arg,
+        default=frozenset(),
+        metavar="time,memory",
+        help="measure the time and/or memory of cells whose row is ok again, keeping their gradients, "
+        "optimisation and evaluation (the harness's code is in no cell key; README: What a cell's key covers)",
+    )
     flag("--no-progress", action="store_true", default=False, help="no progress bar")
     jobs = run.add_argument_group("launcher (where the cells run; a sweep file's [launcher] table)")
     jobs.add_argument("--launcher", help="; ".join(f"{k}: {v}" for k, v in LAUNCHERS.items()))
     jobs.add_argument("--partition", help="SLURM partition (default: the cluster's)")
-    jobs.add_argument("--time-min", dest="time_min", type=int, metavar="MINUTES",
-                      help=f"time limit of one job (default: {launch.time_min}); a job past it is killed and its "
-                           "unfinished cell reruns with the same command")
+    jobs.add_argument(
+        "--time-min",
+        dest="time_min",
+        type=int,
+        metavar="MINUTES",
+        help=f"time limit of one job (default: {launch.time_min}); a job past it is killed and its "
+        "unfinished cell reruns with the same command",
+    )
     jobs.add_argument("--gpus-per-job", dest="gpus_per_job", type=int, metavar="N", help="GPUs per job (default: 0)")
-    jobs.add_argument("--cpus-per-job", dest="cpus_per_job", type=int, metavar="N",
-                      help="CPU cores per job (default: --threads if given, else 1 on a CPU and 4 on CUDA)")
-    jobs.add_argument("--array-parallelism", dest="array_parallelism", type=int, metavar="N",
-                      help="jobs running at once (default: SLURM's; submitit-local: the cores / cpus per job)")
-    jobs.add_argument("--cells-per-job", dest="cells_per_job", type=int, metavar="N",
-                      help="cells per job (default 0: one point's cells, timed side by side)")
-    jobs.add_argument("--sbatch", action="append", metavar="KEY=VALUE",
-                      help="an extra sbatch parameter, repeatable (e.g. --sbatch account=mylab --sbatch qos=high)")
-    jobs.add_argument("--detach", action="store_const", const=True,
-                      help="submit the jobs and return; watch with `python -m bench status DIR`")
+    jobs.add_argument(
+        "--cpus-per-job",
+        dest="cpus_per_job",
+        type=int,
+        metavar="N",
+        help="CPU cores per job (default: --threads if given, else 1 on a CPU and 4 on CUDA)",
+    )
+    jobs.add_argument(
+        "--array-parallelism",
+        dest="array_parallelism",
+        type=int,
+        metavar="N",
+        help="jobs running at once (default: SLURM's; submitit-local: the cores / cpus per job)",
+    )
+    jobs.add_argument(
+        "--cells-per-job",
+        dest="cells_per_job",
+        type=int,
+        metavar="N",
+        help="cells per job (default 0: one point's cells, timed side by side)",
+    )
+    jobs.add_argument(
+        "--sbatch",
+        action="append",
+        metavar="KEY=VALUE",
+        help="an extra sbatch parameter, repeatable (e.g. --sbatch account=mylab --sbatch qos=high)",
+    )
+    jobs.add_argument(
+        "--detach",
+        action="store_const",
+        const=True,
+        help="submit the jobs and return; watch with `python -m bench status DIR`",
+    )
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
@@ -158,14 +229,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: completed cells are saved; run the same command again to resume",
-              file=sys.stderr)
+        print("interrupted: completed cells are saved; run the same command again to resume", file=sys.stderr)
         return 130
     except Exception as exc:
         if debug:
             raise
-        print(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
-              file=sys.stderr)
+        print(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
 
 
@@ -183,13 +252,30 @@ def _list(args: argparse.Namespace) -> int:
         return _describe(args.name, console)
     from bench.samplers import SAMPLERS
 
-    console.print(_class_table("Estimators", ESTIMATORS, ("exact", "options (type = default)", "what it does"),
-                               lambda cls: (_exactness(cls), _options(cls), cls.summary)))
-    console.print(_class_table("Tasks", TASKS, ("options (type = default)", "targets", "what it is"),
-                               lambda cls: (_options(cls), ", ".join(cls.targets), cls.summary)))
-    console.print(_class_table("Samplers (a task's sampler=NAME\\[k=v])", SAMPLERS,
-                               ("options (type = default)", "model", "what it is"),
-                               lambda cls: (_options(cls), cls.prediction, cls.summary)))
+    console.print(
+        _class_table(
+            "Estimators",
+            ESTIMATORS,
+            ("exact", "options (type = default)", "what it does"),
+            lambda cls: (_exactness(cls), _options(cls), cls.summary),
+        )
+    )
+    console.print(
+        _class_table(
+            "Tasks",
+            TASKS,
+            ("options (type = default)", "targets", "what it is"),
+            lambda cls: (_options(cls), ", ".join(cls.targets), cls.summary),
+        )
+    )
+    console.print(
+        _class_table(
+            "Samplers (a task's sampler=NAME\\[k=v])",
+            SAMPLERS,
+            ("options (type = default)", "model", "what it is"),
+            lambda cls: (_options(cls), cls.prediction, cls.summary),
+        )
+    )
     from tasks.sd import rewards
 
     table = Table(title="Rewards of the sd task (reward=NAME)")
@@ -251,8 +337,17 @@ def _describe(name: str, console) -> int:
     return 0
 
 
-LAUNCH_FLAGS = ("launcher", "partition", "time_min", "gpus_per_job", "cpus_per_job", "array_parallelism",
-                "cells_per_job", "sbatch", "detach")
+LAUNCH_FLAGS = (
+    "launcher",
+    "partition",
+    "time_min",
+    "gpus_per_job",
+    "cpus_per_job",
+    "array_parallelism",
+    "cells_per_job",
+    "sbatch",
+    "detach",
+)
 
 
 def sweep_of(args: argparse.Namespace):
@@ -287,8 +382,14 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     sweep = sweep_of(args)
     out = sweep.out
     console = Console(stderr=True)
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=console, disable=args.no_progress)
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=args.no_progress,
+    )
     bar = None
 
     def on_start(total: int, reused: int) -> None:
@@ -296,22 +397,27 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         if reused:
             console.print(f"{reused} of {total} cells already have rows in {out}; skipping them (--force reruns)")
         if args.remeasure:
-            console.print(f"measuring {' and '.join(sorted(args.remeasure))} again of the cells whose row is ok; "
-                          "their gradients, optimisation and evaluation are kept")
+            console.print(
+                f"measuring {' and '.join(sorted(args.remeasure))} again of the cells whose row is ok; "
+                "their gradients, optimisation and evaluation are kept"
+            )
         bar = progress.add_task("sweep", total=total, completed=reused)
         progress.start()  # only once the whole sweep has been checked
 
     def on_point(cells) -> None:
         cell = cells[0]
         what = cell.estimator.spec if len(cells) == 1 else f"{len(cells)} estimators"
-        progress.update(bar, description=escape(f"{cell.task.spec} {cell.target} N={cell.steps} "
-                                                f"seed={cell.seed}: {what}"))
+        progress.update(
+            bar, description=escape(f"{cell.task.spec} {cell.target} N={cell.steps} seed={cell.seed}: {what}")
+        )
 
     def on_row(row) -> None:
         progress.advance(bar)
         if row["status"] not in ("ok", "skipped"):
-            progress.console.print(f"[yellow]{row['status']}[/]: " + escape(
-                f"{row['estimator']} {row['target']} N={row['steps']}: {row.get('error', '')}"))
+            progress.console.print(
+                f"[yellow]{row['status']}[/]: "
+                + escape(f"{row['estimator']} {row['target']} N={row['steps']}: {row.get('error', '')}")
+            )
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")
@@ -338,9 +444,17 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
 def run_sweep_local(sweep, force, argv, on_start, on_point, on_row, remeasure=frozenset()):
     from bench.runner import run_sweep
 
-    return run_sweep(sweep.parts, sweep.out, force=force, argv=argv, on_start=on_start, on_point=on_point,
-                     on_row=on_row, extra={"launcher": sweep.launch.options(), "config": sweep.source},
-                     remeasure=remeasure)
+    return run_sweep(
+        sweep.parts,
+        sweep.out,
+        force=force,
+        argv=argv,
+        on_start=on_start,
+        on_point=on_point,
+        on_row=on_row,
+        extra={"launcher": sweep.launch.options(), "config": sweep.source},
+        remeasure=remeasure,
+    )
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -419,7 +533,8 @@ def _is_folder(path: Path) -> bool:
 
 
 def _default_name(spec) -> str:
-    text = json.dumps([spec.tasks, spec.estimators, spec.targets, spec.steps, spec.seeds, spec.iters,
-                       spec.device], sort_keys=True)
+    text = json.dumps(
+        [spec.tasks, spec.estimators, spec.targets, spec.steps, spec.seeds, spec.iters, spec.device], sort_keys=True
+    )
     tasks = "-".join(t.split("[")[0] for t in spec.tasks)
     return f"{tasks}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"

@@ -8,6 +8,7 @@ round there is no spread, and the ratio alone decides (marked '?'); so it does, 
 named, where either side's timing is suspect (rounds slowed by other load). Memory is flagged on the
 factor, above one page of resolution. A gradient whose cosine to the exact one moved by more
 than 1e-3 is flagged too."""
+
 from __future__ import annotations
 
 import math
@@ -67,17 +68,30 @@ def compare(dir_a: Path, dir_b: Path, factor: float = 1.1) -> pd.DataFrame:
             flags.append(f"timing suspect in {' and '.join(suspect)}")
         mem_a, mem_b = side_a.get("peak_mem_bytes"), side_b.get("peak_mem_bytes")
         mem_ratio = mem_b / mem_a if pd.notna(mem_a) and pd.notna(mem_b) and mem_a > 0 else float("nan")
-        if pd.notna(mem_ratio) and abs(mem_b - mem_a) > MEMORY_RESOLUTION and (
-                mem_ratio > factor or mem_ratio < 1 / factor):
+        if (
+            pd.notna(mem_ratio)
+            and abs(mem_b - mem_a) > MEMORY_RESOLUTION
+            and (mem_ratio > factor or mem_ratio < 1 / factor)
+        ):
             flags.append("memory " + ("larger" if mem_ratio > 1 else "smaller"))
         if abs(side_b["grad_cos"] - side_a["grad_cos"]) > 1e-3:
             flags.append("gradient changed")
-        records.append({**{k: row[k] for k in KEY}, "time_a": side_a["time_s"], "time_b": side_b["time_s"],
-                        "time_ratio": side_b["time_s"] / side_a["time_s"], "mem_a": mem_a, "mem_b": mem_b,
-                        "mem_ratio": mem_ratio, "cos_a": side_a["grad_cos"], "cos_b": side_b["grad_cos"],
-                        "vs_base_a": side_a.get("time_vs_baseline", float("nan")),
-                        "vs_base_b": side_b.get("time_vs_baseline", float("nan")),
-                        "flags": ", ".join(flags)})
+        records.append(
+            {
+                **{k: row[k] for k in KEY},
+                "time_a": side_a["time_s"],
+                "time_b": side_b["time_s"],
+                "time_ratio": side_b["time_s"] / side_a["time_s"],
+                "mem_a": mem_a,
+                "mem_b": mem_b,
+                "mem_ratio": mem_ratio,
+                "cos_a": side_a["grad_cos"],
+                "cos_b": side_b["grad_cos"],
+                "vs_base_a": side_a.get("time_vs_baseline", float("nan")),
+                "vs_base_b": side_b.get("time_vs_baseline", float("nan")),
+                "flags": ", ".join(flags),
+            }
+        )
     return pd.DataFrame(records)
 
 
@@ -92,23 +106,43 @@ def print_comparison(table: pd.DataFrame, console, only_changed: bool = False) -
 
     shown = table[table["flags"] != ""] if only_changed else table
     tasks = ", ".join(dict.fromkeys(table["task"]))
-    view = Table(title=escape(f"B / A per cell ({tasks})"), title_justify="left", box=box.SIMPLE_HEAD,
-                 collapse_padding=True, pad_edge=False)
+    view = Table(
+        title=escape(f"B / A per cell ({tasks})"),
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        collapse_padding=True,
+        pad_edge=False,
+    )
     wide = console.width >= 120  # below that, the ratios only (times and cosines need 40 more columns)
     columns = ("cell", "ms A", "ms B", "B/A", "×base A", "×base B", "mem B/A", "cos A", "cos B", "change")
     shown_columns = [c for c in columns if wide or c not in ("ms A", "ms B", "cos A", "cos B")]
     for column in shown_columns:
-        view.add_column(column, justify="left" if column in ("cell", "change") else "right",
-                        no_wrap=column != "change")
+        view.add_column(column, justify="left" if column in ("cell", "change") else "right", no_wrap=column != "change")
     for _, r in shown.iterrows():
-        colour = "red" if ("slower" in r["flags"] or "larger" in r["flags"] or "gradient" in r["flags"]) else (
-            "green" if r["flags"] else "")
+        colour = (
+            "red"
+            if ("slower" in r["flags"] or "larger" in r["flags"] or "gradient" in r["flags"])
+            else ("green" if r["flags"] else "")
+        )
         flags = f"[{colour}]{escape(r['flags'])}[/]" if colour else ""
         memory = "-" if pd.isna(r["mem_ratio"]) else f"{r['mem_ratio']:.2f}"
-        cells = dict(zip(columns, (
-            escape(f"{r['estimator']} {r['target']} N={r['steps']} s={r['seed']}"),
-            f"{r['time_a'] * 1e3:.1f}", f"{r['time_b'] * 1e3:.1f}", f"{r['time_ratio']:.2f}",
-            _ratio(r["vs_base_a"]), _ratio(r["vs_base_b"]), memory, f"{r['cos_a']:.4f}", f"{r['cos_b']:.4f}", flags)))
+        cells = dict(
+            zip(
+                columns,
+                (
+                    escape(f"{r['estimator']} {r['target']} N={r['steps']} s={r['seed']}"),
+                    f"{r['time_a'] * 1e3:.1f}",
+                    f"{r['time_b'] * 1e3:.1f}",
+                    f"{r['time_ratio']:.2f}",
+                    _ratio(r["vs_base_a"]),
+                    _ratio(r["vs_base_b"]),
+                    memory,
+                    f"{r['cos_a']:.4f}",
+                    f"{r['cos_b']:.4f}",
+                    flags,
+                ),
+            )
+        )
         view.add_row(*(cells[c] for c in shown_columns))
     console.print(view)
     changed = int((table["flags"] != "").sum())

@@ -9,6 +9,7 @@ accumulated across calls, counts equal to the cost model where it predicts whole
 reasons that are real strings, agreement with the exact gradient (reported; required for an
 estimator that declares itself exact), the same gradient under the same seed, a declared convergence order, and nothing left
 behind (no graph on what it returns, no tensors piling up over repeated calls)."""
+
 from __future__ import annotations
 
 import gc
@@ -105,14 +106,18 @@ class Suite:
                     continue  # the deterministic sampler has no injected noise to optimise
                 problem = task.make_problem(target, STEPS, 0)
                 reason = estimator.applies(problem)  # its requirements and needs too (bench/capabilities.py)
-                _require(reason is None or (isinstance(reason, str) and reason.strip()),
-                         f"skip_reason returned {reason!r}: None or a sentence")
+                _require(
+                    reason is None or (isinstance(reason, str) and reason.strip()),
+                    f"skip_reason returned {reason!r}: None or a sentence",
+                )
                 if reason is None:
                     self.served.setdefault(target, toy)
                 else:
                     notes.setdefault(reason, []).append(f"{target} (eta={'1' if 'eta' in toy else '0'})")
         _require(bool(self.served), "skips every target on both samplers")
-        return "; ".join(f"skips {', '.join(where)}: {reason}" for reason, where in notes.items()) or "serves every target"
+        return (
+            "; ".join(f"skips {', '.join(where)}: {reason}" for reason, where in notes.items()) or "serves every target"
+        )
 
     def _each_target(self, fn: Callable[[str, str], str]) -> str:
         _require(bool(self.served), "no target served (see the skip check)")
@@ -142,9 +147,12 @@ class Suite:
         def check(target, toy):
             problem = self._fresh(toy, target)
             outcome = self._call(problem)
-            others = [("x_N", problem.x_start), ("cond", problem.cond),
-                      *((f"weight {n}", p) for n, p in problem.chain.denoiser.named_parameters()),
-                      *((f"noise {i}", t) for i, t in enumerate(problem.noises or []))]
+            others = [
+                ("x_N", problem.x_start),
+                ("cond", problem.cond),
+                *((f"weight {n}", p) for n, p in problem.chain.denoiser.named_parameters()),
+                *((f"noise {i}", t) for i, t in enumerate(problem.noises or [])),
+            ]
             leaf_ids = {id(leaf) for leaf in problem.leaves}
             stray = [name for name, t in others if t is not None and id(t) not in leaf_ids and t.grad is not None]
             _require(not stray, f"gradient on tensors that are not the target's: {stray[:3]}")
@@ -154,10 +162,13 @@ class Suite:
                 _require(leaf.grad.grad_fn is None, ".grad carries an autograd graph")
                 _require(bool(torch.isfinite(leaf.grad).all()), "non-finite gradient")
             _require(float(problem.flat_grad().norm()) > 0, "all-zero gradient (use skip_reason instead)")
-            _require(outcome.x0.grad_fn is None and outcome.rewards.grad_fn is None,
-                     "the returned x0 or rewards still hold a graph")
+            _require(
+                outcome.x0.grad_fn is None and outcome.rewards.grad_fn is None,
+                "the returned x0 or rewards still hold a graph",
+            )
             _require(math.isfinite(outcome.loss), f"loss {outcome.loss}")
             return "ok"
+
         return self._each_target(check)
 
     def no_accumulation(self) -> str:
@@ -168,9 +179,12 @@ class Suite:
             first = problem.flat_grad().clone()
             second_estimator = self.estimator()
             second_estimator(problem, random.Random(3))  # same draws again on the same problem
-            _require(torch.allclose(problem.flat_grad(), first, rtol=1e-10, atol=0),
-                     "a second call on the same problem changed the gradient: stale .grad accumulated?")
+            _require(
+                torch.allclose(problem.flat_grad(), first, rtol=1e-10, atol=0),
+                "a second call on the same problem changed the gradient: stale .grad accumulated?",
+            )
             return "ok"
+
         return self._each_target(check)
 
     def counts(self) -> str:
@@ -178,6 +192,7 @@ class Suite:
         estimator that reuses samples across calls is modelled by its average). Where the model
         predicts whole numbers per call, they must match exactly; otherwise (random choices) the
         counts are reported."""
+
         def check(target, toy):
             problem, estimator, rng = self._fresh(toy, target), self.estimator(), random.Random(0)
             problem.chain.counter.reset()
@@ -189,10 +204,13 @@ class Suite:
             shown = f"{measured[0]:g}/{measured[1]:g}"
             whole = all(abs(p * COUNT_CALLS - round(p * COUNT_CALLS)) < 1e-6 for p in predicted)
             if whole and not estimator.random_counts:
-                _require(all(abs(m - p) < 1e-9 for m, p in zip(measured, predicted)),
-                         f"counted fwd/vjp {shown} per call, cost model says {predicted[0]:g}/{predicted[1]:g}")
+                _require(
+                    all(abs(m - p) < 1e-9 for m, p in zip(measured, predicted)),
+                    f"counted fwd/vjp {shown} per call, cost model says {predicted[0]:g}/{predicted[1]:g}",
+                )
                 return f"{shown} as predicted"
             return f"{shown} (expected {predicted[0]:g}/{predicted[1]:g}: random)"
+
         return self._each_target(check)
 
     def convergence(self):
@@ -212,10 +230,14 @@ class Suite:
             logs_e = [math.log(max(e, 1e-300)) for e in errors]
             mean_n, mean_e = sum(logs_n) / len(logs_n), sum(logs_e) / len(logs_e)
             slope = -sum((a - mean_n) * (b - mean_e) for a, b in zip(logs_n, logs_e)) / sum(
-                (a - mean_n) ** 2 for a in logs_n)
-            _require(slope >= order - ORDER_SLACK,
-                     f"declared order {order:g}, measured {slope:.2f} (errors {', '.join(f'{e:.1e}' for e in errors)})")
+                (a - mean_n) ** 2 for a in logs_n
+            )
+            _require(
+                slope >= order - ORDER_SLACK,
+                f"declared order {order:g}, measured {slope:.2f} (errors {', '.join(f'{e:.1e}' for e in errors)})",
+            )
             return f"order {slope:.2f} (declared {order:g})"
+
         targets = [t for t, where in self.served.items() if where == toy]
         _require(bool(targets), "declares a convergence order but serves no target on the deterministic toy")
         return "; ".join(f"{t}: {check(t, toy)}" for t in targets)
@@ -228,6 +250,7 @@ class Suite:
             if self.estimator().exact:
                 _require(err < EXACT_TOLERANCE, f"declared exact, but rel. error {err:.2e} to {reference}")
             return f"cos {cos:.3f}, rel err {err:.1e}" + ("" if reference == "full" else f" (to {reference})")
+
         return self._each_target(check)
 
     def determinism(self) -> str:
@@ -239,6 +262,7 @@ class Suite:
                 grads.append(problem.flat_grad())
             _require(torch.equal(*grads), "two runs with the same seed gave different gradients")
             return "ok"
+
         return self._each_target(check)
 
     def nothing_left_behind(self) -> str:
@@ -258,7 +282,9 @@ class Suite:
         for _ in range(2 * COUNT_CALLS):
             estimator(problem, rng)
         growth = live_tensors() - before
-        _require(growth <= 4, f"{growth} more live tensors after {2 * COUNT_CALLS} more calls (a graph or a hook kept?)")
+        _require(
+            growth <= 4, f"{growth} more live tensors after {2 * COUNT_CALLS} more calls (a graph or a hook kept?)"
+        )
         return f"{target}: {growth:+d} live tensors over {2 * COUNT_CALLS} calls"
 
 
@@ -305,9 +331,15 @@ def print_checks(checks: list[Check], console: Any) -> None:
         table.add_column(column, overflow="fold")
     colours = {"pass": "green", "fail": "bold red", "n/a": "dim"}
     for check in checks:
-        table.add_row(escape(check.estimator), escape(check.name),
-                      f"[{colours[check.status]}]{check.status}[/]", escape(check.detail))
+        table.add_row(
+            escape(check.estimator),
+            escape(check.name),
+            f"[{colours[check.status]}]{check.status}[/]",
+            escape(check.detail),
+        )
     console.print(table)
     failed = sorted({c.estimator for c in checks if c.status == "fail"})
-    console.print(f"{len({c.estimator for c in checks})} estimator(s), "
-                  + (f"[bold red]failing: {', '.join(failed)}[/]" if failed else "[green]all checks pass[/]"))
+    console.print(
+        f"{len({c.estimator for c in checks})} estimator(s), "
+        + (f"[bold red]failing: {', '.join(failed)}[/]" if failed else "[green]all checks pass[/]")
+    )

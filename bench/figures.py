@@ -5,6 +5,7 @@ below), the run folder it reads (`source`), the sweep file that writes that fold
 `python -m bench run --config`), the paper's claim, and the kind's options. Each writes
 reports/figures/<spec name>.png and .svg, and reports/figures/README.md lists every figure with a
 caption that states the claim and what the suite measured (computed from the rows)."""
+
 from __future__ import annotations
 
 import inspect
@@ -31,6 +32,7 @@ def kind(name: str):
     def register(fn):
         KINDS[name] = fn
         return fn
+
     return register
 
 
@@ -46,8 +48,9 @@ def _pct_lower(ratio: float) -> str:
 
 
 @kind("cost_and_reward")
-def cost_and_reward(frame: pd.DataFrame, steps: int, estimator: str, baseline: str = "full",
-                    targets: list[str] | None = None):
+def cost_and_reward(
+    frame: pd.DataFrame, steps: int, estimator: str, baseline: str = "full", targets: list[str] | None = None
+):
     """Per target: time and memory per gradient of `estimator` and `baseline` at N = steps, and
     the reward after the same number of Adam iterations (mean over seeds; band: min to max)."""
     means, curves = analysis.cell_means(frame), analysis.curves(frame)
@@ -56,8 +59,10 @@ def cost_and_reward(frame: pd.DataFrame, steps: int, estimator: str, baseline: s
     notes = []
     for row_axes, target in zip(axes, targets):
         a, b = _pick(means, target, baseline, steps), _pick(means, target, estimator, steps)
-        for ax, column, scale, label in ((row_axes[0], "time_s", 1e3, "time per gradient (ms)"),
-                                         (row_axes[1], "peak_mem_bytes", 1 / plots.MIB, "peak memory per gradient (MiB)")):
+        for ax, column, scale, label in (
+            (row_axes[0], "time_s", 1e3, "time per gradient (ms)"),
+            (row_axes[1], "peak_mem_bytes", 1 / plots.MIB, "peak memory per gradient (MiB)"),
+        ):
             values = [a[column] * scale, b[column] * scale]
             bars = ax.bar([baseline, estimator], values, color=[plots.colour(baseline), plots.colour(estimator)])
             ax.bar_label(bars, labels=[f"{v:.0f}" if v >= 100 else f"{v:.3g}" for v in values])
@@ -68,8 +73,9 @@ def cost_and_reward(frame: pd.DataFrame, steps: int, estimator: str, baseline: s
         for spec in (baseline, estimator):
             per_seed = part[part["estimator"] == spec].pivot_table(index="iteration", columns="seed", values="reward")
             ax.plot(per_seed.index, per_seed.mean(axis=1), **plots.style(spec))
-            ax.fill_between(per_seed.index, per_seed.min(axis=1), per_seed.max(axis=1),
-                            color=plots.colour(spec), alpha=0.15)
+            ax.fill_between(
+                per_seed.index, per_seed.min(axis=1), per_seed.max(axis=1), color=plots.colour(spec), alpha=0.15
+            )
         ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
         ax.set_xlabel("Adam iteration")
         ax.set_ylabel("mean reward")
@@ -82,14 +88,20 @@ def cost_and_reward(frame: pd.DataFrame, steps: int, estimator: str, baseline: s
             f"({_pct_lower(cost)} time) and {b['peak_mem_bytes'] / plots.MIB:.0f} MiB against "
             f"{a['peak_mem_bytes'] / plots.MIB:.0f} MiB ({_pct_lower(b['peak_mem_bytes'] / a['peak_mem_bytes'])} "
             f"memory); after the same iterations its reward is {b['reward_final']:.2f} against "
-            f"{a['reward_final']:.2f} (start {a['reward_init']:.2f}), gradient cosine {b['grad_cos']:.2f}.")
+            f"{a['reward_final']:.2f} (start {a['reward_init']:.2f}), gradient cosine {b['grad_cos']:.2f}."
+        )
     fig.tight_layout(rect=(0, 0, 1, 0.94))
     return fig, " ".join(notes)
 
 
 @kind("memory_and_error_vs_n")
-def memory_and_error_vs_n(frame: pd.DataFrame, estimator: str, baseline: str = "full",
-                          context: list[str] | None = None, target: str | None = None):
+def memory_and_error_vs_n(
+    frame: pd.DataFrame,
+    estimator: str,
+    baseline: str = "full",
+    context: list[str] | None = None,
+    target: str | None = None,
+):
     """Memory per gradient against N for the estimator, the baseline (and context estimators),
     and the estimator's relative gradient error and cosine against N."""
     means = analysis.cell_means(frame)
@@ -109,27 +121,38 @@ def memory_and_error_vs_n(frame: pd.DataFrame, estimator: str, baseline: str = "
     ax.set_ylabel("relative error to the exact gradient")
     ax.grid(True, alpha=0.3)
     twin = ax.twinx()
-    twin.plot(own["steps"], own["grad_cos"], linestyle=":", color=plots.colour(estimator), marker="x",
-              label="cosine (right axis)")
+    twin.plot(
+        own["steps"],
+        own["grad_cos"],
+        linestyle=":",
+        color=plots.colour(estimator),
+        marker="x",
+        label="cosine (right axis)",
+    )
     twin.set_ylabel("cosine to the exact gradient")
     twin.legend(loc="center right")
     ax.set_title(f"{target}: {estimator}'s gradient error vs N")
     lo, hi = int(own["steps"].min()), int(own["steps"].max())
-    growth = {spec: _pick(means, target, spec, hi)["peak_mem_bytes"] / _pick(means, target, spec, lo)["peak_mem_bytes"]
-              for spec in (baseline, estimator)}
+    growth = {
+        spec: _pick(means, target, spec, hi)["peak_mem_bytes"] / _pick(means, target, spec, lo)["peak_mem_bytes"]
+        for spec in (baseline, estimator)
+    }
     errors = ", ".join(f"{e:.2f} at N={n}" for n, e in zip(own["steps"], own["grad_rel_err"]))
     cosines = ", ".join(f"{c:.3f}" for c in own["grad_cos"])
-    note = (f"From N={lo} to N={hi} ({hi / lo:.0f}× the steps) {baseline}'s peak memory grows "
-            f"{growth[baseline]:.1f}× while {estimator}'s changes {growth[estimator]:.2f}×. "
-            f"{estimator}'s relative error to the exact gradient of the discrete chain: {errors} "
-            f"(cosine {cosines}).")
+    note = (
+        f"From N={lo} to N={hi} ({hi / lo:.0f}× the steps) {baseline}'s peak memory grows "
+        f"{growth[baseline]:.1f}× while {estimator}'s changes {growth[estimator]:.2f}×. "
+        f"{estimator}'s relative error to the exact gradient of the discrete chain: {errors} "
+        f"(cosine {cosines})."
+    )
     fig.tight_layout(rect=(0, 0, 1, 0.94))
     return fig, note
 
 
 @kind("k_ablation")
-def k_ablation(frame: pd.DataFrame, steps: int, family: str = "truncated", baseline: str = "full",
-               target: str | None = None):
+def k_ablation(
+    frame: pd.DataFrame, steps: int, family: str = "truncated", baseline: str = "full", target: str | None = None
+):
     """Reward reached and cost per gradient against the truncation depth K, with the baseline as
     a horizontal line."""
     means = analysis.cell_means(frame)
@@ -142,9 +165,11 @@ def k_ablation(frame: pd.DataFrame, steps: int, family: str = "truncated", basel
         raise SpecError(f"the reference rows have no ok {family} cell on {target} at N={steps}")
     base = _pick(means, target, baseline, steps)
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
-    panels = ((axes[0], "reward_final", 1.0, "reward after the optimisation"),
-              (axes[1], "time_s", 1e3, "time per gradient (ms)"),
-              (axes[2], "peak_mem_bytes", 1 / plots.MIB, "peak memory per gradient (MiB)"))
+    panels = (
+        (axes[0], "reward_final", 1.0, "reward after the optimisation"),
+        (axes[1], "time_s", 1e3, "time per gradient (ms)"),
+        (axes[2], "peak_mem_bytes", 1 / plots.MIB, "peak memory per gradient (MiB)"),
+    )
     for ax, column, scale, label in panels:
         ax.plot(own["K"], own[column] * scale, marker="v", color=plots.colour(family), label=f"{family}[k=K]")
         ax.axhline(base[column] * scale, color=plots.colour(baseline), linestyle="--", label=baseline)
@@ -157,13 +182,17 @@ def k_ablation(frame: pd.DataFrame, steps: int, family: str = "truncated", basel
     axes[0].axhline(base["reward_init"], color="#999999", linestyle=":", label="start")
     best = own.loc[own["reward_final"].idxmax()]
     k1 = own.iloc[0]
-    note = (f"At N={steps} on {target}, after the same Adam iterations: K={int(k1['K'])} reaches reward "
-            f"{k1['reward_final']:.2f} at {k1['time_s'] / base['time_s']:.2f}× {baseline}'s time and "
-            f"{k1['peak_mem_bytes'] / base['peak_mem_bytes']:.2f}× its memory; the best K is {int(best['K'])} "
-            f"({best['reward_final']:.2f}); {baseline} reaches {base['reward_final']:.2f} from "
-            f"{base['reward_init']:.2f}. Per gradient (median of the timed rounds): "
-            + ", ".join(f"K={int(r.K)}: {r.time_s * 1e3:.0f} ms, {r.peak_mem_bytes / plots.MIB:.0f} MiB"
-                        for r in own.itertuples()) + ".")
+    note = (
+        f"At N={steps} on {target}, after the same Adam iterations: K={int(k1['K'])} reaches reward "
+        f"{k1['reward_final']:.2f} at {k1['time_s'] / base['time_s']:.2f}× {baseline}'s time and "
+        f"{k1['peak_mem_bytes'] / base['peak_mem_bytes']:.2f}× its memory; the best K is {int(best['K'])} "
+        f"({best['reward_final']:.2f}); {baseline} reaches {base['reward_final']:.2f} from "
+        f"{base['reward_init']:.2f}. Per gradient (median of the timed rounds): "
+        + ", ".join(
+            f"K={int(r.K)}: {r.time_s * 1e3:.0f} ms, {r.peak_mem_bytes / plots.MIB:.0f} MiB" for r in own.itertuples()
+        )
+        + "."
+    )
     fig.tight_layout(rect=(0, 0, 1, 0.94))
     return fig, note
 
@@ -176,15 +205,31 @@ def tradeoff(frame: pd.DataFrame, baseline: str = "full", target: str | None = N
     target = target or means["target"].iloc[0]
     means = means[means["target"] == target].dropna(subset=["grad_cos"])
     fig, axes = plt.subplots(1, 2, figsize=(14, 5.2))
-    for ax, column, label in ((axes[0], "time_s_vs_full", f"time per gradient ÷ {baseline}'s at the same N"),
-                              (axes[1], "peak_mem_bytes_vs_full", f"peak memory ÷ {baseline}'s at the same N")):
+    for ax, column, label in (
+        (axes[0], "time_s_vs_full", f"time per gradient ÷ {baseline}'s at the same N"),
+        (axes[1], "peak_mem_bytes_vs_full", f"peak memory ÷ {baseline}'s at the same N"),
+    ):
         for spec in plots.order(means["estimator"]):
             part = means[means["estimator"] == spec]
-            ax.scatter(part[column], part["grad_cos"], color=plots.colour(spec), marker=plots.marker(spec),
-                       s=25 + 60 * np.log10(part["steps"]), label=spec, edgecolors="white", linewidths=0.5)
+            ax.scatter(
+                part[column],
+                part["grad_cos"],
+                color=plots.colour(spec),
+                marker=plots.marker(spec),
+                s=25 + 60 * np.log10(part["steps"]),
+                label=spec,
+                edgecolors="white",
+                linewidths=0.5,
+            )
             for _, r in part.iterrows():
-                ax.annotate(f"N={r['steps']}", (r[column], r["grad_cos"]), fontsize=6, xytext=(3, 3),
-                            textcoords="offset points", color="#555555")
+                ax.annotate(
+                    f"N={r['steps']}",
+                    (r[column], r["grad_cos"]),
+                    fontsize=6,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                    color="#555555",
+                )
         plots.plain_log(ax, "x")
         ax.axhline(1.0, color="#bbbbbb", linewidth=0.8)
         ax.set_xlabel(label)
@@ -197,16 +242,24 @@ def tradeoff(frame: pd.DataFrame, baseline: str = "full", target: str | None = N
     parts = []
     for spec in plots.order(means["estimator"]):
         part = means[means["estimator"] == spec]
-        parts.append(f"{spec}: cosine {part['grad_cos'].min():.2f}–{part['grad_cos'].max():.2f} at "
-                     f"{part['time_s_vs_full'].min():.2f}–{part['time_s_vs_full'].max():.2f}× the time and "
-                     f"{part['peak_mem_bytes_vs_full'].min():.2f}–{part['peak_mem_bytes_vs_full'].max():.2f}× "
-                     f"the memory")
+        parts.append(
+            f"{spec}: cosine {part['grad_cos'].min():.2f}–{part['grad_cos'].max():.2f} at "
+            f"{part['time_s_vs_full'].min():.2f}–{part['time_s_vs_full'].max():.2f}× the time and "
+            f"{part['peak_mem_bytes_vs_full'].min():.2f}–{part['peak_mem_bytes_vs_full'].max():.2f}× "
+            f"the memory"
+        )
     return fig, f"On {target} (N = {', '.join(map(str, sorted(means['steps'].unique())))}): " + "; ".join(parts) + "."
 
 
 @kind("frontier")
-def frontier(frame: pd.DataFrame, steps: int, target: str = "weights", cosine: float = 0.99,
-             vjp_fraction: float = 0.25, baseline: str = "full"):
+def frontier(
+    frame: pd.DataFrame,
+    steps: int,
+    target: str = "weights",
+    cosine: float = 0.99,
+    vjp_fraction: float = 0.25,
+    baseline: str = "full",
+):
     """Cosine to the exact gradient against VJPs per gradient and against time (÷ the baseline's),
     every estimator at N = steps (mean over seeds, bars: min to max); the claim's region (cosine at
     least `cosine` at no more than vjp_fraction N VJPs) shaded."""
@@ -218,42 +271,63 @@ def frontier(frame: pd.DataFrame, steps: int, target: str = "weights", cosine: f
     spread = rows.groupby("estimator")["grad_cos"].agg(["min", "max"])
     fig, axes = plt.subplots(1, 2, figsize=(14, 5.6))
     budget = vjp_fraction * steps
-    for ax, column, label in ((axes[0], "nfe_vjp", "VJPs through the model per gradient"),
-                              (axes[1], "time_s_vs_full", f"time per gradient ÷ {baseline}'s")):
+    for ax, column, label in (
+        (axes[0], "nfe_vjp", "VJPs through the model per gradient"),
+        (axes[1], "time_s_vs_full", f"time per gradient ÷ {baseline}'s"),
+    ):
         for spec in plots.order(means["estimator"]):
             r = means[means["estimator"] == spec].iloc[0]
             low, high = spread.loc[spec, "min"], spread.loc[spec, "max"]
-            ax.errorbar([max(r[column], 0.5) if column == "nfe_vjp" else r[column]], [r["grad_cos"]],
-                        yerr=[[r["grad_cos"] - low], [high - r["grad_cos"]]], fmt=plots.marker(spec),
-                        color=plots.colour(spec), markersize=9, capsize=3, label=spec,
-                        markeredgecolor="white", markeredgewidth=0.5)
+            ax.errorbar(
+                [max(r[column], 0.5) if column == "nfe_vjp" else r[column]],
+                [r["grad_cos"]],
+                yerr=[[r["grad_cos"] - low], [high - r["grad_cos"]]],
+                fmt=plots.marker(spec),
+                color=plots.colour(spec),
+                markersize=9,
+                capsize=3,
+                label=spec,
+                markeredgecolor="white",
+                markeredgewidth=0.5,
+            )
         ax.axhline(cosine, color="#e6194b", linewidth=0.8, linestyle="--")
         plots.plain_log(ax, "x")
         ax.set_xlabel(label + (" (0 drawn at 0.5)" if column == "nfe_vjp" else ""))
         ax.set_ylabel("cosine to the exact gradient")
         ax.set_ylim(min(-0.05, float(means["grad_cos"].min()) - 0.05), 1.02)
         ax.grid(True, alpha=0.3)
-    axes[0].fill_between([0.4, budget], cosine, 1.02, color="#e6194b", alpha=0.12,
-                         label=f"the claim: cos ≥ {cosine} at ≤ N/{round(1 / vjp_fraction)} VJPs")
+    axes[0].fill_between(
+        [0.4, budget],
+        cosine,
+        1.02,
+        color="#e6194b",
+        alpha=0.12,
+        label=f"the claim: cos ≥ {cosine} at ≤ N/{round(1 / vjp_fraction)} VJPs",
+    )
     axes[0].set_title(f"{target}, N = {steps}: agreement against VJPs")
     axes[1].set_title(f"{target}, N = {steps}: agreement against time")
     plots.legend_below(fig, axes)
     fig.tight_layout(rect=(0, 0.1, 1, 0.94))
     inside = means[(means["nfe_vjp"] <= budget) & (means["grad_cos"] >= cosine)]
     worst = {spec: spread.loc[spec, "min"] for spec in inside["estimator"]}
-    parts = [f"{r['estimator']}: cosine {r['grad_cos']:.4f} (worst seed {spread.loc[r['estimator'], 'min']:.4f}) "
-             f"at {r['nfe_vjp']:g} VJPs and {r['time_s_vs_full']:.2f}× {baseline}'s time"
-             for _, r in means.sort_values("nfe_vjp").iterrows()]
-    verdict = (f"In the region (cosine ≥ {cosine} at ≤ {budget:g} VJPs, mean over "
-               f"{int(means['seeds'].max())} seeds): {', '.join(worst) if worst else 'none'}"
-               + (f"; every seed there: {', '.join(s for s, w in worst.items() if w >= cosine) or 'none'}" if worst else "")
-               + ". ")
+    parts = [
+        f"{r['estimator']}: cosine {r['grad_cos']:.4f} (worst seed {spread.loc[r['estimator'], 'min']:.4f}) "
+        f"at {r['nfe_vjp']:g} VJPs and {r['time_s_vs_full']:.2f}× {baseline}'s time"
+        for _, r in means.sort_values("nfe_vjp").iterrows()
+    ]
+    verdict = (
+        f"In the region (cosine ≥ {cosine} at ≤ {budget:g} VJPs, mean over "
+        f"{int(means['seeds'].max())} seeds): {', '.join(worst) if worst else 'none'}"
+        + (f"; every seed there: {', '.join(s for s, w in worst.items() if w >= cosine) or 'none'}" if worst else "")
+        + ". "
+    )
     return fig, verdict + "; ".join(parts) + "."
 
 
 @kind("equal_compute")
-def equal_compute(frame: pd.DataFrame, steps: int, budget: float, target: str = "weights",
-                  estimators: list[str] | None = None):
+def equal_compute(
+    frame: pd.DataFrame, steps: int, budget: float, target: str = "weights", estimators: list[str] | None = None
+):
     """Per task (one per reward): the N-step chain's reward against optimisation seconds for each
     estimator under the same wall-clock budget (mean over seeds; band: min to max), and the reward
     each reached within it."""
@@ -274,11 +348,19 @@ def equal_compute(frame: pd.DataFrame, steps: int, budget: float, target: str = 
             if lines.empty:
                 continue
             for seed, line in lines.groupby("seed"):
-                ax.plot(line["seconds"], line["reward"], color=plots.colour(spec), alpha=0.85,
-                        marker=plots.marker(spec), markersize=3, label=spec if seed == lines["seed"].min() else None)
+                ax.plot(
+                    line["seconds"],
+                    line["reward"],
+                    color=plots.colour(spec),
+                    alpha=0.85,
+                    marker=plots.marker(spec),
+                    markersize=3,
+                    label=spec if seed == lines["seed"].min() else None,
+                )
             rows = ok[(ok["task"] == task) & (ok["estimator"] == spec)]
-            reached.append((spec, rows["reward_final"].mean(), rows["reward_init"].mean(), rows["iters_done"].mean(),
-                            lines))
+            reached.append(
+                (spec, rows["reward_final"].mean(), rows["reward_init"].mean(), rows["iters_done"].mean(), lines)
+            )
         ax.axvline(budget, color="#555555", linestyle="--", linewidth=1)
         ax.set_xlabel("optimisation seconds (gradients and Adam steps)")
         ax.set_ylabel("mean reward of the N-step chain")
@@ -295,19 +377,32 @@ def equal_compute(frame: pd.DataFrame, steps: int, budget: float, target: str = 
             return float(np.mean(firsts)) if all(np.isfinite(firsts)) else float("nan")
 
         reached.sort(key=lambda r: -r[1])
-        notes.append(f"{task} (from {start:.3f}; 95 % of the best gain: {goal:.3f}): " + "; ".join(
-            f"{spec} {final:.4f} after {iters:.0f} iterations, "
-            + (f"past {goal:.3f} at {t:.0f} s" if np.isfinite(t := seconds_to_goal(lines)) else "never past it")
-            for spec, final, _, iters, lines in reached))
+        notes.append(
+            f"{task} (from {start:.3f}; 95 % of the best gain: {goal:.3f}): "
+            + "; ".join(
+                f"{spec} {final:.4f} after {iters:.0f} iterations, "
+                + (f"past {goal:.3f} at {t:.0f} s" if np.isfinite(t := seconds_to_goal(lines)) else "never past it")
+                for spec, final, _, iters, lines in reached
+            )
+        )
     seeds = int(ok["seed"].nunique())
-    return fig, (f"Reward of the {steps}-step chain after each estimator's {budget:g} s, mean over {seeds} "
-                 f"seed(s) (an estimator that samples another chain has the {steps}-step chain evaluated "
-                 "at iterates 0, 1, 2, 4, 8, ... and every iters/16-th, so its crossing time is coarser). " + ". ".join(notes) + ".")
+    return fig, (
+        f"Reward of the {steps}-step chain after each estimator's {budget:g} s, mean over {seeds} "
+        f"seed(s) (an estimator that samples another chain has the {steps}-step chain evaluated "
+        "at iterates 0, 1, 2, 4, 8, ... and every iters/16-th, so its crossing time is coarser). "
+        + ". ".join(notes)
+        + "."
+    )
 
 
 @kind("pruning")
-def pruning(frame: pd.DataFrame, steps: int, speedup: float = 1.5, accuracy_drop: float = 0.02,
-            statics: tuple[str, ...] = ("deepcache", "reuse")):
+def pruning(
+    frame: pd.DataFrame,
+    steps: int,
+    speedup: float = 1.5,
+    accuracy_drop: float = 0.02,
+    statics: tuple[str, ...] = ("deepcache", "reuse"),
+):
     """DiP-GO's result: each searched gate pattern (a row: estimator and gate_keep) deployed, its
     wall-clock speed-up over the unpruned sampler against its classifier accuracy, digits-FID and
     distance to the unpruned samples, beside the static baselines (every k-th step computed), with
@@ -317,9 +412,11 @@ def pruning(frame: pd.DataFrame, steps: int, speedup: float = 1.5, accuracy_drop
         raise SpecError(f"the reference rows have no ok cell on gates at N={steps}")
     first = ok.iloc[0]
     fig, axes = plt.subplots(1, 3, figsize=(17, 5.2))
-    panels = (("accuracy", "classifier accuracy (conditioning class), %", 100.0, False),
-              ("fid", "digits-FID to held-out digits of that class", 1.0, False),
-              ("consistency_mse", "mean squared distance to the unpruned samples", 1.0, True))
+    panels = (
+        ("accuracy", "classifier accuracy (conditioning class), %", 100.0, False),
+        ("fid", "digits-FID to held-out digits of that class", 1.0, False),
+        ("consistency_mse", "mean squared distance to the unpruned samples", 1.0, True),
+    )
     unpruned_accuracy = float(ok["eval_unpruned_accuracy"].mean())
     for ax, (metric, label, scale, log) in zip(axes, panels):
         shown = []  # the values the axis is scaled to: baselines, unpruned, searched within reach
@@ -328,9 +425,15 @@ def pruning(frame: pd.DataFrame, steps: int, speedup: float = 1.5, accuracy_drop
             xs = [float(first[f"eval_{name}{k}_speedup"]) for k in ks]
             ys = [float(first[f"eval_{name}{k}_{metric}"]) * scale for k in ks]
             shown += ys
-            ax.plot(xs, ys, style_, color="#777777" if name == "deepcache" else "#bbbbbb", markersize=7,
-                    label=f"static: {'DeepCache-like' if name == 'deepcache' else 'reuse the whole output'}, "
-                          "every k-th step computed")
+            ax.plot(
+                xs,
+                ys,
+                style_,
+                color="#777777" if name == "deepcache" else "#bbbbbb",
+                markersize=7,
+                label=f"static: {'DeepCache-like' if name == 'deepcache' else 'reuse the whole output'}, "
+                "every k-th step computed",
+            )
             for k, x, y in zip(ks, xs, ys):
                 ax.annotate(f"k={k}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7, color="#555555")
         if metric != "consistency_mse":
@@ -346,11 +449,25 @@ def pruning(frame: pd.DataFrame, steps: int, speedup: float = 1.5, accuracy_drop
             keep = _task_value(r["task"], "gate_keep", 0.5)
             x, y = float(r["eval_pruned_speedup"]), float(r[f"eval_pruned_{metric}"]) * scale
             drawn = min(max(y, low), high)  # a point off the scale sits on its edge, with its value
-            ax.plot([x], [drawn], plots.marker(r["estimator"]), color=plots.colour(r["estimator"]), markersize=9,
-                    markeredgecolor="black", markeredgewidth=0.6, label=f"searched with {r['estimator']}")
+            ax.plot(
+                [x],
+                [drawn],
+                plots.marker(r["estimator"]),
+                color=plots.colour(r["estimator"]),
+                markersize=9,
+                markeredgecolor="black",
+                markeredgewidth=0.6,
+                label=f"searched with {r['estimator']}",
+            )
             note = f"keep {keep:g}" + ("" if drawn == y else f": {y:.3g} (off the scale)")
-            ax.annotate(note, (x, drawn), textcoords="offset points", xytext=(5, 4), fontsize=7,
-                        color=plots.colour(r["estimator"]))
+            ax.annotate(
+                note,
+                (x, drawn),
+                textcoords="offset points",
+                xytext=(5, 4),
+                fontsize=7,
+                color=plots.colour(r["estimator"]),
+            )
         if log:
             plots.plain_log(ax, "y")
         ax.set_ylim(low, high)
@@ -372,34 +489,59 @@ def pruning(frame: pd.DataFrame, steps: int, speedup: float = 1.5, accuracy_drop
         drop = unpruned_accuracy - r["eval_pruned_accuracy"]
         if r["eval_pruned_speedup"] >= speedup and drop <= accuracy_drop:
             hits.append(f"{r['estimator']} (keep {keep:g})")
-        parts.append(f"{r['estimator']}, keep {keep:g}: {r['eval_pruned_speedup']:.2f}× wall-clock "
-                     f"({r['eval_pruned_flops_fraction']:.2f} of the operations, {r['eval_pruned_block_fraction']:.2f} "
-                     f"of the block calls), accuracy {r['eval_pruned_accuracy'] * 100:.1f} %, FID "
-                     f"{r['eval_pruned_fid']:.1f}, distance {r['eval_pruned_consistency_mse']:.4f} after "
-                     f"{r['iters_done']:.0f} search steps")
-    base = [f"{name}{k}: {first[f'eval_{name}{k}_speedup']:.2f}×, {first[f'eval_{name}{k}_accuracy'] * 100:.1f} %, "
-            f"FID {first[f'eval_{name}{k}_fid']:.1f}, distance {first[f'eval_{name}{k}_consistency_mse']:.4f}"
-            for name in statics for k in _static_intervals(ok.columns, name)]
-    within = [(first[f"eval_{name}{k}_speedup"], f"{name}{k}") for name in statics
-              for k in _static_intervals(ok.columns, name)
-              if unpruned_accuracy - first[f"eval_{name}{k}_accuracy"] <= accuracy_drop]
-    searched = [(r["eval_pruned_speedup"], f"{r['estimator']} keep {_task_value(r['task'], 'gate_keep', 0.5):g}")
-                for _, r in ok.iterrows() if unpruned_accuracy - r["eval_pruned_accuracy"] <= accuracy_drop]
-    best = (f"The fastest within {accuracy_drop * 100:g} points of the unpruned accuracy: searched "
-            + (f"{max(searched)[0]:.2f}× ({max(searched)[1]})" if searched else "none")
-            + ", static " + (f"{max(within)[0]:.2f}× ({max(within)[1]})" if within else "none") + ". ")
+        parts.append(
+            f"{r['estimator']}, keep {keep:g}: {r['eval_pruned_speedup']:.2f}× wall-clock "
+            f"({r['eval_pruned_flops_fraction']:.2f} of the operations, {r['eval_pruned_block_fraction']:.2f} "
+            f"of the block calls), accuracy {r['eval_pruned_accuracy'] * 100:.1f} %, FID "
+            f"{r['eval_pruned_fid']:.1f}, distance {r['eval_pruned_consistency_mse']:.4f} after "
+            f"{r['iters_done']:.0f} search steps"
+        )
+    base = [
+        f"{name}{k}: {first[f'eval_{name}{k}_speedup']:.2f}×, {first[f'eval_{name}{k}_accuracy'] * 100:.1f} %, "
+        f"FID {first[f'eval_{name}{k}_fid']:.1f}, distance {first[f'eval_{name}{k}_consistency_mse']:.4f}"
+        for name in statics
+        for k in _static_intervals(ok.columns, name)
+    ]
+    within = [
+        (first[f"eval_{name}{k}_speedup"], f"{name}{k}")
+        for name in statics
+        for k in _static_intervals(ok.columns, name)
+        if unpruned_accuracy - first[f"eval_{name}{k}_accuracy"] <= accuracy_drop
+    ]
+    searched = [
+        (r["eval_pruned_speedup"], f"{r['estimator']} keep {_task_value(r['task'], 'gate_keep', 0.5):g}")
+        for _, r in ok.iterrows()
+        if unpruned_accuracy - r["eval_pruned_accuracy"] <= accuracy_drop
+    ]
+    best = (
+        f"The fastest within {accuracy_drop * 100:g} points of the unpruned accuracy: searched "
+        + (f"{max(searched)[0]:.2f}× ({max(searched)[1]})" if searched else "none")
+        + ", static "
+        + (f"{max(within)[0]:.2f}× ({max(within)[1]})" if within else "none")
+        + ". "
+    )
     samples = int(_task_value(first["task"], "fid_samples", 64))
-    return fig, (f"Unpruned at N = {steps}: accuracy {unpruned_accuracy * 100:.1f} %, FID "
-                 f"{ok['eval_unpruned_fid'].mean():.1f} ({samples} fresh samples; the timed pass draws "
-                 f"{min(samples, 64)}, {int(first['threads'])} thread(s)). At least {speedup:g}× faster with accuracy "
-                 f"within {accuracy_drop * 100:g} points: {', '.join(hits) or 'none of the searched patterns'}. "
-                 + best + "Searched: " + "; ".join(parts) + ". Static: " + "; ".join(base) + ".")
+    return fig, (
+        f"Unpruned at N = {steps}: accuracy {unpruned_accuracy * 100:.1f} %, FID "
+        f"{ok['eval_unpruned_fid'].mean():.1f} ({samples} fresh samples; the timed pass draws "
+        f"{min(samples, 64)}, {int(first['threads'])} thread(s)). At least {speedup:g}× faster with accuracy "
+        f"within {accuracy_drop * 100:g} points: {', '.join(hits) or 'none of the searched patterns'}. "
+        + best
+        + "Searched: "
+        + "; ".join(parts)
+        + ". Static: "
+        + "; ".join(base)
+        + "."
+    )
 
 
 def _static_intervals(columns, name: str) -> list[int]:
     """The k of the static baseline `name` present in the rows (eval_<name><k>_speedup)."""
-    found = (c[len("eval_") + len(name):-len("_speedup")] for c in columns
-             if c.startswith(f"eval_{name}") and c.endswith("_speedup"))
+    found = (
+        c[len("eval_") + len(name) : -len("_speedup")]
+        for c in columns
+        if c.startswith(f"eval_{name}") and c.endswith("_speedup")
+    )
     return sorted(int(k) for k in found if k.isdigit())
 
 
@@ -494,12 +636,21 @@ def render(path: Path, out: Path, formats=("png", "svg"), spec: dict[str, Any] |
     fig.suptitle(spec["title"], fontsize=13)
     written = plots.save(fig, out / path.stem, formats)
     device = f"{meta.get('device')} ({meta.get('device_name')})" if meta else "unknown device"
-    return {"name": path.stem, "title": spec["title"], "claim": spec["claim"].strip(), "measured": measured,
-            "files": written, "source": spec["source"], "device": device, "sweep": spec.get("sweep")}
+    return {
+        "name": path.stem,
+        "title": spec["title"],
+        "claim": spec["claim"].strip(),
+        "measured": measured,
+        "files": written,
+        "source": spec["source"],
+        "device": device,
+        "sweep": spec.get("sweep"),
+    }
 
 
-def render_all(folder: Path = FIGURES, out: Path | None = None, only: list[str] | None = None,
-               formats=("png", "svg")) -> list[dict[str, Any]]:
+def render_all(
+    folder: Path = FIGURES, out: Path | None = None, only: list[str] | None = None, formats=("png", "svg")
+) -> list[dict[str, Any]]:
     specs = sorted(folder.glob("*.toml"))
     if only:
         unknown = set(only) - {p.stem for p in specs}
@@ -511,9 +662,14 @@ def render_all(folder: Path = FIGURES, out: Path | None = None, only: list[str] 
     loaded = {path: load_spec(path) for path in specs}  # every spec checked before any figure is drawn
     for path, spec in loaded.items():
         if not store.has_rows_files(source_folder(spec)):
-            raise SpecError(f"{path}: source {spec['source']} is not a run folder (no rows); "
-                            + (f"make it with: python -m bench run --config {spec['sweep']}" if spec.get("sweep")
-                               else "give the --out folder of a sweep"))
+            raise SpecError(
+                f"{path}: source {spec['source']} is not a run folder (no rows); "
+                + (
+                    f"make it with: python -m bench run --config {spec['sweep']}"
+                    if spec.get("sweep")
+                    else "give the --out folder of a sweep"
+                )
+            )
     out = store.writable_folder(out or folder, "--out")
     results = [render(path, out, formats, spec) for path, spec in loaded.items()]
     if not only:
@@ -522,13 +678,24 @@ def render_all(folder: Path = FIGURES, out: Path | None = None, only: list[str] 
 
 
 def _write_index(out: Path, results: list[dict[str, Any]]) -> None:
-    lines = ["# The papers' figures, measured", "",
-             "Written by `python -m bench figures` from the reference results named under each figure; "
-             "each names the sweep file that regenerates them (`python -m bench run --config FILE`). "
-             "Edit a figure's `.toml` to change it.", ""]
+    lines = [
+        "# The papers' figures, measured",
+        "",
+        "Written by `python -m bench figures` from the reference results named under each figure; "
+        "each names the sweep file that regenerates them (`python -m bench run --config FILE`). "
+        "Edit a figure's `.toml` to change it.",
+        "",
+    ]
     for r in results:
         rerun = f"; sweep `{r['sweep']}`" if r["sweep"] else ""
-        lines += [f"## {r['title']}", "", f"![{r['name']}]({r['name']}.png)", "",
-                  f"**Claim.** {r['claim']}", "", f"**Measured** ({r['device']}; rows in `{r['source']}`{rerun}). "
-                  f"{r['measured']}", ""]
+        lines += [
+            f"## {r['title']}",
+            "",
+            f"![{r['name']}]({r['name']}.png)",
+            "",
+            f"**Claim.** {r['claim']}",
+            "",
+            f"**Measured** ({r['device']}; rows in `{r['source']}`{rerun}). {r['measured']}",
+            "",
+        ]
     (out / "README.md").write_text("\n".join(lines))

@@ -9,6 +9,7 @@ or leave a process behind that keeps the sweep's output open after it ends. Insi
   sweep becomes its descendants' subreaper (Linux), so an orphaned grandchild is found too.
 
 The /proc and prctl parts are Linux's; elsewhere they do nothing."""
+
 from __future__ import annotations
 
 import ctypes

@@ -10,6 +10,7 @@ at module level or inside a function, and every module a name they hold was defi
 standard library and installed third-party packages are pinned by the environment in run.json,
 not by the key. The harness that measures (timing, memory, the runner) is not in the key either:
 README, "What a cell's key covers"."""
+
 from __future__ import annotations
 
 import ast
@@ -24,8 +25,9 @@ from types import ModuleType
 from typing import Any, Iterable
 
 PROJECT_PACKAGES = ("bench", "estimators", "tasks")
-_INSTALLED = tuple(str(Path(p).resolve()) for p in {sysconfig.get_paths()[k] for k in
-                                                    ("stdlib", "platstdlib", "purelib", "platlib")})
+_INSTALLED = tuple(
+    str(Path(p).resolve()) for p in {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+)
 # file -> ((mtime_ns, size), digest of its code, names it imports), read once per file version
 _PARSED: dict[str, tuple[tuple[int, int], str, tuple[str, ...]]] = {}
 
@@ -58,8 +60,12 @@ def _strip_docstrings(tree: ast.AST) -> ast.AST:
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             body = node.body
-            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
-                    and isinstance(body[0].value.value, str):
+            if (
+                body
+                and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)
+            ):
                 node.body = body[1:] or [ast.Pass()]
     return tree
 
@@ -78,7 +84,7 @@ def _imported_names(tree: ast.AST, name: str, is_package: bool) -> tuple[str, ..
                 parts = package.split(".") if package else []
                 if node.level - 1 > len(parts):
                     continue
-                base = ".".join(parts[:len(parts) - (node.level - 1)])
+                base = ".".join(parts[: len(parts) - (node.level - 1)])
                 origin = f"{base}.{node.module}" if node.module and base else (node.module or base)
             else:
                 origin = node.module or ""
@@ -112,7 +118,9 @@ def _module_names(objects: Iterable[Any]) -> list[str]:
     names = []
     for obj in objects:
         classes = obj.__mro__ if isinstance(obj, type) else (obj,)
-        names.extend(k.__module__ for k in classes if k is not object and isinstance(getattr(k, "__module__", None), str))
+        names.extend(
+            k.__module__ for k in classes if k is not object and isinstance(getattr(k, "__module__", None), str)
+        )
     return names
 
 

@@ -5,6 +5,7 @@ stopped by killing its process. The price is start-up per cell (imports and task
 reference gradient recomputed per cell; on a CPU the forked memory worker already isolates the
 memory figures, so `auto` isolates only CUDA sweeps. The parent writes the row the child returns,
 so rows.jsonl keeps one writer."""
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -30,8 +31,15 @@ def _serve_cell(conn, payload: dict[str, Any]) -> None:
         spec = SweepSpec(**payload["spec"])
         for path in spec.includes:
             include(path)
-        cell = Cell(TASKS.create(payload["task"]), ESTIMATORS.create(payload["estimator"]), payload["target"],
-                    payload["steps"], payload["seed"], payload["key"], payload["identity"])
+        cell = Cell(
+            TASKS.create(payload["task"]),
+            ESTIMATORS.create(payload["estimator"]),
+            payload["target"],
+            payload["steps"],
+            payload["seed"],
+            payload["key"],
+            payload["identity"],
+        )
         runner = CellRunner(spec, Path(payload["out"]))
         conn.send({"started": True})  # imports done: the cell's own clock starts now
         try:
@@ -41,22 +49,39 @@ def _serve_cell(conn, payload: dict[str, Any]) -> None:
         finally:
             runner.close()
     except BaseException as exc:  # a failure to even build the cell is still the cell's row
-        row = {"key": payload["key"], **payload["identity"], "status": "error",
-               "error": f"cell process: {type(exc).__name__}: {exception_text(exc)}", "error_type": type(exc).__name__}
+        row = {
+            "key": payload["key"],
+            **payload["identity"],
+            "status": "error",
+            "error": f"cell process: {type(exc).__name__}: {exception_text(exc)}",
+            "error_type": type(exc).__name__,
+        }
     conn.send(row)
     conn.close()
 
 
-def run_in_process(spec, cell, out: Path, kept: dict[str, Any] | None = None,
-                   remeasure: frozenset[str] = frozenset()) -> dict[str, Any]:
+def run_in_process(
+    spec, cell, out: Path, kept: dict[str, Any] | None = None, remeasure: frozenset[str] = frozenset()
+) -> dict[str, Any]:
     """The cell's row, computed in a fresh process (or, with its earlier row `kept`, measured
     again as `remeasure` says). Memory there is measured in process (CUDA's counters; on a CPU
     the process's own resident high-water mark)."""
-    child_spec = replace(spec, memory="inprocess" if spec.memory in ("auto", "process") else spec.memory,
-                         isolate="none")
-    payload = {"spec": asdict(child_spec), "task": cell.task.spec, "estimator": cell.estimator.spec,
-               "target": cell.target, "steps": cell.steps, "seed": cell.seed, "key": cell.key,
-               "identity": cell.identity, "out": str(out), "kept": kept, "remeasure": sorted(remeasure)}
+    child_spec = replace(
+        spec, memory="inprocess" if spec.memory in ("auto", "process") else spec.memory, isolate="none"
+    )
+    payload = {
+        "spec": asdict(child_spec),
+        "task": cell.task.spec,
+        "estimator": cell.estimator.spec,
+        "target": cell.target,
+        "steps": cell.steps,
+        "seed": cell.seed,
+        "key": cell.key,
+        "identity": cell.identity,
+        "out": str(out),
+        "kept": kept,
+        "remeasure": sorted(remeasure),
+    }
     context = mp.get_context("spawn")
     reader, writer = context.Pipe(duplex=False)
     process = context.Process(target=_serve_cell, args=(writer, payload), daemon=True)
@@ -65,19 +90,25 @@ def run_in_process(spec, cell, out: Path, kept: dict[str, Any] | None = None,
     limit = spec.timeout + GRACE_S if spec.timeout else None
     try:
         if not reader.poll(STARTUP_S):
-            return cell.row(status="error", error_type="ProcessStart",
-                            error=f"cell process did not start within {STARTUP_S:g} s; killed")
+            return cell.row(
+                status="error",
+                error_type="ProcessStart",
+                error=f"cell process did not start within {STARTUP_S:g} s; killed",
+            )
         message = reader.recv()
         if "started" not in message:
             return message  # the cell could not even be built: its error row
         if reader.poll(limit):
             return reader.recv()
-        return cell.row(status="timeout",
-                        error=f"cell process still running {limit:g} s after its cell started (--timeout + {GRACE_S:g} s); killed")
+        return cell.row(
+            status="timeout",
+            error=f"cell process still running {limit:g} s after its cell started (--timeout + {GRACE_S:g} s); killed",
+        )
     except EOFError:
         process.join(timeout=5)
-        return cell.row(status="error", error_type="ProcessDied",
-                        error=f"cell process died with exit code {process.exitcode}")
+        return cell.row(
+            status="error", error_type="ProcessDied", error=f"cell process died with exit code {process.exitcode}"
+        )
     finally:
         if process.is_alive():
             process.kill()

@@ -2,6 +2,7 @@
 its cells) and OUT/rows.d/<job>.claim.json (the cells a running job works on, refreshed every
 HEARTBEAT_S). The launchers (bench/launch.py) write them; `status`, the launchers and a local run
 read them here, to know which cells a live job still holds."""
+
 from __future__ import annotations
 
 import json
@@ -17,14 +18,31 @@ HEARTBEAT_S = 15.0  # a job refreshes its claim this often ...
 STALE_S = 4 * HEARTBEAT_S  # ... and a claim older than this belongs to a job that no longer runs
 JOBS = "jobs.jsonl"
 JOBS_DIR = "jobs"
-SLURM_LIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING",
-              "REQUEUE_HOLD", "REQUEUE_FED", "STAGE_OUT", "SIGNALING"}
+SLURM_LIVE = {
+    "PENDING",
+    "RUNNING",
+    "REQUEUED",
+    "CONFIGURING",
+    "COMPLETING",
+    "SUSPENDED",
+    "RESIZING",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "STAGE_OUT",
+    "SIGNALING",
+}
 
 
-CLAIM_FIELDS = {"job": (str, int), "host": str, "pid": int, "pid_start": (str, type(None)), "cells": list,
-                "since": str}
-JOB_FIELDS = {"job": (str, int), "launcher": str, "submitted": str, "host": str, "cells": list, "pid": int,
-              "pid_start": (str, type(None))}  # pid_start is null for a process that ended before it was read
+CLAIM_FIELDS = {"job": (str, int), "host": str, "pid": int, "pid_start": (str, type(None)), "cells": list, "since": str}
+JOB_FIELDS = {
+    "job": (str, int),
+    "launcher": str,
+    "submitted": str,
+    "host": str,
+    "cells": list,
+    "pid": int,
+    "pid_start": (str, type(None)),
+}  # pid_start is null for a process that ended before it was read
 
 
 def _record_problem(record: Any, kinds: dict[str, Any], required: tuple[str, ...]) -> str | None:
@@ -144,5 +162,3 @@ def busy_cells(out: Path) -> dict[str, str]:
         if not claim["stale"]:
             busy.update({key: str(claim.get("job")) for key in claim.get("cells", [])})
     return busy
-
-

@@ -13,6 +13,7 @@ submitit's scripts and logs.
 
 On CUDA each cell still runs in its own process inside its job (`--isolate auto`), so a cell's
 peak memory comes from an allocator no other cell used."""
+
 from __future__ import annotations
 
 import json
@@ -29,13 +30,22 @@ from typing import Any, Callable
 
 from bench import store
 from bench.errors import SpecError
-from bench.jobs import (HEARTBEAT_S, JOBS, JOBS_DIR, STALE_S, _process_start, busy_cells,  # noqa: F401
-                        claims, job_state, submitted)
+from bench.jobs import (
+    HEARTBEAT_S,
+    JOBS,
+    JOBS_DIR,
+    STALE_S,
+    _process_start,
+    busy_cells,
+    claims,
+    job_state,
+    submitted,
+)
 
 LAUNCHERS = {
     "local": "every cell in this process, one after the other (the default)",
     "submitit-local": "jobs as processes on this machine through submitit's local executor "
-                      "(at most --array-parallelism at once)",
+    "(at most --array-parallelism at once)",
     "slurm": "a SLURM job array through submitit (sbatch; --partition, --time-min, --gpus-per-job, ...)",
 }
 
@@ -64,8 +74,12 @@ class LaunchSpec:
             else:
                 ok = isinstance(value, type(default))
             if not ok:
-                kind = {bool: "true or false", int: "an integer >= 0", str: "a string",
-                        dict: "a table of sbatch parameters"}[type(default)]
+                kind = {
+                    bool: "true or false",
+                    int: "an integer >= 0",
+                    str: "a string",
+                    dict: "a table of sbatch parameters",
+                }[type(default)]
                 raise SpecError(f"launcher option {name} must be {kind}, got {value!r}")
             setattr(spec, name, value)
         for name in ("launcher", "partition"):
@@ -78,11 +92,15 @@ class LaunchSpec:
             if given:
                 raise SpecError(f"{given[0]} is an option of --launcher slurm, not {spec.launcher}")
         if spec.launcher == "local":
-            given = [name for name in ("gpus_per_job", "cpus_per_job", "array_parallelism", "cells_per_job",
-                                       "detach") if getattr(spec, name) != getattr(cls(), name)]
+            given = [
+                name
+                for name in ("gpus_per_job", "cpus_per_job", "array_parallelism", "cells_per_job", "detach")
+                if getattr(spec, name) != getattr(cls(), name)
+            ]
             if given:
-                raise SpecError(f"{given[0]} is an option of the job launchers (--launcher submitit-local or "
-                                "slurm), not of local")
+                raise SpecError(
+                    f"{given[0]} is an option of the job launchers (--launcher submitit-local or slurm), not of local"
+                )
         if spec.time_min < 1:
             raise SpecError(f"--time-min must be at least 1 minute, got {spec.time_min}")
         return spec
@@ -99,8 +117,10 @@ def check_script_text(what: str, text: str) -> None:
     (a newline would end the line and start a directive of its own)."""
     bad = next((c for c in text if ord(c) < 0x20 or ord(c) == 0x7F), None)
     if bad is not None:
-        raise SpecError(f"{what} {text!r} holds a control character (U+{ord(bad):04X}); each becomes part of a "
-                        "line of the sbatch script, which a newline would end")
+        raise SpecError(
+            f"{what} {text!r} holds a control character (U+{ord(bad):04X}); each becomes part of a "
+            "line of the sbatch script, which a newline would end"
+        )
 
 
 def check_sbatch(params: dict[str, Any]) -> dict[str, Any]:
@@ -110,8 +130,10 @@ def check_sbatch(params: dict[str, Any]) -> dict[str, Any]:
     checked = {}
     for key, value in params.items():
         if not isinstance(key, str) or not SBATCH_KEY.fullmatch(key):
-            raise SpecError(f"sbatch parameter {key!r}: a key is an sbatch option's name (letters, digits, '-' "
-                            "and '_'), e.g. account or mail-type")
+            raise SpecError(
+                f"sbatch parameter {key!r}: a key is an sbatch option's name (letters, digits, '-' "
+                "and '_'), e.g. account or mail-type"
+            )
         if not (value is True or isinstance(value, (str, int, float)) and not isinstance(value, bool)):
             raise SpecError(f"sbatch parameter {key}: the value must be a string, a number or true, got {value!r}")
         if isinstance(value, str):
@@ -135,6 +157,7 @@ def parse_sbatch(items: list[str]) -> dict[str, str]:
 
 # -- the job's side --------------------------------------------------------------------------
 
+
 def job_id() -> str:
     """This job's id as its scheduler names it (array jobs: ARRAY_TASK), or the process's."""
     try:
@@ -156,8 +179,14 @@ class Claim:
         self._thread = threading.Thread(target=self._beat, daemon=True)
 
     def hold(self, keys: list[str]) -> None:
-        record = {"job": self.job, "host": socket.gethostname(), "pid": os.getpid(),
-                  "pid_start": _process_start(os.getpid()), "cells": keys, "since": store.now()}
+        record = {
+            "job": self.job,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "pid_start": _process_start(os.getpid()),
+            "cells": keys,
+            "since": store.now(),
+        }
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         tmp.write_text(json.dumps(record))
         tmp.replace(self.path)
@@ -230,24 +259,35 @@ def run_job(spec_fields: dict[str, Any], out: str, keys: list[str], force: bool 
     folder = Path(out)
     job = job_id()
     spec = SweepSpec(**spec_fields)
-    (_, cells), = plan([spec])
+    ((_, cells),) = plan([spec])
     wanted = set(keys)
     cells = [cell for cell in cells if cell.key in wanted]
     if len(cells) != len(wanted):  # the code changed after submission: those keys no longer exist
-        print(f"{len(wanted) - len(cells)} of this job's {len(wanted)} cells have other keys with the code as it "
-              "is now; they stay pending and the same command submits them under their new keys", flush=True)
+        print(
+            f"{len(wanted) - len(cells)} of this job's {len(wanted)} cells have other keys with the code as it "
+            "is now; they stay pending and the same command submits them under their new keys",
+            flush=True,
+        )
     rows_path = folder / store.ROWS_DIR / f"{job}.jsonl"
     store.repair(rows_path)  # a requeued job (same id) killed mid-write: cut its torn line
     claim = Claim(folder, job)
     counts: dict[str, int] = {}
     try:
+
         def write(row: dict[str, Any]) -> None:
             row["job"] = job
             store.append_row(rows_path, row)
             counts[row["status"]] = counts.get(row["status"], 0) + 1
 
-        run_cells(spec, folder, cells, done=store.latest_by_key(store.read_rows(folder)), force=force,
-                  write=write, on_point=lambda waiting: claim.hold([c.key for c in waiting]))
+        run_cells(
+            spec,
+            folder,
+            cells,
+            done=store.latest_by_key(store.read_rows(folder)),
+            force=force,
+            write=write,
+            on_point=lambda waiting: claim.hold([c.key for c in waiting]),
+        )
     finally:
         claim.release()
     return counts
@@ -255,10 +295,11 @@ def run_job(spec_fields: dict[str, Any], out: str, keys: list[str], force: bool 
 
 # -- the submitting side --------------------------------------------------------------------
 
+
 def chunks(cells: list[Any], per_job: int) -> list[list[Any]]:
     """Cells into jobs: one point per job (per_job 0), or per_job cells at a time in sweep order."""
     if per_job:
-        return [cells[i:i + per_job] for i in range(0, len(cells), per_job)]
+        return [cells[i : i + per_job] for i in range(0, len(cells), per_job)]
     points: dict[tuple, list[Any]] = {}
     for cell in cells:
         points.setdefault(cell.point, []).append(cell)
@@ -270,18 +311,25 @@ def make_executor(launch: LaunchSpec, out: Path, threads: int):
     try:
         import submitit
     except ImportError:
-        raise SpecError(f"--launcher {launch.launcher} needs submitit (pip install submitit); "
-                        "--launcher local runs without it") from None
+        raise SpecError(
+            f"--launcher {launch.launcher} needs submitit (pip install submitit); --launcher local runs without it"
+        ) from None
     folder = out / JOBS_DIR / "%j"
     cpus = launch.cpus_per_job or threads
     if launch.launcher == "slurm":
         missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
         if missing:
-            raise SpecError(f"--launcher slurm needs SLURM, but {' and '.join(missing)} is not on this machine's "
-                            "PATH; use --launcher local, or --launcher submitit-local for jobs on this machine")
+            raise SpecError(
+                f"--launcher slurm needs SLURM, but {' and '.join(missing)} is not on this machine's "
+                "PATH; use --launcher local, or --launcher submitit-local for jobs on this machine"
+            )
         executor = submitit.SlurmExecutor(folder=folder)
-        params: dict[str, Any] = {"time": launch.time_min, "cpus_per_task": cpus, "job_name": "bench",
-                                  "additional_parameters": dict(launch.sbatch)}
+        params: dict[str, Any] = {
+            "time": launch.time_min,
+            "cpus_per_task": cpus,
+            "job_name": "bench",
+            "additional_parameters": dict(launch.sbatch),
+        }
         if launch.partition:
             params["partition"] = launch.partition
         if launch.gpus_per_job:
@@ -301,16 +349,28 @@ def local_parallelism(launch: LaunchSpec, threads: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, launch.cpus_per_job or threads or 1))
 
 
-def submit_jobs(executor, plan: list[tuple[Any, list[Any]]], out: Path, launch: LaunchSpec, threads: int,
-                force: bool, on_poll: Callable[[], None] | None = None) -> list[Any]:
+def submit_jobs(
+    executor,
+    plan: list[tuple[Any, list[Any]]],
+    out: Path,
+    launch: LaunchSpec,
+    threads: int,
+    force: bool,
+    on_poll: Callable[[], None] | None = None,
+) -> list[Any]:
     """Submit every chunk of every part; record each job in OUT/jobs.jsonl. Local jobs beyond the
     parallelism wait here for a free slot (submitit's local executor has no queue of its own)."""
     work = [(spec, chunk) for spec, cells in plan for chunk in chunks(cells, launch.cells_per_job)]
     jobs: list[Any] = []
 
     def record(job, chunk) -> None:
-        entry = {"job": str(job.job_id), "launcher": launch.launcher, "submitted": store.now(),
-                 "host": socket.gethostname(), "cells": [c.key for c in chunk]}
+        entry = {
+            "job": str(job.job_id),
+            "launcher": launch.launcher,
+            "submitted": store.now(),
+            "host": socket.gethostname(),
+            "cells": [c.key for c in chunk],
+        }
         if launch.launcher != "slurm":
             entry["pid"] = int(job.job_id)
             entry["pid_start"] = _process_start(entry["pid"])
@@ -320,8 +380,10 @@ def submit_jobs(executor, plan: list[tuple[Any, list[Any]]], out: Path, launch: 
     if launch.launcher == "slurm":
         try:
             with executor.batch():  # one job array
-                pending = [(executor.submit(run_job, asdict(spec), str(out), [c.key for c in chunk], force), chunk)
-                           for spec, chunk in work]
+                pending = [
+                    (executor.submit(run_job, asdict(spec), str(out), [c.key for c in chunk], force), chunk)
+                    for spec, chunk in work
+                ]
         except Exception as exc:  # sbatch refused: a bad partition, account, time limit...
             lines = [line for line in str(exc).splitlines() if line.strip()]
             raise SpecError(f"sbatch refused the job array: {lines[-1] if lines else type(exc).__name__}") from None
@@ -343,7 +405,7 @@ def submit_jobs(executor, plan: list[tuple[Any, list[Any]]], out: Path, launch: 
             time.sleep(0.5)
         if launch.gpus_per_job:  # each running job gets GPUs of its own (CUDA_VISIBLE_DEVICES)
             busy = {g for index, given in held.items() if not jobs[index].done() for g in given}
-            given = [g for g in gpus if g not in busy][:launch.gpus_per_job]
+            given = [g for g in gpus if g not in busy][: launch.gpus_per_job]
             executor.update_parameters(visible_gpus=given)
             held[len(jobs)] = given
         job = executor.submit(run_job, asdict(spec), str(out), [c.key for c in chunk], force)
@@ -365,8 +427,10 @@ def _local_gpus() -> list[int]:
     if not visible:
         return list(range(count))
     if not all(item.isdigit() for item in visible):
-        raise SpecError("--gpus-per-job with submitit-local needs CUDA_VISIBLE_DEVICES as numbers, got "
-                        f"{os.environ['CUDA_VISIBLE_DEVICES']!r}")
+        raise SpecError(
+            "--gpus-per-job with submitit-local needs CUDA_VISIBLE_DEVICES as numbers, got "
+            f"{os.environ['CUDA_VISIBLE_DEVICES']!r}"
+        )
     return [int(item) for item in visible][:count]
 
 
@@ -390,8 +454,15 @@ def _fingerprint(row: dict[str, Any]) -> str:
     return json.dumps(row, sort_keys=True, default=str)  # NaN, unequal to itself, prints the same
 
 
-def run_sweep_jobs(sweep, force: bool, argv: list[str] | None, on_start: Callable[[int, int], None],
-                   progress, bar: Callable[[], Any], console) -> list[dict[str, Any]] | None:
+def run_sweep_jobs(
+    sweep,
+    force: bool,
+    argv: list[str] | None,
+    on_start: Callable[[int, int], None],
+    progress,
+    bar: Callable[[], Any],
+    console,
+) -> list[dict[str, Any]] | None:
     """Submit the sweep's cells that have no row and no live job (all but the live ones with
     force) as jobs; unless detached, wait for them and return the sweep's rows."""
     from bench.provenance import write_run_json
@@ -405,22 +476,22 @@ def run_sweep_jobs(sweep, force: bool, argv: list[str] | None, on_start: Callabl
         executor = make_executor(launch, out, threads)  # no SLURM here: one line, nothing written
         done = store.latest_by_key(store.read_rows(out))
         cells = [c for _, part_cells in parts for c in part_cells]
-        write_run_json(out, [s for s, _ in parts], argv, cells,
-                       {"launcher": launch.options(), "config": sweep.source})
+        write_run_json(out, [s for s, _ in parts], argv, cells, {"launcher": launch.options(), "config": sweep.source})
         busy = busy_cells(out)
         seen: set[str] = set()
         work = []
         for spec, part_cells in parts:
-            todo = [c for c in part_cells if (force or c.key not in done) and c.key not in busy
-                    and c.key not in seen]
+            todo = [c for c in part_cells if (force or c.key not in done) and c.key not in busy and c.key not in seen]
             seen.update(c.key for c in part_cells)
             if todo:
                 work.append((spec, todo))
         total, queued = len(seen), sum(len(todo) for _, todo in work)
         live = sorted({busy[k] for k in seen if k in busy})
         if live:
-            console.print(f"{sum(k in busy for k in seen)} cells are queued or running in live jobs "
-                          f"({', '.join(live)}); not submitted again")
+            console.print(
+                f"{sum(k in busy for k in seen)} cells are queued or running in live jobs "
+                f"({', '.join(live)}); not submitted again"
+            )
         on_start(total, total - queued)
         wanted = {c.key for _, todo in work for c in todo}
         before = {k: _fingerprint(done[k]) for k in wanted if k in done}
@@ -436,18 +507,24 @@ def run_sweep_jobs(sweep, force: bool, argv: list[str] | None, on_start: Callabl
 
         jobs = submit_jobs(executor, work, out, launch, threads, force, poll)
         if jobs:
-            console.print(f"submitted {len(jobs)} job(s) through {launch.launcher}: "
-                          f"{', '.join(str(j.job_id) for j in jobs[:8])}{' ...' if len(jobs) > 8 else ''}; "
-                          f"logs under {out / JOBS_DIR}")
+            console.print(
+                f"submitted {len(jobs)} job(s) through {launch.launcher}: "
+                f"{', '.join(str(j.job_id) for j in jobs[:8])}{' ...' if len(jobs) > 8 else ''}; "
+                f"logs under {out / JOBS_DIR}"
+            )
         if launch.detach:
-            console.print(f"detached: watch with `python -m bench status {out}`; run the same command "
-                          "again to submit the cells that end without a row")
+            console.print(
+                f"detached: watch with `python -m bench status {out}`; run the same command "
+                "again to submit the cells that end without a row"
+            )
             return None
         try:
             failures = wait(jobs, on_poll=poll)
         except KeyboardInterrupt:  # the jobs are not this process's children to stop
-            console.print(f"stopped waiting; the jobs keep running: watch with `python -m bench status {out}`, "
-                          "cancel them with your scheduler (scancel) or by their process ids in jobs.jsonl")
+            console.print(
+                f"stopped waiting; the jobs keep running: watch with `python -m bench status {out}`, "
+                "cancel them with your scheduler (scancel) or by their process ids in jobs.jsonl"
+            )
             return None
         poll()
     for line in failures:
@@ -455,7 +532,9 @@ def run_sweep_jobs(sweep, force: bool, argv: list[str] | None, on_start: Callabl
     rows = store.latest_by_key(store.read_rows(out))
     missing = wanted - written(rows)
     if missing:
-        console.print(f"[yellow]{len(missing)} cell(s) got no row[/] (their job ended before them: killed, "
-                      f"timed out or failed); `python -m bench status {out}` shows them, and the same "
-                      "command reruns them")
+        console.print(
+            f"[yellow]{len(missing)} cell(s) got no row[/] (their job ended before them: killed, "
+            f"timed out or failed); `python -m bench status {out}` shows them, and the same "
+            "command reruns them"
+        )
     return list({c.key: rows[c.key] for c in cells if c.key in rows}.values())

@@ -1,6 +1,7 @@
 """What ends a cell early: its time limit (spent across the phases that interleaved timing splits
 it into), and how a failure becomes the cell's row instead of the sweep's end. Only the user's
 Ctrl-C (a real SIGINT) stops a sweep."""
+
 from __future__ import annotations
 
 import signal
@@ -67,8 +68,12 @@ def outcome(exc: BaseException) -> dict[str, Any]:
     text = exception_text(exc)
     message = text.splitlines()[0] if text.strip() else type(exc).__name__
     lines = traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-3)
-    return {"status": "oom" if is_out_of_memory(exc) else "error", "error": message,
-            "error_type": type(exc).__name__, "traceback": "".join(lines)}
+    return {
+        "status": "oom" if is_out_of_memory(exc) else "error",
+        "error": message,
+        "error_type": type(exc).__name__,
+        "traceback": "".join(lines),
+    }
 
 
 @contextmanager

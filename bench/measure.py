@@ -5,6 +5,7 @@ tensor of a page or more gets its own mapping, returned to the OS when freed, an
 mark tracks live tensor bytes (see bench/memworker.py). With the 64 KiB threshold suggested in
 MACHINE-FACTS.md, smaller tensors (a 32x128 float64 latent is 32 KiB) come from the heap, reuse
 chunks freed by the warm-up call, and vanish from the figure: checkpoint's N*S measured 0 there."""
+
 from __future__ import annotations
 
 import gc
@@ -32,8 +33,11 @@ def cuda_peak_bytes(fn: Callable[[], object], device: torch.device) -> dict[str,
     baseline = torch.cuda.memory_allocated(device)
     fn()
     synchronize(device)
-    return {"peak": torch.cuda.max_memory_allocated(device) - baseline, "before": baseline,
-            "reserved": torch.cuda.max_memory_reserved(device)}
+    return {
+        "peak": torch.cuda.max_memory_allocated(device) - baseline,
+        "before": baseline,
+        "reserved": torch.cuda.max_memory_reserved(device),
+    }
 
 
 def rss_supported() -> bool:

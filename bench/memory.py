@@ -5,6 +5,7 @@ cell from a clean worker (bench/memworker.py); on CUDA, the allocator's own coun
 the resident high-water mark. It also measures the units of the memory model (ESTIMATORS.md):
 A, the peak of one denoiser call with its graph kept, and S, one latent; a row's prediction is
 activations·A + latents·S from the estimator's Cost."""
+
 from __future__ import annotations
 
 import random
@@ -19,7 +20,7 @@ MODES = {
     "auto": "process on CPU, inprocess on CUDA",
     "process": "CPU: peak resident memory of a process forked per cell from a clean worker",
     "inprocess": "CUDA: the allocator's peak; CPU: resident high-water mark in the sweep's own "
-                 "process (heap reuse can hide memory)",
+    "process (heap reuse can hide memory)",
     "off": "no memory measurement",
 }
 
@@ -56,8 +57,15 @@ class MemoryMeter:
         if self.mode in ("off", "unavailable"):
             return {**fields, "peak_mem_bytes": None, "mem_kind": self.mode}
         if self.mode == "process":
-            result = self.worker.measure({"task": cell.task.spec, "estimator": cell.estimator.spec,
-                                          "target": cell.target, "steps": cell.steps, "seed": cell.seed})
+            result = self.worker.measure(
+                {
+                    "task": cell.task.spec,
+                    "estimator": cell.estimator.spec,
+                    "target": cell.target,
+                    "steps": cell.steps,
+                    "seed": cell.seed,
+                }
+            )
             kind = "rss_peak"
         else:
             problem.zero_grad()
@@ -70,8 +78,12 @@ class MemoryMeter:
             fields["mem_reserved_peak_bytes"] = result["reserved"]
         unit_a = self.unit_activation(cell, problem)
         unit_s = problem.x_start.numel() * problem.x_start.element_size()
-        return {**fields, "mem_unit_a_bytes": unit_a, "mem_unit_s_bytes": unit_s,
-                "mem_pred_bytes": cost.predicted_bytes(unit_a, unit_s)}
+        return {
+            **fields,
+            "mem_unit_a_bytes": unit_a,
+            "mem_unit_s_bytes": unit_s,
+            "mem_pred_bytes": cost.predicted_bytes(unit_a, unit_s),
+        }
 
     def _inprocess_peak(self, fn: Callable[[], object]) -> dict[str, int]:
         if self.device.type == "cuda":
@@ -83,8 +95,15 @@ class MemoryMeter:
         key = (cell.task.spec, cell.target, cell.seed)
         if key not in self.units:
             if self.mode == "process":
-                self.units[key] = self.worker.measure({"task": cell.task.spec, "target": cell.target,
-                                                       "steps": cell.steps, "seed": cell.seed, "unit": True})
+                self.units[key] = self.worker.measure(
+                    {
+                        "task": cell.task.spec,
+                        "target": cell.target,
+                        "steps": cell.steps,
+                        "seed": cell.seed,
+                        "unit": True,
+                    }
+                )
             else:
                 one_kept_call(problem)  # warm-up
                 self.units[key] = self._inprocess_peak(lambda: one_kept_call(problem))

@@ -12,6 +12,7 @@ clean heap.
 The zygote runs with one intra-op thread so that no OpenMP pool exists at fork time (a child of a
 process with a live pool can hang): memory figures are single-threaded runs of the same code.
 The main process waits for the zygote to be idle before timing anything."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """Typed options and the `name[k=v,...]` spec syntax shared by estimators and tasks."""
+
 from __future__ import annotations
 
 import difflib
@@ -46,18 +47,17 @@ class Option:
                 elif self.type is float:
                     value = float(text)
             except ValueError:
-                raise SpecError(f"{owner}: option {self.name}={raw!r} is not a valid "
-                                f"{self.type.__name__} ({self.describe()})") from None
+                raise SpecError(
+                    f"{owner}: option {self.name}={raw!r} is not a valid {self.type.__name__} ({self.describe()})"
+                ) from None
         elif self.type is float and isinstance(raw, int) and not isinstance(raw, bool):
             value = float(raw)
         if not isinstance(value, self.type) or (self.type is int and isinstance(value, bool)):
-            raise SpecError(f"{owner}: option {self.name}={raw!r} must be {self.type.__name__} "
-                            f"({self.describe()})")
+            raise SpecError(f"{owner}: option {self.name}={raw!r} must be {self.type.__name__} ({self.describe()})")
         if self.type is float and not math.isfinite(value):
             raise SpecError(f"{owner}: option {self.name}={raw!r} must be a finite number ({self.describe()})")
         if self.choices is not None and value not in self.choices:
-            raise SpecError(f"{owner}: option {self.name}={raw!r} is not one of "
-                            f"{', '.join(map(str, self.choices))}")
+            raise SpecError(f"{owner}: option {self.name}={raw!r} is not one of {', '.join(map(str, self.choices))}")
         if self.check is not None:
             problem = self.check(value)
             if problem:
@@ -122,14 +122,12 @@ def resolve_options(owner: str, declared: tuple[Option, ...], given: dict[str, A
             hint = difflib.get_close_matches(key, list(by_name), n=1)
             did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
             raise SpecError(f"{owner}: unknown option {key!r}{did_you_mean}; valid options: {valid}")
-    return {name: (opt.parse(given[name], owner) if name in given else opt.default)
-            for name, opt in by_name.items()}
+    return {name: (opt.parse(given[name], owner) if name in given else opt.default) for name, opt in by_name.items()}
 
 
 def canonical_spec(name: str, declared: tuple[Option, ...], values: dict[str, Any]) -> str:
     """The readable identity used in the CLI, result columns and cache keys: only non-defaults."""
-    parts = [f"{opt.name}={format_value(values[opt.name])}" for opt in declared
-             if values[opt.name] != opt.default]
+    parts = [f"{opt.name}={format_value(values[opt.name])}" for opt in declared if values[opt.name] != opt.default]
     return f"{name}[{','.join(parts)}]" if parts else name
 
 

@@ -1,6 +1,7 @@
 """A sweep's plan: the settings of one part (SweepSpec, declared in bench/settings.py), every cell
 it expands to (Cell), each with the key that names its row, checked before anything runs
 (resolve, expand, plan)."""
+
 from __future__ import annotations
 
 import itertools
@@ -13,8 +14,18 @@ from bench import store
 from bench.errors import SpecError
 from bench.identity import cell_key, code_hash
 from bench.registry import ESTIMATORS, TASKS, include
-from bench.settings import (DEFAULT_ESTIMATORS, DEFAULT_STABLE_CAP_S, DEFAULT_STEPS, DEFAULT_TASK,  # noqa: F401
-                            DEFAULT_TIMEOUT_S, ISOLATE_MODES, MAX_SEED, MEMORY_MODES, SweepSpec, check_spec)
+from bench.settings import (
+    DEFAULT_ESTIMATORS,
+    DEFAULT_STABLE_CAP_S,
+    DEFAULT_STEPS,
+    DEFAULT_TASK,
+    DEFAULT_TIMEOUT_S,
+    ISOLATE_MODES,
+    MAX_SEED,
+    MEMORY_MODES,
+    SweepSpec,
+    check_spec,
+)
 
 # --remeasure: what can be measured again without computing the gradients again, and the row
 # fields each replaces (the harness's code is in no cell key: README, "What a cell's key covers")
@@ -84,7 +95,8 @@ def expand(spec: SweepSpec, tasks: list[Any], estimators: list[Any]) -> list[Cel
     cells: dict[str, Cell] = {}
     hashes = CodeHashes()
     for task, target, steps, seed, estimator in itertools.product(
-            tasks, dict.fromkeys(spec.targets), dict.fromkeys(spec.steps), dict.fromkeys(spec.seeds), estimators):
+        tasks, dict.fromkeys(spec.targets), dict.fromkeys(spec.steps), dict.fromkeys(spec.seeds), estimators
+    ):
         cell = make_cell(spec, task, estimator, target, steps, seed, hashes)
         cells.setdefault(cell.key, cell)
     return list(cells.values())
@@ -124,18 +136,27 @@ class CodeHashes:
         return self.data[task.spec]
 
 
-def make_cell(spec: SweepSpec, task: Any, estimator: Any, target: str, steps: int, seed: int,
-              hashes: CodeHashes) -> Cell:
+def make_cell(
+    spec: SweepSpec, task: Any, estimator: Any, target: str, steps: int, seed: int, hashes: CodeHashes
+) -> Cell:
     """A cell and its key: the readable specs, and the hashes of every piece of code that can change
     what it computes: the task's (with its sampler and reward), the estimator's, and the
     reference's, against which its agreement figures are measured."""
     reference = reference_estimator(task, estimator)
     identity = {
-        "schema": store.SCHEMA, "task": task.spec, "task_version": task.version,
-        "task_code": hashes.code(task), "task_data": hashes.task_data(task),
-        "estimator": estimator.spec, "estimator_code": hashes.code(estimator),
+        "schema": store.SCHEMA,
+        "task": task.spec,
+        "task_version": task.version,
+        "task_code": hashes.code(task),
+        "task_data": hashes.task_data(task),
+        "estimator": estimator.spec,
+        "estimator_code": hashes.code(estimator),
         **({"reference_code": hashes.reference(reference)} if reference is not None else {}),
-        "target": target, "steps": steps, "seed": seed, "iters": spec.iters, "device": spec.device,
+        "target": target,
+        "steps": steps,
+        "seed": seed,
+        "iters": spec.iters,
+        "device": spec.device,
         **({"budget": spec.budget} if spec.budget else {}),  # absent when off: earlier keys stay valid
     }
     return Cell(task, estimator, target, steps, seed, cell_key(identity), identity)
@@ -152,4 +173,3 @@ def timing_threads(spec: SweepSpec) -> int:
 def plan(specs: list[SweepSpec]) -> list[tuple[SweepSpec, list[Cell]]]:
     """Every part of a sweep with its cells, each part resolved and checked before anything runs."""
     return [(spec, expand(spec, *resolve(spec))) for spec in specs]
-

@@ -1,5 +1,6 @@
 """Matplotlib panels shared by reports and paper figures, with one colour and marker per estimator
 in every figure (a family's variants are shades of the family's colour)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -21,7 +22,7 @@ import pandas as pd  # noqa: E402
 
 _SPARE = [mcolors.to_hex(c) for c in plt.get_cmap("tab20").colors]
 _MARKERS = "o s D ^ v P X * h p d < >".split()
-MIB = 2 ** 20
+MIB = 2**20
 
 
 def _stable(text: str) -> int:
@@ -98,8 +99,7 @@ def log_x_at(ax, values) -> None:
     ax.xaxis.set_minor_locator(ticker.NullLocator())
 
 
-def lines_vs_steps(ax, means: pd.DataFrame, column: str, ylabel: str, log: bool = True,
-                   scale: float = 1.0) -> None:
+def lines_vs_steps(ax, means: pd.DataFrame, column: str, ylabel: str, log: bool = True, scale: float = 1.0) -> None:
     """One line per estimator: `column` (times scale) against the step count N."""
     for spec in order(means["estimator"]):
         part = means[means["estimator"] == spec].sort_values("steps")
@@ -118,15 +118,21 @@ def reward_curves(ax, curves: pd.DataFrame, x: str) -> None:
     """Mean reward over seeds against optimisation iteration or wall-clock seconds."""
     for spec in order(curves["estimator"]):
         part = curves[curves["estimator"] == spec].groupby("iteration")[["reward", "seconds"]].mean()
-        ax.plot(part.index if x == "iteration" else part["seconds"], part["reward"], linewidth=1.5,
-                markersize=4, **style(spec))
+        ax.plot(
+            part.index if x == "iteration" else part["seconds"],
+            part["reward"],
+            linewidth=1.5,
+            markersize=4,
+            **style(spec),
+        )
     ax.set_xlabel("Adam iteration" if x == "iteration" else "optimisation wall-clock (s, gradients + steps)")
     ax.set_ylabel("mean reward")
     ax.grid(True, alpha=0.3)
 
 
-def pareto(ax, means: pd.DataFrame, colour_by: str = "reward_gain",
-           colour_label: str = "reward gain in the optimisation") -> None:
+def pareto(
+    ax, means: pd.DataFrame, colour_by: str = "reward_gain", colour_label: str = "reward gain in the optimisation"
+) -> None:
     """Memory against time per gradient, one point per estimator and N, coloured by reward; the
     non-dominated points (no other is both faster and smaller) joined by a dashed line."""
     data = means.dropna(subset=["time_s", "peak_mem_bytes"])
@@ -137,11 +143,27 @@ def pareto(ax, means: pd.DataFrame, colour_by: str = "reward_gain",
     norm = mcolors.Normalize(values.min(), values.max()) if values.notna().any() else None
     for spec in order(data["estimator"]):
         part = data[data["estimator"] == spec]
-        ax.scatter(part["time_s"] * 1e3, part["peak_mem_bytes"] / MIB, c=part[colour_by], cmap="viridis",
-                   norm=norm, marker=marker(spec), s=70, edgecolors=colour(spec), linewidths=1.8, zorder=3)
+        ax.scatter(
+            part["time_s"] * 1e3,
+            part["peak_mem_bytes"] / MIB,
+            c=part[colour_by],
+            cmap="viridis",
+            norm=norm,
+            marker=marker(spec),
+            s=70,
+            edgecolors=colour(spec),
+            linewidths=1.8,
+            zorder=3,
+        )
         for _, row in part.iterrows():
-            ax.annotate(f"{spec} N={row['steps']}", (row["time_s"] * 1e3, row["peak_mem_bytes"] / MIB),
-                        fontsize=6, xytext=(4, 3), textcoords="offset points", color="#333333")
+            ax.annotate(
+                f"{spec} N={row['steps']}",
+                (row["time_s"] * 1e3, row["peak_mem_bytes"] / MIB),
+                fontsize=6,
+                xytext=(4, 3),
+                textcoords="offset points",
+                color="#333333",
+            )
     front = data.sort_values(["time_s", "peak_mem_bytes"])
     best, points = math.inf, []
     for _, row in front.iterrows():
@@ -168,8 +190,14 @@ def legend_below(fig, axes) -> None:
             handles.setdefault(label, handle)
     labels = order(handles)
     if labels:
-        fig.legend([handles[label] for label in labels], labels, loc="lower center",
-                   ncol=min(len(labels), 6), frameon=False, fontsize=9)
+        fig.legend(
+            [handles[label] for label in labels],
+            labels,
+            loc="lower center",
+            ncol=min(len(labels), 6),
+            frameon=False,
+            fontsize=9,
+        )
 
 
 def save(fig, path_without_suffix, formats=("png",)) -> list[str]:
@@ -193,11 +221,18 @@ def tradeoff(ax, means: pd.DataFrame, quality: str, label: str) -> None:
         return
     for spec in order(data["estimator"]):
         part = data[data["estimator"] == spec]
-        ax.scatter(part["reward_gain"], part["change"], marker=marker(spec), color=colour(spec), s=60,
-                   label=spec, zorder=3)
+        ax.scatter(
+            part["reward_gain"], part["change"], marker=marker(spec), color=colour(spec), s=60, label=spec, zorder=3
+        )
         for _, row in part.iterrows():
-            ax.annotate(f"N={row['steps']}", (row["reward_gain"], row["change"]), fontsize=6,
-                        xytext=(4, 3), textcoords="offset points", color="#333333")
+            ax.annotate(
+                f"N={row['steps']}",
+                (row["reward_gain"], row["change"]),
+                fontsize=6,
+                xytext=(4, 3),
+                textcoords="offset points",
+                color="#333333",
+            )
     ax.axhline(0.0, color="#bbbbbb", linewidth=0.8)
     ax.axvline(0.0, color="#bbbbbb", linewidth=0.8)
     ax.set_xlabel("reward gain in the optimisation")

@@ -1,4 +1,5 @@
 """What a task hands an estimator: the chain, its inputs, the reward and the leaves to differentiate."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,6 +9,7 @@ import torch
 from torch import Tensor
 
 from bench.chain import Chain
+
 
 @dataclass(frozen=True)
 class Target:
@@ -22,12 +24,15 @@ class Target:
 
 
 TARGETS = ("latent", "cond", "weights", "noise")  # what every task serves
-TARGET_INFO: dict[str, Target] = {target.name: target for target in (
-    Target("latent", "the initial latent x_N (guided generation, adversarial auditing)"),
-    Target("cond", "the conditioning embedding c (textual-inversion-like)"),
-    Target("weights", "the denoiser's trainable parameters theta (reward fine-tuning)"),
-    Target("noise", "x_N and every injected noise xi_i of the eta > 0 sampler (DNO)"),
-)}
+TARGET_INFO: dict[str, Target] = {
+    target.name: target
+    for target in (
+        Target("latent", "the initial latent x_N (guided generation, adversarial auditing)"),
+        Target("cond", "the conditioning embedding c (textual-inversion-like)"),
+        Target("weights", "the denoiser's trainable parameters theta (reward fine-tuning)"),
+        Target("noise", "x_N and every injected noise xi_i of the eta > 0 sampler (DNO)"),
+    )
+}
 
 
 def register_target(target: Target) -> str:
@@ -78,6 +83,5 @@ class Problem:
 
     def flat_grad(self) -> Tensor:
         """All leaves' gradients as one vector (zeros where a leaf received none)."""
-        parts = [(leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)).reshape(-1)
-                 for leaf in self.leaves]
+        parts = [(leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)).reshape(-1) for leaf in self.leaves]
         return torch.cat(parts) if parts else torch.zeros(0)

@@ -1,5 +1,6 @@
 """Name -> class registries for estimators and tasks: built-ins are lazy `module:Class` entries;
 plug-ins come from a Python entry-point group or from `--include path/to/file.py`."""
+
 from __future__ import annotations
 
 import difflib
@@ -24,8 +25,14 @@ class Registry:
     "package:BUILT_IN" of such a dict in the package that holds the kind's modules (read on first
     use, with the package's ALIASES beside it), so that adding a built-in touches that package only."""
 
-    def __init__(self, kind: str, base_path: str, group: str, builtins: dict[str, str] | str,
-                 aliases: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        kind: str,
+        base_path: str,
+        group: str,
+        builtins: dict[str, str] | str,
+        aliases: dict[str, str] | None = None,
+    ) -> None:
         self.kind, self.base_path, self.group = kind, base_path, group
         self._table = builtins if isinstance(builtins, str) else None
         self._entries: dict[str, str | type] = {} if self._table else dict(builtins)
@@ -91,11 +98,14 @@ class Registry:
             try:
                 entry = _load(entry)
             except Exception as exc:  # a broken plug-in must not look like a typo
-                raise SpecError(f"{self.kind} {name!r} failed to load from {self._entries[name]}: "
-                                f"{type(exc).__name__}: {exception_text(exc)}") from None
+                raise SpecError(
+                    f"{self.kind} {name!r} failed to load from {self._entries[name]}: "
+                    f"{type(exc).__name__}: {exception_text(exc)}"
+                ) from None
             if not isinstance(entry, type) or not issubclass(entry, self.base):
-                raise SpecError(f"{self.kind} {name!r} ({self._entries[name]}) is not a "
-                                f"subclass of {self.base.__name__}")
+                raise SpecError(
+                    f"{self.kind} {name!r} ({self._entries[name]}) is not a subclass of {self.base.__name__}"
+                )
             self._entries[name] = entry
         return entry
 
@@ -126,17 +136,21 @@ ESTIMATORS = Registry("estimator", "estimators.base:Estimator", ESTIMATOR_GROUP,
 TASKS = Registry("task", "tasks.base:Task", TASK_GROUP, builtins="tasks:BUILT_IN")
 
 
-def register_estimator(cls: type | None = None, *, name: str | None = None,
-                       aliases: tuple[str, ...] = ()) -> Callable[[type], type] | type:
+def register_estimator(
+    cls: type | None = None, *, name: str | None = None, aliases: tuple[str, ...] = ()
+) -> Callable[[type], type] | type:
     """Class decorator: `@register_estimator` makes an Estimator subclass available by name."""
+
     def wrap(klass: type) -> type:
         return ESTIMATORS.register(klass, name=name, aliases=aliases)
+
     return wrap(cls) if cls is not None else wrap
 
 
 def register_task(cls: type | None = None, *, name: str | None = None) -> Callable[[type], type] | type:
     def wrap(klass: type) -> type:
         return TASKS.register(klass, name=name)
+
     return wrap(cls) if cls is not None else wrap
 
 
@@ -161,8 +175,10 @@ def include(path: str | Path) -> None:
         raise
     except SystemExit as exc:  # sys.exit() while being imported: not a way to end the sweep silently
         del sys.modules[module_name]
-        raise SpecError(f"--include {path} called sys.exit({exc.code!r}) while being imported; an include file "
-                        "defines and registers estimators or tasks, and nothing in it may end the program") from None
+        raise SpecError(
+            f"--include {path} called sys.exit({exc.code!r}) while being imported; an include file "
+            "defines and registers estimators or tasks, and nothing in it may end the program"
+        ) from None
     except Exception as exc:
         del sys.modules[module_name]
         raise SpecError(f"--include {path} failed: {type(exc).__name__}: {exception_text(exc)}") from None

@@ -10,6 +10,7 @@ A check takes the value (already of the setting's kind) and a `Context` and retu
 text or None; `{setting}` in the text stands for where the value came from: the flag, or the
 sweep file and key (a text without it is prefixed with it). Checks across settings (the baseline
 among the sweep's estimators, CUDA being there, --memory process on a CPU) are the plan's."""
+
 from __future__ import annotations
 
 import argparse
@@ -42,10 +43,12 @@ ISOLATE_MODES = {
 
 # -- kinds: how a value is written on the command line and in a file, and read ---------------
 
+
 @dataclass(frozen=True, eq=False)
 class Kind:
     """`convert(value, key)` turns a flag's or a file's value into the field's, raising
     ValueError with the reason; `argtype` is argparse's type for the flag (None: the string)."""
+
     name: str  # the documentation's type column
     annotation: str  # the SweepSpec field's type
     convert: Callable[[Any, str], Any]
@@ -106,6 +109,7 @@ def _list_of(item: type) -> Callable[[Any, str], list]:
             return [_item(item, one) for one in items]
         except (TypeError, ValueError):
             raise ValueError(f"expected a comma-separated list of {what} (or a TOML array), got {value!r}") from None
+
     return convert
 
 
@@ -134,10 +138,12 @@ def choice(choices: dict[str, str], noun: str) -> Kind:
 
 # -- checks -----------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Context:
     """What a check may need beside the value: where the cells run (None: not known, as for a
     SweepSpec built in code; the limits that depend on it are then not applied)."""
+
     launcher: str | None = None
 
 
@@ -150,6 +156,7 @@ def at_least(low: int) -> Check:
 
 def nonempty_each(each: Check | None = None) -> Check:
     """A list with at least one item, each passing `each`."""
+
     def check(values: list, context: Context) -> str | None:
         if not values:
             return "{setting} is empty; give at least one"
@@ -158,6 +165,7 @@ def nonempty_each(each: Check | None = None) -> Check:
             if error:
                 return error
         return None
+
     return check
 
 
@@ -213,6 +221,7 @@ def _threads(value: int, context: Context) -> str | None:
 
 # -- the settings -----------------------------------------------------------------------------
 
+
 @dataclass(frozen=True, eq=False)
 class Setting:
     name: str  # the SweepSpec field
@@ -260,48 +269,139 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("tasks", STRS, [DEFAULT_TASK], "comma-separated task specs name[k=v,...]",
-            nonempty_each(), metavar="SPEC,..."),
-    Setting("estimators", STRS, split_list(DEFAULT_ESTIMATORS), "comma-separated estimator specs name[k=v,...]",
-            nonempty_each(), metavar="SPEC,..."),
-    Setting("targets", STRS, ["latent", "cond", "weights"],
-            "what is optimised: latent, cond, weights, noise (needs eta > 0), gates (digits: DiP-GO's block gates)",
-            nonempty_each(), metavar="NAME,..."),
-    Setting("steps", INTS, list(DEFAULT_STEPS), "sampler step counts N", nonempty_each(_step_count),
-            metavar="N,..."),
-    Setting("seeds", INTS, [0], "seeds of the problems and the estimators' draws, each in 0..2^63-1",
-            nonempty_each(_seed), metavar="SEED,..."),
-    Setting("iters", INT, 4, "Adam iterations of the short optimisation (at most, with --budget)", at_least(0),
-            metavar="N"),
-    Setting("warmup", INT, 1, "untimed calls of each cell right before its timed rounds (the untimed "
-            "gradient-agreement call runs earlier)", at_least(0), metavar="N"),
-    Setting("rounds", INT, 3, "clean timed rounds per cell at least (rounds slowed by other load are left out "
-            "and repeated)", at_least(1), metavar="N"),
-    Setting("memory", choice(MEMORY_MODES, "memory mode"), "auto", "peak-memory measurement", metavar="MODE",
-            switches=(("--no-memory", "off", "same as --memory off"),)),
-    Setting("timeout", LIMIT, DEFAULT_TIMEOUT_S, "limit per cell, over all its phases; a cell over it is "
-            "recorded as 'timeout' (0: none)", _seconds_limit, metavar="SECONDS"),
+    Setting(
+        "tasks", STRS, [DEFAULT_TASK], "comma-separated task specs name[k=v,...]", nonempty_each(), metavar="SPEC,..."
+    ),
+    Setting(
+        "estimators",
+        STRS,
+        split_list(DEFAULT_ESTIMATORS),
+        "comma-separated estimator specs name[k=v,...]",
+        nonempty_each(),
+        metavar="SPEC,...",
+    ),
+    Setting(
+        "targets",
+        STRS,
+        ["latent", "cond", "weights"],
+        "what is optimised: latent, cond, weights, noise (needs eta > 0), gates (digits: DiP-GO's block gates)",
+        nonempty_each(),
+        metavar="NAME,...",
+    ),
+    Setting("steps", INTS, list(DEFAULT_STEPS), "sampler step counts N", nonempty_each(_step_count), metavar="N,..."),
+    Setting(
+        "seeds",
+        INTS,
+        [0],
+        "seeds of the problems and the estimators' draws, each in 0..2^63-1",
+        nonempty_each(_seed),
+        metavar="SEED,...",
+    ),
+    Setting(
+        "iters", INT, 4, "Adam iterations of the short optimisation (at most, with --budget)", at_least(0), metavar="N"
+    ),
+    Setting(
+        "warmup",
+        INT,
+        1,
+        "untimed calls of each cell right before its timed rounds (the untimed gradient-agreement call runs earlier)",
+        at_least(0),
+        metavar="N",
+    ),
+    Setting(
+        "rounds",
+        INT,
+        3,
+        "clean timed rounds per cell at least (rounds slowed by other load are left out and repeated)",
+        at_least(1),
+        metavar="N",
+    ),
+    Setting(
+        "memory",
+        choice(MEMORY_MODES, "memory mode"),
+        "auto",
+        "peak-memory measurement",
+        metavar="MODE",
+        switches=(("--no-memory", "off", "same as --memory off"),),
+    ),
+    Setting(
+        "timeout",
+        LIMIT,
+        DEFAULT_TIMEOUT_S,
+        "limit per cell, over all its phases; a cell over it is recorded as 'timeout' (0: none)",
+        _seconds_limit,
+        metavar="SECONDS",
+    ),
     Setting("device", STR, "cpu", "cpu, cuda or cuda:N", _device, metavar="DEVICE"),
-    Setting("includes", STRS, [], "import a file that registers estimators or tasks (repeatable; paths "
-            "relative to the current directory)", key="include", metavar="FILE.py", repeat=True),
-    Setting("isolate", choice(ISOLATE_MODES, "isolation"), "auto", "process per cell (an isolated cell has its "
-            "own allocator and CUDA counters, and one stuck in a kernel that the timer cannot interrupt is "
-            "killed at --timeout + 60 s; isolated cells are not interleaved)", metavar="MODE"),
-    Setting("threads", INT, 0, "torch intra-op threads (0: 1 on a CPU, which a busy core cannot slow, see "
-            f"Timing; torch's default on CUDA); at most this machine's cores ({MAX_SLURM_THREADS} with "
-            "--launcher slurm)", _threads, metavar="N"),
-    Setting("interleave", BOOL, True, "time the cells of a point round-robin with the other estimators' (true), or "
-            "each cell on its own (false, --no-interleave)"),
-    Setting("baseline", STR, "full", "the estimator time ratios (with bootstrap intervals) are taken to, one of "
-            "the sweep's estimators (the default when the sweep does not run it: no ratios)", metavar="SPEC"),
-    Setting("stable", FLOAT, 0.0, "keep timing until each cell's IQR is within FRACTION of its median, e.g. "
-            f"0.05 (0: off; capped by --timing-cap, {DEFAULT_STABLE_CAP_S:g} s per point then)", _fraction,
-            metavar="FRACTION"),
-    Setting("timing_cap", SECONDS, 0.0, "stop timing a point after SECONDS (0: no cap, "
-            f"{DEFAULT_STABLE_CAP_S:g} s with --stable)", _seconds_limit, metavar="SECONDS"),
-    Setting("budget", SECONDS, 0.0, "optimisation seconds per cell (gradients and Adam steps; --iters caps; 0: "
-            "--iters alone): equal-compute comparisons; in the cell's key when given", _seconds_limit,
-            metavar="SECONDS"),
+    Setting(
+        "includes",
+        STRS,
+        [],
+        "import a file that registers estimators or tasks (repeatable; paths relative to the current directory)",
+        key="include",
+        metavar="FILE.py",
+        repeat=True,
+    ),
+    Setting(
+        "isolate",
+        choice(ISOLATE_MODES, "isolation"),
+        "auto",
+        "process per cell (an isolated cell has its "
+        "own allocator and CUDA counters, and one stuck in a kernel that the timer cannot interrupt is "
+        "killed at --timeout + 60 s; isolated cells are not interleaved)",
+        metavar="MODE",
+    ),
+    Setting(
+        "threads",
+        INT,
+        0,
+        "torch intra-op threads (0: 1 on a CPU, which a busy core cannot slow, see "
+        f"Timing; torch's default on CUDA); at most this machine's cores ({MAX_SLURM_THREADS} with "
+        "--launcher slurm)",
+        _threads,
+        metavar="N",
+    ),
+    Setting(
+        "interleave",
+        BOOL,
+        True,
+        "time the cells of a point round-robin with the other estimators' (true), or "
+        "each cell on its own (false, --no-interleave)",
+    ),
+    Setting(
+        "baseline",
+        STR,
+        "full",
+        "the estimator time ratios (with bootstrap intervals) are taken to, one of "
+        "the sweep's estimators (the default when the sweep does not run it: no ratios)",
+        metavar="SPEC",
+    ),
+    Setting(
+        "stable",
+        FLOAT,
+        0.0,
+        "keep timing until each cell's IQR is within FRACTION of its median, e.g. "
+        f"0.05 (0: off; capped by --timing-cap, {DEFAULT_STABLE_CAP_S:g} s per point then)",
+        _fraction,
+        metavar="FRACTION",
+    ),
+    Setting(
+        "timing_cap",
+        SECONDS,
+        0.0,
+        f"stop timing a point after SECONDS (0: no cap, {DEFAULT_STABLE_CAP_S:g} s with --stable)",
+        _seconds_limit,
+        metavar="SECONDS",
+    ),
+    Setting(
+        "budget",
+        SECONDS,
+        0.0,
+        "optimisation seconds per cell (gradients and Adam steps; --iters caps; 0: "
+        "--iters alone): equal-compute comparisons; in the cell's key when given",
+        _seconds_limit,
+        metavar="SECONDS",
+    ),
 )
 
 
@@ -353,11 +453,18 @@ def spec_class(table: tuple[Setting, ...] | None = None) -> type:
     for setting in table:
         default = setting.default
         if isinstance(default, (list, dict, set)):
-            fields.append((setting.name, setting.kind.annotation,
-                           field(default_factory=lambda default=default: copy.deepcopy(default))))
+            fields.append(
+                (
+                    setting.name,
+                    setting.kind.annotation,
+                    field(default_factory=lambda default=default: copy.deepcopy(default)),
+                )
+            )
         else:
             fields.append((setting.name, setting.kind.annotation, field(default=default)))
-    cls = make_dataclass("SweepSpec", fields, namespace={"__doc__": "The settings of one sweep part (bench/settings.py)."})
+    cls = make_dataclass(
+        "SweepSpec", fields, namespace={"__doc__": "The settings of one sweep part (bench/settings.py)."}
+    )
     cls.__module__ = __name__
     _CLASSES[id(table)] = (table, cls)
     return cls
@@ -367,6 +474,7 @@ SweepSpec = spec_class(SETTINGS)
 
 
 # -- the command line and the documentation ----------------------------------------------------
+
 
 def show(value: Any) -> str:
     """A default as it is written on the command line."""
@@ -387,15 +495,33 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     for setting in SETTINGS:
         text = f"{setting.meaning()} (default: {show(setting.default)})".replace("%", "%%")
         if setting.kind is BOOL:
-            parser.add_argument(setting.flag, dest=setting.name, action="store_const", const=not setting.default,
-                                default=None, help=text)
+            parser.add_argument(
+                setting.flag,
+                dest=setting.name,
+                action="store_const",
+                const=not setting.default,
+                default=None,
+                help=text,
+            )
         else:
-            parser.add_argument(setting.flag, dest=setting.name, type=setting.kind.argtype,
-                                action="append" if setting.repeat else "store", default=None,
-                                metavar=setting.metavar, help=text)
+            parser.add_argument(
+                setting.flag,
+                dest=setting.name,
+                type=setting.kind.argtype,
+                action="append" if setting.repeat else "store",
+                default=None,
+                metavar=setting.metavar,
+                help=text,
+            )
         for flag, value, help_text in setting.switches:
-            parser.add_argument(flag, dest=setting.name, action="store_const", const=value, default=None,
-                                help=help_text.replace("%", "%%"))
+            parser.add_argument(
+                flag,
+                dest=setting.name,
+                action="store_const",
+                const=value,
+                default=None,
+                help=help_text.replace("%", "%%"),
+            )
 
 
 def _cell(text: str) -> str:
@@ -410,8 +536,10 @@ def readme_table() -> str:
         flags = ", ".join([flag, *(f"`{f}` (= {show(v)})" for f, v, _ in setting.switches)])
         if setting.repeat:
             flags += " (repeatable)"
-        lines.append(f"| {flags} | `{setting.key}` | {setting.kind.name} | `{show(setting.default)}` | "
-                     f"{_cell(setting.meaning())} |")
+        lines.append(
+            f"| {flags} | `{setting.key}` | {setting.kind.name} | `{show(setting.default)}` | "
+            f"{_cell(setting.meaning())} |"
+        )
     return "\n".join(lines)
 
 

@@ -1,11 +1,12 @@
 """python -m bench status DIR: where each cell of a run folder's latest sweep stands.
 
-  done     its row is `ok` or `skipped`
-  failed   its row is `error`, `oom`, `timeout` or `diverged` (the error is shown)
-  running  a live job holds it (a claim refreshed within bench/jobs.py STALE_S)
-  queued   a job that has it is still waiting or running (SLURM's state; a local job's process)
-  pending  none of these: the same command runs it (`interrupted` when a job held it and ended
-           without its row: killed by a time limit, preemption or a node failure)"""
+done     its row is `ok` or `skipped`
+failed   its row is `error`, `oom`, `timeout` or `diverged` (the error is shown)
+running  a live job holds it (a claim refreshed within bench/jobs.py STALE_S)
+queued   a job that has it is still waiting or running (SLURM's state; a local job's process)
+pending  none of these: the same command runs it (`interrupted` when a job held it and ended
+         without its row: killed by a time limit, preemption or a node failure)"""
+
 from __future__ import annotations
 
 import warnings
@@ -25,8 +26,10 @@ def status(run_dir: Path) -> dict[str, Any]:
     or a part of it, a rows file) is skipped with a one-line warning; the rest is still reported."""
     folder = Path(run_dir)
     if not _is_run_folder(folder):
-        raise SpecError(f"{folder} is not a run folder (no {store.RUN}, {store.ROWS} or {store.ROWS_DIR}/); "
-                        "give the --out folder of a sweep")
+        raise SpecError(
+            f"{folder} is not a run folder (no {store.RUN}, {store.ROWS} or {store.ROWS_DIR}/); "
+            "give the --out folder of a sweep"
+        )
     record = store.read_run_json(folder) or {}
     rows = store.latest_by_key(store.read_rows(folder))
     cells = _sweep_cells(folder, record) or [{k: row.get(k) for k in CELL_FIELDS} for row in rows.values()]
@@ -72,10 +75,15 @@ def status(run_dir: Path) -> dict[str, Any]:
     counts = Counter(e["state"] for e in entries)
     for job in jobs:
         job["rows"] = written.get(job["job"], 0)
-    return {"folder": str(folder), "cells": entries, "counts": {s: counts.get(s, 0) for s in STATES},
-            "jobs": jobs, "other_rows": len(set(rows) - {c["key"] for c in cells}),
-            "launcher": launcher if isinstance(launcher, str) else "local",
-            "config": config if isinstance(config, str) else None}
+    return {
+        "folder": str(folder),
+        "cells": entries,
+        "counts": {s: counts.get(s, 0) for s in STATES},
+        "jobs": jobs,
+        "other_rows": len(set(rows) - {c["key"] for c in cells}),
+        "launcher": launcher if isinstance(launcher, str) else "local",
+        "config": config if isinstance(config, str) else None,
+    }
 
 
 CELL_FIELDS = {"key": str, "task": str, "estimator": str, "target": str, "steps": int, "seed": int}
@@ -89,8 +97,10 @@ def _is_run_folder(folder: Path) -> bool:
 
 
 def _is_cell(entry: Any) -> bool:
-    return isinstance(entry, dict) and all(isinstance(entry.get(name), kind) and not isinstance(entry.get(name), bool)
-                                           for name, kind in CELL_FIELDS.items())
+    return isinstance(entry, dict) and all(
+        isinstance(entry.get(name), kind) and not isinstance(entry.get(name), bool)
+        for name, kind in CELL_FIELDS.items()
+    )
 
 
 def _sweep_cells(folder: Path, record: dict[str, Any]) -> list[dict[str, Any]]:
@@ -104,8 +114,10 @@ def _sweep_cells(folder: Path, record: dict[str, Any]) -> list[dict[str, Any]]:
         return []
     usable = [cell for cell in cells if _is_cell(cell)]
     if len(usable) < len(cells):
-        warnings.warn(f"{folder / store.RUN}: skipping {len(cells) - len(usable)} of its {len(cells)} 'cells' that "
-                      f"are not cells (an object with {', '.join(CELL_FIELDS)})")
+        warnings.warn(
+            f"{folder / store.RUN}: skipping {len(cells) - len(usable)} of its {len(cells)} 'cells' that "
+            f"are not cells (an object with {', '.join(CELL_FIELDS)})"
+        )
     return [{name: cell[name] for name in CELL_FIELDS} for cell in usable]
 
 
@@ -115,26 +127,42 @@ def print_status(report: dict[str, Any], console) -> None:
 
     counts = report["counts"]
     total = sum(counts.values())
-    console.print(f"[bold]{escape(report['folder'])}[/]: {total} cells of the latest sweep"
-                  f" ({escape(report['launcher'])}{', ' + escape(report['config']) if report['config'] else ''}): "
-                  + ", ".join(f"{counts[s]} {s}" for s in STATES)
-                  + (f"; {report['other_rows']} rows of other sweeps" if report["other_rows"] else ""))
+    console.print(
+        f"[bold]{escape(report['folder'])}[/]: {total} cells of the latest sweep"
+        f" ({escape(report['launcher'])}{', ' + escape(report['config']) if report['config'] else ''}): "
+        + ", ".join(f"{counts[s]} {s}" for s in STATES)
+        + (f"; {report['other_rows']} rows of other sweeps" if report["other_rows"] else "")
+    )
     shown = [e for e in report["cells"] if e["state"] != "done"]
     if shown:
         table = Table(title="cells not done")
         for column in ("state", "task", "estimator", "target", "N", "seed", "job", "detail"):
             table.add_column(column, overflow="fold")
         for e in sorted(shown, key=lambda e: STATES.index(e["state"])):
-            table.add_row(e["state"], escape(str(e["task"])), escape(str(e["estimator"])), str(e["target"]),
-                          str(e["steps"]), str(e["seed"]), str(e["job"] or "-"), escape(e["note"]))
+            table.add_row(
+                e["state"],
+                escape(str(e["task"])),
+                escape(str(e["estimator"])),
+                str(e["target"]),
+                str(e["steps"]),
+                str(e["seed"]),
+                str(e["job"] or "-"),
+                escape(e["note"]),
+            )
         console.print(table)
     if report["jobs"]:
         table = Table(title="jobs (OUT/jobs.jsonl)")
         for column in ("job", "launcher", "submitted", "cells", "rows written", "state"):
             table.add_column(column)
         for job in report["jobs"]:
-            table.add_row(str(job["job"]), job.get("launcher", ""), str(job.get("submitted", ""))[:19],
-                          str(len(job.get("cells", []))), str(job["rows"]), job["state"])
+            table.add_row(
+                str(job["job"]),
+                job.get("launcher", ""),
+                str(job.get("submitted", ""))[:19],
+                str(len(job.get("cells", []))),
+                str(job["rows"]),
+                job["state"],
+            )
         console.print(table)
     if counts["pending"] or counts["failed"]:
         console.print("the same `python -m bench run` command runs the pending cells (--force reruns failed ones)")

@@ -3,6 +3,7 @@ local launcher) and DIR/rows.d/<job id>.jsonl (one file per job of a job launche
 Reading a run folder merges them and the latest row of a key wins (read_rows says how "latest" is
 decided when clocks disagree). A torn last line (a run killed mid-write), any other unusable line
 or a rows file that cannot be read is skipped with a warning that names it."""
+
 from __future__ import annotations
 
 import fcntl
@@ -66,7 +67,9 @@ def _row_problem(row: Any) -> str | None:
     for name, kind in REQUIRED.items():
         value = row.get(name)
         if not isinstance(value, kind) or isinstance(value, bool):
-            return f"no {kind.__name__} field {name!r}" if name not in row else f"field {name!r} is not a {kind.__name__}"
+            return (
+                f"no {kind.__name__} field {name!r}" if name not in row else f"field {name!r} is not a {kind.__name__}"
+            )
     return None
 
 
@@ -121,8 +124,10 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
                 written = max(written, finished)
             placed.append((written, row))
         if ahead:
-            _warn_once(f"{file}: {ahead} row(s) finished more than {CLOCK_SKEW_S:g} s after this machine's "
-                       "present (a clock ahead?); ordered by their place in the file, not by that time")
+            _warn_once(
+                f"{file}: {ahead} row(s) finished more than {CLOCK_SKEW_S:g} s after this machine's "
+                "present (a clock ahead?); ordered by their place in the file, not by that time"
+            )
     placed.sort(key=lambda item: item[0])  # stable: file order within a file, then row_files' order
     return [row for _, row in placed]
 
@@ -232,8 +237,9 @@ def locked(folder: Path) -> Iterator[Path]:
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
-            raise SpecError(f"another sweep is writing to {folder} ({holder}); wait for it to finish "
-                            "or choose another --out") from None
+            raise SpecError(
+                f"another sweep is writing to {folder} ({holder}); wait for it to finish or choose another --out"
+            ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}")

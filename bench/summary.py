@@ -1,6 +1,7 @@
 """The rich summary printed at the end of a sweep: one table per task and target, one line per
 estimator and N (means over seeds), skip reasons, errors and suspect timings listed below, and
 status counts."""
+
 from __future__ import annotations
 
 import math
@@ -43,8 +44,13 @@ def print_summary(rows: list[dict[str, Any]], console: Console) -> None:
     frame = analysis.derive(pd.DataFrame(rows))
     means = analysis.cell_means(frame)
     for (task, target), part in frame.groupby(["task", "target"], sort=False):
-        table = Table(title=escape(f"{task} · target {target}"), title_justify="left", box=box.SIMPLE_HEAD, collapse_padding=True,
-                      pad_edge=False)
+        table = Table(
+            title=escape(f"{task} · target {target}"),
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+            collapse_padding=True,
+            pad_edge=False,
+        )
         wide = console.width >= 100  # the ratios' intervals need about 20 more columns
         table.add_column("estimator", no_wrap=True)
         for column in ("N", "cos", "ms/grad", "×full [95%]" if wide else "×full", "peak mem", "fwd/vjp", "reward"):
@@ -67,25 +73,41 @@ def print_summary(rows: list[dict[str, Any]], console: Console) -> None:
             counts = f"{_fmt(r['nfe_forward'], '.0f')}/{_fmt(r['nfe_vjp'], '.0f')}"
             reward = f"{_fmt(r['reward_init'], '.3g')}→{_fmt(r['reward_final'], '.3g')}"
             memory = format_bytes(_nan_none(r["peak_mem_bytes"]), RSS_PAGE if r["mem_kind"] == "rss_peak" else 0)
-            table.add_row(escape(estimator), str(steps), _fmt(r["grad_cos"], ".4f"), time_ms,
-                          ratio_text(r, interval=wide), memory, counts, reward)
+            table.add_row(
+                escape(estimator),
+                str(steps),
+                _fmt(r["grad_cos"], ".4f"),
+                time_ms,
+                ratio_text(r, interval=wide),
+                memory,
+                counts,
+                reward,
+            )
         console.print(table)
         for (estimator, status, text), cells in notes.items():
             where = ", ".join(cells)
             console.print(f"  [dim]{escape(f'{estimator} {status} ({where}): {text}')}[/]")
     totals = Counter(row["status"] for row in rows)
     suspect = sum(1 for row in rows if row["status"] == "ok" and row.get("timing_suspect"))
-    console.print("cells: " + ", ".join(f"{count} {status}" for status, count in sorted(totals.items())) +
-                  (f" ({suspect} with suspect timing, marked !)" if suspect else ""))
+    console.print(
+        "cells: "
+        + ", ".join(f"{count} {status}" for status, count in sorted(totals.items()))
+        + (f" ({suspect} with suspect timing, marked !)" if suspect else "")
+    )
     timed = [row for row in rows if row["status"] == "ok" and "time_s" in row]
     if timed:
         slowed = sum(row.get("time_rounds_slowed", 0) for row in timed)
         threads = sorted({row.get("threads") for row in timed if row.get("threads")})
-        console.print(f"timing: {'/'.join(map(str, threads)) or '?'} thread(s); "
-                      + (f"{slowed} rounds slowed by other processes were left out and repeated" if slowed
-                         else "no round was slowed by other processes")
-                      + "; ×full: ratio over rounds run side by side (95 % intervals on a terminal of 100 "
-                        "columns or more), ~ where timed apart")
+        console.print(
+            f"timing: {'/'.join(map(str, threads)) or '?'} thread(s); "
+            + (
+                f"{slowed} rounds slowed by other processes were left out and repeated"
+                if slowed
+                else "no round was slowed by other processes"
+            )
+            + "; ×full: ratio over rounds run side by side (95 % intervals on a terminal of 100 "
+            "columns or more), ~ where timed apart"
+        )
 
 
 def _nan_none(value: Any) -> float | None:

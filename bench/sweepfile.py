@@ -23,6 +23,7 @@ table and optional `[[part]]` tables:
 Precedence, lowest first: the settings' defaults (bench/settings.py, where each is declared), the file's
 top level, a part, then the flags given on the command line (they apply to every part). Paths in
 the file (`out`, `include`) are relative to the current directory, like the flags'."""
+
 from __future__ import annotations
 
 import difflib
@@ -48,6 +49,7 @@ def spec_defaults() -> Any:
 @dataclass
 class Sweep:
     """One invocation: its parts (each a SweepSpec), the run folder, and where the cells run."""
+
     parts: list[SweepSpec]
     out: Path | None
     launch: LaunchSpec = field(default_factory=LaunchSpec)
@@ -77,8 +79,10 @@ def check_baseline(spec: SweepSpec, where: str) -> None:
     baseline = ESTIMATORS.create(spec.baseline).spec
     estimators = list(dict.fromkeys(ESTIMATORS.create(name).spec for name in spec.estimators))
     if baseline not in estimators:
-        raise SpecError(f"{where} {spec.baseline} is not among the sweep's estimators ({', '.join(estimators)}); "
-                        "the time ratios are taken to an estimator the sweep runs: give one of them, or add it")
+        raise SpecError(
+            f"{where} {spec.baseline} is not among the sweep's estimators ({', '.join(estimators)}); "
+            "the time ratios are taken to an estimator the sweep runs: give one of them, or add it"
+        )
 
 
 def _sweep_settings(table: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[str, Any]]:

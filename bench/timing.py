@@ -12,6 +12,7 @@ times, while a one-thread run beside the same load is unaffected (README, "Timin
 rounds are left out of every figure and repeated; a row that could not get enough clean rounds
 says so in `timing_suspect`. A round too short for the kernel's CPU accounting (ticks of 1/HZ s) is
 judged over a window that ends with it and is long enough (it may include the rounds before it)."""
+
 from __future__ import annotations
 
 import os
@@ -106,8 +107,14 @@ class Rounds:
         """The row's timing fields."""
         kept = self.clean or self.seconds
         median, iqr = median_iqr(kept)
-        fields = {"time_s": median, "time_iqr_s": iqr, "time_min_s": min(kept), "time_rounds_s": kept,
-                  "time_rounds_slowed": sum(self.slowed), "time_stop": self.stop}
+        fields = {
+            "time_s": median,
+            "time_iqr_s": iqr,
+            "time_min_s": min(kept),
+            "time_rounds_s": kept,
+            "time_rounds_slowed": sum(self.slowed),
+            "time_stop": self.stop,
+        }
         if self.others:
             fields["time_others_cores"] = max(self.others)
         if self.suspect:
@@ -115,11 +122,18 @@ class Rounds:
         return fields
 
 
-def time_interleaved(calls: dict[str, Callable[[], object]], device: torch.device, *, rounds: int,
-                     threads: int, stable: float = 0.0, cap_s: float = 0.0, warmup: int = 0,
-                     probe: LoadProbe | None = None,
-                     fatal: Callable[[BaseException], bool] = lambda exc: isinstance(exc, KeyboardInterrupt),
-                     ) -> dict[str, Rounds]:
+def time_interleaved(
+    calls: dict[str, Callable[[], object]],
+    device: torch.device,
+    *,
+    rounds: int,
+    threads: int,
+    stable: float = 0.0,
+    cap_s: float = 0.0,
+    warmup: int = 0,
+    probe: LoadProbe | None = None,
+    fatal: Callable[[BaseException], bool] = lambda exc: isinstance(exc, KeyboardInterrupt),
+) -> dict[str, Rounds]:
     """Time every call round-robin: pass p times each call once, starting at a rotating position
     so that no call always follows the same neighbour. Stop when every call has `rounds` clean
     rounds and, with `stable` > 0, the IQR of its clean rounds is within `stable` of their median,
@@ -142,7 +156,7 @@ def time_interleaved(calls: dict[str, Callable[[], object]], device: torch.devic
             live.remove(name)
     started, passes, extra = time.perf_counter(), 0, 0
     while live:
-        order = live[passes % len(live):] + live[:passes % len(live)]
+        order = live[passes % len(live) :] + live[: passes % len(live)]
         for name in order:
             try:
                 synchronize(device)
@@ -204,11 +218,15 @@ def _judge(record: Rounds, rounds: int, free: int, phase_others: float | None, p
         return
     slowed = sum(record.slowed)
     if len(record.clean) < rounds:
-        record.suspect = (f"only {len(record.clean)} of {len(record.seconds)} rounds ran without other load "
-                          f"(up to {max(record.others, default=0):.1f} cores busy elsewhere, {free} free)")
+        record.suspect = (
+            f"only {len(record.clean)} of {len(record.seconds)} rounds ran without other load "
+            f"(up to {max(record.others, default=0):.1f} cores busy elsewhere, {free} free)"
+        )
     elif not record.others and phase_others is not None and phase_others > free + CONTENTION_MARGIN:
-        record.suspect = (f"rounds shorter than {probe.min_interval():.2f} s ran while other processes kept "
-                          f"{phase_others:.1f} cores busy ({free} free)")
+        record.suspect = (
+            f"rounds shorter than {probe.min_interval():.2f} s ran while other processes kept "
+            f"{phase_others:.1f} cores busy ({free} free)"
+        )
     elif slowed:
         record.stop += f" ({slowed} slowed rounds repeated)"
 
@@ -230,8 +248,12 @@ def paired_ratio(numerator: Rounds, baseline: Rounds, seed: int = 0) -> dict[str
         picks = [rng.randrange(len(shared)) for _ in shared]
         draws.append(statistics.median([xs[i] for i in picks]) / statistics.median([ys[i] for i in picks]))
     draws.sort()
-    return {"ratio": ratio, "lo": draws[int(0.025 * len(draws))], "hi": draws[int(0.975 * len(draws)) - 1],
-            "pairs": len(shared)}
+    return {
+        "ratio": ratio,
+        "lo": draws[int(0.025 * len(draws))],
+        "hi": draws[int(0.975 * len(draws)) - 1],
+        "pairs": len(shared),
+    }
 
 
 UNIT_CALLS = ("unit F", "unit F+V", "unit checkpointed F+V")
@@ -257,6 +279,7 @@ def unit_calls(problem) -> dict[str, Callable[[], None]]:
                 fn()
             finally:
                 chain.counter.forward, chain.counter.vjp = counts
+
         return call
 
     def eps(z):
@@ -269,8 +292,11 @@ def unit_calls(problem) -> dict[str, Callable[[], None]]:
     def forward_backward(output):
         torch.autograd.grad(output, inputs, torch.ones_like(output), allow_unused=True)
 
-    calls = (forward, lambda: forward_backward(eps(x)),
-             lambda: forward_backward(checkpoint(eps, x, use_reentrant=False)))
+    calls = (
+        forward,
+        lambda: forward_backward(eps(x)),
+        lambda: forward_backward(checkpoint(eps, x, use_reentrant=False)),
+    )
     return dict(zip(UNIT_CALLS, map(uncounted, calls)))
 
 
@@ -288,8 +314,7 @@ def units_from(results: dict[str, Rounds]) -> dict[str, float] | None:
 
 def denoiser_units(problem, device: torch.device, rounds: int = 5) -> dict[str, float]:
     """The units alone (medians of `rounds` interleaved passes after one warm-up)."""
-    results = time_interleaved(unit_calls(problem), device, rounds=rounds, threads=torch.get_num_threads(),
-                               warmup=1)
+    results = time_interleaved(unit_calls(problem), device, rounds=rounds, threads=torch.get_num_threads(), warmup=1)
     units = units_from(results)
     if units is None:
         raise next(r.error for r in results.values() if r.error is not None)

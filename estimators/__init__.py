@@ -17,6 +17,14 @@ BUILT_IN = {
     "shortcut-model": "estimators.shortcut_model:ShortcutModel",
     "coarse-adjoint": "estimators.coarse_adjoint:CoarseAdjoint",
 }
-ALIASES = {"bptt": "full", "draft": "truncated", "alignprop": "truncated", "adjointdpm": "adjoint",
-           "ddpo": "score-function", "doodl": "edict", "spsa": "zeroth-order", "es": "zeroth-order",
-           "shortft": "shortcut-model"}
+ALIASES = {
+    "bptt": "full",
+    "draft": "truncated",
+    "alignprop": "truncated",
+    "adjointdpm": "adjoint",
+    "ddpo": "score-function",
+    "doodl": "edict",
+    "spsa": "zeroth-order",
+    "es": "zeroth-order",
+    "shortft": "shortcut-model",
+}

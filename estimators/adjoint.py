@@ -32,6 +32,7 @@ required by the conformance suite). Otherwise on the sampler's grid (steps = 0) 
 least like 1/N (the N-step chain is itself a first-order discretisation of the ODE;
 `convergence_order`, checked); at a fixed M > 0 it does not converge to the chain's gradient.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -58,14 +59,28 @@ class Adjoint(Estimator):
     plot_style = ("#1f77b4", "D")  # colour and marker in every figure
     summary = "continuous adjoint ODE of the sampler's probability flow (AdjointDPM)"
     options = (
-        Option("steps", int, 0, "adjoint steps (0: the sampler's own grid)",
-               check=at_least(0, " (0: the sampler's grid)")),
-        Option("recover", str, "backward", "how states are recovered: backward (O(1) memory) or cache",
-               choices=("backward", "cache")),
+        Option(
+            "steps", int, 0, "adjoint steps (0: the sampler's own grid)", check=at_least(0, " (0: the sampler's grid)")
+        ),
+        Option(
+            "recover",
+            str,
+            "backward",
+            "how states are recovered: backward (O(1) memory) or cache",
+            choices=("backward", "cache"),
+        ),
         solver_option("euler", "adjoint ODE solver: "),
     )
-    variants = ("recover=cache", "steps=7", "steps=7,recover=cache", "solver=heun", "solver=dpm2,recover=cache",
-                "solver=discrete", "solver=discrete,recover=cache", "solver=ab2,steps=9")
+    variants = (
+        "recover=cache",
+        "steps=7",
+        "steps=7,recover=cache",
+        "solver=heun",
+        "solver=dpm2,recover=cache",
+        "solver=discrete",
+        "solver=discrete,recover=cache",
+        "solver=ab2,steps=9",
+    )
 
     @property
     def solver_class(self) -> type[AdjointSolver]:
@@ -113,9 +128,13 @@ class Adjoint(Estimator):
         recovers = self.recover == "backward"
         evaluations = self.adjoint_steps(steps) * self.solver_class.stages
         start = self.solver_class.extra_forwards(recovers)
-        return Cost(nfe_forward=steps + evaluations + start, nfe_vjp=evaluations,
-                    memory="A" if recovers else "A + N·S", activations=1,
-                    latents=0 if recovers else steps)
+        return Cost(
+            nfe_forward=steps + evaluations + start,
+            nfe_vjp=evaluations,
+            memory="A" if recovers else "A + N·S",
+            activations=1,
+            latents=0 if recovers else steps,
+        )
 
     def estimate(self, problem: Problem, rng: random.Random) -> Estimate:
         chain, schedule = problem.chain, problem.chain.schedule
@@ -131,8 +150,11 @@ class Adjoint(Estimator):
         (grad_x0,) = torch.autograd.grad(loss, x0_var)
 
         solver = self.solver_class(flow)
-        z = [x0.detach() / schedule.ode_scale(grid[0]), schedule.ode_scale(grid[0]) * grad_x0,
-             *(torch.zeros_like(p) for p in flow.params)]
+        z = [
+            x0.detach() / schedule.ode_scale(grid[0]),
+            schedule.ode_scale(grid[0]) * grad_x0,
+            *(torch.zeros_like(p) for p in flow.params),
+        ]
         for j in range(1, len(grid)):
             z = solver.step(z, Interval(grid[j - 1], grid[j], j - 1, j))
         write_gradients(problem, z[1] / schedule.ode_scale(grid[-1]), z[2:])
@@ -176,8 +198,9 @@ class AugmentedFlow:
     def rate(self, z: list[Tensor], s: float, node: int | None) -> list[Tensor]:
         """G(Z, s): the augmented system's derivative (dy/ds, d a_y/ds, d a_params/ds)."""
         y = z[0] if self.recovers else self.cached_y(s, node)
-        f, vjps = drift_and_vjp(self.chain, y, self.schedule.ode_scale(s), self.time(s, node), self.cond,
-                                z[1], self.params)
+        f, vjps = drift_and_vjp(
+            self.chain, y, self.schedule.ode_scale(s), self.time(s, node), self.cond, z[1], self.params
+        )
         return [f.detach(), *(-v if v is not None else torch.zeros_like(a) for v, a in zip(vjps, z[1:]))]
 
     def drift(self, y: Tensor, s: float, node: int | None) -> Tensor:
@@ -186,8 +209,9 @@ class AugmentedFlow:
             return self.chain.denoise_at(y * self.schedule.ode_scale(s), self.time(s, node), self.cond)
 
 
-def drift_and_vjp(chain, y: Tensor, scale: float, t: float, cond: Tensor | None,
-                  a_y: Tensor, params: list[Tensor]) -> tuple[Tensor, tuple]:
+def drift_and_vjp(
+    chain, y: Tensor, scale: float, t: float, cond: Tensor | None, a_y: Tensor, params: list[Tensor]
+) -> tuple[Tensor, tuple]:
     """The ODE's drift f = out(scale y, t, c) and the adjoint's VJPs a_y^T df/dy, a_y^T
     df/dparams: one evaluation of the augmented system."""
     y_var = y.detach().requires_grad_(True)

@@ -35,6 +35,7 @@ from a plug-in); the estimators' `solver` option offers every name in SOLVERS.
 
 The orders are measured by tests/test_adjoint_solvers.py.
 """
+
 from __future__ import annotations
 
 import math
@@ -110,8 +111,10 @@ class Euler(AdjointSolver):
 
 class Discrete(AdjointSolver):
     name, order, stages = "discrete", 1, 1
-    note = ("the VJP at the noisy end: with recover=cache and steps=0 the chain's exact gradient on "
-            "single-step samplers; order 1 with recover=backward")
+    note = (
+        "the VJP at the noisy end: with recover=cache and steps=0 the chain's exact gradient on "
+        "single-step samplers; order 1 with recover=backward"
+    )
     discrete_adjoint = True
 
     def __init__(self, flow: Flow) -> None:
@@ -195,10 +198,16 @@ def solver_help(lead: str) -> str:
     return lead + ", ".join(f"{name} ({cls.note})" if cls.note else name for name, cls in SOLVERS.items())
 
 
-_GAUSS = ((-0.9602898564975363, 0.1012285362903763), (-0.7966664774136267, 0.2223810344533745),
-          (-0.5255324099163290, 0.3137066458778873), (-0.1834346424956498, 0.3626837833783620),
-          (0.1834346424956498, 0.3626837833783620), (0.5255324099163290, 0.3137066458778873),
-          (0.7966664774136267, 0.2223810344533745), (0.9602898564975363, 0.1012285362903763))
+_GAUSS = (
+    (-0.9602898564975363, 0.1012285362903763),
+    (-0.7966664774136267, 0.2223810344533745),
+    (-0.5255324099163290, 0.3137066458778873),
+    (-0.1834346424956498, 0.3626837833783620),
+    (0.1834346424956498, 0.3626837833783620),
+    (0.5255324099163290, 0.3137066458778873),
+    (0.7966664774136267, 0.2223810344533745),
+    (0.9602898564975363, 0.1012285362903763),
+)
 
 
 def lambda_moment(schedule, before: float, a: float, b: float) -> float | None:
@@ -212,4 +221,3 @@ def lambda_moment(schedule, before: float, a: float, b: float) -> float | None:
     half, middle = (b - a) / 2, (a + b) / 2
     integral = sum(w * (-math.log(schedule.ode_to_rho(middle + half * x)) - lam[1]) for x, w in _GAUSS) * half
     return integral / (lam[1] - lam[0])
-

@@ -1,4 +1,5 @@
 """The estimator contract. Subclass `Estimator`, declare `options`, implement `estimate`."""
+
 from __future__ import annotations
 
 import random
@@ -135,8 +136,10 @@ def reached_calls(steps: int, target: str) -> int:
 def require_graph(loss: Tensor) -> None:
     """A backprop estimator's loss must reach its leaves; a non-differentiable reward is a skip."""
     if not loss.requires_grad:
-        raise SkipCell("the reward is not differentiable (no graph from x_0 to the reward): "
-                       "backprop estimators get no gradient; use score-function or zeroth-order")
+        raise SkipCell(
+            "the reward is not differentiable (no graph from x_0 to the reward): "
+            "backprop estimators get no gradient; use score-function or zeroth-order"
+        )
 
 
 def write_gradients(problem: Problem, latent: Tensor | None, others: Sequence[Tensor | None]) -> None:

@@ -21,6 +21,7 @@ float rounding.
   not the cause (one step inside 1..7 nested checkpoints costs the same), the counts are exact;
   the cause is open.
 """
+
 from __future__ import annotations
 
 import math
@@ -67,6 +68,7 @@ def _halves(steps: int) -> tuple[int, int]:
 
 def recursive_forwards(steps: int) -> int:
     """Denoiser forwards of one recursive-checkpoint gradient (see the module docstring)."""
+
     def backward_forwards(m: int) -> int:
         if m == 1:
             return 1
@@ -103,13 +105,23 @@ class Checkpoint(Estimator):
     def cost(self, steps: int, target: str) -> Cost:
         if self.recursive:
             depth = recursion_depth(steps)
-            return Cost(nfe_forward=recursive_forwards(steps), nfe_vjp=reached_calls(steps, target), memory="A + log2(N)·S",
-                        checkpointed_forwards=recursive_forwards(steps),
-                        activations=1, latents=depth)
+            return Cost(
+                nfe_forward=recursive_forwards(steps),
+                nfe_vjp=reached_calls(steps, target),
+                memory="A + log2(N)·S",
+                checkpointed_forwards=recursive_forwards(steps),
+                activations=1,
+                latents=depth,
+            )
         segments = math.ceil(steps / self.segment)
-        return Cost(nfe_forward=2 * steps, nfe_vjp=reached_calls(steps, target), checkpointed_forwards=2 * steps,
-                    memory="A + N·S" if self.segment == 1 else "s·A + (N/s)·S",
-                    activations=self.segment, latents=segments)
+        return Cost(
+            nfe_forward=2 * steps,
+            nfe_vjp=reached_calls(steps, target),
+            checkpointed_forwards=2 * steps,
+            memory="A + N·S" if self.segment == 1 else "s·A + (N/s)·S",
+            activations=self.segment,
+            latents=segments,
+        )
 
     def cost_for(self, problem: Problem) -> Cost:
         """torch recomputes a checkpointed region in backward only if it saved a tensor for

@@ -20,6 +20,7 @@ sampler's own. So:
 Other solvers between the points (`solver`, any of estimators/adjoint_solvers.py) are options; they
 take more VJPs per interval or drift off the chain. Measured on digits weights at N = 50 (tests and the frontier
 figure, reports/figures): see the README's "The frontier"."""
+
 from __future__ import annotations
 
 import math
@@ -42,8 +43,14 @@ class CoarseAdjoint(Adjoint):
     summary = "discrete adjoint on every k-th sampler point through cached states (~budget*N VJPs)"
     options = (
         Option("budget", float, 0.25, "VJPs per gradient as a fraction of N", check=_budget),
-        Option("solver", str, "discrete", "rule on each coarse interval: discrete (the chain's own "
-               "adjoint step), euler, ab2, heun, dpm2 (see adjoint)", choices=tuple(SOLVERS)),
+        Option(
+            "solver",
+            str,
+            "discrete",
+            "rule on each coarse interval: discrete (the chain's own "
+            "adjoint step), euler, ab2, heun, dpm2 (see adjoint)",
+            choices=tuple(SOLVERS),
+        ),
     )
     variants = ("budget=0.5", "budget=1", "solver=heun")
     steps, recover = 0, "cache"  # the adjoint's options, fixed here

@@ -16,6 +16,7 @@ about sqrt(k / n). Two tail log-probabilities, each capped at -log 2,
 give reg(z) = -(log p_m + log p_C), evaluated on z in its own order and averaged over `perms`
 random permutations (drawn from the estimator's rng), the two parts added. With reg = 0 the
 gradient is the exact gradient of the chain."""
+
 from __future__ import annotations
 
 import math
@@ -52,8 +53,9 @@ def probability_regulariser(z: Tensor, block: int, perms: int, generator: torch.
     used = (dim // block) * block
     value = _tail_terms(z[:, :used], block)
     if perms:
-        shuffled = [_tail_terms(z[:, torch.randperm(dim, generator=generator)[:used].to(z.device)], block)
-                    for _ in range(perms)]
+        shuffled = [
+            _tail_terms(z[:, torch.randperm(dim, generator=generator)[:used].to(z.device)], block) for _ in range(perms)
+        ]
         value = value + torch.stack(shuffled).mean(0)
     return value.mean()
 
@@ -63,10 +65,14 @@ class DNO(Estimator):
     plot_style = ("#8c564b", "h")  # colour and marker in every figure
     summary = "checkpointed backprop to x_N and the injected noises, optional probability regulariser (DNO)"
     options = (
-        Option("reg", float, 0.0, "weight gamma of the probability regulariser (0: none; exact gradient)",
-               check=at_least(0.0)),
-        Option("block", int, 4, "block size k of the regulariser's statistics (DNO: 4^subsample)",
-               check=at_least(1)),
+        Option(
+            "reg",
+            float,
+            0.0,
+            "weight gamma of the probability regulariser (0: none; exact gradient)",
+            check=at_least(0.0),
+        ),
+        Option("block", int, 4, "block size k of the regulariser's statistics (DNO: 4^subsample)", check=at_least(1)),
         Option("perms", int, 8, "random permutations averaged in the regulariser (DNO: 100)", check=at_least(0)),
         Option("checkpoint", bool, True, "recompute each step in backward (false: keep the whole graph)"),
     )
@@ -83,13 +89,18 @@ class DNO(Estimator):
 
     def cost(self, steps: int, target: str) -> Cost:
         if self.checkpoint:
-            return Cost(nfe_forward=2 * steps, nfe_vjp=steps, memory="A + N·S", activations=1, latents=steps,
-                        checkpointed_forwards=2 * steps)
+            return Cost(
+                nfe_forward=2 * steps,
+                nfe_vjp=steps,
+                memory="A + N·S",
+                activations=1,
+                latents=steps,
+                checkpointed_forwards=2 * steps,
+            )
         return Cost(nfe_forward=steps, nfe_vjp=steps, memory="N·A", activations=steps)
 
     def estimate(self, problem: Problem, rng: random.Random) -> Estimate:
-        x0 = run_masked_chain(problem, keep_graph=lambda i: True, keep_latent_path=True,
-                              checkpoint=self.checkpoint)
+        x0 = run_masked_chain(problem, keep_graph=lambda i: True, keep_latent_path=True, checkpoint=self.checkpoint)
         loss, rewards = problem.loss(x0)
         require_graph(loss)
         total = loss

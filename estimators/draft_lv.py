@@ -14,6 +14,7 @@ sampled trajectory's history (DPM-Solver++ runs its last step at first order by 
 output enters the chain: a schedule ending on identity steps (leading spacing with
 steps_offset = 0) would otherwise give a zero gradient; the identity steps after it change nothing.
 """
+
 from __future__ import annotations
 
 import random

@@ -21,6 +21,7 @@ with memory of one step, A + O(S), for 2N forwards to sample and 4N more in back
 It changes the sampler: this is not DDIM, so rows say sampler = edict, agreement is measured
 against the exact gradient of the EDICT chain, and the reward is that of EDICT's own samples.
 Deterministic sampler only (eta = 0)."""
+
 from __future__ import annotations
 
 import random
@@ -49,9 +50,11 @@ def _check_reconstruction(problem: Problem, x: Tensor, y: Tensor) -> None:
     scale = float(problem.x_start.detach().norm()) or 1.0
     drift = max(float((x - problem.x_start.detach()).norm()), float((y - problem.x_start.detach()).norm())) / scale
     if not drift <= RECONSTRUCTION_TOLERANCE:  # NaN included
-        raise Diverged(f"EDICT's inverse lost the forward trajectory: the recovered x_N is off by {drift:.1e} "
-                       f"(relative) after {problem.num_steps} steps; its error grows like p^-2 per step "
-                       f"(use fewer steps, p nearer 1, or reconstruct=false)")
+        raise Diverged(
+            f"EDICT's inverse lost the forward trajectory: the recovered x_N is off by {drift:.1e} "
+            f"(relative) after {problem.num_steps} steps; its error grows like p^-2 per step "
+            f"(use fewer steps, p nearer 1, or reconstruct=false)"
+        )
 
 
 class EDICT(Estimator):
@@ -73,8 +76,10 @@ class EDICT(Estimator):
         if problem.chain.schedule.eta > 0:
             return "EDICT inverts the deterministic sampler only (eta = 0)"
         if not hasattr(problem.chain.schedule, "coefficients"):
-            return (f"EDICT couples single-step samplers x' = a x + b out (ddim, flow-euler); "
-                    f"{problem.chain.schedule.sampler} is a multistep solver")
+            return (
+                f"EDICT couples single-step samplers x' = a x + b out (ddim, flow-euler); "
+                f"{problem.chain.schedule.sampler} is a multistep solver"
+            )
         if problem.target == "noise":
             return "the deterministic EDICT chain injects no noise; use target latent"
         return None
@@ -133,8 +138,9 @@ class EDICT(Estimator):
             x_in, y_in = x.detach().requires_grad_(True), y.detach().requires_grad_(True)
             with torch.enable_grad():
                 x_out, y_out = self.step(problem, i, x_in, y_in)
-                grads = torch.autograd.grad((x_out, y_out), (x_in, y_in, *params),
-                                            grad_outputs=(grad_x, grad_y), allow_unused=True)
+                grads = torch.autograd.grad(
+                    (x_out, y_out), (x_in, y_in, *params), grad_outputs=(grad_x, grad_y), allow_unused=True
+                )
             grad_x, grad_y = grads[0], grads[1]
             for total, grad in zip(accumulated, grads[2:]):
                 if grad is not None:

@@ -11,6 +11,7 @@ An identity step (Schedule.is_identity: the denoiser output has weight 0) never 
 path, whatever the mask: there is nothing to truncate there, and detaching at the final identity
 step of a leading-spacing schedule would silently zero every gradient.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -23,13 +24,15 @@ from bench.chain import noise_for
 from bench.problem import Problem
 
 
-def run_masked_chain(problem: Problem, keep_graph: Callable[[int], bool], keep_latent_path: bool,
-                     checkpoint: bool = False) -> Tensor:
+def run_masked_chain(
+    problem: Problem, keep_graph: Callable[[int], bool], keep_latent_path: bool, checkpoint: bool = False
+) -> Tensor:
     chain, schedule, cond = problem.chain, problem.chain.schedule, problem.cond
     state = schedule.start(problem.x_start)
     for i in range(schedule.num_steps, 0, -1):
         noise = noise_for(problem.noises, i)
         if keep_graph(i):
+
             def kept_step(*state_i: Tensor, i: int = i, noise: Tensor | None = noise) -> tuple[Tensor, ...]:
                 return schedule.advance(state_i, i, chain.eps(state_i[0], i, cond), noise)
 

@@ -1,5 +1,6 @@
 """Random draws inside estimators come from the `random.Random` the harness passes in, so that a
 fixed seed fixes the gradient (the conformance suite checks it)."""
+
 from __future__ import annotations
 
 import random

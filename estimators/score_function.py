@@ -27,6 +27,7 @@ x_0 = g(x_m) of the last stochastic state, so R(g(x_m)) is the reward and its pa
 is a pathwise term added to the score term: grad E[R] = E[grad log p(tau) (R - b)] + E[grad R(g(x_m))]
 (only where g depends on the target; it needs a differentiable reward, else the cell is skipped).
 A deterministic step before a stochastic one has neither, and is a skip reason."""
+
 from __future__ import annotations
 
 import random
@@ -51,12 +52,22 @@ class ScoreFunction(Estimator):
     plot_style = ("#9467bd", "X")  # colour and marker in every figure
     summary = "REINFORCE / DDPO likelihood ratio on the eta > 0 sampler; reward may be non-differentiable"
     options = (
-        Option("baseline", str, "loo", "loo: leave-one-out mean (unbiased); mean: batch mean; none",
-               choices=("loo", "mean", "none")),
+        Option(
+            "baseline",
+            str,
+            "loo",
+            "loo: leave-one-out mean (unbiased); mean: batch mean; none",
+            choices=("loo", "mean", "none"),
+        ),
         Option("fresh", bool, True, "draw fresh injected noise each call (false: the problem's own)"),
         Option("clip", float, 0.0, "PPO clip range epsilon (0: plain REINFORCE)", check=_clip_range),
-        Option("reuse", int, 1, "calls served by one sampled batch (DDPO's inner epochs; needs clip > 0)",
-               check=at_least(1)),
+        Option(
+            "reuse",
+            int,
+            1,
+            "calls served by one sampled batch (DDPO's inner epochs; needs clip > 0)",
+            check=at_least(1),
+        ),
     )
     variants = ("baseline=mean", "baseline=none,fresh=false", "clip=0.2,reuse=2", "clip=0.1,reuse=3")
 
@@ -75,8 +86,10 @@ class ScoreFunction(Estimator):
             return "no step of this schedule injects noise (every s_i = 0): the chain has no density"
         inside = [i for i in range(schedule.num_steps, stochastic[-1], -1) if i not in stochastic]
         if inside:
-            return (f"step {inside[0]} injects no noise (s_i = 0) but a noisy step follows it: the "
-                    "trajectory has no density there and no pathwise term is taken")
+            return (
+                f"step {inside[0]} injects no noise (s_i = 0) but a noisy step follows it: the "
+                "trajectory has no density there and no pathwise term is taken"
+            )
         return None
 
     def cost(self, steps: int, target: str) -> Cost:
@@ -91,8 +104,7 @@ class ScoreFunction(Estimator):
         scored = 1 if target == "latent" else len(stochastic)
         pathwise = 0 if target == "latent" else len(_pathwise_steps(schedule))
         calls = scored + pathwise
-        return Cost(nfe_forward=schedule.num_steps / self.reuse + calls, nfe_vjp=calls, memory="A",
-                    activations=1)
+        return Cost(nfe_forward=schedule.num_steps / self.reuse + calls, nfe_vjp=calls, memory="A", activations=1)
 
     def _advantages(self, rewards: torch.Tensor) -> torch.Tensor:
         if self.baseline == "none" or rewards.numel() < 2:
@@ -115,8 +127,16 @@ class ScoreFunction(Estimator):
             states.append((i, x, x_next))
             x = x_next
         loss, rewards = problem.loss(x)
-        return {"problem": weakref.ref(problem), "uses": 0, "states": states, "x0": x, "loss": float(loss),
-                "rewards": rewards, "advantages": self._advantages(rewards.to(x.dtype)), "old_logp": {}}
+        return {
+            "problem": weakref.ref(problem),
+            "uses": 0,
+            "states": states,
+            "x0": x,
+            "loss": float(loss),
+            "rewards": rewards,
+            "advantages": self._advantages(rewards.to(x.dtype)),
+            "old_logp": {},
+        }
 
     def estimate(self, problem: Problem, rng: random.Random) -> Estimate:
         batch = self._batch
@@ -137,8 +157,7 @@ class ScoreFunction(Estimator):
             if self.clip > 0:
                 old = batch["old_logp"].setdefault(i, logp.detach())
                 ratio = torch.exp(logp - old)
-                surrogate = torch.minimum(ratio * advantages,
-                                          ratio.clamp(1 - self.clip, 1 + self.clip) * advantages)
+                surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - self.clip, 1 + self.clip) * advantages)
             else:
                 surrogate = logp * advantages
             (-surrogate.mean()).backward()
@@ -159,9 +178,11 @@ class ScoreFunction(Estimator):
             x = schedule.step(x, i, chain.eps(x, i, problem.cond) if i in pathwise else 0.0)
         loss, _ = problem.loss(x)
         if not loss.requires_grad:
-            raise SkipCell("the final steps inject no noise (s_i = 0), so the target reaches x_0 "
-                           "through them only by a pathwise term, which a non-differentiable reward "
-                           "does not have; use a schedule whose last step is stochastic")
+            raise SkipCell(
+                "the final steps inject no noise (s_i = 0), so the target reaches x_0 "
+                "through them only by a pathwise term, which a non-differentiable reward "
+                "does not have; use a schedule whose last step is stochastic"
+            )
         loss.backward()
 
 

@@ -19,6 +19,7 @@ order (0 = first). `last` and `random` choose among the calls whose output enter
 schedule that ends on an identity step (leading spacing, steps_offset = 0) the final call has
 weight 0, and keeping it would give cond and weights a silent zero. Memory A, time about NF + V (NF alone for x_N when k != N: no VJP is needed).
 """
+
 from __future__ import annotations
 
 import random
@@ -46,8 +47,14 @@ class SDO(Estimator):
     plot_style = ("#ff7f0e", "^")  # colour and marker in every figure
     summary = "one-step shortcut: identity path plus one kept denoiser call (SDO)"
     options = (
-        Option("step", str, "first", "which call keeps its graph (index: 0-based, sampling order)",
-               check=_step_choice, metavar="first|last|random|<index>"),
+        Option(
+            "step",
+            str,
+            "first",
+            "which call keeps its graph (index: 0-based, sampling order)",
+            check=_step_choice,
+            metavar="first|last|random|<index>",
+        ),
     )
     variants = ("step=last", "step=random", "step=1")
 
@@ -62,11 +69,11 @@ class SDO(Estimator):
 
     def check_steps(self, steps: int) -> None:
         if self.step.isdigit() and int(self.step) >= steps:
-            raise SpecError(f"{self.spec}: step index {self.step} is outside the chain; "
-                            f"valid: 0..{steps - 1}, first, last, random")
+            raise SpecError(
+                f"{self.spec}: step index {self.step} is outside the chain; valid: 0..{steps - 1}, first, last, random"
+            )
 
-    def kept_grid_index(self, steps: int, rng: random.Random | None,
-                        effective: tuple[int, ...] | None = None) -> int:
+    def kept_grid_index(self, steps: int, rng: random.Random | None, effective: tuple[int, ...] | None = None) -> int:
         """Grid index i (N = first call, 1 = last) of the call that keeps its graph; `effective`
         (Schedule.effective_steps) restricts last and random to calls that matter."""
         effective = effective or tuple(range(steps, 0, -1))
@@ -83,9 +90,11 @@ class SDO(Estimator):
         if problem.target in ("cond", "weights") and self.step not in ("last", "random"):
             k = self.kept_grid_index(schedule.num_steps, None)
             if schedule.is_identity(k):
-                return (f"the kept call (step={self.step}) is an identity step of this schedule "
-                        "(its output has weight 0), so cond and weights would get a zero gradient; "
-                        "choose another step, e.g. step=last")
+                return (
+                    f"the kept call (step={self.step}) is an identity step of this schedule "
+                    "(its output has weight 0), so cond and weights would get a zero gradient; "
+                    "choose another step, e.g. step=last"
+                )
         return None
 
     def cost(self, steps: int, target: str) -> Cost:

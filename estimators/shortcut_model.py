@@ -12,6 +12,7 @@ exact for the short chain and biased for the long one, by how far the student's 
 the teacher's trajectory and how differently it responds to the leaves. Memory K·A, time about
 K(F + V) with no N-step pass at all: the short chain is the one sampled while tuning, and the
 long chain only evaluates. Deterministic DDIM only (the student was distilled on that ODE)."""
+
 from __future__ import annotations
 
 import random
@@ -34,16 +35,23 @@ class ShortcutModel(Estimator):
     def check_task(self, task) -> None:
         shipped = task.offers().get(FEW_STEP_CHAIN, [])
         if self.steps not in shipped:
-            listed = (f"{shipped[0]}..{shipped[-1]}" if len(shipped) > 2 and shipped == list(range(shipped[0], shipped[-1] + 1))
-                      else ", ".join(map(str, shipped)))
+            listed = (
+                f"{shipped[0]}..{shipped[-1]}"
+                if len(shipped) > 2 and shipped == list(range(shipped[0], shipped[-1] + 1))
+                else ", ".join(map(str, shipped))
+            )
             have = f"it ships steps={listed}" if shipped else "it has no distilled student"
-            raise SpecError(f"shortcut-model[steps={self.steps}] on {task.spec}: {have}; tasks with students: "
-                            "digits (steps=4), toy (steps=1..64: its own model, not distilled)")
+            raise SpecError(
+                f"shortcut-model[steps={self.steps}] on {task.spec}: {have}; tasks with students: "
+                "digits (steps=4), toy (steps=1..64: its own model, not distilled)"
+            )
 
     def skip_reason(self, problem: Problem) -> str | None:
         if FEW_STEP_CHAIN not in problem.extras:
-            return ("the task's student follows its deterministic chain (digits: DDIM on the epsilon model at "
-                    "the default guidance); this problem's sampler, eta, model or guidance differs")
+            return (
+                "the task's student follows its deterministic chain (digits: DDIM on the epsilon model at "
+                "the default guidance); this problem's sampler, eta, model or guidance differs"
+            )
         if problem.target == "noise":
             return "the short chain injects no noise; use target latent"
         return None

@@ -14,10 +14,10 @@ the cached-state adjoint: it equals `adjoint[recover=cache]` to rounding (measur
 toy at N = 5, 10), not the state-recovering default `adjoint`, and the forward path it returns
 holds N + 1 latents. Memory A + N*S, time NF + N(F + V). eta = 0 only; not
 DPM-Solver++ 2M, whose multistep forward is no Euler solve."""
+
 from __future__ import annotations
 
 import bisect
-import math
 import random
 
 import torch
@@ -63,16 +63,19 @@ class TorchdiffeqAdjoint(Estimator):
         if problem.chain.schedule.eta > 0:
             return "the probability-flow ODE is the deterministic sampler (eta = 0)"
         if problem.chain.schedule.history_size > 0:
-            return (f"torchdiffeq's Euler forward is not the multistep sampler "
-                    f"{problem.chain.schedule.sampler}; use adjoint (it integrates the same ODE)")
+            return (
+                f"torchdiffeq's Euler forward is not the multistep sampler "
+                f"{problem.chain.schedule.sampler}; use adjoint (it integrates the same ODE)"
+            )
         return None
 
     def cost(self, steps: int, target: str) -> Cost:
         return Cost(nfe_forward=2 * steps, nfe_vjp=steps, memory="A + N·S", activations=1, latents=steps)
 
     def cost_for(self, problem: Problem) -> Cost:
-        intervals = len(distinct_points([problem.chain.schedule.ode_point(i)
-                                         for i in range(problem.num_steps + 1)])) - 1
+        intervals = (
+            len(distinct_points([problem.chain.schedule.ode_point(i) for i in range(problem.num_steps + 1)])) - 1
+        )
         return self.cost(intervals, problem.target)
 
     def estimate(self, problem: Problem, rng: random.Random) -> Estimate:

@@ -8,6 +8,7 @@ from [k_min, k_max] on every call (AlignProp's `truncated_backprop_rand`).
 "The last K calls" counts the calls whose output enters the chain: a schedule that ends on an
 identity step (leading spacing with steps_offset = 0; trailing at N = T) gives that call's output
 weight 0, and keeping it would be a silent zero gradient. Memory K*A, time about NF + K(F + V)."""
+
 from __future__ import annotations
 
 import random
@@ -52,15 +53,16 @@ class Truncated(Estimator):
         low, high = self._k_range(steps)
         if high > steps or low > steps:
             which = f"k={self.k}" if not self.rand else f"k_min={self.k_min}, k_max={self.k_max}"
-            raise SpecError(f"{self.spec}: {which} exceeds the step count N={steps}; "
-                            f"valid: 1 <= k <= {steps}")
+            raise SpecError(f"{self.spec}: {which} exceeds the step count N={steps}; valid: 1 <= k <= {steps}")
 
     def skip_reason(self, problem: Problem) -> str | None:
         low, _ = self._k_range(problem.num_steps)
         effective = len(problem.chain.schedule.effective_steps())
         if problem.target in ("latent", "noise") and not self.latent_path and low < effective:
-            return ("DRaFT detaches the latent before the last K steps, so x_N gets no gradient "
-                    "unless K = N; use latent_path=true (AlignProp) or k=N")
+            return (
+                "DRaFT detaches the latent before the last K steps, so x_N gets no gradient "
+                "unless K = N; use latent_path=true (AlignProp) or k=N"
+            )
         return None
 
     def cost(self, steps: int, target: str) -> Cost:

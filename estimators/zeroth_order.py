@@ -7,6 +7,7 @@ with J the mean reward of the sampler's x_0 (less the problem's penalty on the l
 unbiased estimate of the gradient of the loss of the smoothed objective J_mu(z) = E_u J(z + mu u),
 which tends to the true gradient as mu -> 0 (bias O(mu^2) for smooth J). It needs no
 differentiable reward. Time 2nNF (+ NF for the reward at z), memory of sampling only."""
+
 from __future__ import annotations
 
 import random
@@ -49,8 +50,9 @@ class ZerothOrder(Estimator):
 
         grads = [torch.zeros_like(leaf) for leaf in leaves]
         for _ in range(self.n):
-            directions = [torch.randn(leaf.shape, generator=generator, dtype=leaf.dtype).to(leaf.device)
-                          for leaf in leaves]
+            directions = [
+                torch.randn(leaf.shape, generator=generator, dtype=leaf.dtype).to(leaf.device) for leaf in leaves
+            ]
             for leaf, u in zip(leaves, directions):
                 leaf.add_(self.mu * u)
             plus = mean_reward()
@@ -61,8 +63,11 @@ class ZerothOrder(Estimator):
                 leaf.add_(self.mu * u)  # back to z (up to rounding)
             for grad, u in zip(grads, directions):
                 grad.sub_((plus - minus) / (2 * self.mu * self.n) * u)  # gradient of the loss -J
-        write_gradients(problem, next((g for leaf, g in zip(leaves, grads) if leaf is problem.x_start), None),
-                        [g for leaf, g in zip(leaves, grads) if leaf is not problem.x_start])
+        write_gradients(
+            problem,
+            next((g for leaf, g in zip(leaves, grads) if leaf is problem.x_start), None),
+            [g for leaf, g in zip(leaves, grads) if leaf is not problem.x_start],
+        )
         x0 = chain.sample(problem.x_start, problem.cond, problem.noises)
         loss, rewards = problem.loss(x0)
         return Estimate(loss=float(loss), rewards=rewards, x0=x0)

@@ -10,12 +10,23 @@ file adds that variant as its own estimator, in the ~30 lines every estimator ne
 
 It is not registered by default: `--include` (or an entry point, see the README) registers it.
 """
+
 from __future__ import annotations
 
 import random
 
-from bench.api import (Cost, Estimate, Estimator, Option, Problem, SpecError, at_least, backprop,
-                       register_estimator, run_masked_chain)
+from bench.api import (
+    Cost,
+    Estimate,
+    Estimator,
+    Option,
+    Problem,
+    SpecError,
+    at_least,
+    backprop,
+    register_estimator,
+    run_masked_chain,
+)
 
 
 @register_estimator
@@ -43,13 +54,11 @@ class CheckpointedDraft(Estimator):
     def cost(self, steps: int, target: str) -> Cost:
         # What the cost model predicts per gradient; the harness puts the counted numbers and the
         # measured memory next to it (the conformance suite checks the counts).
-        return Cost(nfe_forward=steps + self.k, nfe_vjp=self.k, memory="A + K·S",
-                    activations=1, latents=self.k)
+        return Cost(nfe_forward=steps + self.k, nfe_vjp=self.k, memory="A + K·S", activations=1, latents=self.k)
 
     def estimate(self, problem: Problem, rng: random.Random) -> Estimate:
         # Fill .grad of problem.leaves and return the reward; use `rng` for any random choice.
         # The last K calls that matter: a schedule may end on an identity step (weight 0).
-        kept = set(problem.chain.schedule.effective_steps()[-self.k:])
-        x0 = run_masked_chain(problem, keep_graph=kept.__contains__, keep_latent_path=False,
-                              checkpoint=True)
+        kept = set(problem.chain.schedule.effective_steps()[-self.k :])
+        x0 = run_masked_chain(problem, keep_graph=kept.__contains__, keep_latent_path=False, checkpoint=True)
         return backprop(problem, x0)

@@ -1,5 +1,6 @@
 """The task contract: set up once (untimed), build a fresh Problem per (target, N, seed),
 evaluate samples (untimed)."""
+
 from __future__ import annotations
 
 from typing import ClassVar
@@ -18,9 +19,15 @@ def sampler_option() -> Option:
     """The `sampler` option a task declares: a sampler spec from bench/samplers ('' = the model's own)."""
     from bench.samplers import check_sampler_spec
 
-    return Option("sampler", str, "", "the sampler: ddim, dpmpp2m[order=1|2], flow-euler[shift=s] "
-                  "(empty: ddim for epsilon models, flow-euler for flow models)",
-                  check=check_sampler_spec, metavar="name[k=v]")
+    return Option(
+        "sampler",
+        str,
+        "",
+        "the sampler: ddim, dpmpp2m[order=1|2], flow-euler[shift=s] "
+        "(empty: ddim for epsilon models, flow-euler for flow models)",
+        check=check_sampler_spec,
+        metavar="name[k=v]",
+    )
 
 
 class Task(Configurable):
@@ -68,8 +75,10 @@ class Task(Configurable):
         sampler = make_sampler(spec)
         sampler.check_model(self.model_prediction, self.spec)
         if self.eta > 0 and not sampler.stochastic:
-            raise SpecError(f"{self.spec}: eta={self.eta} needs a stochastic sampler; sampler "
-                            f"{sampler.spec} is deterministic (eta > 0 applies to ddim)")
+            raise SpecError(
+                f"{self.spec}: eta={self.eta} needs a stochastic sampler; sampler "
+                f"{sampler.spec} is deterministic (eta > 0 applies to ddim)"
+            )
         return sampler
 
     def code_objects(self) -> tuple:
@@ -92,8 +101,10 @@ class Task(Configurable):
     def check_steps(self, steps: int) -> None:
         """SpecError if the sampler cannot take `steps` steps (more than the model's training steps)."""
         if self.train_timesteps is not None and steps > self.train_timesteps:
-            raise SpecError(f"step count {steps} exceeds the {self.train_timesteps} training timesteps "
-                            f"of task {self.spec}; valid: 1..{self.train_timesteps}")
+            raise SpecError(
+                f"step count {steps} exceeds the {self.train_timesteps} training timesteps "
+                f"of task {self.spec}; valid: 1..{self.train_timesteps}"
+            )
 
     def data_fingerprint(self) -> str:
         """A digest of the data files (trained weights) the task loads, part of every cell's key,
@@ -108,8 +119,10 @@ class Task(Configurable):
             owners = [name for name in TASKS.names() if target in TASKS.get(name).targets]  # registers theirs
             info = TARGET_INFO.get(target)
             if info is not None and info.needs:
-                raise SpecError(f"target {target!r} needs {info.needs}; task {self.spec} has none; tasks with "
-                                f"{target}: {', '.join(owners) or 'none'}; its targets: {', '.join(self.targets)}")
+                raise SpecError(
+                    f"target {target!r} needs {info.needs}; task {self.spec} has none; tasks with "
+                    f"{target}: {', '.join(owners) or 'none'}; its targets: {', '.join(self.targets)}"
+                )
         if target not in self.targets:
             raise SpecError(f"unknown target {target!r} for task {self.spec}; valid: {', '.join(self.targets)}")
         if target == "noise" and not self.eta > 0:
@@ -120,8 +133,12 @@ class Task(Configurable):
 
     def leaves_for(self, target: str, x_start, cond, noises, denoiser) -> list:
         """The tensors an estimator differentiates for `target` (made to require grad)."""
-        leaves = {"latent": [x_start], "cond": [cond], "noise": [x_start, *(noises or [])],
-                  "weights": [p for p in denoiser.parameters() if p.requires_grad]}[target]
+        leaves = {
+            "latent": [x_start],
+            "cond": [cond],
+            "noise": [x_start, *(noises or [])],
+            "weights": [p for p in denoiser.parameters() if p.requires_grad],
+        }[target]
         for leaf in leaves:
             leaf.requires_grad_(True)
         return leaves
@@ -130,8 +147,7 @@ class Task(Configurable):
         """Load or train-and-cache what the task needs. Called once per sweep, untimed."""
         self.device = device
 
-    def make_problem(self, target: str, steps: int, seed: int,
-                     dtype: torch.dtype | None = None) -> Problem:
+    def make_problem(self, target: str, steps: int, seed: int, dtype: torch.dtype | None = None) -> Problem:
         """A fresh problem (fresh copies of anything an optimiser will change)."""
         raise NotImplementedError
 

@@ -11,6 +11,7 @@ theta (the `weights` target) is (mu, logits); the conditioning c = [offsets (K),
 selects components and shifts them. Everything runs in float64: this is where estimators are
 checked against the exact gradient.
 """
+
 from __future__ import annotations
 
 import functools
@@ -29,9 +30,16 @@ from tasks.base import Task, sampler_option
 # Stable Diffusion 1.x's noise levels, with trailing spacing: every N starts at t = 999, so runs at
 # different N integrate the same ODE interval (with leading spacing t_N moves: 901 at N = 10, 991 at
 # N = 100, 799 at N = 400) and a convergence study in N compares like with like.
-SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                        beta_end=0.012, clip_sample=False, set_alpha_to_one=False,
-                        prediction_type="epsilon", timestep_spacing="trailing")
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_schedule="scaled_linear",
+    beta_start=0.00085,
+    beta_end=0.012,
+    clip_sample=False,
+    set_alpha_to_one=False,
+    prediction_type="epsilon",
+    timestep_spacing="trailing",
+)
 
 
 class MixtureDenoiser(nn.Module):
@@ -40,8 +48,9 @@ class MixtureDenoiser(nn.Module):
     interpolated in log), or with `flow_timesteps` = T the rectified-flow velocity noise - x_0 of
     x_s = (1 - s) x_0 + s noise at s = t / T."""
 
-    def __init__(self, means: Tensor, logits: Tensor, std: float, train_alpha_bar: Tensor,
-                 flow_timesteps: int | None = None) -> None:
+    def __init__(
+        self, means: Tensor, logits: Tensor, std: float, train_alpha_bar: Tensor, flow_timesteps: int | None = None
+    ) -> None:
         super().__init__()
         self.means = nn.Parameter(means.clone())
         self.logits = nn.Parameter(logits.clone())
@@ -82,22 +91,35 @@ class Toy(Task):
     learning_rates = {"latent": 0.05, "cond": 0.05, "weights": 0.02, "noise": 0.05}
     options = (
         Option("d", int, 2, "dimension", check=at_least(1)),
-        Option("modes", int, 8, "mixture components (a ring of radius 2 in the first two axes)",
-               check=at_least(1)),
-        Option("std", float, 0.5, "standard deviation of each component (smaller: stiffer ODE)",
-               check=at_least(1e-3)),
+        Option("modes", int, 8, "mixture components (a ring of radius 2 in the first two axes)", check=at_least(1)),
+        Option("std", float, 0.5, "standard deviation of each component (smaller: stiffer ODE)", check=at_least(1e-3)),
         Option("batch", int, 16, "samples per problem", check=at_least(1)),
         Option("eta", float, 0.0, "DDIM eta (0: deterministic ODE sampler)", check=at_least(0.0)),
-        Option("spacing", str, "trailing", "the scheduler's timestep_spacing (leading with offset=0 "
-               "ends on an identity step, as DDIMScheduler's defaults do)",
-               choices=("trailing", "leading", "linspace")),
+        Option(
+            "spacing",
+            str,
+            "trailing",
+            "the scheduler's timestep_spacing (leading with offset=0 "
+            "ends on an identity step, as DDIMScheduler's defaults do)",
+            choices=("trailing", "leading", "linspace"),
+        ),
         Option("offset", int, 0, "the scheduler's steps_offset", check=at_least(0)),
-        Option("alpha_to_one", bool, False, "the scheduler's set_alpha_to_one (true: the last step "
-               "lands on abar = 1 and injects no noise)"),
+        Option(
+            "alpha_to_one",
+            bool,
+            False,
+            "the scheduler's set_alpha_to_one (true: the last step lands on abar = 1 and injects no noise)",
+        ),
         sampler_option(),
-        Option("reward", str, "region", "region: log soft-probability of a ball between two modes; "
-               "distance: -|x-c|^2; inside: 1 in the ball, else 0 (not differentiable; all in the "
-               "ring's plane)", choices=("region", "distance", "inside")),
+        Option(
+            "reward",
+            str,
+            "region",
+            "region: log soft-probability of a ball between two modes; "
+            "distance: -|x-c|^2; inside: 1 in the ball, else 0 (not differentiable; all in the "
+            "ring's plane)",
+            choices=("region", "distance", "inside"),
+        ),
     )
 
     @property
@@ -108,8 +130,12 @@ class Toy(Task):
         return make_sampler(self.sampler).prediction if self.sampler else "epsilon"
 
     def scheduler_config(self) -> dict:
-        return {**SCHEDULER_CONFIG, "timestep_spacing": self.spacing, "steps_offset": self.offset,
-                "set_alpha_to_one": self.alpha_to_one}
+        return {
+            **SCHEDULER_CONFIG,
+            "timestep_spacing": self.spacing,
+            "steps_offset": self.offset,
+            "set_alpha_to_one": self.alpha_to_one,
+        }
 
     def setup(self, device: torch.device) -> None:
         super().setup(device)
@@ -137,32 +163,42 @@ class Toy(Task):
             return (dist2 < radius**2).to(x.dtype)
         return nn.functional.logsigmoid((radius**2 - dist2) / temperature)
 
-    def make_problem(self, target: str, steps: int, seed: int,
-                     dtype: torch.dtype | None = None) -> Problem:
+    def make_problem(self, target: str, steps: int, seed: int, dtype: torch.dtype | None = None) -> Problem:
         self.check_target(target)
         dtype = dtype or self.dtype
         device = self.device
         flow = SCHEDULER_CONFIG["num_train_timesteps"] if self.model_prediction == "flow" else None
-        denoiser = MixtureDenoiser(self.means, torch.zeros(self.modes, dtype=torch.float64), self.std,
-                                   self.train_alpha_bar, flow).to(device=device, dtype=dtype)
+        denoiser = MixtureDenoiser(
+            self.means, torch.zeros(self.modes, dtype=torch.float64), self.std, self.train_alpha_bar, flow
+        ).to(device=device, dtype=dtype)
         denoiser.train_alpha_bar = self.train_alpha_bar.to(device)  # the table stays float64
         generator = torch.Generator().manual_seed(seed)
         x_start = torch.randn(self.batch, self.d, generator=generator, dtype=torch.float64)
         noises = None
         if self.eta > 0:
-            noises = [torch.randn(self.batch, self.d, generator=generator, dtype=torch.float64)
-                      .to(device=device, dtype=dtype) for _ in range(steps)]
+            noises = [
+                torch.randn(self.batch, self.d, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
+                for _ in range(steps)
+            ]
         x_start = x_start.to(device=device, dtype=dtype)
         cond = torch.zeros(self.modes + self.d, device=device, dtype=dtype)
         schedule = self.make_schedule(steps)
         for p in denoiser.parameters():
             p.requires_grad_(target == "weights")
         leaves = self.leaves_for(target, x_start, cond, noises, denoiser)
-        problem = Problem(chain=Chain(denoiser, schedule), x_start=x_start, cond=cond, noises=noises,
-                          reward_fn=self.reward_of, target=target, leaves=leaves)
+        problem = Problem(
+            chain=Chain(denoiser, schedule),
+            x_start=x_start,
+            cond=cond,
+            noises=noises,
+            reward_fn=self.reward_of,
+            target=target,
+            leaves=leaves,
+        )
         if self.eta == 0:  # a stand-in student for shortcut-model: the toy's own model on K steps
             problem.extras[FEW_STEP_CHAIN] = functools.cache(
-                lambda k: Chain(denoiser, self.make_schedule(k), counter=problem.chain.counter))
+                lambda k: Chain(denoiser, self.make_schedule(k), counter=problem.chain.counter)
+            )
         return problem
 
     def offers(self) -> dict[str, object]:

@@ -3,6 +3,7 @@ the forward chain fixed (N = 10), the error of the gradient against a converged 
 4096 steps) falls like M^-p in the adjoint's step count M; the least-squares slope over
 M = 64..512 must be within 0.3 of the declared p, on every sampler. A solver added as a class,
 here a midpoint rule registered for one test, is driven by the same loop."""
+
 import dataclasses
 import inspect
 import math
@@ -36,6 +37,7 @@ def reference(toys):
         if (toy, target) not in computed:
             computed[toy, target] = gradient(toys[toy], "adjoint[solver=heun,steps=4096]", target)
         return computed[toy, target]
+
     return get
 
 
@@ -51,14 +53,18 @@ def slope(steps, errors) -> float:
     return -sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
 
 
-@pytest.mark.parametrize("toy,target", [("toy", "latent"), ("toy", "cond"), ("toy[sampler=dpmpp2m]", "cond"),
-                                         ("toy[sampler=flow-euler]", "latent")])
+@pytest.mark.parametrize(
+    "toy,target",
+    [("toy", "latent"), ("toy", "cond"), ("toy[sampler=dpmpp2m]", "cond"), ("toy[sampler=flow-euler]", "latent")],
+)
 def test_each_solver_converges_at_its_declared_order(toys, reference, toy, target):
     exact = reference(toy, target)
     for solver in SOLVERS:
         estimator = ESTIMATORS.create(f"adjoint[solver={solver}]")
-        errors = [float((gradient(toys[toy], f"adjoint[solver={solver},steps={m}]", target) - exact).norm()
-                        / exact.norm()) for m in STEPS]
+        errors = [
+            float((gradient(toys[toy], f"adjoint[solver={solver},steps={m}]", target) - exact).norm() / exact.norm())
+            for m in STEPS
+        ]
         measured = slope(STEPS, errors)
         assert abs(measured - estimator.solver_order) <= 0.3, (solver, measured, errors)
 
@@ -104,8 +110,9 @@ def midpoint(monkeypatch):
     """Midpoint in the solver table for one test, and in the adjoint's solver choices (which are
     read from the table when estimators/adjoint.py is imported); both undone after the test."""
     monkeypatch.setitem(SOLVERS, Midpoint.name, Midpoint)
-    options = tuple(dataclasses.replace(opt, choices=tuple(SOLVERS)) if opt.name == "solver" else opt
-                    for opt in Adjoint.options)
+    options = tuple(
+        dataclasses.replace(opt, choices=tuple(SOLVERS)) if opt.name == "solver" else opt for opt in Adjoint.options
+    )
     monkeypatch.setattr(Adjoint, "options", options)
     return Midpoint
 
@@ -115,8 +122,10 @@ def test_a_solver_added_as_a_class_runs_in_the_same_loop_at_its_order(toys, refe
     assert not [name for name in SOLVERS if f'"{name}"' in source]
     toy, target = "toy[sampler=dpmpp2m]", "cond"
     exact = reference(toy, target)
-    errors = [float((gradient(toys[toy], f"adjoint[solver=midpoint,steps={m}]", target) - exact).norm()
-                    / exact.norm()) for m in STEPS]
+    errors = [
+        float((gradient(toys[toy], f"adjoint[solver=midpoint,steps={m}]", target) - exact).norm() / exact.norm())
+        for m in STEPS
+    ]
     estimator = ESTIMATORS.create("adjoint[solver=midpoint]")
     assert estimator.solver_order == 2 and estimator.code_objects() == (Midpoint,)
     assert abs(slope(STEPS, errors) - midpoint.order) <= 0.3, errors
@@ -129,5 +138,7 @@ def test_a_solver_added_as_a_class_runs_in_the_same_loop_at_its_order(toys, refe
 
 
 def test_the_midpoint_rule_leaves_the_table_after_its_test():
-    assert "midpoint" not in SOLVERS and "midpoint" not in dict(
-        (opt.name, opt) for opt in Adjoint.options)["solver"].choices
+    assert (
+        "midpoint" not in SOLVERS
+        and "midpoint" not in dict((opt.name, opt) for opt in Adjoint.options)["solver"].choices
+    )

@@ -1,5 +1,6 @@
 """Input the command line refuses before anything runs: every subcommand, each bad input one line
 on stderr and exit status 2, no traceback, nothing written (issue 9's audit, redone)."""
+
 import json
 
 import pytest
@@ -66,8 +67,10 @@ BAD = [
     (_run("--timing-cap", "1e300"), "timing_cap must be at most 31536000 seconds (a year)"),
     (_run("--budget", "1e300"), "budget must be at most 31536000 seconds (a year)"),
     # run: a baseline the sweep does not run (no ratios could be taken to it)
-    (_run("--estimators", "sdo,checkpoint", "--baseline", "full"), "--baseline full is not among the sweep's "
-                                                                    "estimators (sdo, checkpoint)"),
+    (
+        _run("--estimators", "sdo,checkpoint", "--baseline", "full"),
+        "--baseline full is not among the sweep's estimators (sdo, checkpoint)",
+    ),
     (_run("--estimators", "sdo", "--baseline", "truncated[k=2]"), "is not among the sweep's estimators (sdo)"),
     # run: launcher strings go into the sbatch script: no control character, keys that are option names
     (_run("--launcher", "slurm", "--partition", "gpu\n#SBATCH --wrap=id"), "holds a control character (U+000A)"),
@@ -136,49 +139,98 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
 # Bad input in files: each case writes FILES under the test's folder (None: a folder), then runs argv.
 BAD_FILES = [
     # sweep files
-    ({"deep.toml": b"a = " + b"[" * 5000 + b"]" * 5000}, ["run", "--config", "{tmp}/deep.toml"],
-     "nested too deeply"),
-    ({"deep.toml": b"a = " + b"{b = " * 3000 + b"1" + b"}" * 3000}, ["run", "--config", "{tmp}/deep.toml"],
-     "nested too deeply"),
-    ({"s.toml": b'estimators = ["sdo"]\nbaseline = "full"\n'}, _run("--config", "{tmp}/s.toml"),
-     "s.toml: baseline full is not among the sweep's estimators (sdo)"),
+    ({"deep.toml": b"a = " + b"[" * 5000 + b"]" * 5000}, ["run", "--config", "{tmp}/deep.toml"], "nested too deeply"),
+    (
+        {"deep.toml": b"a = " + b"{b = " * 3000 + b"1" + b"}" * 3000},
+        ["run", "--config", "{tmp}/deep.toml"],
+        "nested too deeply",
+    ),
+    (
+        {"s.toml": b'estimators = ["sdo"]\nbaseline = "full"\n'},
+        _run("--config", "{tmp}/s.toml"),
+        "s.toml: baseline full is not among the sweep's estimators (sdo)",
+    ),
     ({"s.toml": b"threads = 100000\n"}, _run("--config", "{tmp}/s.toml"), "s.toml: threads 100000 is more threads"),
     ({"s.toml": b"timeout = 1e300\n"}, _run("--config", "{tmp}/s.toml"), "timeout must be at most 31536000 seconds"),
-    ({"s.toml": b'[launcher]\nname = "slurm"\npartition = "gpu\\n#SBATCH --wrap=id"\n'},
-     _run("--config", "{tmp}/s.toml"), "launcher option partition 'gpu\\n#SBATCH --wrap=id' holds a control character"),
-    ({"s.toml": b'[launcher]\nname = "slurm"\nsbatch = { "qos\\n#SBATCH --wrap=id" = "high" }\n'},
-     _run("--config", "{tmp}/s.toml"), "a key is an sbatch option's name"),
-    ({"s.toml": b'[launcher]\nname = "slurm"\nsbatch = { account = "lab\\u0000" }\n'},
-     _run("--config", "{tmp}/s.toml"), "holds a control character (U+0000)"),
-    ({"s.toml": b'[launcher]\nname = "slurm"\nsbatch = { account = ["lab"] }\n'},
-     _run("--config", "{tmp}/s.toml"), "the value must be a string, a number or true"),
+    (
+        {"s.toml": b'[launcher]\nname = "slurm"\npartition = "gpu\\n#SBATCH --wrap=id"\n'},
+        _run("--config", "{tmp}/s.toml"),
+        "launcher option partition 'gpu\\n#SBATCH --wrap=id' holds a control character",
+    ),
+    (
+        {"s.toml": b'[launcher]\nname = "slurm"\nsbatch = { "qos\\n#SBATCH --wrap=id" = "high" }\n'},
+        _run("--config", "{tmp}/s.toml"),
+        "a key is an sbatch option's name",
+    ),
+    (
+        {"s.toml": b'[launcher]\nname = "slurm"\nsbatch = { account = "lab\\u0000" }\n'},
+        _run("--config", "{tmp}/s.toml"),
+        "holds a control character (U+0000)",
+    ),
+    (
+        {"s.toml": b'[launcher]\nname = "slurm"\nsbatch = { account = ["lab"] }\n'},
+        _run("--config", "{tmp}/s.toml"),
+        "the value must be a string, a number or true",
+    ),
     # a run folder whose rows file is a folder
     ({"out/rows.jsonl": None}, _run("--out", "{tmp}/out"), "rows.jsonl is not a file, so no row can be appended"),
     # an include file that ends the program while it is imported
     ({"exits.py": b"import sys\nsys.exit(0)\n"}, _run("--include", "{tmp}/exits.py"), "exits.py called sys.exit(0)"),
     ({"exits.py": b"raise SystemExit('bye')\n"}, ["list", "--include", "{tmp}/exits.py"], "called sys.exit('bye')"),
-    ({"exits.py": b"import sys\nsys.exit(3)\n"}, ["check", "--include", "{tmp}/exits.py", "full"],
-     "called sys.exit(3)"),
+    (
+        {"exits.py": b"import sys\nsys.exit(3)\n"},
+        ["check", "--include", "{tmp}/exits.py", "full"],
+        "called sys.exit(3)",
+    ),
     # figure specs
-    ({"specs/a.toml": b'title = 5\nkind = "tradeoff"\nsource = "x"\nclaim = "c"\n'},
-     ["figures", "--specs", "{tmp}/specs", "--out", "{tmp}/figs"], "a.toml: title must be a string, got 5"),
-    ({"specs/a.toml": b'title = "t"\nkind = "frontier"\nsource = "x"\nclaim = "c"\n[options]\nsteps = "ten"\n'},
-     ["figures", "--specs", "{tmp}/specs", "--out", "{tmp}/figs"], "option steps must be an integer, got 'ten'"),
-    ({"specs/a.toml": b'title = "t"\nkind = "frontier"\nsource = "x"\nclaim = "c"\n[options]\nsteps = 2\n'
-                      b'cosine = true\n'},
-     ["figures", "--specs", "{tmp}/specs", "--out", "{tmp}/figs"], "option cosine must be a number, got True"),
-    ({"specs/a.toml": b'title = "t"\nkind = "tradeoff"\nsource = "x"\nclaim = "c"\noptions = "full"\n'},
-     ["figures", "--specs", "{tmp}/specs", "--out", "{tmp}/figs"], "options must be a table"),
-    ({"specs/a.toml": b'title = "t"\nkind = "tradeoff"\nsource = "x"\nclaim = "c"\n[options]\nbase = "x"\n'},
-     ["figures", "--specs", "{tmp}/specs", "--out", "{tmp}/figs"], "unknown option 'base' of kind 'tradeoff'"),
-    ({"specs/a.toml": b'title = "t"\nkind = "frontier"\nsource = "x"\nclaim = "c"\n'},
-     ["figures", "--specs", "{tmp}/specs", "--out", "{tmp}/figs"], "kind 'frontier' needs the option(s) steps"),
-    ({"specs/a.toml": b'title = "t"\nkind = "tradeoff"\nsource = "nowhere"\nclaim = "c"\n'},
-     ["figures", "--specs", "{tmp}/specs", "--out", "{tmp}/figs"], "source nowhere is not a run folder"),
-    ({"specs/a.toml": b"title = \"\xff\xfe\"\n"}, ["figures", "--specs", "{tmp}/specs", "--out", "{tmp}/figs"],
-     "a.toml: not a figure spec (TOML in UTF-8)"),
-    ({"specs/a.toml": None}, ["figures", "--specs", "{tmp}/specs", "--out", "{tmp}/figs"],
-     "a.toml: cannot be read as a figure spec (Is a directory)"),
+    (
+        {"specs/a.toml": b'title = 5\nkind = "tradeoff"\nsource = "x"\nclaim = "c"\n'},
+        ["figures", "--specs", "{tmp}/specs", "--out", "{tmp}/figs"],
+        "a.toml: title must be a string, got 5",
+    ),
+    (
+        {"specs/a.toml": b'title = "t"\nkind = "frontier"\nsource = "x"\nclaim = "c"\n[options]\nsteps = "ten"\n'},
+        ["figures", "--specs", "{tmp}/specs", "--out", "{tmp}/figs"],
+        "option steps must be an integer, got 'ten'",
+    ),
+    (
+        {
+            "specs/a.toml": b'title = "t"\nkind = "frontier"\nsource = "x"\nclaim = "c"\n[options]\nsteps = 2\n'
+            b"cosine = true\n"
+        },
+        ["figures", "--specs", "{tmp}/specs", "--out", "{tmp}/figs"],
+        "option cosine must be a number, got True",
+    ),
+    (
+        {"specs/a.toml": b'title = "t"\nkind = "tradeoff"\nsource = "x"\nclaim = "c"\noptions = "full"\n'},
+        ["figures", "--specs", "{tmp}/specs", "--out", "{tmp}/figs"],
+        "options must be a table",
+    ),
+    (
+        {"specs/a.toml": b'title = "t"\nkind = "tradeoff"\nsource = "x"\nclaim = "c"\n[options]\nbase = "x"\n'},
+        ["figures", "--specs", "{tmp}/specs", "--out", "{tmp}/figs"],
+        "unknown option 'base' of kind 'tradeoff'",
+    ),
+    (
+        {"specs/a.toml": b'title = "t"\nkind = "frontier"\nsource = "x"\nclaim = "c"\n'},
+        ["figures", "--specs", "{tmp}/specs", "--out", "{tmp}/figs"],
+        "kind 'frontier' needs the option(s) steps",
+    ),
+    (
+        {"specs/a.toml": b'title = "t"\nkind = "tradeoff"\nsource = "nowhere"\nclaim = "c"\n'},
+        ["figures", "--specs", "{tmp}/specs", "--out", "{tmp}/figs"],
+        "source nowhere is not a run folder",
+    ),
+    (
+        {"specs/a.toml": b'title = "\xff\xfe"\n'},
+        ["figures", "--specs", "{tmp}/specs", "--out", "{tmp}/figs"],
+        "a.toml: not a figure spec (TOML in UTF-8)",
+    ),
+    (
+        {"specs/a.toml": None},
+        ["figures", "--specs", "{tmp}/specs", "--out", "{tmp}/figs"],
+        "a.toml: cannot be read as a figure spec (Is a directory)",
+    ),
 ]
 
 
@@ -192,8 +244,9 @@ def _write(root, files):
             path.write_bytes(content)
 
 
-@pytest.mark.parametrize("files,argv,message", BAD_FILES,
-                         ids=[f"{' '.join(a)[:40]}: {m[:30]}" for _, a, m in BAD_FILES])
+@pytest.mark.parametrize(
+    "files,argv,message", BAD_FILES, ids=[f"{' '.join(a)[:40]}: {m[:30]}" for _, a, m in BAD_FILES]
+)
 def test_bad_input_in_files_is_one_line_and_exit_2(tmp_path, capsys, files, argv, message):
     _write(tmp_path, files)
     argv = [arg.replace("{tmp}", str(tmp_path)) for arg in argv]
@@ -223,8 +276,11 @@ DAMAGED = [
     ("jobs.jsonl", b'{"job": "1", "cells": 5, "launcher": "slurm"}\n', "field 'cells' has the wrong type (int)"),
     ("jobs.jsonl", b'{"job": [1], "cells": []}\n', "field 'job' has the wrong type (list)"),
     ("jobs.jsonl", b'{"job": "1", "cells": [1]}\n', "field 'cells' is not a list of cell keys"),
-    ("jobs.jsonl", b'{"job": "1", "cells": [], "host": "{host}", "pid": "x", "pid_start": "1"}\n',
-     "field 'pid' has the wrong type (str)"),
+    (
+        "jobs.jsonl",
+        b'{"job": "1", "cells": [], "host": "{host}", "pid": "x", "pid_start": "1"}\n',
+        "field 'pid' has the wrong type (str)",
+    ),
     ("rows.d/j.claim.json", b"[1]", "j.claim.json: ignoring this claim: not a JSON object (list)"),
     ("rows.d/j.claim.json", b"5", "ignoring this claim: not a JSON object (int)"),
     ("rows.d/j.claim.json", b'"a string"', "ignoring this claim: not a JSON object (str)"),
@@ -244,8 +300,9 @@ DAMAGED = [
 
 
 @pytest.mark.parametrize("name,content,warning", DAMAGED, ids=[f"{n}: {str(c)[:30]}" for n, c, _ in DAMAGED])
-def test_status_of_a_folder_with_a_damaged_record_warns_and_reports(tmp_path, capsys, monkeypatch, recwarn, name,
-                                                                   content, warning):
+def test_status_of_a_folder_with_a_damaged_record_warns_and_reports(
+    tmp_path, capsys, monkeypatch, recwarn, name, content, warning
+):
     import socket
 
     monkeypatch.setenv("COLUMNS", "200")
@@ -275,12 +332,32 @@ def test_status_of_a_folder_with_a_damaged_record_warns_and_reports(tmp_path, ca
 
 def test_a_report_of_a_folder_whose_name_has_nothing_safe_gets_its_own_folder(tmp_path, monkeypatch, capsys):
     run = tmp_path / "@@@"
-    assert main([*_run("--estimators", "full", "--targets", "latent", "--iters", "0", "--rounds", "1",
-                       "--warmup", "0", "--no-memory"), "--out", str(run)]) == 0
+    assert (
+        main(
+            [
+                *_run(
+                    "--estimators",
+                    "full",
+                    "--targets",
+                    "latent",
+                    "--iters",
+                    "0",
+                    "--rounds",
+                    "1",
+                    "--warmup",
+                    "0",
+                    "--no-memory",
+                ),
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
     monkeypatch.chdir(tmp_path)
     assert main(["report", "@@@"]) == 0
     assert not (tmp_path / "reports" / "index.md").exists()
-    page, = (tmp_path / "reports").glob("*/index.md")
+    (page,) = (tmp_path / "reports").glob("*/index.md")
     assert page.parent.name.startswith("run-")
 
 

@@ -1,4 +1,5 @@
 """The pure DDIM step against diffusers' DDIMScheduler.step, and the schedule's bookkeeping."""
+
 import math
 
 import pytest
@@ -9,11 +10,16 @@ from bench.chain import Schedule, alpha_bar_at_time
 from bench.errors import SpecError
 
 CONFIGS = {
-    "sd-leading": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                       set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading"),
+    "sd-leading": dict(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="leading",
+    ),
     "linear-trailing": dict(beta_schedule="linear", set_alpha_to_one=True, timestep_spacing="trailing"),
-    "cosine-linspace": dict(beta_schedule="squaredcos_cap_v2", set_alpha_to_one=False,
-                            timestep_spacing="linspace"),
+    "cosine-linspace": dict(beta_schedule="squaredcos_cap_v2", set_alpha_to_one=False, timestep_spacing="linspace"),
 }
 
 

@@ -1,13 +1,19 @@
 """The sampler conformance suite (bench/check/samplers.py): every registered sampler and its
 variants pass it (the known defects of built-in samplers are marked, strictly, so a fix shows),
 and it catches broken plug-ins: a step off by 1e-4, weights that lie."""
+
 from dataclasses import dataclass
 
 import pytest
 
 from bench.check import Check
-from bench.check.samplers import SAMPLER_CHECKS, check_all_samplers, check_sampler, print_sampler_checks, \
-    sampler_variants
+from bench.check.samplers import (
+    SAMPLER_CHECKS,
+    check_all_samplers,
+    check_sampler,
+    print_sampler_checks,
+    sampler_variants,
+)
 from bench.samplers import SAMPLERS
 from bench.samplers.ddim import DDIM, DDIMSchedule
 from bench.samplers.flow_euler import FlowEuler, FlowEulerSchedule
@@ -34,10 +40,19 @@ def test_the_variants_come_from_the_options():
     assert sampler_variants("dpmpp2m[order=1]") == ["dpmpp2m[order=1]"]
 
 
-@pytest.mark.parametrize("spec,name", [
-    pytest.param(spec, name, marks=[pytest.mark.xfail(strict=True, reason=KNOWN[(spec, name)])]
-                 if (spec, name) in KNOWN else [], id=f"{spec}-{name}")
-    for spec in SPECS for name in SAMPLER_CHECKS])
+@pytest.mark.parametrize(
+    "spec,name",
+    [
+        pytest.param(
+            spec,
+            name,
+            marks=[pytest.mark.xfail(strict=True, reason=KNOWN[(spec, name)])] if (spec, name) in KNOWN else [],
+            id=f"{spec}-{name}",
+        )
+        for spec in SPECS
+        for name in SAMPLER_CHECKS
+    ],
+)
 def test_every_registered_sampler_passes(results, spec, name):
     check = results[spec][name]
     assert check.status in ("pass", "n/a"), f"{spec}: {name}: {check.detail}"
@@ -51,11 +66,15 @@ def test_each_check_measures_what_it_says(results):
     assert ddim["trajectory with injected noise"].status == "pass"
     assert "identity steps at linear leading offset=0" in ddim["identity steps"].detail
     assert ddim["unsupported configurations refused"].detail.startswith(
-        "refused: clip_sample, thresholding, v_prediction, sample prediction")
+        "refused: clip_sample, thresholding, v_prediction, sample prediction"
+    )
     assert "88 (table, N, eta)" in ddim["linear weights = autograd"].detail  # linspace grids too
     assert results["dpmpp2m"]["unsupported configurations refused"].detail.startswith(
-        "refused: thresholding, v_prediction, sample prediction, karras sigmas")
-    assert "7 table(s)" in results["dpmpp2m"]["trajectory = the diffusers step loop"].detail  # set_alpha_to_one: no DPM key
+        "refused: thresholding, v_prediction, sample prediction, karras sigmas"
+    )
+    assert (
+        "7 table(s)" in results["dpmpp2m"]["trajectory = the diffusers step loop"].detail
+    )  # set_alpha_to_one: no DPM key
     assert "2 table(s)" in results["flow-euler"]["trajectory = the diffusers step loop"].detail
 
 
@@ -119,7 +138,9 @@ def _statuses(spec, **narrow):
 
 
 def test_a_step_off_by_1e4_fails_the_trajectory(broken):
-    checks = _statuses("test-ddim-off", steps=(4, 10), tables=["sd trailing", "linear leading offset=1 alpha_to_one=true"])
+    checks = _statuses(
+        "test-ddim-off", steps=(4, 10), tables=["sd trailing", "linear leading offset=1 alpha_to_one=true"]
+    )
     trajectory = checks["trajectory = the diffusers step loop"]
     assert trajectory.status == "fail" and "rel. distance" in trajectory.detail, trajectory.detail
     assert checks["trajectory with injected noise"].status == "fail"
@@ -149,7 +170,7 @@ def test_check_all_runs_the_variants_and_prints():
 
     checks = check_all_samplers(["flow-euler"])
     assert {c.spec for c in checks} == {"flow-euler", "flow-euler[shift=3]"}
-    assert [c.name for c in checks[:len(SAMPLER_CHECKS)]] == list(SAMPLER_CHECKS)
+    assert [c.name for c in checks[: len(SAMPLER_CHECKS)]] == list(SAMPLER_CHECKS)
     console = Console(record=True, width=200)
     print_sampler_checks(checks, console)
     assert "all checks pass" in console.export_text()

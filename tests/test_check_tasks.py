@@ -1,6 +1,7 @@
 """The task conformance suite (bench/check/tasks.py): the cheap built-in task specs pass it (known
 defects marked strictly, so a fix shows), and it catches broken plug-ins: problems that share
 leaves, an extra tensor among the leaves, a parameter left trainable outside them."""
+
 import pytest
 import torch
 
@@ -9,8 +10,14 @@ from bench.check.tasks import TASK_CHECKS, check_all_tasks, check_task, print_ta
 from bench.registry import TASKS
 from tasks.toy import Toy
 
-CHEAP = ["toy[d=2,batch=2]", "toy[d=2,batch=2,eta=1.0]", "toy[d=2,batch=2,sampler=flow-euler]",
-         "toy[d=2,batch=2,sampler=dpmpp2m,spacing=leading]", "digits[batch=2,fid_samples=8]", "sd[model=tiny]"]
+CHEAP = [
+    "toy[d=2,batch=2]",
+    "toy[d=2,batch=2,eta=1.0]",
+    "toy[d=2,batch=2,sampler=flow-euler]",
+    "toy[d=2,batch=2,sampler=dpmpp2m,spacing=leading]",
+    "digits[batch=2,fid_samples=8]",
+    "sd[model=tiny]",
+]
 KNOWN: dict[tuple[str, str], str] = {}  # strict expected failures of the built-in tasks: none left
 
 
@@ -19,10 +26,19 @@ def results() -> dict[str, dict[str, Check]]:
     return {spec: {check.name: check for check in check_task(spec)} for spec in CHEAP}
 
 
-@pytest.mark.parametrize("spec,name", [
-    pytest.param(spec, name, marks=[pytest.mark.xfail(strict=True, reason=KNOWN[(spec, name)])]
-                 if (spec, name) in KNOWN else [], id=f"{spec}-{name}")
-    for spec in CHEAP for name in TASK_CHECKS])
+@pytest.mark.parametrize(
+    "spec,name",
+    [
+        pytest.param(
+            spec,
+            name,
+            marks=[pytest.mark.xfail(strict=True, reason=KNOWN[(spec, name)])] if (spec, name) in KNOWN else [],
+            id=f"{spec}-{name}",
+        )
+        for spec in CHEAP
+        for name in TASK_CHECKS
+    ],
+)
 def test_the_cheap_tasks_pass(results, spec, name):
     check = results[spec][name]
     assert check.status == "pass", f"{spec}: {name}: {check.detail}"
@@ -66,7 +82,8 @@ class ExtraLeafToy(Toy):
 
     def leaves_for(self, target, x_start, cond, noises, denoiser):
         return super().leaves_for(target, x_start, cond, noises, denoiser) + [
-            torch.zeros(3, dtype=x_start.dtype, requires_grad=True)]
+            torch.zeros(3, dtype=x_start.dtype, requires_grad=True)
+        ]
 
 
 class TrainableToy(Toy):

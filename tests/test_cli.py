@@ -1,4 +1,5 @@
 """The command line and the sweep harness: bad input is one line, cells are rows, reruns resume."""
+
 import json
 import subprocess
 import sys
@@ -13,21 +14,24 @@ TOY = "toy[d=128,batch=32]"
 SMALL = ["--tasks", TOY, "--steps", "4,6", "--iters", "2", "--rounds", "2", "--warmup", "0", "--no-progress"]
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["run", "--estimators", "ful"], "unknown estimator 'ful'; did you mean 'full'?"),
-    (["run", "--estimators", "truncated[j=1]"], "unknown option 'j'"),
-    (["run", "--estimators", "truncated[k=0]"], "must be >= 1"),
-    (["run", "--estimators", "truncated[k=30]", "--steps", "10,20"], "exceeds the step count N=10"),
-    (["run", "--tasks", TOY, "--steps", "-5"], "step count must be a positive integer, got -5"),
-    (["run", "--steps", "ten"], "comma-separated list of integers"),
-    (["run", "--targets", "noize"], "unknown target 'noize' for task digits; valid: latent, cond, weights, noise"),
-    (["run", "--targets", "noise"], "target 'noise' needs a stochastic sampler: set eta > 0, e.g. digits[eta=1.0]"),
-    (["run", "--tasks", "toy[d=0]"], "must be >= 1"),
-    (["run", "--tasks", "tyo"], "did you mean 'toy'?"),
-    (["run", "--device", "tpu"], "unknown device 'tpu'"),
-    (["run", "--include", "nowhere.py"], "no such Python file"),
-    (["frobnicate"], "unknown command 'frobnicate'; valid: list, run"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["run", "--estimators", "ful"], "unknown estimator 'ful'; did you mean 'full'?"),
+        (["run", "--estimators", "truncated[j=1]"], "unknown option 'j'"),
+        (["run", "--estimators", "truncated[k=0]"], "must be >= 1"),
+        (["run", "--estimators", "truncated[k=30]", "--steps", "10,20"], "exceeds the step count N=10"),
+        (["run", "--tasks", TOY, "--steps", "-5"], "step count must be a positive integer, got -5"),
+        (["run", "--steps", "ten"], "comma-separated list of integers"),
+        (["run", "--targets", "noize"], "unknown target 'noize' for task digits; valid: latent, cond, weights, noise"),
+        (["run", "--targets", "noise"], "target 'noise' needs a stochastic sampler: set eta > 0, e.g. digits[eta=1.0]"),
+        (["run", "--tasks", "toy[d=0]"], "must be >= 1"),
+        (["run", "--tasks", "tyo"], "did you mean 'toy'?"),
+        (["run", "--device", "tpu"], "unknown device 'tpu'"),
+        (["run", "--include", "nowhere.py"], "no such Python file"),
+        (["frobnicate"], "unknown command 'frobnicate'; valid: list, run"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, argv, message):
     code = main(argv + ["--out", str(tmp_path / "r")] if argv[0] == "run" else argv)
     err = capsys.readouterr().err
@@ -38,8 +42,12 @@ def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, argv, message):
 
 
 def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "bench", "run", "--estimators", "truncated[k=0]",
-                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "run", "--estimators", "truncated[k=0]", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip() == "error: truncated: option k='0' must be >= 1"
@@ -49,9 +57,26 @@ def test_list_shows_estimators_options_tasks_and_targets(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")  # rich wraps at the terminal's width
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    for text in ("full", "checkpoint", "adjoint", "sdo", "truncated", "k: int = 1", "draft-lv", "dno",
-                 "edict", "zeroth-order", "score-function", "torchdiffeq-adjoint", "noise",
-                 "recover: backward|cache = backward", "toy", "latent", "cond", "weights"):
+    for text in (
+        "full",
+        "checkpoint",
+        "adjoint",
+        "sdo",
+        "truncated",
+        "k: int = 1",
+        "draft-lv",
+        "dno",
+        "edict",
+        "zeroth-order",
+        "score-function",
+        "torchdiffeq-adjoint",
+        "noise",
+        "recover: backward|cache = backward",
+        "toy",
+        "latent",
+        "cond",
+        "weights",
+    ):
         assert text in out
 
 
@@ -61,16 +86,44 @@ def _rows(path):
 
 def test_run_writes_rows_and_resumes(tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["run", "--estimators", "full,sdo,truncated[k=2]", "--targets", "latent,weights",
-            "--out", str(out), "--no-memory", *SMALL]
+    argv = [
+        "run",
+        "--estimators",
+        "full,sdo,truncated[k=2]",
+        "--targets",
+        "latent,weights",
+        "--out",
+        str(out),
+        "--no-memory",
+        *SMALL,
+    ]
     assert main(argv) == 0
     rows = _rows(out)
     assert len(rows) == 3 * 2 * 2
     by = {(r["estimator"], r["target"], r["steps"]): r for r in rows}
     full = by[("full", "latent", 6)]
-    for field in ("schema", "key", "status", "task", "estimator", "options", "target", "steps", "seed",
-                  "grad_cos", "grad_rel_err", "time_s", "time_iqr_s", "peak_mem_bytes", "mem_kind",
-                  "nfe_forward", "nfe_vjp", "reward_init", "reward_final", "reward_curve"):
+    for field in (
+        "schema",
+        "key",
+        "status",
+        "task",
+        "estimator",
+        "options",
+        "target",
+        "steps",
+        "seed",
+        "grad_cos",
+        "grad_rel_err",
+        "time_s",
+        "time_iqr_s",
+        "peak_mem_bytes",
+        "mem_kind",
+        "nfe_forward",
+        "nfe_vjp",
+        "reward_init",
+        "reward_final",
+        "reward_curve",
+    ):
         assert field in full, field
     assert full["status"] == "ok" and full["grad_cos"] == pytest.approx(1.0, abs=1e-12)
     assert full["nfe_vjp"] == 6 and full["nfe_forward_pred"] == 6
@@ -93,7 +146,7 @@ def test_run_writes_rows_and_resumes(tmp_path, capsys):
     assert len(store.latest_by_key(store.read_rows(out))) == 12
 
 
-BROKEN = textwrap.dedent('''
+BROKEN = textwrap.dedent("""
     import torch
     from bench.registry import register_estimator
     from estimators.base import Cost, Estimator
@@ -119,15 +172,28 @@ BROKEN = textwrap.dedent('''
             loss, rewards = problem.loss(x0)
             from estimators.base import Estimate
             return Estimate(float(loss), rewards, x0)
-''')
+""")
 
 
 def test_failing_cells_are_rows_and_the_sweep_goes_on(tmp_path):
     plugin = tmp_path / "broken_estimators.py"
     plugin.write_text(BROKEN)
     out = tmp_path / "run"
-    code = main(["run", "--include", str(plugin), "--estimators", "test-crashes,test-nan,full",
-                 "--targets", "cond", "--out", str(out), "--no-memory", *SMALL])
+    code = main(
+        [
+            "run",
+            "--include",
+            str(plugin),
+            "--estimators",
+            "test-crashes,test-nan,full",
+            "--targets",
+            "cond",
+            "--out",
+            str(out),
+            "--no-memory",
+            *SMALL,
+        ]
+    )
     assert code == 0
     statuses = {(r["estimator"], r["steps"]): r for r in _rows(out)}
     crash = statuses[("test-crashes", 4)]
@@ -154,9 +220,31 @@ def test_memory_in_a_worker_follows_the_cost_model(tmp_path):
     """From N = 10 to 100: full grows by N*A (at least 5x), checkpoint by N*S, the adjoint (state
     recovery) and sdo change by less than 25 %; every row carries the model's prediction."""
     out = tmp_path / "run"
-    assert main(["run", "--tasks", "toy[d=256,batch=32]", "--estimators", "full,checkpoint,adjoint,sdo",
-                 "--targets", "cond", "--steps", "10,100", "--iters", "1", "--rounds", "1", "--warmup", "0",
-                 "--no-progress", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--tasks",
+                "toy[d=256,batch=32]",
+                "--estimators",
+                "full,checkpoint,adjoint,sdo",
+                "--targets",
+                "cond",
+                "--steps",
+                "10,100",
+                "--iters",
+                "1",
+                "--rounds",
+                "1",
+                "--warmup",
+                "0",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = _rows(out)
     assert all(r["mem_kind"] == "rss_peak" for r in rows)
     peak = {(r["estimator"], r["steps"]): r["peak_mem_bytes"] for r in rows}
@@ -191,8 +279,19 @@ def test_readme_add_an_estimator_commands_end_in_a_report(tmp_path):
             continue
         argv = [str(mine) if arg == "my_estimator.py" else arg for arg in command[3:]]
         if argv[0] == "run":
-            argv += ["--tasks", TOY, "--steps", "4,6", "--iters", "1", "--rounds", "1", "--no-progress",
-                     "--out", str(tmp_path / "mine")]
+            argv += [
+                "--tasks",
+                TOY,
+                "--steps",
+                "4,6",
+                "--iters",
+                "1",
+                "--rounds",
+                "1",
+                "--no-progress",
+                "--out",
+                str(tmp_path / "mine"),
+            ]
         if argv[0] == "report":
             argv = ["report", str(tmp_path / "mine"), "--out", str(tmp_path / "report")]
         assert main(argv) == 0, command

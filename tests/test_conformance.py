@@ -1,4 +1,5 @@
 """The conformance suite: every registered estimator passes it, and it catches broken ones."""
+
 import textwrap
 
 import pytest
@@ -28,8 +29,9 @@ def test_the_discrete_adjoint_claims_what_holds_and_the_suite_checks_it():
     recovery is first order for a nonlinear model (rel. error 0.15 on the toy's latent at N = 10).
     Each variant now declares what holds, exactness or an order, and both are checked."""
     assert {"adjoint[solver=discrete]", "adjoint[solver=discrete,recover=cache]"} <= set(SPECS)
-    backward, cached = (ESTIMATORS.create(s) for s in ("adjoint[solver=discrete]",
-                                                        "adjoint[solver=discrete,recover=cache]"))
+    backward, cached = (
+        ESTIMATORS.create(s) for s in ("adjoint[solver=discrete]", "adjoint[solver=discrete,recover=cache]")
+    )
     assert not backward.exact and backward.convergence_order == 1.0
     assert cached.exact and cached.convergence_order is None
     assert not ESTIMATORS.create("adjoint[solver=discrete,recover=cache,steps=7]").exact
@@ -126,16 +128,19 @@ def broken(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("name,failing_check", [
-    ("broken-claims-exact", "agreement with the exact gradient (required)"),
-    ("broken-claims-exact-in-a-variant[solver=discrete]", "agreement with the exact gradient (required)"),
-    ("broken-counts", "counts match the cost model"),
-    ("broken-claims-order", "declared convergence order"),
-    ("broken-keeps-graphs", "nothing left behind"),
-    ("broken-unseeded", "same seed, same gradient"),
-    ("broken-silent-zero", "gradients on the target's leaves only"),
-    ("broken-accumulates", "no stale .grad across calls"),
-])
+@pytest.mark.parametrize(
+    "name,failing_check",
+    [
+        ("broken-claims-exact", "agreement with the exact gradient (required)"),
+        ("broken-claims-exact-in-a-variant[solver=discrete]", "agreement with the exact gradient (required)"),
+        ("broken-counts", "counts match the cost model"),
+        ("broken-claims-order", "declared convergence order"),
+        ("broken-keeps-graphs", "nothing left behind"),
+        ("broken-unseeded", "same seed, same gradient"),
+        ("broken-silent-zero", "gradients on the target's leaves only"),
+        ("broken-accumulates", "no stale .grad across calls"),
+    ],
+)
 def test_the_suite_catches_a_broken_estimator(broken, name, failing_check):
     checks = {c.name: c for c in check_estimator(name)}
     assert checks[failing_check].status == "fail", checks[failing_check]

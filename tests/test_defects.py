@@ -1,6 +1,7 @@
 """The defects issue 9's independent checks found, each pinned: stale or duplicated results, bad
 lines that stopped a user, failures that escaped a row, labels read as markup, unreproducible
 figures, and the checkpoint count."""
+
 import json
 import os
 import random
@@ -22,7 +23,7 @@ from bench.chain import Chain, Schedule
 from bench.cli import main
 from bench.identity import code_hash, code_modules
 from bench.problem import Problem
-from bench.registry import ESTIMATORS, TASKS, include
+from bench.registry import ESTIMATORS, include
 from bench.runner import SweepSpec, expand, resolve, run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,33 +39,45 @@ def _plugin(folder: Path, name: str, body: str) -> Path:
 
 # -- 5, 6: the code hash --------------------------------------------------------------------------
 
-HASH_OF = textwrap.dedent('''
+HASH_OF = textwrap.dedent("""
     import sys
     from bench.identity import code_hash
     from bench.registry import ESTIMATORS, include
     for path in sys.argv[2:]:
         include(path)
     print(code_hash(ESTIMATORS.get(sys.argv[1])))
-''')
+""")
 
 
 def test_the_code_hash_of_an_included_file_does_not_depend_on_include_order(tmp_path):
-    a = _plugin(tmp_path, "plug_a", '''
+    a = _plugin(
+        tmp_path,
+        "plug_a",
+        """
         from bench.api import register_estimator
         from estimators.full import Full
         @register_estimator
         class A(Full):
             name = "plug-a"
-    ''')
-    b = _plugin(tmp_path, "plug_b", '''
+    """,
+    )
+    b = _plugin(
+        tmp_path,
+        "plug_b",
+        """
         from bench.api import register_estimator
         from estimators.sdo import SDO
         @register_estimator
         class B(SDO):
             name = "plug-b"
-    ''')
-    hashes = [subprocess.run([sys.executable, "-c", HASH_OF, "plug-a", *order], cwd=ROOT, capture_output=True,
-                             text=True, timeout=120).stdout.strip() for order in ([str(a), str(b)], [str(b), str(a)])]
+    """,
+    )
+    hashes = [
+        subprocess.run(
+            [sys.executable, "-c", HASH_OF, "plug-a", *order], cwd=ROOT, capture_output=True, text=True, timeout=120
+        ).stdout.strip()
+        for order in ([str(a), str(b)], [str(b), str(a)])
+    ]
     assert hashes[0] and hashes[0] == hashes[1]
 
 
@@ -72,18 +85,26 @@ def test_the_code_hash_follows_what_an_estimator_uses(tmp_path, monkeypatch):
     """A plug-in subclass of full depends on the masked chain full uses, and on its own helper
     module; a change to either changes the hash (so its cells rerun)."""
     monkeypatch.syspath_prepend(str(tmp_path))
-    helper = _plugin(tmp_path, "diffgrad_test_helper", '''
+    helper = _plugin(
+        tmp_path,
+        "diffgrad_test_helper",
+        """
         def scale():
             return 1.0
-    ''')
-    plugin = _plugin(tmp_path, "uses_helper", '''
+    """,
+    )
+    plugin = _plugin(
+        tmp_path,
+        "uses_helper",
+        """
         from bench.api import register_estimator
         from estimators.full import Full
         from diffgrad_test_helper import scale
         @register_estimator
         class UsesHelper(Full):
             name = "test-uses-helper"
-    ''')
+    """,
+    )
     include(plugin)
     cls = ESTIMATORS.get("test-uses-helper")
     modules = code_modules(cls)
@@ -117,14 +138,24 @@ def test_trained_weights_are_in_the_cell_key(tmp_path):
 
 # -- 7: duplicates --------------------------------------------------------------------------------
 
+
 def test_repeated_steps_seeds_and_aliases_run_each_cell_once(tmp_path):
-    spec = SweepSpec(tasks=[TOY, "toy[batch=2,d=2]"], estimators=["full", "bptt", "full[]"],
-                     targets=["cond", "cond"], steps=[2, 2], seeds=[0, 0], iters=1, rounds=1, memory="off")
+    spec = SweepSpec(
+        tasks=[TOY, "toy[batch=2,d=2]"],
+        estimators=["full", "bptt", "full[]"],
+        targets=["cond", "cond"],
+        steps=[2, 2],
+        seeds=[0, 0],
+        iters=1,
+        rounds=1,
+        memory="off",
+    )
     rows = run_sweep(spec, tmp_path)
     assert len(store.read_rows(tmp_path)) == 1 and len(rows) == 1
 
 
 # -- 8: concurrent sweeps on one folder -----------------------------------------------------------
+
 
 def test_a_second_sweep_on_a_folder_in_use_is_refused(tmp_path, capsys):
     with store.locked(tmp_path):
@@ -136,7 +167,10 @@ def test_a_second_sweep_on_a_folder_in_use_is_refused(tmp_path, capsys):
 
 def test_a_concurrent_sweep_in_another_process_is_refused(tmp_path, capsys):
     """A real second process while the first holds the folder (a slow plug-in keeps it busy)."""
-    plugin = _plugin(tmp_path, "sleepy", '''
+    plugin = _plugin(
+        tmp_path,
+        "sleepy",
+        """
         import time
         from bench.api import register_estimator
         from estimators.full import Full
@@ -146,10 +180,24 @@ def test_a_concurrent_sweep_in_another_process_is_refused(tmp_path, capsys):
             def estimate(self, problem, rng):
                 time.sleep(1)  # three calls: the folder stays in use for 3 s or more
                 return super().estimate(problem, rng)
-    ''')
+    """,
+    )
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "bench", "run", *FAST, "--include", str(plugin), "--estimators",
-               "test-sleepy", "--targets", "cond", "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "bench",
+        "run",
+        *FAST,
+        "--include",
+        str(plugin),
+        "--estimators",
+        "test-sleepy",
+        "--targets",
+        "cond",
+        "--out",
+        str(out),
+    ]
     first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not ((out / store.LOCK).exists() and (out / store.LOCK).read_text()) and time.monotonic() < deadline:
@@ -180,6 +228,7 @@ def test_run_json_keeps_every_record_and_sets_an_unreadable_one_aside(tmp_path):
 
 # -- 9: bad lines ---------------------------------------------------------------------------------
 
+
 def test_bad_lines_are_skipped_and_named_by_run_report_and_compare(tmp_path, capsys):
     run_dir = tmp_path / "run"
     args = ["run", *FAST, "--estimators", "full,sdo", "--targets", "cond", "--out", str(run_dir)]
@@ -187,16 +236,27 @@ def test_bad_lines_are_skipped_and_named_by_run_report_and_compare(tmp_path, cap
     good = (run_dir / "rows.jsonl").read_bytes()
     row = json.loads(good.splitlines()[0])
     no_estimator = {k: v for k, v in row.items() if k != "estimator"}
-    bad_lines = [b"42", b"\xff\xfe not utf-8", json.dumps(no_estimator).encode(), b"[1, 2]", b"null",
-                 json.dumps({**row, "steps": "two"}).encode()]
+    bad_lines = [
+        b"42",
+        b"\xff\xfe not utf-8",
+        json.dumps(no_estimator).encode(),
+        b"[1, 2]",
+        b"null",
+        json.dumps({**row, "steps": "two"}).encode(),
+    ]
     (run_dir / "rows.jsonl").write_bytes(good + b"\n".join(bad_lines) + b"\n")
     (run_dir / "run.json").write_text("[garbage")
     with pytest.warns(UserWarning) as caught:
         rows = store.read_rows(run_dir)
     assert len(rows) == 2
     messages = " ".join(str(w.message) for w in caught)
-    for number, why in ((3, "not a JSON object (int)"), (4, "not UTF-8"), (5, "no str field 'estimator'"),
-                        (6, "not a JSON object (list)"), (8, "field 'steps' is not a int")):
+    for number, why in (
+        (3, "not a JSON object (int)"),
+        (4, "not UTF-8"),
+        (5, "no str field 'estimator'"),
+        (6, "not a JSON object (list)"),
+        (8, "field 'steps' is not a int"),
+    ):
         assert f"line {number}: {why}" in messages, messages
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -208,7 +268,7 @@ def test_bad_lines_are_skipped_and_named_by_run_report_and_compare(tmp_path, cap
 
 # -- 10, 11: failures inside a cell are rows ------------------------------------------------------
 
-FAILING = '''
+FAILING = """
     import sys
     import torch
     from bench.api import Option, register_estimator
@@ -227,14 +287,26 @@ FAILING = '''
             if self.how == "memory":
                 raise MemoryError("no room")
             torch.empty(2 ** 62, dtype=torch.uint8)  # the CPU allocator refuses
-'''
+"""
 
 
 def test_exits_interrupts_and_cpu_allocation_failures_are_rows(tmp_path):
     include(_plugin(tmp_path, "failing", FAILING))
-    spec = SweepSpec(tasks=[TOY], targets=["cond"], steps=[2], iters=1, rounds=1, memory="off",
-                     estimators=["test-failing[how=exit]", "test-failing[how=interrupt]",
-                                 "test-failing[how=memory]", "test-failing[how=alloc]", "full"])
+    spec = SweepSpec(
+        tasks=[TOY],
+        targets=["cond"],
+        steps=[2],
+        iters=1,
+        rounds=1,
+        memory="off",
+        estimators=[
+            "test-failing[how=exit]",
+            "test-failing[how=interrupt]",
+            "test-failing[how=memory]",
+            "test-failing[how=alloc]",
+            "full",
+        ],
+    )
     rows = {row["estimator"]: row for row in run_sweep(spec, tmp_path / "run")}
     assert rows["test-failing"]["status"] == "error" and rows["test-failing"]["error_type"] == "SystemExit"
     assert rows["test-failing[how=interrupt]"]["status"] == "error"
@@ -246,9 +318,13 @@ def test_exits_interrupts_and_cpu_allocation_failures_are_rows(tmp_path):
 
 # -- 12: Ctrl-C during the memory measurement -----------------------------------------------------
 
+
 @pytest.mark.slow
 def test_ctrl_c_during_the_memory_measurement_prints_no_traceback(tmp_path):
-    plugin = _plugin(tmp_path, "slow_in_worker", '''
+    plugin = _plugin(
+        tmp_path,
+        "slow_in_worker",
+        """
         import os, time
         from bench.api import register_estimator
         from estimators.full import Full
@@ -259,13 +335,37 @@ def test_ctrl_c_during_the_memory_measurement_prints_no_traceback(tmp_path):
                 if os.environ.get("MALLOC_MMAP_THRESHOLD_"):
                     time.sleep(0.2)
                 return super().estimate(problem, rng)
-    ''')
+    """,
+    )
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "bench", "run", "--include", str(plugin), "--tasks", TOY,
-               "--estimators", "full,test-slow-worker", "--targets", "latent,cond,weights", "--steps", "2,3",
-               "--iters", "1", "--rounds", "1", "--memory", "process", "--no-progress", "--out", str(out)]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)  # its own process group, as a terminal's job
+    command = [
+        sys.executable,
+        "-m",
+        "bench",
+        "run",
+        "--include",
+        str(plugin),
+        "--tasks",
+        TOY,
+        "--estimators",
+        "full,test-slow-worker",
+        "--targets",
+        "latent,cond,weights",
+        "--steps",
+        "2,3",
+        "--iters",
+        "1",
+        "--rounds",
+        "1",
+        "--memory",
+        "process",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
+    process = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )  # its own process group, as a terminal's job
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and len(store.read_rows(out)) < 2:
         time.sleep(0.05)
@@ -278,10 +378,13 @@ def test_ctrl_c_during_the_memory_measurement_prints_no_traceback(tmp_path):
 
 # -- 13: row strings are plain text in figures and pages ------------------------------------------
 
+
 def test_markup_in_row_strings_is_plain_text_in_reports(tmp_path):
     run_dir = tmp_path / "run"
-    assert main(["run", *FAST, "--steps", "2,3", "--estimators", "full,sdo", "--targets", "cond",
-                 "--out", str(run_dir)]) == 0
+    assert (
+        main(["run", *FAST, "--steps", "2,3", "--estimators", "full,sdo", "--targets", "cond", "--out", str(run_dir)])
+        == 0
+    )
     text = (run_dir / "rows.jsonl").read_text().replace('"sdo"', '"$x^2$ *bold* <b>|"')
     (run_dir / "rows.jsonl").write_text(text)
     assert main(["report", str(run_dir), "--out", str(tmp_path / "report"), "--svg"]) == 0
@@ -294,6 +397,7 @@ def test_markup_in_row_strings_is_plain_text_in_reports(tmp_path):
 
 # -- figures: identical rows, identical files -----------------------------------------------------
 
+
 def test_figures_from_unchanged_rows_are_byte_identical_to_the_committed_ones(tmp_path):
     from bench.figures import FIGURES, render_all
 
@@ -305,6 +409,7 @@ def test_figures_from_unchanged_rows_are_byte_identical_to_the_committed_ones(tm
 
 
 # -- 15: the checkpoint's forward count -----------------------------------------------------------
+
 
 class _TanhPlusBias(nn.Module):
     """eps = tanh(x) + b: the first step, with x_N a constant, saves nothing for backward."""
@@ -322,8 +427,15 @@ def test_checkpoint_forward_count_is_modelled_exactly(target, forwards):
     denoiser = _TanhPlusBias()
     schedule = Schedule.from_scheduler(DDIMScheduler(timestep_spacing="trailing", clip_sample=False), 4)
     x = torch.randn(2, 3, dtype=torch.float64, requires_grad=target == "latent")
-    problem = Problem(Chain(denoiser, schedule), x, None, None, lambda x0: -(x0 ** 2).sum(-1), target,
-                      [denoiser.b] if target == "weights" else [x])
+    problem = Problem(
+        Chain(denoiser, schedule),
+        x,
+        None,
+        None,
+        lambda x0: -(x0**2).sum(-1),
+        target,
+        [denoiser.b] if target == "weights" else [x],
+    )
     estimator = ESTIMATORS.create("checkpoint")
     estimator(problem, random.Random(0))
     cost = estimator.cost_for(problem)
@@ -337,16 +449,38 @@ def test_checkpoint_forward_count_is_modelled_exactly(target, forwards):
 
 # -- the plug-in author's surface -----------------------------------------------------------------
 
+
 def test_one_public_module_and_list_names_the_included_file(tmp_path, capsys, monkeypatch):
     import bench.api
 
-    for name in ("Estimator", "Estimate", "Cost", "Option", "SpecError", "SkipCell", "Problem", "Chain",
-                 "Schedule", "noise_for", "run_masked_chain", "torch_generator", "backprop",
-                 "register_estimator", "Task", "register_task"):
+    for name in (
+        "Estimator",
+        "Estimate",
+        "Cost",
+        "Option",
+        "SpecError",
+        "SkipCell",
+        "Problem",
+        "Chain",
+        "Schedule",
+        "noise_for",
+        "run_masked_chain",
+        "torch_generator",
+        "backprop",
+        "register_estimator",
+        "Task",
+        "register_task",
+    ):
         assert name in bench.api.__all__ and hasattr(bench.api, name)
     example = ROOT / "examples" / "checkpointed_draft.py"
     assert "from bench.api import" in example.read_text()
-    result = subprocess.run([sys.executable, "-m", "bench", "list", "draft-ckpt", "--include", str(example)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "300"})
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "list", "draft-ckpt", "--include", str(example)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "300"},
+    )
     assert result.returncode == 0, result.stderr
     assert f"{example}:CheckpointedDraft" in result.stdout

@@ -1,6 +1,7 @@
 """The digits task: the pipeline end to end on every target (random-weight models, saved and
 loaded exactly as trained ones), and the shipped model's claims (recognisable samples,
 checkpoint == full in float32, rewards that rise under optimisation)."""
+
 import random
 
 import pytest
@@ -61,8 +62,7 @@ def test_weights_target_trains_lora_adapters_or_all_weights(random_digits, tune)
 
 
 def test_clean_fid_skips_cleanly_without_inception_weights(tmp_path):
-    value, reason = metrics.clean_fid(torch.zeros(4, 1, 8, 8), torch.zeros(4, 1, 8, 8),
-                                      weights=tmp_path / "absent.pt")
+    value, reason = metrics.clean_fid(torch.zeros(4, 1, 8, 8), torch.zeros(4, 1, 8, 8), weights=tmp_path / "absent.pt")
     assert value is None and "not found" in reason
 
 
@@ -111,9 +111,30 @@ def test_optimising_with_full_raises_the_classify_reward(shipped, target):
 
 def test_run_on_digits_records_fid_and_reward(random_digits, tmp_path):
     out = tmp_path / "run"
-    assert main(["run", "--tasks", random_digits.spec, "--estimators", "full,sdo,truncated",
-                 "--steps", "3", "--iters", "2", "--rounds", "1", "--warmup", "0", "--no-memory",
-                 "--no-progress", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--tasks",
+                random_digits.spec,
+                "--estimators",
+                "full,sdo,truncated",
+                "--steps",
+                "3",
+                "--iters",
+                "2",
+                "--rounds",
+                "1",
+                "--warmup",
+                "0",
+                "--no-memory",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     from bench.store import load_frame
 
     frame = load_frame(out)
@@ -139,8 +160,9 @@ def test_kid_is_torchmetrics_kid_over_one_subset_of_every_sample(shipped):
     generator = torch.Generator().manual_seed(0)
     for fakes in (torch.rand(12, 1, 8, 8, generator=generator) * 2 - 1, shipped.held_out[20:32]):
         reals = shipped.held_out[:12]
-        theirs = KernelInceptionDistance(feature=FeatureExtractor(shipped.classifier).float(), subsets=1,
-                                         subset_size=12)
+        theirs = KernelInceptionDistance(
+            feature=FeatureExtractor(shipped.classifier).float(), subsets=1, subset_size=12
+        )
         theirs.update(reals, real=True)  # FeatureExtractor reads [-1, 1] images as given
         theirs.update(fakes, real=False)
         with torch.random.fork_rng():

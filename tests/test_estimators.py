@@ -1,4 +1,5 @@
 """Every built-in estimator against the exact gradient of the discrete chain on `toy` (float64)."""
+
 import random
 
 import pytest
@@ -39,9 +40,10 @@ def test_full_matches_finite_differences(request, target, task_name):
     for index, leaf in enumerate(problem.leaves):
         direction = torch.randn(leaf.shape, generator=generator, dtype=leaf.dtype)
         h = 1e-6
-        numeric = (loss_of_leaf(problem, index, leaf + h * direction)
-                   - loss_of_leaf(problem, index, leaf - h * direction)) / (2 * h)
-        analytic = float(grad[offset:offset + leaf.numel()] @ direction.reshape(-1))
+        numeric = (
+            loss_of_leaf(problem, index, leaf + h * direction) - loss_of_leaf(problem, index, leaf - h * direction)
+        ) / (2 * h)
+        analytic = float(grad[offset : offset + leaf.numel()] @ direction.reshape(-1))
         assert analytic == pytest.approx(numeric, rel=1e-6, abs=1e-9)
         offset += leaf.numel()
 
@@ -53,10 +55,11 @@ def test_toy_denoiser_is_the_exact_noise_prediction(toy):
     x = torch.randn(6, toy.d, dtype=torch.float64, requires_grad=True)
     for i in (10, 5, 1):
         ab = schedule.alpha_bar[i]
-        alpha, sigma = ab ** 0.5, (1 - ab) ** 0.5
+        alpha, sigma = ab**0.5, (1 - ab) ** 0.5
         mix = torch.distributions.Categorical(logits=denoiser.logits.detach())
-        comp = torch.distributions.Independent(torch.distributions.Normal(
-            alpha * denoiser.means.detach(), (alpha**2 * toy.std**2 + sigma**2) ** 0.5), 1)
+        comp = torch.distributions.Independent(
+            torch.distributions.Normal(alpha * denoiser.means.detach(), (alpha**2 * toy.std**2 + sigma**2) ** 0.5), 1
+        )
         log_p = torch.distributions.MixtureSameFamily(mix, comp).log_prob(x).sum()
         (score,) = torch.autograd.grad(log_p, x)
         t = torch.full((6,), schedule.model_time(i), dtype=torch.float64)
@@ -175,11 +178,21 @@ def test_truncated_latent_path_keeps_the_identity_path(toy):
 
 
 @pytest.mark.parametrize("target", TARGETS)
-@pytest.mark.parametrize("spec,forward,vjp", [
-    ("full", 16, 16), ("checkpoint", 32, 16), ("adjoint", 32, 16), ("adjoint[steps=40]", 56, 40),
-    ("adjoint[recover=cache]", 32, 16), ("sdo", 16, 1), ("sdo[step=last]", 16, 1), ("sdo[step=0]", 16, 1),
-    ("truncated[k=3,latent_path=true]", 16, 3), ("truncated[k=16]", 16, 16),
-])
+@pytest.mark.parametrize(
+    "spec,forward,vjp",
+    [
+        ("full", 16, 16),
+        ("checkpoint", 32, 16),
+        ("adjoint", 32, 16),
+        ("adjoint[steps=40]", 56, 40),
+        ("adjoint[recover=cache]", 32, 16),
+        ("sdo", 16, 1),
+        ("sdo[step=last]", 16, 1),
+        ("sdo[step=0]", 16, 1),
+        ("truncated[k=3,latent_path=true]", 16, 3),
+        ("truncated[k=16]", 16, 16),
+    ],
+)
 def test_counts_match_the_cost_model(toy, target, spec, forward, vjp):
     estimator = ESTIMATORS.create(spec)
     problem = toy.make_problem(target, 16, 0)
@@ -193,8 +206,9 @@ def test_counts_match_the_cost_model(toy, target, spec, forward, vjp):
     assert (cost.nfe_forward, cost.nfe_vjp) == (forward, vjp)
 
 
-@pytest.mark.parametrize("spec", ["full", "checkpoint", "adjoint", "sdo", "truncated[k=2]",
-                                  "truncated[k=2,latent_path=true]"])
+@pytest.mark.parametrize(
+    "spec", ["full", "checkpoint", "adjoint", "sdo", "truncated[k=2]", "truncated[k=2,latent_path=true]"]
+)
 @pytest.mark.parametrize("target", TARGETS)
 def test_gradient_lands_only_on_requested_leaves_and_is_not_accumulated(toy, spec, target):
     estimator = ESTIMATORS.create(spec)
@@ -222,8 +236,7 @@ def test_random_choices_follow_the_rng(toy):
     a, _ = gradient(toy, "sdo[step=random]", "weights", 10, rng_seed=3)
     b, _ = gradient(toy, "sdo[step=random]", "weights", 10, rng_seed=3)
     assert torch.equal(a, b)
-    draws = {tuple(gradient(toy, "sdo[step=random]", "weights", 10, rng_seed=s)[0][:3].tolist())
-             for s in range(8)}
+    draws = {tuple(gradient(toy, "sdo[step=random]", "weights", 10, rng_seed=s)[0][:3].tolist()) for s in range(8)}
     assert len(draws) >= 3
 
 

@@ -1,6 +1,7 @@
 """The worked examples of extending the suite (README, "Extending"): a new estimator that needs a
 capability no built-in one needs, with the task that provides it, and a new sampler, each added
 by a plug-in file alone and accepted by its conformance suite through the command line."""
+
 import textwrap
 
 from bench.cli import main
@@ -68,7 +69,7 @@ ESTIMATOR_AND_TASK = textwrap.dedent('''
 
 # A sampler as a plug-in file: diffusers' DPMSolverSinglestepScheduler at first order, whose step
 # is DDIM's in lambda, built on the multistep solver's schedule class.
-SAMPLER = textwrap.dedent('''
+SAMPLER = textwrap.dedent("""
     from bench.samplers import SAMPLERS, Sampler
     from bench.samplers.dpm_solver import DPMSolverSchedule
 
@@ -87,7 +88,7 @@ SAMPLER = textwrap.dedent('''
 
 
     SAMPLERS.register(SinglestepFirstOrder)
-''')
+""")
 
 
 def test_an_estimator_that_needs_a_new_capability_is_accepted_on_the_task_that_offers_it(tmp_path, capsys):
@@ -111,6 +112,29 @@ def test_a_sampler_added_by_a_plug_in_file_passes_the_sampler_suite(tmp_path, ca
     assert main(["check", "--samplers", "test-singlestep1", "--include", str(plugin)]) == 0
     assert "all checks pass" in capsys.readouterr().out
     # and a task samples with it by name
-    assert main(["run", "--include", str(plugin), "--tasks", "toy[d=2,batch=2,sampler=test-singlestep1]",
-                 "--estimators", "full,sdo", "--targets", "latent", "--steps", "3", "--iters", "0", "--rounds", "1",
-                 "--no-memory", "--no-progress", "--out", str(tmp_path / "run")]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--include",
+                str(plugin),
+                "--tasks",
+                "toy[d=2,batch=2,sampler=test-singlestep1]",
+                "--estimators",
+                "full,sdo",
+                "--targets",
+                "latent",
+                "--steps",
+                "3",
+                "--iters",
+                "0",
+                "--rounds",
+                "1",
+                "--no-memory",
+                "--no-progress",
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 0
+    )

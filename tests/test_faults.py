@@ -2,6 +2,7 @@
 nothing else (issue 21, items 13 and 15-18): an exception that cannot be printed, os._exit, a fork
 that carries on, a forked child left sleeping, a cell sleeping past --timeout while its memory is
 measured, and an include file that fails only in the memory worker."""
+
 import json
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TOY = "toy[d=2,batch=2]"
 
-MISBEHAVING = textwrap.dedent('''
+MISBEHAVING = textwrap.dedent("""
     import multiprocessing
     import os
     import time
@@ -74,21 +75,48 @@ MISBEHAVING = textwrap.dedent('''
             if IN_WORKER:
                 time.sleep(120)
             return super().estimate(problem, rng)
-''')
+""")
 
 
 def _sweep(tmp_path: Path, estimators: str, *flags: str, env: dict | None = None, timeout: float = 240):
     plugin = tmp_path / "misbehaving.py"
     plugin.write_text(MISBEHAVING)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "bench", "run", "--include", str(plugin), "--tasks", TOY,
-               "--estimators", estimators, "--targets", "latent", "--steps", "2", "--iters", "1", "--rounds", "1",
-               "--no-progress", "--out", str(out), *flags]
+    command = [
+        sys.executable,
+        "-m",
+        "bench",
+        "run",
+        "--include",
+        str(plugin),
+        "--tasks",
+        TOY,
+        "--estimators",
+        estimators,
+        "--targets",
+        "latent",
+        "--steps",
+        "2",
+        "--iters",
+        "1",
+        "--rounds",
+        "1",
+        "--no-progress",
+        "--out",
+        str(out),
+        *flags,
+    ]
     import os
+
     start = time.monotonic()
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
-    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()] if (out / "rows.jsonl").exists() else []
+    done = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
+    rows = (
+        [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+        if (out / "rows.jsonl").exists()
+        else []
+    )
     return done, rows, time.monotonic() - start
 
 
@@ -119,12 +147,12 @@ def test_a_misbehaving_plug_in_fails_its_own_cell_only(tmp_path):
 def test_a_cell_sleeping_past_its_timeout_in_the_memory_worker_times_out_alone(tmp_path):
     """The worker is killed with the sleeping cell and restarted for the next one; the restart (here
     slowed by the include file) is the harness's, not counted against the next cell's --timeout."""
-    done, rows, _ = _sweep(tmp_path, "full,sleeps-in-the-worker,sdo", "--timeout", "6",
-                           env={"SLOW_IN_WORKER": "4"})
+    done, rows, _ = _sweep(tmp_path, "full,sleeps-in-the-worker,sdo", "--timeout", "6", env={"SLOW_IN_WORKER": "4"})
     assert done.returncode == 0, done.stderr[-3000:]
     status = {row["estimator"]: row["status"] for row in rows}
     assert status == {"full": "ok", "sleeps-in-the-worker": "timeout", "sdo": "ok"}, [
-        (r["estimator"], r.get("error"), r["phase_s"]) for r in rows]
+        (r["estimator"], r.get("error"), r["phase_s"]) for r in rows
+    ]
     measured = [row for row in rows if row["status"] == "ok"]
     assert all(row["peak_mem_bytes"] is not None and "mem_error" not in row for row in measured)
     assert max(row["phase_s"]["harness"] for row in measured) > 4  # the restart, charged to the harness
@@ -132,7 +160,8 @@ def test_a_cell_sleeping_past_its_timeout_in_the_memory_worker_times_out_alone(t
 
 def test_an_include_that_fails_only_in_the_memory_worker_is_a_memory_error_not_a_traceback(tmp_path):
     plugin = tmp_path / "loads_here_only.py"
-    plugin.write_text(textwrap.dedent('''
+    plugin.write_text(
+        textwrap.dedent("""
         import multiprocessing
         from bench.api import register_estimator
         from estimators.full import Full
@@ -142,12 +171,38 @@ def test_an_include_that_fails_only_in_the_memory_worker_is_a_memory_error_not_a
         class LoadsHereOnly(Full):
             name = "loads-here-only"
             summary = "loads in the sweep's process only"
-    '''))
+    """)
+    )
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, "-m", "bench", "run", "--include", str(plugin), "--tasks", TOY,
-                           "--estimators", "loads-here-only,sdo", "--targets", "latent", "--steps", "2",
-                           "--iters", "0", "--rounds", "1", "--no-progress", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=240)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "run",
+            "--include",
+            str(plugin),
+            "--tasks",
+            TOY,
+            "--estimators",
+            "loads-here-only,sdo",
+            "--targets",
+            "latent",
+            "--steps",
+            "2",
+            "--iters",
+            "0",
+            "--rounds",
+            "1",
+            "--no-progress",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Traceback" not in done.stderr + done.stdout
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]

@@ -1,6 +1,7 @@
 """Run folders as the job launchers leave them (issue 21): a folder with rows under rows.d/ only
 is a run folder for every command; a row stamped in the future (a node whose clock is ahead) does
 not outlive the rerun that repairs it; a local job's task does not outlive its controller."""
+
 import os
 import shutil
 import signal
@@ -46,6 +47,7 @@ def _as_jobs_folder(local: Path, folder: Path) -> Path:
 
 # -- item 10: rows.d/ alone is a run folder -------------------------------------------------
 
+
 def test_report_compare_and_figures_read_a_folder_only_jobs_wrote(local_run, tmp_path, capsys):
     jobs = _as_jobs_folder(local_run, tmp_path / "jobs")
     assert not (jobs / store.ROWS).exists()
@@ -56,8 +58,9 @@ def test_report_compare_and_figures_read_a_folder_only_jobs_wrote(local_run, tmp
     assert "2 cells in both runs" in capsys.readouterr().out
     specs = tmp_path / "specs"
     specs.mkdir()
-    (specs / "jobs.toml").write_text(f'title = "t"\nkind = "frontier"\nsource = "{jobs}"\nclaim = "c"\n'
-                                     '[options]\nsteps = 2\ntarget = "latent"\n')
+    (specs / "jobs.toml").write_text(
+        f'title = "t"\nkind = "frontier"\nsource = "{jobs}"\nclaim = "c"\n[options]\nsteps = 2\ntarget = "latent"\n'
+    )
     assert main(["figures", "--specs", str(specs), "--out", str(tmp_path / "figs")]) == 0
     assert (tmp_path / "figs" / "jobs.png").is_file()
 
@@ -104,8 +107,19 @@ def test_a_rerun_supersedes_a_row_finished_in_the_future(local_run, tmp_path, ca
         assert set(frame["status"]) == {"ok"} and len(frame) == 2
         # run: a plain rerun reuses both cells (nothing written) and returns the repaired rows
         written = len(store.read_rows(folder))
-        rows = run_sweep(SweepSpec(tasks=[TOY], estimators=["full", "sdo"], targets=["latent"], steps=[2],
-                                   iters=0, rounds=1, warmup=0, memory="off"), folder)
+        rows = run_sweep(
+            SweepSpec(
+                tasks=[TOY],
+                estimators=["full", "sdo"],
+                targets=["latent"],
+                steps=[2],
+                iters=0,
+                rounds=1,
+                warmup=0,
+                memory="off",
+            ),
+            folder,
+        )
         assert len(store.read_rows(folder)) == written
         assert {row["key"]: row["status"] for row in rows} == {k: "ok" for k in latest}
     assert main(["status", str(folder)]) == 0
@@ -179,9 +193,29 @@ def test_killing_a_local_jobs_controller_ends_its_task(tmp_path, capsys):
     killer = threading.Thread(target=kill_the_controller_mid_cell)
     killer.start()
     try:
-        assert main(["run", "--include", str(plugin), "--tasks", TOY, "--estimators", "test-blocking-controller",
-                     "--targets", "latent", "--steps", "2", *QUICK, "--out", str(out),
-                     "--launcher", "submitit-local"]) == 0
+        assert (
+            main(
+                [
+                    "run",
+                    "--include",
+                    str(plugin),
+                    "--tasks",
+                    TOY,
+                    "--estimators",
+                    "test-blocking-controller",
+                    "--targets",
+                    "latent",
+                    "--steps",
+                    "2",
+                    *QUICK,
+                    "--out",
+                    str(out),
+                    "--launcher",
+                    "submitit-local",
+                ]
+            )
+            == 0
+        )
         killer.join()
         assert task, "the job's task never claimed its cell"
         assert "1 cell(s) got no row" in capsys.readouterr().err
@@ -203,14 +237,19 @@ def test_killing_a_local_jobs_controller_ends_its_task(tmp_path, capsys):
 
 def test_a_task_whose_controller_is_already_gone_stops_at_once(tmp_path):
     """The check after the kernel is asked: the parent the task expects is not its parent."""
-    script = textwrap.dedent(f'''
+    script = textwrap.dedent(f"""
         import os
         os.environ.update(SUBMITIT_EXECUTOR="local", SUBMITIT_LOCAL_JOB_ID="1", SUBMITIT_LOCAL_WITH_SHELL="")
         from bench.launch import die_with_controller
         die_with_controller()
         open({str(tmp_path / "ran")!r}, "w").close()
-    ''')
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
-                            cwd=Path(__file__).resolve().parent.parent)
+    """)
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert result.returncode == -signal.SIGKILL and "controller (pid 1) has ended" in result.stdout
     assert not (tmp_path / "ran").exists()

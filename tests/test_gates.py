@@ -1,5 +1,6 @@
 """DiP-GO's gates target on digits: the gated U-Net against diffusers' own forward, the
 straight-through gradient against finite differences, the estimators that drive it, bad input."""
+
 import json
 import random
 
@@ -55,8 +56,10 @@ def test_all_open_gates_are_diffusers_own_forward_and_closed_ones_hand_on_the_la
         everything = gates.GatedUNet(unet, times, torch.ones(2, 5, dtype=torch.bool))
         for t in times:  # every step of an all-open pass is the model itself
             x_t = x * (1 + t / 1000)
-            assert torch.equal(eps(everything, t, x_t),
-                               unet(x_t, torch.full((3,), t, dtype=torch.float64), encoder_hidden_states=cond).sample)
+            assert torch.equal(
+                eps(everything, t, x_t),
+                unet(x_t, torch.full((3,), t, dtype=torch.float64), encoder_hidden_states=cond).sample,
+            )
         nothing = gates.GatedUNet(unet, times, torch.zeros(2, 5, dtype=torch.bool))
         first = eps(nothing, 700.0, x)
         assert torch.equal(eps(nothing, 400.0, x * 2), first)  # every block reused: the same output
@@ -65,8 +68,9 @@ def test_all_open_gates_are_diffusers_own_forward_and_closed_ones_hand_on_the_la
         eps(deep, 700.0, x)
         shallow = eps(deep, 400.0, x * 2)
         assert not torch.equal(shallow, first)  # the shallow branch saw the new input
-        assert not torch.allclose(shallow, unet(x * 2, torch.full((3,), 400.0, dtype=torch.float64),
-                                                encoder_hidden_states=cond).sample)  # the deep one did not
+        assert not torch.allclose(
+            shallow, unet(x * 2, torch.full((3,), 400.0, dtype=torch.float64), encoder_hidden_states=cond).sample
+        )  # the deep one did not
         eps(deep, 100.0, x)
         assert (deep.counter.computed, deep.counter.reused) == (5 + 2 + 5, 3)
         with pytest.raises(RuntimeError, match="in order"):
@@ -129,8 +133,13 @@ def test_in_order_estimators_drive_the_gates_and_the_rest_skip(task):
     last = gradient("truncated[k=1]")
     flops = task.block_flops()
     z = _problem(task, MIXED).leaves[0].detach()
-    sparsity = (task.gate_sparsity * torch.tensor([flops[b] for b in gates.BLOCKS], dtype=torch.float64)
-                / (STEPS * sum(flops.values())) * torch.sigmoid(z) * (1 - torch.sigmoid(z)))
+    sparsity = (
+        task.gate_sparsity
+        * torch.tensor([flops[b] for b in gates.BLOCKS], dtype=torch.float64)
+        / (STEPS * sum(flops.values()))
+        * torch.sigmoid(z)
+        * (1 - torch.sigmoid(z))
+    )
     torch.testing.assert_close(last[1], exact[1], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(last[0], sparsity[0], rtol=1e-10, atol=1e-12)
     assert not torch.allclose(exact[0], sparsity[0])
@@ -159,8 +168,25 @@ def test_bad_gate_input_is_one_line(capsys, folder):
 
 def test_a_gate_search_is_a_row_with_the_deployed_sampler_and_its_baselines(tmp_path, folder):
     out = tmp_path / "run"
-    main(["run", "--tasks", f"digits[models={folder},batch=2,fid_samples=8]", "--targets", "gates",
-          "--steps", str(STEPS), "--estimators", "full,sdo", "--iters", "2", "--rounds", "1", "--out", str(out)])
+    main(
+        [
+            "run",
+            "--tasks",
+            f"digits[models={folder},batch=2,fid_samples=8]",
+            "--targets",
+            "gates",
+            "--steps",
+            str(STEPS),
+            "--estimators",
+            "full,sdo",
+            "--iters",
+            "2",
+            "--rounds",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     rows = {row["estimator"]: row for row in map(json.loads, (out / "rows.jsonl").read_text().splitlines())}
     assert rows["sdo"]["status"] == "skipped" and "previous step" in rows["sdo"]["reason"]
     row = rows["full"]

@@ -1,6 +1,7 @@
 """--isolate cell: each cell in a freshly spawned process (the default on CUDA), tested on the CPU:
 the same rows as in-process, and a cell that blocks the timer signal (as a hung CUDA kernel does)
 is killed by its parent and recorded as a timeout."""
+
 import textwrap
 
 import pytest
@@ -12,8 +13,15 @@ TOY = "toy[d=2,batch=2]"
 
 
 def test_isolated_cells_give_the_same_rows(tmp_path):
-    common = dict(tasks=[TOY], estimators=["full", "truncated[k=2]"], targets=["latent"],
-                  steps=[3], iters=2, rounds=1, memory="off")
+    common = dict(
+        tasks=[TOY],
+        estimators=["full", "truncated[k=2]"],
+        targets=["latent"],
+        steps=[3],
+        iters=2,
+        rounds=1,
+        memory="off",
+    )
     here = {r["key"]: r for r in run_sweep(SweepSpec(**common, isolate="none"), tmp_path / "here")}
     apart = {r["key"]: r for r in run_sweep(SweepSpec(**common, isolate="cell"), tmp_path / "apart")}
     assert here.keys() == apart.keys() and len(here) == 2
@@ -29,7 +37,8 @@ def test_isolated_cells_give_the_same_rows(tmp_path):
 @pytest.mark.slow
 def test_a_cell_that_ignores_its_timer_is_killed_by_its_parent(tmp_path, monkeypatch):
     plugin = tmp_path / "hung.py"
-    plugin.write_text(textwrap.dedent('''
+    plugin.write_text(
+        textwrap.dedent('''
         import signal, time
         from bench.api import register_estimator
         from estimators.full import Full
@@ -42,10 +51,21 @@ def test_a_cell_that_ignores_its_timer_is_killed_by_its_parent(tmp_path, monkeyp
             def estimate(self, problem, rng):
                 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
                 time.sleep(600)
-    '''))
+    ''')
+    )
     monkeypatch.setattr(isolate, "GRACE_S", 2.0)
-    spec = SweepSpec(tasks=[TOY], estimators=["test-hung", "full"], targets=["cond"], steps=[2], iters=1,
-                     rounds=1, memory="off", timeout=6, isolate="cell", includes=[str(plugin)])
+    spec = SweepSpec(
+        tasks=[TOY],
+        estimators=["test-hung", "full"],
+        targets=["cond"],
+        steps=[2],
+        iters=1,
+        rounds=1,
+        memory="off",
+        timeout=6,
+        isolate="cell",
+        includes=[str(plugin)],
+    )
     rows = {r["estimator"]: r for r in run_sweep(spec, tmp_path / "run")}
     assert rows["test-hung"]["status"] == "timeout" and "killed" in rows["test-hung"]["error"]
     assert rows["full"]["status"] == "ok"

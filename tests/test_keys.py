@@ -1,6 +1,7 @@
 """A cell's key covers every piece of code that can change what it computes, and nothing else: a
 sampler's code, the reference estimator's code and a plug-in's helper values re-key the cells that
 use them; a docstring or a comment re-keys nothing (issue 21, items 1, 2, 7 and 8)."""
+
 import json
 import shutil
 import subprocess
@@ -17,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # The keys of a sweep as the code of the folder it runs in computes them: estimator -> key, one
 # cell per estimator (toy latent N=2), flow-euler cells under `flow:`.
-KEYS_OF = textwrap.dedent('''
+KEYS_OF = textwrap.dedent("""
     import json
     from bench.runner import SweepSpec, plan
     keys = {}
@@ -26,7 +27,7 @@ KEYS_OF = textwrap.dedent('''
         for _, cells in plan([spec]):
             keys.update({label + c.estimator.spec: c.key for c in cells})
     print(json.dumps(keys))
-''')
+""")
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,8 @@ def test_a_docstring_edit_does_not_change_the_code_hash_but_a_code_edit_does(tmp
     helper = tmp_path / "diffgrad_keys_helper.py"
     helper.write_text('"""A helper."""\nSCALE = 1.0\n')
     plugin = tmp_path / "uses_a_value.py"
-    plugin.write_text(textwrap.dedent('''
+    plugin.write_text(
+        textwrap.dedent("""
         from bench.api import register_estimator
         from estimators.full import Full
 
@@ -96,7 +98,8 @@ def test_a_docstring_edit_does_not_change_the_code_hash_but_a_code_edit_does(tmp
             def estimate(self, problem, rng):
                 from diffgrad_keys_helper import SCALE  # a value, imported where it is used
                 return super().estimate(problem, rng)
-    '''))
+    """)
+    )
     include(plugin)
     cls = ESTIMATORS.get("test-uses-a-value")
     before = code_hash(cls)
@@ -109,9 +112,28 @@ def test_a_docstring_edit_does_not_change_the_code_hash_but_a_code_edit_does(tmp
 def test_a_run_reuses_rows_after_a_docstring_edit_and_recomputes_them_after_a_sampler_edit(tree, tmp_path):
     """The same through the command line, as a user editing the code would."""
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "bench", "run", "--tasks", "toy[d=2,batch=2]", "--estimators", "full,sdo",
-               "--targets", "latent", "--steps", "2", "--iters", "0", "--rounds", "1", "--no-memory",
-               "--no-progress", "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "bench",
+        "run",
+        "--tasks",
+        "toy[d=2,batch=2]",
+        "--estimators",
+        "full,sdo",
+        "--targets",
+        "latent",
+        "--steps",
+        "2",
+        "--iters",
+        "0",
+        "--rounds",
+        "1",
+        "--no-memory",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
 
     def rows() -> list[dict]:
         done = subprocess.run(command, cwd=tree, capture_output=True, text=True, timeout=300)
@@ -151,8 +173,15 @@ def test_remeasure_measures_time_or_memory_again_and_keeps_the_gradients(tmp_pat
     from bench.cli import main
     from bench.runner import SweepSpec, run_sweep
 
-    spec = SweepSpec(tasks=["toy[d=2,batch=2]"], estimators=["full", "sdo"], targets=["latent"], steps=[2],
-                     iters=1, rounds=1, memory="inprocess")
+    spec = SweepSpec(
+        tasks=["toy[d=2,batch=2]"],
+        estimators=["full", "sdo"],
+        targets=["latent"],
+        steps=[2],
+        iters=1,
+        rounds=1,
+        memory="inprocess",
+    )
     out = tmp_path / "out"
     first = {row["key"]: row for row in run_sweep(spec, out)}
     again = {row["key"]: row for row in run_sweep(spec, out, remeasure=frozenset({"time"}))}
@@ -165,13 +194,34 @@ def test_remeasure_measures_time_or_memory_again_and_keeps_the_gradients(tmp_pat
             assert row[kept] == first[key][kept], kept
         assert row["time_rounds_s"] != first[key]["time_rounds_s"]
     memory = {row["key"]: row for row in run_sweep(spec, out, remeasure=frozenset({"memory"}))}
-    assert all(row["remeasured"] == ["memory"] and "memory" in row["phase_s"] and "timing" not in row["phase_s"]
-               and row["time_rounds_s"] == again[key]["time_rounds_s"] for key, row in memory.items())
+    assert all(
+        row["remeasured"] == ["memory"]
+        and "memory" in row["phase_s"]
+        and "timing" not in row["phase_s"]
+        and row["time_rounds_s"] == again[key]["time_rounds_s"]
+        for key, row in memory.items()
+    )
     assert store.latest_by_key(store.read_rows(out)).keys() == first.keys()
 
-    for bad, message in ((["--remeasure", "speed"], "is not a list of time, memory"),
-                         (["--remeasure", "time", "--launcher", "submitit-local"], "--remeasure runs in this process")):
-        assert main(["run", "--tasks", "toy[d=2,batch=2]", "--steps", "2", "--no-progress", "--out",
-                     str(tmp_path / "bad"), *bad]) == 2
+    for bad, message in (
+        (["--remeasure", "speed"], "is not a list of time, memory"),
+        (["--remeasure", "time", "--launcher", "submitit-local"], "--remeasure runs in this process"),
+    ):
+        assert (
+            main(
+                [
+                    "run",
+                    "--tasks",
+                    "toy[d=2,batch=2]",
+                    "--steps",
+                    "2",
+                    "--no-progress",
+                    "--out",
+                    str(tmp_path / "bad"),
+                    *bad,
+                ]
+            )
+            == 2
+        )
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err

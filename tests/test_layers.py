@@ -3,6 +3,7 @@ level or inside a function) only from its own layer or the ones below, and no tw
 each other, directly or around a loop. Data flows one way: the model plug-ins build on (core),
 the timer, the plug-ins (estimators, tasks), reading rows (results), running sweeps (run), the
 conformance suites (check), the command line."""
+
 import ast
 from pathlib import Path
 
@@ -11,15 +12,44 @@ PACKAGES = ("bench", "estimators", "tasks")
 
 # lowest first: a module may import from its layer and the layers above it in this list
 LAYERS = {
-    "core": ("bench.errors", "bench.options", "bench.registry", "bench.chain", "bench.problem",
-             "bench.capabilities", "bench.samplers"),
+    "core": (
+        "bench.errors",
+        "bench.options",
+        "bench.registry",
+        "bench.chain",
+        "bench.problem",
+        "bench.capabilities",
+        "bench.samplers",
+    ),
     "measure": ("bench.measure", "bench.timing"),
     "plug-ins": ("estimators", "tasks", "bench.api"),
-    "results": ("bench.store", "bench.fields", "bench.analysis", "bench.summary", "bench.report", "bench.plots",
-                "bench.figures", "bench.compare", "bench.status", "bench.jobs"),
-    "run": ("bench.identity", "bench.guard", "bench.limits", "bench.memory", "bench.memworker", "bench.provenance",
-            "bench.settings", "bench.plan", "bench.cell", "bench.isolate", "bench.runner", "bench.launch",
-            "bench.sweepfile"),
+    "results": (
+        "bench.store",
+        "bench.fields",
+        "bench.analysis",
+        "bench.summary",
+        "bench.report",
+        "bench.plots",
+        "bench.figures",
+        "bench.compare",
+        "bench.status",
+        "bench.jobs",
+    ),
+    "run": (
+        "bench.identity",
+        "bench.guard",
+        "bench.limits",
+        "bench.memory",
+        "bench.memworker",
+        "bench.provenance",
+        "bench.settings",
+        "bench.plan",
+        "bench.cell",
+        "bench.isolate",
+        "bench.runner",
+        "bench.launch",
+        "bench.sweepfile",
+    ),
     "check": ("bench.conformance", "bench.check"),
     "cli": ("bench.cli", "bench.__main__"),
 }
@@ -29,8 +59,16 @@ ORDER = list(LAYERS)
 def layer_of(module: str) -> str:
     if module == "bench":  # the package's __init__: its version only
         return "core"
-    best = max(((prefix, layer) for layer, prefixes in LAYERS.items() for prefix in prefixes
-                if module == prefix or module.startswith(prefix + ".")), key=lambda p: len(p[0]), default=None)
+    best = max(
+        (
+            (prefix, layer)
+            for layer, prefixes in LAYERS.items()
+            for prefix in prefixes
+            if module == prefix or module.startswith(prefix + ".")
+        ),
+        key=lambda p: len(p[0]),
+        default=None,
+    )
     assert best is not None, f"{module} is in no layer: add it to LAYERS"
     return best[1]
 
@@ -54,7 +92,7 @@ def imports(name: str, path: Path, known: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                parts = package.split(".")[:len(package.split(".")) - (node.level - 1)]
+                parts = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 base = ".".join(parts + ([node.module] if node.module else []))
             submodules = {f"{base}.{alias.name}" for alias in node.names} & known
             targets.update(submodules or {base})  # `from bench import store` imports bench.store
@@ -73,8 +111,12 @@ def graph() -> dict[str, set[str]]:
 
 
 def test_no_module_imports_from_a_layer_above_its_own():
-    upward = [f"{a} ({layer_of(a)}) imports {b} ({layer_of(b)})" for a, targets in graph().items() for b in targets
-              if ORDER.index(layer_of(b)) > ORDER.index(layer_of(a))]
+    upward = [
+        f"{a} ({layer_of(a)}) imports {b} ({layer_of(b)})"
+        for a, targets in graph().items()
+        for b in targets
+        if ORDER.index(layer_of(b)) > ORDER.index(layer_of(a))
+    ]
     assert not upward, upward
 
 

@@ -1,4 +1,5 @@
 """The estimators beyond the first five, against the exact gradient of the toy (float64)."""
+
 import random
 
 import pytest
@@ -64,7 +65,7 @@ def _mean_estimate(task, spec, target, steps, calls, seed=0):
         estimator(problem, rng)
         draws.append(problem.flat_grad().detach().clone())
     draws = torch.stack(draws)
-    return draws.mean(0), draws.std(0) / calls ** 0.5, problem
+    return draws.mean(0), draws.std(0) / calls**0.5, problem
 
 
 def test_zeroth_order_is_unbiased_for_the_smoothed_objective():
@@ -88,15 +89,16 @@ def test_score_function_is_unbiased(noisy_toy):
     generator = torch.Generator().manual_seed(7)
     pathwise = []
     for _ in range(200):
-        problem.noises = [torch.randn(problem.x_start.shape, generator=generator, dtype=torch.float64)
-                          for _ in range(steps)]
+        problem.noises = [
+            torch.randn(problem.x_start.shape, generator=generator, dtype=torch.float64) for _ in range(steps)
+        ]
         ESTIMATORS.create("full")(problem, random.Random(0))
         pathwise.append(problem.flat_grad().clone())
     pathwise = torch.stack(pathwise)
     reference, reference_err = pathwise.mean(0), pathwise.std(0) / len(pathwise) ** 0.5
     mean, stderr, _ = _mean_estimate(noisy_toy, "score-function", target, steps, calls=300)
     assert rel_err(mean, reference) < 0.2
-    assert ((mean - reference).abs() <= 5 * (stderr ** 2 + reference_err ** 2).sqrt()).all()
+    assert ((mean - reference).abs() <= 5 * (stderr**2 + reference_err**2).sqrt()).all()
     assert rel_err(-mean, reference) > 1.5 and rel_err(2 * mean, reference) > 0.5
 
 
@@ -159,8 +161,10 @@ def test_dno_regulariser_pulls_noise_towards_a_gaussian():
 
     generator = torch.Generator().manual_seed(0)
     gaussian = torch.randn(4, 4096, generator=generator, dtype=torch.float64)
-    values = {name: float(probability_regulariser(z, 4, 8, torch.Generator().manual_seed(1)))
-              for name, z in (("gaussian", gaussian), ("shifted", gaussian + 0.3), ("inflated", 2 * gaussian))}
+    values = {
+        name: float(probability_regulariser(z, 4, 8, torch.Generator().manual_seed(1)))
+        for name, z in (("gaussian", gaussian), ("shifted", gaussian + 0.3), ("inflated", 2 * gaussian))
+    }
     assert values["gaussian"] < values["shifted"] and values["gaussian"] < values["inflated"]
     shifted = (gaussian + 0.3).requires_grad_(True)
     probability_regulariser(shifted, 4, 8, torch.Generator().manual_seed(1)).backward()

@@ -1,4 +1,5 @@
 """Names, options and plug-ins: typos get 'did you mean', bad options list the valid ones."""
+
 import importlib.metadata
 import sys
 import textwrap
@@ -35,15 +36,18 @@ def test_unknown_option_lists_the_valid_ones():
         ESTIMATORS.create("full[k=2]")
 
 
-@pytest.mark.parametrize("spec,message", [
-    ("truncated[k=two]", "not a valid int"),
-    ("truncated[k=0]", "must be >= 1"),
-    ("truncated[latent_path=maybe]", "not a valid bool"),
-    ("sdo[step=middle]", "first, last, random or a 0-based step index"),
-    ("adjoint[recover=memory]", "not one of backward, cache"),
-    ("adjoint[steps=-1]", "must be >= 0"),
-    ("truncated[rand=true,k_min=5,k_max=2]", "k_min=5 is above k_max=2"),
-])
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("truncated[k=two]", "not a valid int"),
+        ("truncated[k=0]", "must be >= 1"),
+        ("truncated[latent_path=maybe]", "not a valid bool"),
+        ("sdo[step=middle]", "first, last, random or a 0-based step index"),
+        ("adjoint[recover=memory]", "not one of backward, cache"),
+        ("adjoint[steps=-1]", "must be >= 0"),
+        ("truncated[rand=true,k_min=5,k_max=2]", "k_min=5 is above k_max=2"),
+    ],
+)
 def test_ill_typed_or_out_of_range_options(spec, message):
     with pytest.raises(SpecError, match=message):
         ESTIMATORS.create(spec)
@@ -66,7 +70,7 @@ def test_canonical_spec_shows_only_non_defaults():
     assert est.spec == "sdo[step=3]"
 
 
-PLUGIN = textwrap.dedent('''
+PLUGIN = textwrap.dedent("""
     from bench.registry import register_estimator
     from estimators.full import Full
 
@@ -74,7 +78,7 @@ PLUGIN = textwrap.dedent('''
     class {cls}(Full):
         name = "{name}"
         summary = "a test plug-in"
-''')
+""")
 
 
 def test_include_registers_from_a_file(tmp_path):
@@ -102,16 +106,18 @@ def test_entry_point_group_registers_installed_plugins(tmp_path, monkeypatch):
     package = tmp_path / "myplugin"
     package.mkdir()
     (package / "__init__.py").write_text("")
-    (package / "est.py").write_text(textwrap.dedent('''
+    (package / "est.py").write_text(
+        textwrap.dedent("""
         from estimators.sdo import SDO
         class Plugged(SDO):
             name = "plugged"
-    '''))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
-    entry = importlib.metadata.EntryPoint(name="plugged", value="myplugin.est:Plugged",
-                                          group=registry.ESTIMATOR_GROUP)
-    bad = importlib.metadata.EntryPoint(name="not-an-estimator", value="myplugin:__name__",
-                                        group=registry.ESTIMATOR_GROUP)
+    entry = importlib.metadata.EntryPoint(name="plugged", value="myplugin.est:Plugged", group=registry.ESTIMATOR_GROUP)
+    bad = importlib.metadata.EntryPoint(
+        name="not-an-estimator", value="myplugin:__name__", group=registry.ESTIMATOR_GROUP
+    )
 
     def entry_points(group):
         return [entry, bad] if group == registry.ESTIMATOR_GROUP else []
@@ -134,22 +140,31 @@ def test_an_installed_plugin_package_registers_through_its_entry_point(tmp_path)
 
     site = tmp_path / "site"
     (site / "my_grad_plugin").mkdir(parents=True)
-    (site / "my_grad_plugin" / "__init__.py").write_text(textwrap.dedent('''
+    (site / "my_grad_plugin" / "__init__.py").write_text(
+        textwrap.dedent('''
         from estimators.sdo import SDO
 
         class LastStep(SDO):
             """sdo with the last step kept, shipped by another package."""
             name = "last-step-plugin"
             summary = "sdo[step=last] from an installed plug-in"
-    '''))
+    ''')
+    )
     info = site / "my_grad_plugin-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: my-grad-plugin\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text(
-        f"[{registry.ESTIMATOR_GROUP}]\nlast-step-plugin = my_grad_plugin:LastStep\n")
+        f"[{registry.ESTIMATOR_GROUP}]\nlast-step-plugin = my_grad_plugin:LastStep\n"
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
     root = Path(__file__).resolve().parent.parent
-    listing = subprocess.run([sys.executable, "-m", "bench", "list", "last-step-plugin"], cwd=root, env=env,
-                             capture_output=True, text=True, timeout=120)
+    listing = subprocess.run(
+        [sys.executable, "-m", "bench", "list", "last-step-plugin"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert listing.returncode == 0, listing.stderr
     assert "estimator last-step-plugin" in listing.stdout and "(my_grad_plugin:LastStep)" in listing.stdout

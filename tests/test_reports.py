@@ -1,4 +1,5 @@
 """Reports, comparisons and the papers' figures, from rows."""
+
 import json
 import shutil
 from pathlib import Path
@@ -16,9 +17,29 @@ TOY = "toy[d=64,batch=16]"
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "toy-run"
-    assert main(["run", "--tasks", TOY, "--estimators", "full,checkpoint,sdo,truncated[k=2]", "--targets",
-                 "latent,cond", "--steps", "4,8", "--iters", "2", "--rounds", "3", "--no-progress",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--tasks",
+                TOY,
+                "--estimators",
+                "full,checkpoint,sdo,truncated[k=2]",
+                "--targets",
+                "latent,cond",
+                "--steps",
+                "4,8",
+                "--iters",
+                "2",
+                "--rounds",
+                "3",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -71,8 +92,15 @@ def test_compare_flags_changes_beyond_the_factor_and_the_spread(toy_run, tmp_pat
 
 def test_figures_redraw_from_the_committed_reference_results(tmp_path):
     results = render_all(out=tmp_path)
-    assert [r["name"] for r in results] == ["1_sdo_headline", "2_adjoint_memory", "3_draft_k", "4_tradeoff",
-                                            "5_frontier", "6_shortft", "7_dipgo"]
+    assert [r["name"] for r in results] == [
+        "1_sdo_headline",
+        "2_adjoint_memory",
+        "3_draft_k",
+        "4_tradeoff",
+        "5_frontier",
+        "6_shortft",
+        "7_dipgo",
+    ]
     for r in results:
         for suffix in ("png", "svg"):
             assert (tmp_path / f"{r['name']}.{suffix}").stat().st_size > 10_000

@@ -1,5 +1,6 @@
 """Failure is data: killed or interrupted sweeps lose at most the cells in flight and resume; a
 cell over its time limit is a 'timeout' row; a changed estimator never reuses a stale row."""
+
 import json
 import signal
 import subprocess
@@ -38,10 +39,30 @@ SLOW = textwrap.dedent('''
 
 
 def _sweep_command(out: Path, plugin: Path) -> list[str]:
-    return [sys.executable, "-m", "bench", "run", "--include", str(plugin), "--tasks", TOY,
-            "--estimators", "test-slow[sleep=0.05],full,sdo", "--targets", "latent,cond,weights",
-            "--steps", "3,4", "--iters", "2", "--rounds", "2", "--no-memory", "--no-progress",
-            "--out", str(out)]
+    return [
+        sys.executable,
+        "-m",
+        "bench",
+        "run",
+        "--include",
+        str(plugin),
+        "--tasks",
+        TOY,
+        "--estimators",
+        "test-slow[sleep=0.05],full,sdo",
+        "--targets",
+        "latent,cond,weights",
+        "--steps",
+        "3,4",
+        "--iters",
+        "2",
+        "--rounds",
+        "2",
+        "--no-memory",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
 
 
 def _wait_for_rows(path: Path, count: int, process: subprocess.Popen, limit_s: float = 240) -> None:
@@ -77,7 +98,7 @@ def test_a_killed_sweep_keeps_its_rows_and_resumes(tmp_path, how):
     assert result.returncode == 0, result.stderr
     assert f"{len(kept)} of 18 cells already" in result.stderr
     after = (out / "rows.jsonl").read_bytes()
-    complete = before[:before.rfind(b"\n") + 1]
+    complete = before[: before.rfind(b"\n") + 1]
     assert after.startswith(complete)  # no completed row lost or rewritten
     rows = store.read_rows(out)
     assert len(rows) == 18 and len(store.latest_by_key(rows)) == 18
@@ -89,9 +110,34 @@ def test_a_cell_over_its_time_limit_is_a_timeout_row(tmp_path):
     plugin.write_text(SLOW)
     out = tmp_path / "run"
     started = time.perf_counter()
-    assert main(["run", "--include", str(plugin), "--tasks", TOY, "--estimators",
-                 "test-slow[sleep=5],full", "--targets", "cond", "--steps", "3", "--iters", "1",
-                 "--rounds", "1", "--no-memory", "--no-progress", "--timeout", "1", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--include",
+                str(plugin),
+                "--tasks",
+                TOY,
+                "--estimators",
+                "test-slow[sleep=5],full",
+                "--targets",
+                "cond",
+                "--steps",
+                "3",
+                "--iters",
+                "1",
+                "--rounds",
+                "1",
+                "--no-memory",
+                "--no-progress",
+                "--timeout",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert time.perf_counter() - started < 30
     rows = {r["estimator"].split("[")[0]: r for r in store.read_rows(out)}
     slow = rows["test-slow"]
@@ -107,9 +153,33 @@ def test_a_timeout_inside_the_memory_process_replaces_it(tmp_path):
     # Latents of 1 MiB: Linux batches its resident-page counters per CPU, so a peak of a few pages
     # (sdo on toy[d=64]) can read 0 (seen once in a full test run). The limit leaves room for the
     # replacement memory process's start-up (imports: about 9 s on a slow day here), which sdo waits for.
-    assert main(["run", "--include", str(plugin), "--tasks", "toy[d=2048,batch=64]", "--estimators",
-                 "test-slow-worker[sleep=60,in_worker=true],sdo", "--targets", "cond", "--steps", "3",
-                 "--iters", "1", "--rounds", "1", "--no-progress", "--timeout", "15", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--include",
+                str(plugin),
+                "--tasks",
+                "toy[d=2048,batch=64]",
+                "--estimators",
+                "test-slow-worker[sleep=60,in_worker=true],sdo",
+                "--targets",
+                "cond",
+                "--steps",
+                "3",
+                "--iters",
+                "1",
+                "--rounds",
+                "1",
+                "--no-progress",
+                "--timeout",
+                "15",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = {r["estimator"].split("[")[0]: r for r in store.read_rows(out)}
     assert rows["test-slow-worker"]["status"] == "timeout", rows["test-slow-worker"]
     sdo = rows["sdo"]
@@ -120,9 +190,30 @@ def test_a_changed_estimator_does_not_reuse_its_rows(tmp_path):
     plugin = tmp_path / "slow.py"
     plugin.write_text(SLOW)
     out = tmp_path / "run"
-    argv = [sys.executable, "-m", "bench", "run", "--include", str(plugin), "--tasks", TOY,
-            "--estimators", "test-slow[sleep=0],full", "--targets", "cond", "--steps", "3", "--iters", "1",
-            "--rounds", "1", "--no-memory", "--no-progress", "--out", str(out)]
+    argv = [
+        sys.executable,
+        "-m",
+        "bench",
+        "run",
+        "--include",
+        str(plugin),
+        "--tasks",
+        TOY,
+        "--estimators",
+        "test-slow[sleep=0],full",
+        "--targets",
+        "cond",
+        "--steps",
+        "3",
+        "--iters",
+        "1",
+        "--rounds",
+        "1",
+        "--no-memory",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     subprocess.run(argv, cwd=ROOT, check=True, capture_output=True, timeout=120)
     plugin.write_text(SLOW.replace("seconds per gradient", "seconds slept per gradient"))
     result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -1,5 +1,6 @@
 """Samplers (bench/samplers/): each one's trajectory against the diffusers scheduler's own `step`
 loop, its linear structure against autograd, and the exact estimators on every sampler."""
+
 import random
 
 import pytest
@@ -12,16 +13,40 @@ from bench.samplers import SAMPLERS, make_sampler
 from tasks.toy import MixtureDenoiser
 
 VP_CONFIGS = {
-    "sd-trailing": dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                        beta_end=0.012, timestep_spacing="trailing", set_alpha_to_one=False, clip_sample=False),
-    "linear-linspace": dict(num_train_timesteps=1000, beta_schedule="linear", timestep_spacing="linspace",
-                            set_alpha_to_one=True, clip_sample=False),
-    "cosine-leading": dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
-                           timestep_spacing="leading", steps_offset=1, clip_sample=False),
+    "sd-trailing": dict(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        timestep_spacing="trailing",
+        set_alpha_to_one=False,
+        clip_sample=False,
+    ),
+    "linear-linspace": dict(
+        num_train_timesteps=1000,
+        beta_schedule="linear",
+        timestep_spacing="linspace",
+        set_alpha_to_one=True,
+        clip_sample=False,
+    ),
+    "cosine-leading": dict(
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",
+        timestep_spacing="leading",
+        steps_offset=1,
+        clip_sample=False,
+    ),
 }
-SAMPLER_CASES = [("ddim", c) for c in VP_CONFIGS] + [("dpmpp2m", c) for c in VP_CONFIGS] + [
-    ("dpmpp2m[order=1]", "sd-trailing"), ("dpmpp2m[lower_order_final=false]", "linear-linspace"),
-    ("flow-euler", "flow"), ("flow-euler[shift=3]", "flow")]
+SAMPLER_CASES = (
+    [("ddim", c) for c in VP_CONFIGS]
+    + [("dpmpp2m", c) for c in VP_CONFIGS]
+    + [
+        ("dpmpp2m[order=1]", "sd-trailing"),
+        ("dpmpp2m[lower_order_final=false]", "linear-linspace"),
+        ("flow-euler", "flow"),
+        ("flow-euler[shift=3]", "flow"),
+    ]
+)
 
 
 def mixture_model(config: dict, flow: bool, dtype=torch.float32) -> MixtureDenoiser:
@@ -29,11 +54,13 @@ def mixture_model(config: dict, flow: bool, dtype=torch.float32) -> MixtureDenoi
     generator = torch.Generator().manual_seed(0)
     means = torch.randn(5, 3, generator=generator, dtype=torch.float64)
     from diffusers import DDPMScheduler
-    table = DDPMScheduler(**{k: v for k, v in config.items() if k in ("num_train_timesteps", "beta_schedule",
-                                                                        "beta_start", "beta_end")}
-                          ).alphas_cumprod.double()
-    return MixtureDenoiser(means, torch.zeros(5, dtype=torch.float64), 0.3, table,
-                           flow_timesteps=1000 if flow else None).to(dtype)
+
+    table = DDPMScheduler(
+        **{k: v for k, v in config.items() if k in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end")}
+    ).alphas_cumprod.double()
+    return MixtureDenoiser(
+        means, torch.zeros(5, dtype=torch.float64), 0.3, table, flow_timesteps=1000 if flow else None
+    ).to(dtype)
 
 
 @pytest.mark.parametrize("spec,config", SAMPLER_CASES)
@@ -44,8 +71,7 @@ def test_trajectory_equals_the_diffusers_step_loop(spec, config, steps):
     # float64 in, and the scheduler's sigmas in float64 (the same numbers): diffusers rounds the
     # state to float32 in each DPM-Solver and flow step, about 1e-7; with float32 sigmas its data
     # prediction at rho_N ~ 160 loses 1e-6 more to cancellation
-    model = mixture_model(VP_CONFIGS.get(config, VP_CONFIGS["sd-trailing"]), flow=config == "flow",
-                          dtype=torch.float64)
+    model = mixture_model(VP_CONFIGS.get(config, VP_CONFIGS["sd-trailing"]), flow=config == "flow", dtype=torch.float64)
     schedule = sampler.schedule(table, steps)
     generator = torch.Generator().manual_seed(steps)
     x_start = torch.randn(6, 3, generator=generator, dtype=torch.float64)
@@ -80,19 +106,28 @@ def test_stochastic_ddim_equals_diffusers_with_the_same_noise(config):
     assert float((ours - x).norm() / x.norm()) < 1e-6  # diffusers computes the variance in float32
 
 
-WEIGHT_CASES = [(spec, "sd-trailing", steps) for spec in ("ddim", "dpmpp2m", "dpmpp2m[order=1]", "flow-euler[shift=3]")
-                for steps in (1, 4, 20)] + [
+WEIGHT_CASES = [
+    (spec, "sd-trailing", steps)
+    for spec in ("ddim", "dpmpp2m", "dpmpp2m[order=1]", "flow-euler[shift=3]")
+    for steps in (1, 4, 20)
+] + [
     # DDIM's steps land beside the grid points: linspace spacing, and trailing with N not dividing T
-    ("ddim", "linear-linspace", 4), ("ddim", "linear-linspace", 25), ("ddim", "sd-trailing", 16),
-    ("ddim", "linear-trailing", 16), ("dpmpp2m", "linear-linspace", 16)]
+    ("ddim", "linear-linspace", 4),
+    ("ddim", "linear-linspace", 25),
+    ("ddim", "sd-trailing", 16),
+    ("ddim", "linear-trailing", 16),
+    ("dpmpp2m", "linear-linspace", 16),
+]
 
 
 def _linear_trailing():
     return dict(VP_CONFIGS["linear-linspace"], timestep_spacing="trailing", set_alpha_to_one=False)
 
 
-@pytest.mark.parametrize("spec,config,steps,eta", [case + (eta,) for case in WEIGHT_CASES
-                                                   for eta in ((0.0, 0.8) if case[0] == "ddim" else (0.0,))])
+@pytest.mark.parametrize(
+    "spec,config,steps,eta",
+    [case + (eta,) for case in WEIGHT_CASES for eta in ((0.0, 0.8) if case[0] == "ddim" else (0.0,))],
+)
 def test_linear_weights_equal_autograd(spec, config, steps, eta):
     """x_0 = W_x x_N + sum_i W_i out_i (+ injected noise): the weights SDO and the latent path use,
     against autograd through the step rule with every model output a free leaf, on every spacing
@@ -112,19 +147,25 @@ def test_linear_weights_equal_autograd(spec, config, steps, eta):
     for i in range(steps, 0, -1):
         assert float(grads[steps - i + 1]) == pytest.approx(schedule.output_weight(i), rel=1e-12, abs=1e-15)
     if eta == 0:
-        affine = schedule.state_weight * x_start + sum(schedule.output_weight(i) * outs[steps - i]
-                                                       for i in range(steps, 0, -1))
+        affine = schedule.state_weight * x_start + sum(
+            schedule.output_weight(i) * outs[steps - i] for i in range(steps, 0, -1)
+        )
         assert float(affine.detach()) == pytest.approx(float(state[0].detach()), rel=1e-12)  # no constant term
 
 
-@pytest.mark.parametrize("config,steps,step_rule", [("linear-linspace-default", 4, 61.00109055143243),
-                                                    ("linear-trailing", 16, 151.5375761659998)])
+@pytest.mark.parametrize(
+    "config,steps,step_rule",
+    [("linear-linspace-default", 4, 61.00109055143243), ("linear-trailing", 16, 151.5375761659998)],
+)
 def test_ddim_weights_are_the_step_rule_where_steps_land_beside_the_grid(config, steps, step_rule):
     """The conformance issue's numbers: the ODE view's W_x = alpha_0 / alpha_N (157.40 with
     diffusers' default linear betas) is not what the step rule applies when the steps land beside
     the grid points (999 -> 749 with 666 the next point at N = 4 on linspace spacing)."""
-    table = _linear_trailing() if config == "linear-trailing" else dict(VP_CONFIGS["linear-linspace"],
-                                                                        set_alpha_to_one=False)
+    table = (
+        _linear_trailing()
+        if config == "linear-trailing"
+        else dict(VP_CONFIGS["linear-linspace"], set_alpha_to_one=False)
+    )
     schedule = make_sampler("ddim").schedule(table, steps)
     assert schedule.alpha(0) / schedule.alpha(steps) == pytest.approx(157.40257378, rel=1e-9)
     assert schedule.state_weight == pytest.approx(step_rule, rel=1e-12)
@@ -134,15 +175,22 @@ def test_ddim_weights_are_the_step_rule_where_steps_land_beside_the_grid(config,
     assert schedule.state_weight == pytest.approx(product, rel=1e-14)
 
 
-@pytest.mark.parametrize("change,key", [(dict(clip_sample=True), "clip_sample"),
-                                        (dict(clip_sample=None), "clip_sample"),  # absent: DDIMScheduler's True
-                                        (dict(thresholding=True), "thresholding")])
+@pytest.mark.parametrize(
+    "change,key",
+    [
+        (dict(clip_sample=True), "clip_sample"),
+        (dict(clip_sample=None), "clip_sample"),  # absent: DDIMScheduler's True
+        (dict(thresholding=True), "thresholding"),
+    ],
+)
 def test_ddim_refuses_steps_it_cannot_take(change, key):
     """DDIMScheduler's clipping and thresholding of the x_0 prediction are not affine: the chain
     cannot reproduce them, so building the schedule refuses them in one line that says what to do."""
     config = {k: v for k, v in {**VP_CONFIGS["sd-trailing"], **change}.items() if v is not None}
-    for build in (lambda: make_sampler("ddim").schedule(config, 4),
-                  lambda: make_sampler("ddim").schedule(config, 4, eta=1.0)):
+    for build in (
+        lambda: make_sampler("ddim").schedule(config, 4),
+        lambda: make_sampler("ddim").schedule(config, 4, eta=1.0),
+    ):
         with pytest.raises(SpecError, match=f"{key}=True") as caught:
             build()
         message = str(caught.value)
@@ -184,8 +232,13 @@ def test_a_clipping_model_is_refused_by_the_tasks_preflight(tmp_path):
     TASKS.create(f"sd[model={model},sampler=dpmpp2m]").preflight()  # DPM-Solver++ does not clip
 
 
-TOYS = ["toy", "toy[sampler=dpmpp2m]", "toy[sampler=flow-euler]", "toy[sampler=flow-euler[shift=3]]",
-        "toy[sampler=dpmpp2m,spacing=linspace]"]
+TOYS = [
+    "toy",
+    "toy[sampler=dpmpp2m]",
+    "toy[sampler=flow-euler]",
+    "toy[sampler=flow-euler[shift=3]]",
+    "toy[sampler=dpmpp2m,spacing=linspace]",
+]
 
 
 @pytest.fixture(scope="module")
@@ -242,11 +295,23 @@ def test_adjoint_converges_to_the_chain_gradient_on_every_sampler(toys, toy, tar
         exact = gradient(toys[toy], "full", target, steps)
         errors.append(float((gradient(toys[toy], "adjoint", target, steps) - exact).norm() / exact.norm()))
     assert all(b < a for a, b in zip(errors, errors[1:])), errors
-    assert errors[0] / errors[-1] > 10 ** 0.7, errors  # about first order over 10x the steps
+    assert errors[0] / errors[-1] > 10**0.7, errors  # about first order over 10x the steps
 
 
-BUILT_IN = ("full", "checkpoint", "adjoint", "sdo", "truncated", "draft-lv", "zeroth-order", "score-function",
-            "dno", "edict", "torchdiffeq-adjoint", "coarse-adjoint")
+BUILT_IN = (
+    "full",
+    "checkpoint",
+    "adjoint",
+    "sdo",
+    "truncated",
+    "draft-lv",
+    "zeroth-order",
+    "score-function",
+    "dno",
+    "edict",
+    "torchdiffeq-adjoint",
+    "coarse-adjoint",
+)
 
 
 def test_every_estimator_runs_or_says_why_not_on_every_sampler(toys):
@@ -274,8 +339,11 @@ def test_sdo_identity_path_follows_each_sampler(toys):
         fresh = task.make_problem("latent", 6, 0)
         x0 = fresh.chain.sample(fresh.x_start, fresh.cond)
         out = fresh.chain.eps(fresh.x_start, 6, fresh.cond)
-        surrogate = x0 + schedule.state_weight * (fresh.x_start - fresh.x_start.detach()) \
+        surrogate = (
+            x0
+            + schedule.state_weight * (fresh.x_start - fresh.x_start.detach())
             + schedule.output_weight(6) * (out - out.detach())
+        )
         (expected,) = torch.autograd.grad(-task.reward_of(surrogate).mean(), fresh.x_start)
         torch.testing.assert_close(problem.flat_grad(), expected.reshape(-1), rtol=1e-12, atol=1e-14)
 
@@ -288,21 +356,27 @@ def test_the_sampler_is_recorded_and_canonical():
     assert {"ddim", "dpmpp2m", "flow-euler"} <= set(SAMPLERS.names())
 
 
-@pytest.mark.parametrize("spec,message", [
-    ("toy[sampler=nope]", "unknown sampler 'nope'; valid: ddim, dpmpp2m, flow-euler"),
-    ("toy[sampler=dpmpp2m[order=3]]", "option order='3' is not one of 1, 2"),
-    ("toy[sampler=flow-euler[eta=1]]", "flow-euler: unknown option 'eta'"),
-    ("toy[sampler=dpmpp2m,eta=0.5]", "eta=0.5 needs a stochastic sampler"),
-])
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("toy[sampler=nope]", "unknown sampler 'nope'; valid: ddim, dpmpp2m, flow-euler"),
+        ("toy[sampler=dpmpp2m[order=3]]", "option order='3' is not one of 1, 2"),
+        ("toy[sampler=flow-euler[eta=1]]", "flow-euler: unknown option 'eta'"),
+        ("toy[sampler=dpmpp2m,eta=0.5]", "eta=0.5 needs a stochastic sampler"),
+    ],
+)
 def test_bad_sampler_specs_are_one_line_errors(spec, message):
     with pytest.raises(SpecError, match=message.replace("[", r"\[").replace("(", r"\(")):
         TASKS.create(spec).preflight()
 
 
-@pytest.mark.parametrize("spec,message", [
-    ("digits[model=flow,sampler=ddim]", "sampler ddim needs a model with epsilon output"),
-    ("digits[sampler=flow-euler]", "sampler flow-euler needs a model with flow output"),
-])
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("digits[model=flow,sampler=ddim]", "sampler ddim needs a model with epsilon output"),
+        ("digits[sampler=flow-euler]", "sampler flow-euler needs a model with flow output"),
+    ],
+)
 def test_a_sampler_the_model_cannot_drive_is_a_one_line_error(spec, message):
     with pytest.raises(SpecError, match=message):
         TASKS.create(spec).preflight()
@@ -312,8 +386,10 @@ def test_coarse_adjoint_is_exact_at_full_budget_and_improves_with_it(toys):
     for toy in TOYS[:3]:
         for target in ("latent", "cond", "weights"):
             exact = gradient(toys[toy], "full", target, 20)
-            errors = [float((gradient(toys[toy], f"coarse-adjoint[budget={b}]", target, 20) - exact).norm()
-                            / exact.norm()) for b in (0.25, 0.5, 1)]
+            errors = [
+                float((gradient(toys[toy], f"coarse-adjoint[budget={b}]", target, 20) - exact).norm() / exact.norm())
+                for b in (0.25, 0.5, 1)
+            ]
             assert errors[0] > errors[1] > errors[2], (toy, target, errors)
             if "dpmpp2m" not in toy:  # Euler samplers: the coarse rule at k = 1 is their exact adjoint
                 assert errors[2] < 1e-12, (toy, target, errors)

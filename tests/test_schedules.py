@@ -2,6 +2,7 @@
 on an identity step (two grid points at one rho, injected-noise scale 0), trailing spacing at
 N = T does the same, and set_alpha_to_one = True makes the last step noiseless. No estimator may
 crash, return NaN or give a silent zero there (issue 9, defects 1-4)."""
+
 import math
 import random
 
@@ -35,13 +36,16 @@ def leading():
 
 
 def test_leading_offset_zero_ends_on_an_exact_identity_step():
-    schedule = Schedule.from_scheduler(DDIMScheduler(set_alpha_to_one=False, clip_sample=False), 10)  # diffusers' defaults
+    schedule = Schedule.from_scheduler(
+        DDIMScheduler(set_alpha_to_one=False, clip_sample=False), 10
+    )  # diffusers' defaults
     assert schedule.model_time(1) == 0 and schedule.is_identity(1)
     assert schedule.coefficients(1) == (1.0, 0.0, 0.0)
     assert schedule.effective_steps() == tuple(range(10, 1, -1))
     assert schedule.rho(0) == schedule.rho(1)
-    trailing = Schedule.from_scheduler(DDIMScheduler(timestep_spacing="trailing", set_alpha_to_one=False,
-                                                    clip_sample=False), 1000)
+    trailing = Schedule.from_scheduler(
+        DDIMScheduler(timestep_spacing="trailing", set_alpha_to_one=False, clip_sample=False), 1000
+    )
     assert trailing.is_identity(1) and not any(trailing.is_identity(i) for i in range(2, 1001))
     noiseless = Schedule.from_scheduler(DDIMScheduler(set_alpha_to_one=True, clip_sample=False), 10, eta=1.0)
     a, b, s = noiseless.coefficients(1)
@@ -72,8 +76,7 @@ def test_cached_adjoint_on_its_own_grid_survives_an_identity_step(leading):
     grad, problem = gradient(leading, "adjoint[steps=7,recover=cache]", "cond", 10)
     assert torch.isfinite(grad).all() and cosine(grad, exact) > 0.99
     # On the cached (piecewise-linear) path, finer adjoint grids converge at first order.
-    g40, g160, g640 = (gradient(leading, f"adjoint[steps={m},recover=cache]", "cond", 10)[0]
-                       for m in (40, 160, 640))
+    g40, g160, g640 = (gradient(leading, f"adjoint[steps={m},recover=cache]", "cond", 10)[0] for m in (40, 160, 640))
     assert rel_err(g160, g640) < 0.5 * rel_err(g40, g160)
 
 
@@ -97,7 +100,7 @@ def _score_function_mean(task, target, steps, calls):
         estimator(problem, rng)
         grads.append(problem.flat_grad().clone())
     grads = torch.stack(grads)
-    return grads.mean(0), grads.std(0) / calls ** 0.5
+    return grads.mean(0), grads.std(0) / calls**0.5
 
 
 def _pathwise_mean(task, target, steps, draws):
@@ -105,17 +108,23 @@ def _pathwise_mean(task, target, steps, draws):
     generator = torch.Generator().manual_seed(11)
     grads = []
     for _ in range(draws):
-        problem.noises = [torch.randn(problem.x_start.shape, generator=generator, dtype=torch.float64)
-                          for _ in range(steps)]
+        problem.noises = [
+            torch.randn(problem.x_start.shape, generator=generator, dtype=torch.float64) for _ in range(steps)
+        ]
         ESTIMATORS.create("full")(problem, random.Random(0))
         grads.append(problem.flat_grad().clone())
     grads = torch.stack(grads)
-    return grads.mean(0), grads.std(0) / draws ** 0.5
+    return grads.mean(0), grads.std(0) / draws**0.5
 
 
-@pytest.mark.parametrize("spec,target", [("toy[eta=1.0,batch=256,alpha_to_one=true]", "cond"),
-                                         ("toy[eta=1.0,batch=256,alpha_to_one=true]", "weights"),
-                                         ("toy[eta=1.0,batch=256,spacing=leading]", "weights")])
+@pytest.mark.parametrize(
+    "spec,target",
+    [
+        ("toy[eta=1.0,batch=256,alpha_to_one=true]", "cond"),
+        ("toy[eta=1.0,batch=256,alpha_to_one=true]", "weights"),
+        ("toy[eta=1.0,batch=256,spacing=leading]", "weights"),
+    ],
+)
 def test_score_function_is_unbiased_when_the_last_step_injects_no_noise(spec, target):
     """Defect 3: log N(x; mu, 0) was NaN. The noiseless final step now enters as a pathwise term
     (alpha_to_one: b_1 != 0) or not at all (an identity step), and the estimate stays unbiased:
@@ -126,7 +135,7 @@ def test_score_function_is_unbiased_when_the_last_step_injects_no_noise(spec, ta
     reference, reference_err = _pathwise_mean(task, target, 4, draws=200)
     assert torch.isfinite(mean).all()
     assert rel_err(mean, reference) < 0.2
-    assert ((mean - reference).abs() <= 5 * (stderr ** 2 + reference_err ** 2).sqrt()).all()
+    assert ((mean - reference).abs() <= 5 * (stderr**2 + reference_err**2).sqrt()).all()
     assert rel_err(-mean, reference) > 1.5 and rel_err(2 * mean, reference) > 0.5
 
 
@@ -139,13 +148,22 @@ def test_score_function_without_the_pathwise_term_would_be_biased(monkeypatch):
     monkeypatch.setattr(score_function.ScoreFunction, "_pathwise_term", staticmethod(lambda *args: None))
     mean, stderr = _score_function_mean(task, "cond", 4, calls=300)
     reference, reference_err = _pathwise_mean(task, "cond", 4, draws=200)
-    assert not ((mean - reference).abs() <= 5 * (stderr ** 2 + reference_err ** 2).sqrt()).all()
+    assert not ((mean - reference).abs() <= 5 * (stderr**2 + reference_err**2).sqrt()).all()
 
 
 def test_score_function_with_a_noiseless_last_step_and_an_indicator_reward_is_skipped(tmp_path):
-    rows = run_sweep(SweepSpec(tasks=["toy[d=2,eta=1.0,alpha_to_one=true,reward=inside]"],
-                               estimators=["score-function"], targets=["cond"], steps=[4],
-                               iters=1, rounds=1, memory="off"), tmp_path)
+    rows = run_sweep(
+        SweepSpec(
+            tasks=["toy[d=2,eta=1.0,alpha_to_one=true,reward=inside]"],
+            estimators=["score-function"],
+            targets=["cond"],
+            steps=[4],
+            iters=1,
+            rounds=1,
+            memory="off",
+        ),
+        tmp_path,
+    )
     assert rows[0]["status"] == "skipped" and "pathwise" in rows[0]["reason"]
 
 
@@ -175,16 +193,24 @@ def test_truncated_keeping_every_effective_step_reaches_the_latent(leading):
     assert rel_err(grad, exact) < 1e-12
 
 
-@pytest.mark.parametrize("schedule", ["spacing=leading", "spacing=leading,alpha_to_one=true",
-                                      "spacing=leading,offset=1"])
+@pytest.mark.parametrize(
+    "schedule", ["spacing=leading", "spacing=leading,alpha_to_one=true", "spacing=leading,offset=1"]
+)
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_every_estimator_runs_on_identity_ending_schedules(tmp_path, schedule, eta):
     """Every registered estimator on every target at N = 10, through the sweep: ok with a finite,
     non-zero gradient, or skipped with a reason; never an error, NaN or a silent zero."""
     targets = ["latent", "cond", "weights"] + (["noise"] if eta > 0 else [])
     estimators = BUILT_IN
-    spec = SweepSpec(tasks=[f"toy[d=2,batch=2,{schedule},eta={eta}]"], estimators=estimators,
-                     targets=targets, steps=[10], iters=1, rounds=1, memory="off")
+    spec = SweepSpec(
+        tasks=[f"toy[d=2,batch=2,{schedule},eta={eta}]"],
+        estimators=estimators,
+        targets=targets,
+        steps=[10],
+        iters=1,
+        rounds=1,
+        memory="off",
+    )
     rows = run_sweep(spec, tmp_path)
     assert len(rows) == len(estimators) * len(targets)
     for row in rows:

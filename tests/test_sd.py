@@ -1,5 +1,6 @@
 """The sd task on a tiny random pipeline built offline: diffusers' own sampler, gradients through
 the VAE decoder, rewards against finite differences, loading by path, and refused input."""
+
 import random
 import shutil
 
@@ -41,8 +42,9 @@ def sd(cache):
 def pipe(cache):
     """StableDiffusionPipeline loaded from the tiny pipeline's folder (the path a user's weights
     take), with DDIM on the folder's own scheduler configuration."""
-    pipe = StableDiffusionPipeline.from_pretrained(resolve_model("tiny"), local_files_only=True, safety_checker=None,
-                                                   requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        resolve_model("tiny"), local_files_only=True, safety_checker=None, requires_safety_checker=False
+    )
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -54,8 +56,14 @@ def test_the_chain_is_the_pipelines_own_sampler(sd, pipe):
     assert pipe.scheduler.config.steps_offset == 1 and pipe.scheduler.config.timestep_spacing == "leading"
     problem = sd.make_problem("latent", 6, 0)
     ours = problem.chain.sample(problem.x_start, problem.cond)
-    theirs = pipe(prompt=sd.prompt_list[:2], num_inference_steps=6, guidance_scale=sd.guidance, eta=0.0,
-                  latents=problem.x_start.clone(), output_type="latent").images
+    theirs = pipe(
+        prompt=sd.prompt_list[:2],
+        num_inference_steps=6,
+        guidance_scale=sd.guidance,
+        eta=0.0,
+        latents=problem.x_start.clone(),
+        output_type="latent",
+    ).images
     assert rel_err(ours.flatten(), theirs.flatten()) < 1e-5
 
 
@@ -64,19 +72,30 @@ GUIDANCE_CASES = {
     "empty prompt": ("prompt=", dict(prompt="")),
     "negative prompt": ("negative_prompt=a blurry photo", dict(negative_prompt="a blurry photo")),
     "guidance_rescale": ("guidance_rescale=0.7", dict(guidance_rescale=0.7)),
-    "all three": ("prompt=,negative_prompt=a blurry photo,guidance_rescale=0.7",
-                  dict(prompt="", negative_prompt="a blurry photo", guidance_rescale=0.7)),
+    "all three": (
+        "prompt=,negative_prompt=a blurry photo,guidance_rescale=0.7",
+        dict(prompt="", negative_prompt="a blurry photo", guidance_rescale=0.7),
+    ),
 }
 MATCH = 1e-5  # float32, 3 guided U-Net calls: measured 1e-7 to 9e-7; a batch-wide std in the rescale gives 7e-3
 
 
 def _pipeline_latents(pipe, task, x_start, output_type="latent", prompt=None, negative_prompt=None, **call):
     batch = x_start.shape[0]
-    prompts = [prompt] * batch if prompt is not None else [task.prompt_list[b % len(task.prompt_list)]
-                                                            for b in range(batch)]
+    prompts = (
+        [prompt] * batch if prompt is not None else [task.prompt_list[b % len(task.prompt_list)] for b in range(batch)]
+    )
     negative = [negative_prompt] * batch if negative_prompt is not None else None  # a list, as the prompts
-    return pipe(prompt=prompts, negative_prompt=negative, num_inference_steps=3, guidance_scale=task.guidance,
-                eta=0.0, latents=x_start.clone(), output_type=output_type, **call).images
+    return pipe(
+        prompt=prompts,
+        negative_prompt=negative,
+        num_inference_steps=3,
+        guidance_scale=task.guidance,
+        eta=0.0,
+        latents=x_start.clone(),
+        output_type=output_type,
+        **call,
+    ).images
 
 
 @pytest.mark.parametrize("case", list(GUIDANCE_CASES))
@@ -119,8 +138,9 @@ def test_the_rescale_is_lin_et_als_equation_16():
     generator = torch.Generator().manual_seed(0)
     guided, cond = (torch.randn(3, 4, 5, 5, generator=generator, dtype=torch.float64) * scale for scale in (3, 1))
     for phi in (0.0, 0.3, 0.7, 1.0):
-        assert torch.allclose(rescale_guided(guided, cond, phi), rescale_noise_cfg(guided, cond, phi),
-                              rtol=1e-14, atol=0)
+        assert torch.allclose(
+            rescale_guided(guided, cond, phi), rescale_noise_cfg(guided, cond, phi), rtol=1e-14, atol=0
+        )
     matched = rescale_guided(guided, cond, 1.0)  # phi = 1: each sample has the conditional one's std
     assert torch.allclose(matched.flatten(1).std(1), cond.flatten(1).std(1), rtol=1e-12)
 
@@ -175,8 +195,15 @@ def test_lpips_reward_matches_finite_differences_and_runs_in_a_sweep(cache, tmp_
     target = tmp_path / "target.png"
     Image.new("RGB", (32, 32), (200, 30, 30)).save(target)
     _check_fd(rewards.LpipsDistance(backbone, target, torch.device("cpu"), torch.float64), size=32)
-    spec = SweepSpec(tasks=[f"sd[batch=1,reward=lpips,lpips_backbone={backbone},reference_image={target}]"],
-                     estimators=["full", "sdo"], targets=["latent"], steps=[2], iters=1, rounds=1, memory="off")
+    spec = SweepSpec(
+        tasks=[f"sd[batch=1,reward=lpips,lpips_backbone={backbone},reference_image={target}]"],
+        estimators=["full", "sdo"],
+        targets=["latent"],
+        steps=[2],
+        iters=1,
+        rounds=1,
+        memory="off",
+    )
     rows = run_sweep(spec, tmp_path / "run")
     assert [r["status"] for r in rows] == ["ok", "ok"] and rows[0]["grad_cos"] > 0.999999
     assert (tmp_path / "run" / rows[0]["samples_png"]).is_file()
@@ -194,8 +221,15 @@ def _check_fd(reward, size=8):
 
 
 def test_jpeg_is_a_skip_for_backprop_and_a_signal_for_the_score_function(tmp_path):
-    spec = SweepSpec(tasks=["sd[batch=2,eta=1.0,reward=jpeg]"], estimators=["full", "score-function"],
-                     targets=["cond"], steps=[2], iters=1, rounds=1, memory="off")
+    spec = SweepSpec(
+        tasks=["sd[batch=2,eta=1.0,reward=jpeg]"],
+        estimators=["full", "score-function"],
+        targets=["cond"],
+        steps=[2],
+        iters=1,
+        rounds=1,
+        memory="off",
+    )
     rows = {row["estimator"]: row for row in run_sweep(spec, tmp_path)}
     assert rows["full"]["status"] == "skipped" and "not differentiable" in rows["full"]["reason"]
     assert rows["score-function"]["status"] == "ok" and rows["score-function"]["grad_norm"] > 0
@@ -211,18 +245,24 @@ def test_a_user_reward_plugs_in_by_file(tmp_path):
     assert 0 < float(outcome.rewards.mean()) < 1 and float(problem.flat_grad().norm()) > 0
 
 
-@pytest.mark.parametrize("option,message", [
-    ("model=/nonexistent/sd", "no such folder"),
-    ("model={empty}", "is not a diffusers pipeline folder (no unet/"),
-    ("clip_model=/nonexistent/clip", "sd[clip_model=/nonexistent/clip]: no such folder"),
-    ("dtype=fp8", "is not one of fp32, bf16, fp16"),
-    ("prompts={empty_file}", "the file holds no prompt"),
-    ("reward=aesthetics", "must be one of clip, aesthetic, lpips, jpeg"),
-    ("reward=aesthetic,aesthetic_head=/nonexistent/head.pth", "the aesthetic head file '/nonexistent/head.pth' is missing"),
-    ("reward=/nonexistent/r.py:f", "no such file"),
-    ("reward=lpips", "lpips_backbone='' is not a file"),
-    ("guidance=0.5", "must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "option,message",
+    [
+        ("model=/nonexistent/sd", "no such folder"),
+        ("model={empty}", "is not a diffusers pipeline folder (no unet/"),
+        ("clip_model=/nonexistent/clip", "sd[clip_model=/nonexistent/clip]: no such folder"),
+        ("dtype=fp8", "is not one of fp32, bf16, fp16"),
+        ("prompts={empty_file}", "the file holds no prompt"),
+        ("reward=aesthetics", "must be one of clip, aesthetic, lpips, jpeg"),
+        (
+            "reward=aesthetic,aesthetic_head=/nonexistent/head.pth",
+            "the aesthetic head file '/nonexistent/head.pth' is missing",
+        ),
+        ("reward=/nonexistent/r.py:f", "no such file"),
+        ("reward=lpips", "lpips_backbone='' is not a file"),
+        ("guidance=0.5", "must be >= 1"),
+    ],
+)
 def test_bad_sd_input_is_one_line(tmp_path, capsys, option, message):
     (tmp_path / "empty").mkdir()
     (tmp_path / "prompts.txt").write_text("\n  \n")
@@ -237,8 +277,15 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 @CUDA
 def test_on_cuda_each_cell_runs_in_its_own_process_with_cuda_counters(tmp_path):
-    spec = SweepSpec(tasks=["sd[batch=2]"], estimators=["full", "checkpoint"], targets=["weights"], steps=[4, 8],
-                     iters=1, rounds=2, device="cuda")
+    spec = SweepSpec(
+        tasks=["sd[batch=2]"],
+        estimators=["full", "checkpoint"],
+        targets=["weights"],
+        steps=[4, 8],
+        iters=1,
+        rounds=2,
+        device="cuda",
+    )
     rows = {(r["estimator"], r["steps"]): r for r in run_sweep(spec, tmp_path)}
     for row in rows.values():
         assert row["status"] == "ok" and row["mem_kind"] == "cuda_max_allocated"
@@ -248,8 +295,9 @@ def test_on_cuda_each_cell_runs_in_its_own_process_with_cuda_counters(tmp_path):
 
 
 def test_sample_grids_land_in_the_run_folder_and_the_report(tmp_path):
-    spec = SweepSpec(tasks=["sd[batch=2]"], estimators=["sdo"], targets=["latent"], steps=[2], iters=1, rounds=1,
-                     memory="off")
+    spec = SweepSpec(
+        tasks=["sd[batch=2]"], estimators=["sdo"], targets=["latent"], steps=[2], iters=1, rounds=1, memory="off"
+    )
     row = run_sweep(spec, tmp_path / "run")[0]
     from PIL import Image
 

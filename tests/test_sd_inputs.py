@@ -2,6 +2,7 @@
 no row written): broken model folders, resolutions the VAE cannot decode, binary prompt files,
 reward functions that cannot be called as function(images) or exit while loading; and a reward
 that calls sys.exit() while scoring, which fails its cells and never ends the sweep."""
+
 import json
 import os
 import shutil
@@ -102,8 +103,22 @@ BROKEN_MODELS = [
 
 def _refused(tmp_path, capsys, task, message):
     out = tmp_path / "out"
-    code = main(["run", "--tasks", task, "--estimators", "full", "--targets", "latent", "--steps", "2",
-                 "--no-progress", "--out", str(out)])
+    code = main(
+        [
+            "run",
+            "--tasks",
+            task,
+            "--estimators",
+            "full",
+            "--targets",
+            "latent",
+            "--steps",
+            "2",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2, err
     assert err.startswith("error: ") and err.count("\n") == 1, err
@@ -136,8 +151,9 @@ def _write_files(tmp_path):
     (tmp_path / "binary.txt").write_bytes(b"a photo of a cat\n\x00\x01\x02\xff\n")
     (tmp_path / "latin1.txt").write_bytes("une photo d'un ch\u00e2teau\n".encode("latin-1"))
     (tmp_path / "prompts.txt").write_text("a cat\n")
-    (tmp_path / "wrong_signature.py").write_text("def two(images, scale):\n    return images.mean((1, 2, 3))\n"
-                                                 "def none():\n    return 0\n")
+    (tmp_path / "wrong_signature.py").write_text(
+        "def two(images, scale):\n    return images.mean((1, 2, 3))\ndef none():\n    return 0\n"
+    )
     (tmp_path / "exits_on_import.py").write_text("import sys\nsys.exit(4)\n")
 
 
@@ -169,9 +185,27 @@ def test_a_reward_that_calls_sys_exit_fails_its_cells_and_the_sweep_goes_on(tmp_
     plugin = tmp_path / "exits.py"
     plugin.write_text("import sys\n\ndef score(images):\n    sys.exit(4)\n")
     out = tmp_path / "out"
-    code = main(["run", "--tasks", f"sd[batch=1,reward={plugin}:score]", "--estimators", "full,sdo",
-                 "--targets", "latent", "--steps", "2", "--iters", "0", "--rounds", "1", "--no-memory",
-                 "--no-progress", "--out", str(out)])
+    code = main(
+        [
+            "run",
+            "--tasks",
+            f"sd[batch=1,reward={plugin}:score]",
+            "--estimators",
+            "full,sdo",
+            "--targets",
+            "latent",
+            "--steps",
+            "2",
+            "--iters",
+            "0",
+            "--rounds",
+            "1",
+            "--no-memory",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
+    )
     capsys.readouterr()
     assert code == 0
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]

@@ -1,5 +1,6 @@
 """Run settings are declared once (bench/settings.py): SweepSpec, the run command's flags, a sweep
 file's keys, the checks and the README's table of run options all come from the declaration."""
+
 import dataclasses
 import re
 from pathlib import Path
@@ -16,8 +17,17 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 TOY = "toy[d=2,batch=2]"
 # the run command's flags that are not settings of a sweep part: the run itself and the launcher
 RUN_ONLY = {"-h", "--help", "--config", "--out", "--force", "--remeasure", "--no-progress"}
-LAUNCHER = {"--launcher", "--partition", "--time-min", "--gpus-per-job", "--cpus-per-job", "--array-parallelism",
-            "--cells-per-job", "--sbatch", "--detach"}
+LAUNCHER = {
+    "--launcher",
+    "--partition",
+    "--time-min",
+    "--gpus-per-job",
+    "--cpus-per-job",
+    "--array-parallelism",
+    "--cells-per-job",
+    "--sbatch",
+    "--detach",
+}
 
 
 def _run_parser():
@@ -49,10 +59,26 @@ def test_every_field_has_one_setting_and_every_run_flag_comes_from_one():
 def test_the_defaults_are_the_declared_ones():
     assert dataclasses.asdict(SweepSpec()) == {s.name: s.default for s in SETTINGS}
     assert SweepSpec() == SweepSpec(
-        tasks=["digits"], estimators=["full", "checkpoint", "adjoint", "sdo", "truncated[k=2]"],
-        targets=["latent", "cond", "weights"], steps=[10, 20], seeds=[0], iters=4, warmup=1, rounds=3,
-        memory="auto", timeout=1800.0, device="cpu", includes=[], isolate="auto", threads=0, interleave=True,
-        baseline="full", stable=0.0, timing_cap=0.0, budget=0.0)
+        tasks=["digits"],
+        estimators=["full", "checkpoint", "adjoint", "sdo", "truncated[k=2]"],
+        targets=["latent", "cond", "weights"],
+        steps=[10, 20],
+        seeds=[0],
+        iters=4,
+        warmup=1,
+        rounds=3,
+        memory="auto",
+        timeout=1800.0,
+        device="cpu",
+        includes=[],
+        isolate="auto",
+        threads=0,
+        interleave=True,
+        baseline="full",
+        stable=0.0,
+        timing_cap=0.0,
+        budget=0.0,
+    )
     first, second = SweepSpec(), SweepSpec()
     first.steps.append(99)
     assert second.steps == [10, 20]  # a list default is each instance's own
@@ -63,16 +89,68 @@ def test_flags_to_a_spec_to_a_dict_and_back(tmp_path):
     a, b = tmp_path / "a.py", tmp_path / "b.py"
     a.write_text("")
     b.write_text("")
-    argv = ["--tasks", TOY, "--estimators", "full,sdo", "--targets", "cond", "--steps", "3,4", "--seeds", "1,2",
-            "--iters", "2", "--warmup", "0", "--rounds", "2", "--no-memory", "--timeout", "0", "--device", "cpu",
-            "--include", str(a), "--include", str(b), "--isolate", "none", "--threads", "1", "--no-interleave",
-            "--baseline", "sdo", "--stable", "0.05", "--timing-cap", "7", "--budget", "2.5"]
-    spec, = _sweep(argv).parts
+    argv = [
+        "--tasks",
+        TOY,
+        "--estimators",
+        "full,sdo",
+        "--targets",
+        "cond",
+        "--steps",
+        "3,4",
+        "--seeds",
+        "1,2",
+        "--iters",
+        "2",
+        "--warmup",
+        "0",
+        "--rounds",
+        "2",
+        "--no-memory",
+        "--timeout",
+        "0",
+        "--device",
+        "cpu",
+        "--include",
+        str(a),
+        "--include",
+        str(b),
+        "--isolate",
+        "none",
+        "--threads",
+        "1",
+        "--no-interleave",
+        "--baseline",
+        "sdo",
+        "--stable",
+        "0.05",
+        "--timing-cap",
+        "7",
+        "--budget",
+        "2.5",
+    ]
+    (spec,) = _sweep(argv).parts
     assert dataclasses.asdict(spec) == {
-        "tasks": [TOY], "estimators": ["full", "sdo"], "targets": ["cond"], "steps": [3, 4], "seeds": [1, 2],
-        "iters": 2, "warmup": 0, "rounds": 2, "memory": "off", "timeout": None, "device": "cpu",
-        "includes": [str(a), str(b)], "isolate": "none", "threads": 1,
-        "interleave": False, "baseline": "sdo", "stable": 0.05, "timing_cap": 7.0, "budget": 2.5}
+        "tasks": [TOY],
+        "estimators": ["full", "sdo"],
+        "targets": ["cond"],
+        "steps": [3, 4],
+        "seeds": [1, 2],
+        "iters": 2,
+        "warmup": 0,
+        "rounds": 2,
+        "memory": "off",
+        "timeout": None,
+        "device": "cpu",
+        "includes": [str(a), str(b)],
+        "isolate": "none",
+        "threads": 1,
+        "interleave": False,
+        "baseline": "sdo",
+        "stable": 0.05,
+        "timing_cap": 7.0,
+        "budget": 2.5,
+    }
     again = SweepSpec(**dataclasses.asdict(spec))  # as run.json, isolate and the jobs carry it
     assert again == spec
     settings.check_spec(again)
@@ -80,11 +158,18 @@ def test_flags_to_a_spec_to_a_dict_and_back(tmp_path):
 
 def test_a_sweep_file_names_the_same_settings(tmp_path):
     config = tmp_path / "s.toml"
-    config.write_text(f'tasks = "{TOY}"\nsteps = [3]\ntiming-cap = 5\ninclude = []\ninterleave = false\n'
-                      'memory = "off"\n')
-    spec, = build(config, {}, {}, None).parts
+    config.write_text(
+        f'tasks = "{TOY}"\nsteps = [3]\ntiming-cap = 5\ninclude = []\ninterleave = false\nmemory = "off"\n'
+    )
+    (spec,) = build(config, {}, {}, None).parts
     assert (spec.tasks, spec.steps, spec.timing_cap, spec.includes, spec.interleave, spec.memory) == (
-        [TOY], [3], 5.0, [], False, "off")
+        [TOY],
+        [3],
+        5.0,
+        [],
+        False,
+        "off",
+    )
 
 
 def test_a_file_value_refused_by_a_check_names_the_file_and_key(tmp_path):
@@ -108,8 +193,14 @@ def test_a_spec_built_in_code_is_checked_when_it_is_resolved():
         plan.resolve(SweepSpec(tasks=[TOY], steps=[2], isolate="both"))
 
 
-NEW = Setting("patience", INT, 3, "rounds of patience (a test's setting)",
-              lambda value, context: None if value % 2 else f"{{setting}} must be odd, got {value}", metavar="N")
+NEW = Setting(
+    "patience",
+    INT,
+    3,
+    "rounds of patience (a test's setting)",
+    lambda value, context: None if value % 2 else f"{{setting}} must be odd, got {value}",
+    metavar="N",
+)
 
 
 @pytest.fixture
@@ -118,17 +209,17 @@ def with_a_new_setting(monkeypatch):
     monkeypatch.setattr(settings, "SETTINGS", SETTINGS + (NEW,))
 
 
-def test_a_new_setting_is_a_flag_a_key_a_field_a_check_and_a_row_of_the_table(with_a_new_setting, tmp_path,
-                                                                               capsys):
+def test_a_new_setting_is_a_flag_a_key_a_field_a_check_and_a_row_of_the_table(with_a_new_setting, tmp_path, capsys):
     assert "--patience" in {flag for action in _run_parser()._actions for flag in action.option_strings}
-    spec, = _sweep(["--patience", "5"]).parts
+    (spec,) = _sweep(["--patience", "5"]).parts
     assert spec.patience == 5 and _sweep([]).parts[0].patience == 3
     assert dataclasses.asdict(spec)["patience"] == 5
     config = tmp_path / "s.toml"
     config.write_text("patience = 7\n")
     assert build(config, {}, {}, None).parts[0].patience == 7
     assert "| `--patience N` | `patience` | integer | `3` | rounds of patience (a test's setting) |" in (
-        settings.readme_table())
+        settings.readme_table()
+    )
     with pytest.raises(SpecError, match="--patience must be odd, got 4"):
         _sweep(["--patience", "4"])
     config.write_text("patience = 4\n")
@@ -147,13 +238,19 @@ def test_the_readme_table_of_run_options_is_the_declaration():
     table = re.search(r"<!-- run-options:start -->\n(.*?)\n<!-- run-options:end -->", text, re.DOTALL)
     assert table, "README lacks the run-options:start/run-options:end markers"
     assert table.group(1) == settings.readme_table(), (
-        "README's run options are stale: run python -m bench.settings --write-readme")
+        "README's run options are stale: run python -m bench.settings --write-readme"
+    )
     for setting in SETTINGS:
         assert f"`{setting.flag}" in table.group(1) and f"`{setting.key}`" in table.group(1)
 
 
 def test_the_flags_help_shows_each_default():
     text = " ".join(_run_parser().format_help().split())
-    for expected in ("(default: 1800)", "(default: full,checkpoint,adjoint,sdo,truncated[k=2])", "(default: auto)",
-                     "(default: 10,20)", "same as --memory off"):
+    for expected in (
+        "(default: 1800)",
+        "(default: full,checkpoint,adjoint,sdo,truncated[k=2])",
+        "(default: auto)",
+        "(default: 10,20)",
+        "same as --memory off",
+    ):
         assert expected in text, expected

@@ -1,4 +1,5 @@
 """ShortFT's shortcut-model: the student's chain, its gradient, the shipped student, bad input."""
+
 import json
 import random
 
@@ -19,8 +20,9 @@ def _write_student(folder, steps, scale, seed=1):
 
     unet = UNet2DConditionModel.from_pretrained(folder / "unet")
     generator = torch.Generator().manual_seed(seed)
-    delta = {name: (scale * torch.randn(p.shape, generator=generator)).contiguous()
-             for name, p in unet.named_parameters()}
+    delta = {
+        name: (scale * torch.randn(p.shape, generator=generator)).contiguous() for name, p in unet.named_parameters()
+    }
     path = shortcut.weights_path(folder, steps)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(delta, path)
@@ -99,10 +101,33 @@ def test_optimising_with_the_student_records_the_long_chains_rewards(students, t
     folder = students["random"]
     task = f"digits[models={folder},batch=2,fid_samples=8]"
     out = tmp_path / "run"
-    assert main(["run", "--tasks", task, "--estimators", "shortcut-model[steps=2]", "--targets", "weights",
-                 "--steps", "3", "--iters", "32", "--rounds", "1", "--warmup", "0", "--no-memory", "--no-progress",
-                 "--out", str(out)]) == 0
-    short, = store.read_rows(out)
+    assert (
+        main(
+            [
+                "run",
+                "--tasks",
+                task,
+                "--estimators",
+                "shortcut-model[steps=2]",
+                "--targets",
+                "weights",
+                "--steps",
+                "3",
+                "--iters",
+                "32",
+                "--rounds",
+                "1",
+                "--warmup",
+                "0",
+                "--no-memory",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    (short,) = store.read_rows(out)
     assert short["status"] == "ok" and short["nfe_forward"] == 2
     # the 3-step chain evaluated apart at the powers of 2, every 32 // 16 = 2nd iterate and the end
     assert short["reward_curve_iter"] == [0, 1, *range(2, 33, 2)] and short["iters_done"] == 32
@@ -114,21 +139,53 @@ def test_optimising_with_the_student_records_the_long_chains_rewards(students, t
 
 def test_a_budget_stops_the_optimisation(tmp_path):
     out = tmp_path / "run"
-    assert main(["run", "--tasks", "toy[d=4]", "--estimators", "full", "--targets", "latent", "--steps", "3",
-                 "--iters", "50", "--budget", "1e-9", "--rounds", "1", "--no-memory", "--no-progress",
-                 "--out", str(out)]) == 0
-    row, = store.read_rows(out)
+    assert (
+        main(
+            [
+                "run",
+                "--tasks",
+                "toy[d=4]",
+                "--estimators",
+                "full",
+                "--targets",
+                "latent",
+                "--steps",
+                "3",
+                "--iters",
+                "50",
+                "--budget",
+                "1e-9",
+                "--rounds",
+                "1",
+                "--no-memory",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    (row,) = store.read_rows(out)
     assert row["iters_done"] == 1 and row["budget"] == 1e-9 and len(row["reward_curve"]) == 2
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--tasks", "toy", "--estimators", "shortcut-model[steps=100]"],
-     "shortcut-model[steps=100] on toy: it ships steps=1..64"),
-    (["--tasks", "digits", "--estimators", "shortcut-model[steps=3]"],
-     "shortcut-model[steps=3] on digits: it ships steps=4"),
-    (["--tasks", "digits[model=flow,sampler=flow-euler]", "--estimators", "shortcut-model"],
-     "it has no distilled student; tasks with students: digits (steps=4), toy"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (
+            ["--tasks", "toy", "--estimators", "shortcut-model[steps=100]"],
+            "shortcut-model[steps=100] on toy: it ships steps=1..64",
+        ),
+        (
+            ["--tasks", "digits", "--estimators", "shortcut-model[steps=3]"],
+            "shortcut-model[steps=3] on digits: it ships steps=4",
+        ),
+        (
+            ["--tasks", "digits[model=flow,sampler=flow-euler]", "--estimators", "shortcut-model"],
+            "it has no distilled student; tasks with students: digits (steps=4), toy",
+        ),
+    ],
+)
 def test_a_task_without_that_student_is_one_line(capsys, tmp_path, argv, message):
     assert main(["run", *argv, "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err

@@ -1,5 +1,6 @@
 """Sweeps as data (--config), the job launchers (submitit's local executor; SLURM refused or faked),
 per-job rows files merged on read, and `bench status`."""
+
 import json
 import os
 import signal
@@ -41,6 +42,7 @@ def _one_line_error(capsys, argv, message):
 
 # -- sweeps as data -------------------------------------------------------------------------
 
+
 def test_the_cli_defaults_are_sweepspecs():
     sweep = _sweep([])
     assert sweep.parts == [SweepSpec()] and sweep.launch == launch.LaunchSpec()
@@ -48,8 +50,9 @@ def test_the_cli_defaults_are_sweepspecs():
 
 def test_a_sweep_file_with_parts_and_flags_that_override_it(tmp_path):
     config = tmp_path / "s.toml"
-    config.write_text(textwrap.dedent(f"""
-        out = "{tmp_path / 'out'}"
+    config.write_text(
+        textwrap.dedent(f"""
+        out = "{tmp_path / "out"}"
         tasks = "{TOY}"
         targets = ["latent", "cond"]
         timing-cap = 5
@@ -65,30 +68,35 @@ def test_a_sweep_file_with_parts_and_flags_that_override_it(tmp_path):
         name = "slurm"
         cells_per_job = 2
         sbatch = {{ account = "lab" }}
-    """))
+    """)
+    )
     sweep = _sweep(["--config", str(config), "--targets", "weights", "--cells-per-job", "3"])
     assert [p.steps for p in sweep.parts] == [[3, 4], [5]]
     assert [p.seeds for p in sweep.parts] == [[0], [1, 2]]
-    assert all(p.targets == ["weights"] and p.tasks == [TOY] and p.timing_cap == 5.0 and p.timeout is None
-               for p in sweep.parts)
+    assert all(
+        p.targets == ["weights"] and p.tasks == [TOY] and p.timing_cap == 5.0 and p.timeout is None for p in sweep.parts
+    )
     assert sweep.out == tmp_path / "out"
     assert (sweep.launch.launcher, sweep.launch.cells_per_job, sweep.launch.sbatch) == ("slurm", 3, {"account": "lab"})
     assert _sweep(["--config", str(config), "--out", str(tmp_path / "x")]).out == tmp_path / "x"
 
 
-@pytest.mark.parametrize("text,message", [
-    ("stpes = [4]", "unknown key 'stpes'; did you mean 'steps'?"),
-    ("steps = [4.5]", "expected a comma-separated list of integers"),
-    ("iters = 'two'", "iters must be an integer"),
-    ("interleave = 1", "interleave must be true or false"),
-    ("[[part]]\nout = 'x'", "out belongs at the top level"),
-    ("[launcher]\nname = 'pbs'", "unknown launcher 'pbs'; valid: local, submitit-local, slurm"),
-    ("[launcher]\npartitoin = 'gpu'", "did you mean 'partition'?"),
-    ("[launcher]\ntime_min = -3", "time_min must be an integer >= 0"),
-    ("steps = [", "not valid TOML"),
-    ("[launcher]\npartition = 'gpu'", "partition is an option of --launcher slurm, not local"),
-    ("[launcher]\ndetach = true", "detach is an option of the job launchers"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("stpes = [4]", "unknown key 'stpes'; did you mean 'steps'?"),
+        ("steps = [4.5]", "expected a comma-separated list of integers"),
+        ("iters = 'two'", "iters must be an integer"),
+        ("interleave = 1", "interleave must be true or false"),
+        ("[[part]]\nout = 'x'", "out belongs at the top level"),
+        ("[launcher]\nname = 'pbs'", "unknown launcher 'pbs'; valid: local, submitit-local, slurm"),
+        ("[launcher]\npartitoin = 'gpu'", "did you mean 'partition'?"),
+        ("[launcher]\ntime_min = -3", "time_min must be an integer >= 0"),
+        ("steps = [", "not valid TOML"),
+        ("[launcher]\npartition = 'gpu'", "partition is an option of --launcher slurm, not local"),
+        ("[launcher]\ndetach = true", "detach is an option of the job launchers"),
+    ],
+)
 def test_a_bad_sweep_file_is_one_line(capsys, tmp_path, text, message):
     config = tmp_path / "bad.toml"
     config.write_text(text + "\n")
@@ -107,8 +115,9 @@ def test_every_figure_names_the_sweep_that_reproduces_its_committed_cells():
         spec = load_spec(spec_path)
         sweep = build(ROOT / spec["sweep"], {}, {}, None)
         assert str(sweep.out) == spec["source"], spec_path
-        cells = {(c.task.spec, c.estimator.spec, c.target, c.steps, c.seed): c
-                 for _, part in plan(sweep.parts) for c in part}
+        cells = {
+            (c.task.spec, c.estimator.spec, c.target, c.steps, c.seed): c for _, part in plan(sweep.parts) for c in part
+        }
         rows = list(store.latest_by_key(store.read_rows(ROOT / spec["source"])).values())
         assert len(rows) == len(cells), spec_path
         for row in rows:
@@ -124,6 +133,7 @@ def test_every_figure_names_the_sweep_that_reproduces_its_committed_cells():
 
 # -- rows files ---------------------------------------------------------------------------
 
+
 def test_a_run_folder_merges_every_jobs_rows_latest_first(tmp_path):
     row = {"status": "ok", "task": "t", "estimator": "e", "target": "latent", "steps": 1, "seed": 0}
     store.append_row(tmp_path / store.ROWS, {**row, "key": "a", "finished": "2026-01-02", "v": 1})
@@ -136,15 +146,36 @@ def test_a_run_folder_merges_every_jobs_rows_latest_first(tmp_path):
 
 # -- launchers ----------------------------------------------------------------------------
 
+
 def _figures(rows):
-    fields = ("status", "estimator", "target", "steps", "seed", "grad_cos", "grad_rel_err", "nfe_forward",
-              "nfe_vjp", "reward_final")
+    fields = (
+        "status",
+        "estimator",
+        "target",
+        "steps",
+        "seed",
+        "grad_cos",
+        "grad_rel_err",
+        "nfe_forward",
+        "nfe_vjp",
+        "reward_final",
+    )
     return {row["key"]: tuple(row.get(f) for f in fields) for row in rows}
 
 
 def test_submitit_local_jobs_write_the_rows_a_local_run_writes(tmp_path, capsys):
-    argv = ["run", "--tasks", TOY, "--estimators", "full,sdo,checkpoint", "--targets", "cond",
-            "--steps", "3,4,5", *QUICK]
+    argv = [
+        "run",
+        "--tasks",
+        TOY,
+        "--estimators",
+        "full,sdo,checkpoint",
+        "--targets",
+        "cond",
+        "--steps",
+        "3,4,5",
+        *QUICK,
+    ]
     assert main(argv + ["--out", str(tmp_path / "local")]) == 0
     jobs_out = tmp_path / "jobs"
     assert main(argv + ["--out", str(jobs_out), "--launcher", "submitit-local", "--array-parallelism", "3"]) == 0
@@ -186,9 +217,28 @@ def test_a_killed_job_leaves_only_its_cell_to_rerun(tmp_path, capsys):
     plugin = tmp_path / "blocking.py"
     plugin.write_text(f"BLOCK = {str(block)!r}\n" + BLOCKING)
     out = tmp_path / "run"
-    argv = ["run", "--include", str(plugin), "--tasks", TOY, "--estimators", "full,sdo,test-blocking",
-            "--targets", "latent", "--steps", "3", *QUICK, "--out", str(out), "--launcher", "submitit-local",
-            "--cells-per-job", "1", "--array-parallelism", "3"]
+    argv = [
+        "run",
+        "--include",
+        str(plugin),
+        "--tasks",
+        TOY,
+        "--estimators",
+        "full,sdo,test-blocking",
+        "--targets",
+        "latent",
+        "--steps",
+        "3",
+        *QUICK,
+        "--out",
+        str(out),
+        "--launcher",
+        "submitit-local",
+        "--cells-per-job",
+        "1",
+        "--array-parallelism",
+        "3",
+    ]
     assert main(argv + ["--detach"]) == 0
     assert "detached" in capsys.readouterr().err
     deadline = time.monotonic() + 240
@@ -230,10 +280,12 @@ def _is_blocking_cell(out, key):
 
 def test_slurm_without_slurm_is_one_line(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # neither sbatch nor srun
-    _one_line_error(capsys, ["run", "--tasks", TOY, "--steps", "3", "--launcher", "slurm", "--out",
-                             str(tmp_path / "r")],
-                    "--launcher slurm needs SLURM, but sbatch and srun is not on this machine's PATH; use "
-                    "--launcher local, or --launcher submitit-local")
+    _one_line_error(
+        capsys,
+        ["run", "--tasks", TOY, "--steps", "3", "--launcher", "slurm", "--out", str(tmp_path / "r")],
+        "--launcher slurm needs SLURM, but sbatch and srun is not on this machine's PATH; use "
+        "--launcher local, or --launcher submitit-local",
+    )
     assert not (tmp_path / "r" / store.RUN).exists()
 
 
@@ -242,20 +294,63 @@ def test_slurm_submits_one_array_with_the_options(tmp_path, capsys, monkeypatch)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     record = tmp_path / "sbatch.txt"
-    for name, body in (("sbatch", f'for last; do :; done\ncat "$last" >> {record}\necho "Submitted batch job 4242"'),
-                       ("srun", "exit 0"), ("sacct", "exit 1"), ("scancel", "exit 0")):
+    for name, body in (
+        ("sbatch", f'for last; do :; done\ncat "$last" >> {record}\necho "Submitted batch job 4242"'),
+        ("srun", "exit 0"),
+        ("sacct", "exit 1"),
+        ("scancel", "exit 0"),
+    ):
         path = bin_dir / name
         path.write_text(f"#!/bin/sh\n{body}\n")
         path.chmod(path.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     out = tmp_path / "run"
-    assert main(["run", "--tasks", TOY, "--estimators", "full,sdo", "--targets", "latent,cond", "--steps", "3",
-                 "--no-progress", "--out", str(out), "--launcher", "slurm", "--partition", "gpu", "--time-min",
-                 "30", "--gpus-per-job", "1", "--cpus-per-job", "4", "--array-parallelism", "2",
-                 "--sbatch", "account=lab", "--sbatch", "qos=high", "--detach"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--tasks",
+                TOY,
+                "--estimators",
+                "full,sdo",
+                "--targets",
+                "latent,cond",
+                "--steps",
+                "3",
+                "--no-progress",
+                "--out",
+                str(out),
+                "--launcher",
+                "slurm",
+                "--partition",
+                "gpu",
+                "--time-min",
+                "30",
+                "--gpus-per-job",
+                "1",
+                "--cpus-per-job",
+                "4",
+                "--array-parallelism",
+                "2",
+                "--sbatch",
+                "account=lab",
+                "--sbatch",
+                "qos=high",
+                "--detach",
+            ]
+        )
+        == 0
+    )
     script = record.read_text()
-    for line in ("#SBATCH --partition=gpu", "#SBATCH --time=30", "#SBATCH --gpus-per-node=1",
-                 "#SBATCH --cpus-per-task=4", "#SBATCH --array=0-1%2", "#SBATCH --account=lab", "#SBATCH --qos=high"):
+    for line in (
+        "#SBATCH --partition=gpu",
+        "#SBATCH --time=30",
+        "#SBATCH --gpus-per-node=1",
+        "#SBATCH --cpus-per-task=4",
+        "#SBATCH --array=0-1%2",
+        "#SBATCH --account=lab",
+        "#SBATCH --qos=high",
+    ):
         assert line in script, script
     jobs = launch.submitted(out)
     assert [j["job"] for j in jobs] == ["4242_0", "4242_1"] and [len(j["cells"]) for j in jobs] == [2, 2]
@@ -264,8 +359,25 @@ def test_slurm_submits_one_array_with_the_options(tmp_path, capsys, monkeypatch)
 
 
 def test_status_of_a_local_run_and_of_no_run(tmp_path, capsys):
-    assert main(["run", "--tasks", TOY, "--estimators", "full,truncated[k=2]", "--targets", "latent",
-                 "--steps", "3", *QUICK, "--out", str(tmp_path / "r")]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--tasks",
+                TOY,
+                "--estimators",
+                "full,truncated[k=2]",
+                "--targets",
+                "latent",
+                "--steps",
+                "3",
+                *QUICK,
+                "--out",
+                str(tmp_path / "r"),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["status", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out
@@ -317,8 +429,15 @@ def test_every_reference_sweep_file_reads():
 def test_a_local_run_leaves_the_cells_a_live_job_holds_to_it(tmp_path):
     """Issue 21, item 11: a local run on a folder whose cells a live job holds ran them again (8
     rows for 4 keys). A fresh claim of a live process keeps them out of the local run, --force too."""
-    spec = SweepSpec(tasks=["toy[d=2,batch=2]"], estimators=["full", "sdo"], targets=["latent"], steps=[2],
-                     iters=0, rounds=1, memory="off")
+    spec = SweepSpec(
+        tasks=["toy[d=2,batch=2]"],
+        estimators=["full", "sdo"],
+        targets=["latent"],
+        steps=[2],
+        iters=0,
+        rounds=1,
+        memory="off",
+    )
     keys = [c.key for _, cells in plan([spec]) for c in cells]
     out = tmp_path / "out"
     out.mkdir()

@@ -1,5 +1,6 @@
 """Timing: contention seen and never averaged in, rounds until stable, paired ratios with
 intervals, interleaved sweeps, the time model's units and the phases of a cell."""
+
 import json
 import statistics
 import subprocess
@@ -52,6 +53,7 @@ def _matmuls(seconds: float):
     def work():
         for _ in range(reps):
             a @ a
+
     return work
 
 
@@ -85,8 +87,14 @@ def test_rounds_stop_when_stable_or_at_the_cap():
     steady = time_interleaved({"steady": lambda: time.sleep(0.01)}, CPU, rounds=3, threads=1, stable=0.3)
     assert steady["steady"].stop.startswith("stable") and len(steady["steady"].seconds) >= 3
     flip = iter(range(10**6))
-    noisy = time_interleaved({"noisy": lambda: time.sleep(0.002 if next(flip) % 2 else 0.03)}, CPU,
-                             rounds=3, threads=1, stable=0.05, cap_s=0.6)
+    noisy = time_interleaved(
+        {"noisy": lambda: time.sleep(0.002 if next(flip) % 2 else 0.03)},
+        CPU,
+        rounds=3,
+        threads=1,
+        stable=0.05,
+        cap_s=0.6,
+    )
     assert noisy["noisy"].stop == "cap" and noisy["noisy"].spread() > 0.05
     fixed = time_interleaved({"fixed": lambda: None}, CPU, rounds=4, threads=1)
     assert fixed["fixed"].stop == "rounds" and len(fixed["fixed"].seconds) == 4
@@ -100,6 +108,7 @@ def test_round_robin_rotates_and_a_failing_call_leaves_the_rotation():
             order.append(name)
             if name == "bad" and order.count("bad") == 2:
                 raise RuntimeError("boom")
+
         return run
 
     results = time_interleaved({n: call(n) for n in ("a", "b", "bad")}, CPU, rounds=3, threads=1)
@@ -109,6 +118,7 @@ def test_round_robin_rotates_and_a_failing_call_leaves_the_rotation():
 
     def interrupted():
         raise KeyboardInterrupt
+
     with pytest.raises(KeyboardInterrupt):
         time_interleaved({"x": interrupted}, CPU, rounds=1, threads=1)
     kept = time_interleaved({"x": interrupted}, CPU, rounds=1, threads=1, fatal=lambda exc: False)
@@ -120,7 +130,11 @@ def test_paired_ratio_cancels_shared_slowdowns_and_brackets_the_truth():
     base = Rounds(seconds=[x for x in load], passes=list(range(8)), slowed=[False] * 8)
     half = Rounds(seconds=[0.5 * x for x in load], passes=list(range(8)), slowed=[False] * 8)
     paired = paired_ratio(half, base)
-    assert paired["ratio"] == pytest.approx(0.5) and paired["lo"] == pytest.approx(0.5) and paired["hi"] == pytest.approx(0.5)
+    assert (
+        paired["ratio"] == pytest.approx(0.5)
+        and paired["lo"] == pytest.approx(0.5)
+        and paired["hi"] == pytest.approx(0.5)
+    )
     jitter = [1.0, 1.1, 0.9, 1.05, 0.95, 1.0, 1.02, 0.98]
     noisy = Rounds(seconds=[0.5 * x * j for x, j in zip(load, jitter)], passes=list(range(8)), slowed=[False] * 8)
     paired = paired_ratio(noisy, base)
@@ -147,8 +161,15 @@ def _rows(folder):
 
 
 def test_an_interleaved_sweep_pairs_every_estimator_with_full_and_accounts_for_its_time(tmp_path):
-    spec = SweepSpec(tasks=["toy[d=2,batch=2]"], estimators=["full", "sdo", "checkpoint"], targets=["cond"],
-                     steps=[4], iters=1, rounds=3, memory="off")
+    spec = SweepSpec(
+        tasks=["toy[d=2,batch=2]"],
+        estimators=["full", "sdo", "checkpoint"],
+        targets=["cond"],
+        steps=[4],
+        iters=1,
+        rounds=3,
+        memory="off",
+    )
     run_sweep(spec, tmp_path)
     rows = {r["estimator"]: r for r in _rows(tmp_path)}
     assert all(r["time_paired"] and r["time_baseline"] == "full" for r in rows.values())
@@ -157,9 +178,11 @@ def test_an_interleaved_sweep_pairs_every_estimator_with_full_and_accounts_for_i
         r = rows[name]
         assert r["time_vs_baseline_lo"] <= r["time_vs_baseline"] <= r["time_vs_baseline_hi"]
         assert len(r["time_rounds_s"]) >= 3 and r["time_min_s"] <= r["time_s"]
-        assert r["time_pred_s"] == pytest.approx(r["nfe_forward_pred"] * r["time_unit_f_s"]
-                                                 + r["nfe_vjp_pred"] * r["time_unit_v_s"]
-                                                 + r["time_pred_checkpointed"] * r["time_unit_h_s"])
+        assert r["time_pred_s"] == pytest.approx(
+            r["nfe_forward_pred"] * r["time_unit_f_s"]
+            + r["nfe_vjp_pred"] * r["time_unit_v_s"]
+            + r["time_pred_checkpointed"] * r["time_unit_h_s"]
+        )
     assert rows["checkpoint"]["time_pred_checkpointed"] == 8 and rows["sdo"]["time_pred_checkpointed"] == 0
     for r in rows.values():
         assert set(r["phase_s"]) >= {"setup", "agreement", "reference", "units", "timing", "optimise", "evaluate"}
@@ -174,8 +197,17 @@ def test_an_interleaved_sweep_pairs_every_estimator_with_full_and_accounts_for_i
 
 
 def test_without_interleaving_no_pairs_are_claimed(tmp_path):
-    spec = SweepSpec(tasks=["toy[d=2,batch=2]"], estimators=["full", "sdo"], targets=["cond"], steps=[4],
-                     iters=1, rounds=2, memory="off", interleave=False, threads=1)
+    spec = SweepSpec(
+        tasks=["toy[d=2,batch=2]"],
+        estimators=["full", "sdo"],
+        targets=["cond"],
+        steps=[4],
+        iters=1,
+        rounds=2,
+        memory="off",
+        interleave=False,
+        threads=1,
+    )
     run_sweep(spec, tmp_path)
     rows = _rows(tmp_path)
     assert not any(r["time_paired"] for r in rows) and not any("time_vs_baseline" in r for r in rows[1:])
@@ -183,8 +215,16 @@ def test_without_interleaving_no_pairs_are_claimed(tmp_path):
 
 def test_a_timeout_spans_the_phases_of_a_cell(tmp_path):
     """The limit holds over the agreement call, the rounds and the rest, not per phase."""
-    spec = SweepSpec(tasks=["toy[d=2,batch=2]"], estimators=["full"], targets=["cond"], steps=[4], iters=10**6,
-                     rounds=2, memory="off", timeout=1.5)
+    spec = SweepSpec(
+        tasks=["toy[d=2,batch=2]"],
+        estimators=["full"],
+        targets=["cond"],
+        steps=[4],
+        iters=10**6,
+        rounds=2,
+        memory="off",
+        timeout=1.5,
+    )
     started = time.perf_counter()
     run_sweep(spec, tmp_path)
     (row,) = _rows(tmp_path)
@@ -198,8 +238,15 @@ def test_suspect_rows_are_marked_in_the_summary_and_the_report(tmp_path):
     from bench.report import write_report
     from bench.summary import print_summary
 
-    spec = SweepSpec(tasks=["toy[d=2,batch=2]"], estimators=["full", "sdo"], targets=["cond"], steps=[4],
-                     iters=1, rounds=2, memory="off")
+    spec = SweepSpec(
+        tasks=["toy[d=2,batch=2]"],
+        estimators=["full", "sdo"],
+        targets=["cond"],
+        steps=[4],
+        iters=1,
+        rounds=2,
+        memory="off",
+    )
     rows = run_sweep(spec, tmp_path / "run")
     rows[1]["timing_suspect"] = "only 0 of 2 rounds ran without other load (up to 1.9 cores busy elsewhere, 0 free)"
     (tmp_path / "run" / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -214,8 +261,15 @@ def test_suspect_rows_are_marked_in_the_summary_and_the_report(tmp_path):
 def test_compare_names_suspect_timings_and_shows_both_ratios(tmp_path):
     from bench.compare import compare
 
-    spec = SweepSpec(tasks=["toy[d=2,batch=2]"], estimators=["full", "sdo"], targets=["cond"], steps=[4],
-                     iters=1, rounds=2, memory="off")
+    spec = SweepSpec(
+        tasks=["toy[d=2,batch=2]"],
+        estimators=["full", "sdo"],
+        targets=["cond"],
+        steps=[4],
+        iters=1,
+        rounds=2,
+        memory="off",
+    )
     rows = run_sweep(spec, tmp_path / "a")
     (tmp_path / "b").mkdir()
     rows[1]["timing_suspect"] = "only 0 of 2 rounds ran without other load"

@@ -11,6 +11,7 @@
 Each suite returns a list of `Check`: one row per (plug-in spec, check), pass, fail or n/a, with a
 detail that gives the numbers the check measured. Nothing here is timed; the suites run on one CPU
 thread (`torch_threads`), restored afterwards."""
+
 from __future__ import annotations
 
 import contextlib
@@ -83,9 +84,12 @@ def print_checks(checks: list[Check], console: Any, title: str, kind: str) -> No
         table.add_column(column, overflow="fold")
     colours = {"pass": "green", "fail": "bold red", "n/a": "dim"}
     for check in checks:
-        table.add_row(escape(check.spec), escape(check.name), f"[{colours[check.status]}]{check.status}[/]",
-                      escape(check.detail))
+        table.add_row(
+            escape(check.spec), escape(check.name), f"[{colours[check.status]}]{check.status}[/]", escape(check.detail)
+        )
     console.print(table)
     failed = sorted({c.spec for c in checks if c.status == "fail"})
-    console.print(f"{len({c.spec for c in checks})} {kind}(s), "
-                  + (f"[bold red]failing: {', '.join(failed)}[/]" if failed else "[green]all checks pass[/]"))
+    console.print(
+        f"{len({c.spec for c in checks})} {kind}(s), "
+        + (f"[bold red]failing: {', '.join(failed)}[/]" if failed else "[green]all checks pass[/]")
+    )

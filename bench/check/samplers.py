@@ -30,6 +30,7 @@ one check over many configurations. It checks:
   and changes none of its inputs, and two builds of one schedule run the same trajectory;
 - refusals: a configuration the sampler cannot reproduce (clipping, thresholding, other
   parameterisations, other sigma tables) is refused with a SpecError, or else reproduced."""
+
 from __future__ import annotations
 
 import inspect
@@ -56,15 +57,35 @@ TIME_TOLERANCE = 1e-3  # model-time units: the schedule's times against the sche
 ROUNDING_WIDTH = 1e-9
 ETA = 0.8  # injected noise for stochastic samplers
 BATCH, DIM = 6, 3
-SAMPLER_CHECKS = ("declaration", "trajectory = the diffusers step loop", "trajectory with injected noise",
-                  "linear weights = autograd", "ODE grid", "model times in the training range", "identity steps",
-                  "pure steps", "unsupported configurations refused")
+SAMPLER_CHECKS = (
+    "declaration",
+    "trajectory = the diffusers step loop",
+    "trajectory with injected noise",
+    "linear weights = autograd",
+    "ODE grid",
+    "model times in the training range",
+    "identity steps",
+    "pure steps",
+    "unsupported configurations refused",
+)
 REFERENCE_TABLES = ("alphas_cumprod", "final_alpha_cumprod", "sigmas")  # read in float64 from the scheduler
 
-_LINEAR = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-               clip_sample=False, prediction_type="epsilon")
-_SCALED = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-               clip_sample=False, prediction_type="epsilon")
+_LINEAR = dict(
+    num_train_timesteps=1000,
+    beta_schedule="linear",
+    beta_start=1e-4,
+    beta_end=0.02,
+    clip_sample=False,
+    prediction_type="epsilon",
+)
+_SCALED = dict(
+    num_train_timesteps=1000,
+    beta_schedule="scaled_linear",
+    beta_start=0.00085,
+    beta_end=0.012,
+    clip_sample=False,
+    prediction_type="epsilon",
+)
 
 
 def _vp_tables() -> dict[str, dict[str, Any]]:
@@ -75,13 +96,16 @@ def _vp_tables() -> dict[str, dict[str, Any]]:
     for alpha_to_one in (False, True):
         for spacing, offsets in (("leading", (0, 1)), ("trailing", (0,)), ("linspace", (0,))):
             for offset in offsets:
-                tables[f"linear {spacing}" + (f" offset={offset}" if spacing == "leading" else "")
-                       + f" alpha_to_one={format_value(alpha_to_one)}"] = dict(
-                    _LINEAR, timestep_spacing=spacing, steps_offset=offset, set_alpha_to_one=alpha_to_one)
+                tables[
+                    f"linear {spacing}"
+                    + (f" offset={offset}" if spacing == "leading" else "")
+                    + f" alpha_to_one={format_value(alpha_to_one)}"
+                ] = dict(_LINEAR, timestep_spacing=spacing, steps_offset=offset, set_alpha_to_one=alpha_to_one)
     tables["sd trailing"] = dict(_SCALED, timestep_spacing="trailing", set_alpha_to_one=False)
     tables["sd leading offset=1"] = dict(_SCALED, timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False)
-    tables["cosine leading offset=1"] = dict(_LINEAR, beta_schedule="squaredcos_cap_v2", timestep_spacing="leading",
-                                             steps_offset=1, set_alpha_to_one=True)
+    tables["cosine leading offset=1"] = dict(
+        _LINEAR, beta_schedule="squaredcos_cap_v2", timestep_spacing="leading", steps_offset=1, set_alpha_to_one=True
+    )
     return tables
 
 
@@ -197,10 +221,17 @@ class SamplerSuite:
 
     # -- helpers ------------------------------------------------------------------------------
     def _cases(self) -> list[tuple[str, dict[str, Any], int]]:
-        require(bool(self.tables), f"no noise tables for a model with {self.cls.prediction!r} output "
-                f"(the suite has them for {', '.join(TABLES)})")
-        return [(name, config, n) for name, config in self.tables.items() for n in self.steps
-                if n <= config.get("num_train_timesteps", 1000)]
+        require(
+            bool(self.tables),
+            f"no noise tables for a model with {self.cls.prediction!r} output "
+            f"(the suite has them for {', '.join(TABLES)})",
+        )
+        return [
+            (name, config, n)
+            for name, config in self.tables.items()
+            for n in self.steps
+            if n <= config.get("num_train_timesteps", 1000)
+        ]
 
     def model(self, name: str, config: dict[str, Any]) -> MixtureModel:
         if name not in self._models:
@@ -209,8 +240,9 @@ class SamplerSuite:
             table = None
             if self.cls.prediction != "flow":  # the model's own noise table: the config's betas
                 accepted = inspect.signature(diffusers.DDIMScheduler.__init__).parameters
-                table = diffusers.DDIMScheduler(**{k: v for k, v in config.items() if k in accepted}
-                                                ).alphas_cumprod.double()
+                table = diffusers.DDIMScheduler(
+                    **{k: v for k, v in config.items() if k in accepted}
+                ).alphas_cumprod.double()
             self._models[name] = MixtureModel(self.cls.prediction, config.get("num_train_timesteps", 1000), table)
         return self._models[name]
 
@@ -224,8 +256,11 @@ class SamplerSuite:
     def _inputs(self, steps: int, eta: float) -> tuple[Tensor, list[Tensor] | None]:
         generator = torch.Generator().manual_seed(1000 + steps)
         x_start = torch.randn(BATCH, DIM, generator=generator, dtype=torch.float64)
-        noises = [torch.randn(BATCH, DIM, generator=generator, dtype=torch.float64)
-                  for _ in range(steps)] if eta > 0 else None
+        noises = (
+            [torch.randn(BATCH, DIM, generator=generator, dtype=torch.float64) for _ in range(steps)]
+            if eta > 0
+            else None
+        )
         return x_start, noises
 
     def _against_diffusers(self, name: str, config: dict[str, Any], steps: int, eta: float = 0.0) -> float:
@@ -247,15 +282,18 @@ class SamplerSuite:
         for k, t in enumerate(timesteps):
             i = steps - k
             ours_t = schedule.model_time(i)
-            require(abs(ours_t - float(t)) <= TIME_TOLERANCE,
-                    f"{name}, N={steps}: model time {ours_t:g} at grid point {i}, the scheduler's timestep {float(t):g}")
+            require(
+                abs(ours_t - float(t)) <= TIME_TOLERANCE,
+                f"{name}, N={steps}: model time {ours_t:g} at grid point {i}, the scheduler's timestep {float(t):g}",
+            )
             out = model(x, torch.full((BATCH,), float(t), dtype=torch.float64))
             extra = dict(eta=eta, variance_noise=noises[i - 1][..., None]) if eta > 0 else {}
             try:  # (B, d, 1): a trailing axis, as the thresholding's per-sample reshape needs
                 x = reference.step(out[..., None], t, x[..., None], **extra).prev_sample[..., 0].to(torch.float64)
             except Exception as exc:
-                raise ReferenceFailed(f"{self.cls.scheduler_class}.step failed: {type(exc).__name__}: "
-                                      f"{exception_text(exc)}") from None
+                raise ReferenceFailed(
+                    f"{self.cls.scheduler_class}.step failed: {type(exc).__name__}: {exception_text(exc)}"
+                ) from None
         require(bool(torch.isfinite(ours).all()), f"{name}, N={steps}: non-finite samples")
         return _rel(ours, x)
 
@@ -307,8 +345,10 @@ class SamplerSuite:
             pass
         require(bool(cls.summary), "no summary (shown by `python -m bench list`)")
         require(cls.prediction in PREDICTIONS, f"prediction {cls.prediction!r}; valid: {', '.join(PREDICTIONS)}")
-        require(isinstance(getattr(diffusers, cls.scheduler_class or "-", None), type),
-                f"scheduler_class {cls.scheduler_class!r} is not a diffusers scheduler class")
+        require(
+            isinstance(getattr(diffusers, cls.scheduler_class or "-", None), type),
+            f"scheduler_class {cls.scheduler_class!r} is not a diffusers scheduler class",
+        )
         require(bool(self.tables), f"no noise tables for a model with {cls.prediction!r} output")
         name, config = next(iter(self.tables.items()))
         if cls.stochastic:
@@ -327,8 +367,12 @@ class SamplerSuite:
                 pass
         return f"{len(names)} option(s): {', '.join(names) or 'none'}; {cls.prediction} model; {cls.scheduler_class}"
 
-    def _over_cases(self, check: Callable[[str, dict[str, Any], int, float], Any], etas: tuple[float, ...] = (0.0,),
-                    skip_one_step: bool = False) -> list[Any]:
+    def _over_cases(
+        self,
+        check: Callable[[str, dict[str, Any], int, float], Any],
+        etas: tuple[float, ...] = (0.0,),
+        skip_one_step: bool = False,
+    ) -> list[Any]:
         """`check(name, config, N, eta)` on every case; Failed with every failing case's message."""
         results, failures = [], []
         for name, config, steps in self._cases():
@@ -341,8 +385,11 @@ class SamplerSuite:
                     failures.append(str(exc))
         if failures:
             total = len(failures) + len(results)
-            raise Failed(f"fails on {len(failures)} of {total} cases: " + "; ".join(failures[:3])
-                         + (f"; ... (+{len(failures) - 3} more)" if len(failures) > 3 else ""))
+            raise Failed(
+                f"fails on {len(failures)} of {total} cases: "
+                + "; ".join(failures[:3])
+                + (f"; ... (+{len(failures) - 3} more)" if len(failures) > 3 else "")
+            )
         return results
 
     @staticmethod
@@ -355,12 +402,18 @@ class SamplerSuite:
     def trajectory(self) -> str:
         def check(name, config, steps, eta):
             err = self._against_diffusers(name, config, steps)
-            require(err < TRAJECTORY_TOLERANCE, f"{self._where(name, steps)}: rel. distance {err:.2e} to "
-                    f"{self.cls.scheduler_class}.step (tolerance {TRAJECTORY_TOLERANCE:g})")
+            require(
+                err < TRAJECTORY_TOLERANCE,
+                f"{self._where(name, steps)}: rel. distance {err:.2e} to "
+                f"{self.cls.scheduler_class}.step (tolerance {TRAJECTORY_TOLERANCE:g})",
+            )
             return err, self._where(name, steps)
+
         worst, where = max(self._over_cases(check))
-        return (f"{len(self.tables)} table(s) x N in {{{', '.join(map(str, self.steps))}}}: largest rel. distance "
-                f"{worst:.1e} ({where}; tolerance {TRAJECTORY_TOLERANCE:g})")
+        return (
+            f"{len(self.tables)} table(s) x N in {{{', '.join(map(str, self.steps))}}}: largest rel. distance "
+            f"{worst:.1e} ({where}; tolerance {TRAJECTORY_TOLERANCE:g})"
+        )
 
     def stochastic_trajectory(self):
         if not self.cls.stochastic:
@@ -368,9 +421,13 @@ class SamplerSuite:
 
         def check(name, config, steps, eta):
             err = self._against_diffusers(name, config, steps, ETA)
-            require(err < TRAJECTORY_TOLERANCE, f"{self._where(name, steps, ETA)}: rel. distance {err:.2e} to "
-                    f"{self.cls.scheduler_class}.step with the same noise (tolerance {TRAJECTORY_TOLERANCE:g})")
+            require(
+                err < TRAJECTORY_TOLERANCE,
+                f"{self._where(name, steps, ETA)}: rel. distance {err:.2e} to "
+                f"{self.cls.scheduler_class}.step with the same noise (tolerance {TRAJECTORY_TOLERANCE:g})",
+            )
             return err
+
         worst = max(self._over_cases(check, skip_one_step=True))
         return f"eta={ETA:g}, the same noise: largest rel. distance {worst:.1e} (tolerance {TRAJECTORY_TOLERANCE:g})"
 
@@ -380,7 +437,9 @@ class SamplerSuite:
             generator = torch.Generator().manual_seed(steps)
             x_start = torch.randn(1, generator=generator, dtype=torch.float64).requires_grad_(True)
             outs = [torch.randn(1, generator=generator, dtype=torch.float64).requires_grad_(True) for _ in range(steps)]
-            noises = [torch.randn(1, generator=generator, dtype=torch.float64) for _ in range(steps)] if eta > 0 else None
+            noises = (
+                [torch.randn(1, generator=generator, dtype=torch.float64) for _ in range(steps)] if eta > 0 else None
+            )
             x0 = self._step_rule(schedule, x_start, outs, noises)
             grads = torch.autograd.grad(x0.sum(), [x_start, *outs], allow_unused=True)
             grads = [0.0 if g is None else float(g) for g in grads]
@@ -392,15 +451,26 @@ class SamplerSuite:
                 j = max(range(len(grads)), key=lambda k: abs(grads[k] - claimed[k]))
                 what = "state_weight" if j == 0 else f"output_weight({steps - j + 1})"
                 miss = self._on_grid(self.schedule(name, steps))
-                raise Failed(f"{where}: {what} = {claimed[j]:.10g}, autograd through the step rule {grads[j]:.10g} "
-                             f"(rel. {err:.1e})" + (f" [the steps land beside the schedule's grid points here: a "
-                                                    f"one-point distribution is missed by {miss:.1e}]" if miss > 1e-9 else ""))
+                raise Failed(
+                    f"{where}: {what} = {claimed[j]:.10g}, autograd through the step rule {grads[j]:.10g} "
+                    f"(rel. {err:.1e})"
+                    + (
+                        f" [the steps land beside the schedule's grid points here: a "
+                        f"one-point distribution is missed by {miss:.1e}]"
+                        if miss > 1e-9
+                        else ""
+                    )
+                )
             if eta == 0:
                 affine = float(claimed[0] * x_start.detach() + sum(w * o.detach() for w, o in zip(claimed[1:], outs)))
                 gap = abs(affine - float(x0.detach())) / max(abs(float(x0.detach())), 1e-300)
-                require(gap <= WEIGHT_TOLERANCE, f"{where}: x_0 - (W_x x_N + sum W_i out_i) = "
-                        f"{float(x0.detach()) - affine:.3g}: a constant term in a deterministic step")
+                require(
+                    gap <= WEIGHT_TOLERANCE,
+                    f"{where}: x_0 - (W_x x_N + sum W_i out_i) = "
+                    f"{float(x0.detach()) - affine:.3g}: a constant term in a deterministic step",
+                )
             return err
+
         errors = self._over_cases(check, self._etas())
         return f"{len(errors)} (table, N, eta): largest rel. error {max(errors):.1e} (tolerance {WEIGHT_TOLERANCE:g})"
 
@@ -414,12 +484,17 @@ class SamplerSuite:
             for i in range(1, steps + 1):
                 require(own[i] >= own[i - 1], f"{where}: own points decrease at {i}: {own[i - 1]:.6g} > {own[i]:.6g}")
                 if own[i] == own[i - 1]:
-                    require(schedule.is_identity(i), f"{where}: grid points {i - 1} and {i} coincide "
-                            f"(s = {own[i]:.6g}) but step {i} is not an identity step")
+                    require(
+                        schedule.is_identity(i),
+                        f"{where}: grid points {i - 1} and {i} coincide "
+                        f"(s = {own[i]:.6g}) but step {i} is not an identity step",
+                    )
             span = own[-1] - own[0]
             if span == 0:  # e.g. DDIM's leading grid at N = 1: its one step lands where it starts
-                require(all(schedule.is_identity(i) for i in range(1, steps + 1)),
-                        f"{where}: the grid spans nothing ({own[0]:.6g}) but not every step is an identity step")
+                require(
+                    all(schedule.is_identity(i) for i in range(1, steps + 1)),
+                    f"{where}: the grid spans nothing ({own[0]:.6g}) but not every step is an identity step",
+                )
                 return None, where
             smallest = math.inf
             for m in GRID_POINTS:
@@ -428,23 +503,32 @@ class SamplerSuite:
                 grid = list(schedule.ode_grid(m))
                 require(len(grid) == m + 1, f"{where}: ode_grid({m}) has {len(grid)} points, expected {m + 1}")
                 require(all(math.isfinite(s) for s in grid), f"{where}: ode_grid({m}) has non-finite points")
-                require(abs(grid[0] - own[0]) <= 1e-12 * span and abs(grid[-1] - own[-1]) <= 1e-12 * span,
-                        f"{where}: ode_grid({m}) runs {grid[0]:.12g}..{grid[-1]:.12g}, the sampler's points "
-                        f"{own[0]:.12g}..{own[-1]:.12g}")
+                require(
+                    abs(grid[0] - own[0]) <= 1e-12 * span and abs(grid[-1] - own[-1]) <= 1e-12 * span,
+                    f"{where}: ode_grid({m}) runs {grid[0]:.12g}..{grid[-1]:.12g}, the sampler's points "
+                    f"{own[0]:.12g}..{own[-1]:.12g}",
+                )
                 gaps = [b - a for a, b in zip(grid, grid[1:])]
                 widths = [gap - ROUNDING_WIDTH * max(abs(a), abs(b)) for gap, a, b in zip(gaps, grid, grid[1:])]
-                require(min(widths) > 0, f"{where}: ode_grid({m}) = "
-                        + (f"[{', '.join(f'{v:.17g}' for v in grid)}]" if m <= 3 else f"...")
-                        + f" has an interval of {min(gaps):.2e} (span {span:.3g}; " + ("not increasing" if min(gaps) <= 0
-                                                                                       else "rounding width") + ")")
+                require(
+                    min(widths) > 0,
+                    f"{where}: ode_grid({m}) = "
+                    + (f"[{', '.join(f'{v:.17g}' for v in grid)}]" if m <= 3 else "...")
+                    + f" has an interval of {min(gaps):.2e} (span {span:.3g}; "
+                    + ("not increasing" if min(gaps) <= 0 else "rounding width")
+                    + ")",
+                )
                 smallest = min(smallest, min(gaps) / span)
             return smallest, where
+
         results = self._over_cases(check)
         points = [where for smallest, where in results if smallest is None]
         smallest = min((value for value, _ in results if value is not None), default=math.inf)
-        return (f"{len(results)} (table, N) x M in {{{', '.join(map(str, GRID_POINTS))}}}: end points the sampler's, "
-                f"smallest interval {smallest:.1e} of the span"
-                + (f"; a single point (identity steps only) at {_describe(points)}" if points else ""))
+        return (
+            f"{len(results)} (table, N) x M in {{{', '.join(map(str, GRID_POINTS))}}}: end points the sampler's, "
+            f"smallest interval {smallest:.1e} of the span"
+            + (f"; a single point (identity steps only) at {_describe(points)}" if points else "")
+        )
 
     def model_times(self) -> str:
         def check(name, config, steps, eta):
@@ -453,22 +537,32 @@ class SamplerSuite:
             worst = 0.0
             for i in range(steps + 1):
                 t = schedule.model_time(i)
-                require(math.isfinite(t) and low <= t <= high,
-                        f"{where}: model time {t:g} at grid point {i}, outside the training range [{low:g}, {high:g}]")
+                require(
+                    math.isfinite(t) and low <= t <= high,
+                    f"{where}: model time {t:g} at grid point {i}, outside the training range [{low:g}, {high:g}]",
+                )
                 if i >= 1:
                     at = schedule.ode_time(schedule.ode_point(i))
-                    require(abs(at - t) <= TIME_TOLERANCE, f"{where}: the ODE's time at grid point {i} is {at:.6g}, "
-                            f"its model time {t:.6g} (tolerance {TIME_TOLERANCE:g})")
+                    require(
+                        abs(at - t) <= TIME_TOLERANCE,
+                        f"{where}: the ODE's time at grid point {i} is {at:.6g}, "
+                        f"its model time {t:.6g} (tolerance {TIME_TOLERANCE:g})",
+                    )
                     worst = max(worst, abs(at - t))
             for m in GRID_POINTS:
                 for s in schedule.ode_grid(m):
                     t = schedule.ode_time(s)
-                    require(math.isfinite(t) and low - 1e-9 <= t <= high + 1e-9,
-                            f"{where}: ode_grid({m}) point s={s:.6g} has model time {t:g}, outside [{low:g}, {high:g}]")
+                    require(
+                        math.isfinite(t) and low - 1e-9 <= t <= high + 1e-9,
+                        f"{where}: ode_grid({m}) point s={s:.6g} has model time {t:g}, outside [{low:g}, {high:g}]",
+                    )
             return worst
+
         worst = max(self._over_cases(check))
-        return (f"every grid point's model time in the training range; the ODE's time at the sampler's points "
-                f"within {worst:.1e} of its model times (tolerance {TIME_TOLERANCE:g})")
+        return (
+            f"every grid point's model time in the training range; the ODE's time at the sampler's points "
+            f"within {worst:.1e} of its model times (tolerance {TIME_TOLERANCE:g})"
+        )
 
     def identity_steps(self) -> str:
         def check(name, config, steps, eta):
@@ -488,18 +582,25 @@ class SamplerSuite:
             for i in range(steps, 0, -1):
                 noise = None if noises is None else noises[i - 1]
                 if i in identity:
-                    require(schedule.noise_std(i) == 0.0, f"{where}: identity step {i} injects noise "
-                            f"(noise_std {schedule.noise_std(i):g})")
+                    require(
+                        schedule.noise_std(i) == 0.0,
+                        f"{where}: identity step {i} injects noise (noise_std {schedule.noise_std(i):g})",
+                    )
                     out = torch.randn(state[0].shape, generator=generator, dtype=torch.float64)
                     moved = schedule.advance(state, i, out, noise)
-                    require(torch.equal(moved[0], state[0]), f"{where}: identity step {i} changes the state "
-                            f"(by {float((moved[0] - state[0]).abs().max()):.2e})")
+                    require(
+                        torch.equal(moved[0], state[0]),
+                        f"{where}: identity step {i} changes the state "
+                        f"(by {float((moved[0] - state[0]).abs().max()):.2e})",
+                    )
                 out = model(state[0], torch.full((BATCH,), schedule.model_time(i), dtype=torch.float64))
                 state = schedule.advance(state, i, out, noise)
             return f"{where}: {identity}"
+
         found = [where for where in self._over_cases(check, self._etas()) if where]
-        return (f"identity steps at {_describe(found)}" if found else "no identity steps on these tables") \
-            + "; is_identity, zero output weights and effective_steps agree"
+        return (
+            f"identity steps at {_describe(found)}" if found else "no identity steps on these tables"
+        ) + "; is_identity, zero output weights and effective_steps agree"
 
     def purity(self) -> str:
         name, config = next(iter(self.tables.items())) if self.tables else (None, None)
@@ -523,14 +624,23 @@ class SamplerSuite:
             out_saved, noise_saved = outs[k].clone(), None if noises is None else noises[i - 1].clone()
             again = schedule.advance(states[k], i, outs[k], None if noises is None else noises[i - 1])
             expected = states[k + 1] if k + 1 < steps else (final,)
-            require(torch.equal(again[0], expected[0]), f"{name}, N={steps}: step {i} recomputed from its saved "
-                    f"state differs by {float((again[0] - expected[0]).abs().max()):.2e} (hidden state in the step?)")
-            require(all(torch.equal(a, b) for a, b in zip(states[k], saved)) and torch.equal(outs[k], out_saved)
-                    and (noises is None or torch.equal(noises[i - 1], noise_saved)),
-                    f"{name}, N={steps}: step {i} changed its inputs in place")
+            require(
+                torch.equal(again[0], expected[0]),
+                f"{name}, N={steps}: step {i} recomputed from its saved "
+                f"state differs by {float((again[0] - expected[0]).abs().max()):.2e} (hidden state in the step?)",
+            )
+            require(
+                all(torch.equal(a, b) for a, b in zip(states[k], saved))
+                and torch.equal(outs[k], out_saved)
+                and (noises is None or torch.equal(noises[i - 1], noise_saved)),
+                f"{name}, N={steps}: step {i} changed its inputs in place",
+            )
         rebuilt = Chain(model, self.sampler().schedule(config, steps, eta)).sample(x_start, None, noises)
-        require(torch.equal(rebuilt, final), f"{name}, N={steps}: a second build of the schedule runs another "
-                f"trajectory (by {float((rebuilt - final).abs().max()):.2e})")
+        require(
+            torch.equal(rebuilt, final),
+            f"{name}, N={steps}: a second build of the schedule runs another "
+            f"trajectory (by {float((rebuilt - final).abs().max()):.2e})",
+        )
         return f"{name}, N={steps}" + (f", eta={eta}" if eta else "") + ": every step recomputed out of order alike"
 
     def refusals(self):
@@ -546,8 +656,10 @@ class SamplerSuite:
             if not all(key in accepted for key in change):
                 continue
             config = {**base, **change}
-            if all(self.sampler().scheduler(config).config.get(k) == self.sampler().scheduler(base).config.get(k)
-                   for k in change):
+            if all(
+                self.sampler().scheduler(config).config.get(k) == self.sampler().scheduler(base).config.get(k)
+                for k in change
+            ):
                 continue  # the sampler's own settings override it
             try:
                 self.sampler().schedule(config, UNSUPPORTED_STEPS[0])
@@ -555,8 +667,10 @@ class SamplerSuite:
                 refused.append(label)
                 continue
             try:
-                error = max(self._against_diffusers(f"{UNSUPPORTED_BASE[family]} + {label}", config, steps)
-                            for steps in UNSUPPORTED_STEPS)
+                error = max(
+                    self._against_diffusers(f"{UNSUPPORTED_BASE[family]} + {label}", config, steps)
+                    for steps in UNSUPPORTED_STEPS
+                )
             except ReferenceFailed as exc:
                 unrunnable.append(f"{label} ({exc})")
                 continue
@@ -567,10 +681,14 @@ class SamplerSuite:
                 reproduced.append(label)
             else:
                 wrong.append(f"{label} (rel. distance {error:.2g})")
-        require(not wrong, f"accepted (no SpecError) but not reproduced, to {self.cls.scheduler_class}.step: "
-                f"{'; '.join(wrong)}; refuse them (refused: {', '.join(refused) or 'none'})")
-        return (f"refused: {', '.join(refused) or 'none'}; reproduced: {', '.join(reproduced) or 'none'}"
-                + (f"; diffusers could not run: {'; '.join(unrunnable)}" if unrunnable else ""))
+        require(
+            not wrong,
+            f"accepted (no SpecError) but not reproduced, to {self.cls.scheduler_class}.step: "
+            f"{'; '.join(wrong)}; refuse them (refused: {', '.join(refused) or 'none'})",
+        )
+        return f"refused: {', '.join(refused) or 'none'}; reproduced: {', '.join(reproduced) or 'none'}" + (
+            f"; diffusers could not run: {'; '.join(unrunnable)}" if unrunnable else ""
+        )
 
 
 def check_sampler(spec: str, steps: tuple[int, ...] = STEPS, tables: list[str] | None = None) -> list[Check]:
@@ -582,9 +700,20 @@ def check_sampler(spec: str, steps: tuple[int, ...] = STEPS, tables: list[str] |
 
 def _check_sampler(spec: str, steps: tuple[int, ...], tables: list[str] | None) -> list[Check]:
     suite = SamplerSuite(spec, steps, tables)
-    for name, fn in zip(SAMPLER_CHECKS, (suite.declaration, suite.trajectory, suite.stochastic_trajectory,
-                                         suite.weights, suite.ode_grid, suite.model_times, suite.identity_steps,
-                                         suite.purity, suite.refusals)):
+    for name, fn in zip(
+        SAMPLER_CHECKS,
+        (
+            suite.declaration,
+            suite.trajectory,
+            suite.stochastic_trajectory,
+            suite.weights,
+            suite.ode_grid,
+            suite.model_times,
+            suite.identity_steps,
+            suite.purity,
+            suite.refusals,
+        ),
+    ):
         suite.run(name, fn)
     return suite.checks
 

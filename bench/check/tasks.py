@@ -23,6 +23,7 @@ and sampled without a graph, as the runner does. It checks:
   graph; the rewards are B finite numbers;
 - float64: where the reference runs in float64, `make_problem(..., dtype=torch.float64)` gives
   float64 leaves and finite float64 samples and rewards; default problems have leaves in `dtype`."""
+
 from __future__ import annotations
 
 import math
@@ -40,8 +41,16 @@ SEED = 0
 PERTURBATION = 0.05  # in-place change of one problem's leaves, relative to (1 + |leaf|)
 REWARD_TOLERANCE = 1e-5  # evaluate's reward against the problem's own mean reward, relative
 STANDARD = ("latent", "cond", "weights", "noise")  # targets whose leaves the contract names
-TASK_CHECKS = ("set-up", "declaration", "fresh problems per call", "the target's leaves and nothing else",
-               "untimed evaluation", "images and rewards in range", "float64 problems", "stable data fingerprint")
+TASK_CHECKS = (
+    "set-up",
+    "declaration",
+    "fresh problems per call",
+    "the target's leaves and nothing else",
+    "untimed evaluation",
+    "images and rewards in range",
+    "float64 problems",
+    "stable data fingerprint",
+)
 
 
 def _sample(problem) -> Tensor:
@@ -68,8 +77,7 @@ def _graph_leaves(root: Tensor) -> list[Tensor]:
 
 
 class TaskSuite:
-    def __init__(self, spec: str, steps: int = STEPS, targets: list[str] | None = None,
-                 device: str = "cpu") -> None:
+    def __init__(self, spec: str, steps: int = STEPS, targets: list[str] | None = None, device: str = "cpu") -> None:
         from bench.registry import TASKS
 
         self.spec, self.steps, self.only = spec, steps, targets
@@ -89,8 +97,11 @@ class TaskSuite:
         return TASKS.create(self.spec)
 
     def _problem(self, target: str, dtype: torch.dtype | None = None):
-        return self.task.make_problem(target, self.steps, SEED, dtype) if dtype is not None \
+        return (
+            self.task.make_problem(target, self.steps, SEED, dtype)
+            if dtype is not None
             else self.task.make_problem(target, self.steps, SEED)
+        )
 
     def _each_target(self, fn: Callable[[str], str]) -> str:
         require(bool(self.served), "no target served (see the set-up check)")
@@ -143,13 +154,21 @@ class TaskSuite:
         except SpecError:
             pass
         require(bool(cls.summary), "no summary (shown by `python -m bench list`)")
-        require(bool(self.task.targets) and all(isinstance(t, str) and t for t in self.task.targets),
-                f"targets {self.task.targets!r}")
+        require(
+            bool(self.task.targets) and all(isinstance(t, str) and t for t in self.task.targets),
+            f"targets {self.task.targets!r}",
+        )
         missing = [t for t in self.served if t not in self.task.learning_rates]
         require(not missing, f"no learning rate for {', '.join(missing)} (learning_rates)")
-        require(isinstance(self.task.dtype, torch.dtype), f"the task's dtype is {self.task.dtype!r}, not a torch.dtype"
-                + (" (its option `dtype` shadows Task.dtype, the precision of the estimators' runs)"
-                   if "dtype" in names else ""))
+        require(
+            isinstance(self.task.dtype, torch.dtype),
+            f"the task's dtype is {self.task.dtype!r}, not a torch.dtype"
+            + (
+                " (its option `dtype` shadows Task.dtype, the precision of the estimators' runs)"
+                if "dtype" in names
+                else ""
+            ),
+        )
         for bad in ("no-such-target",):
             try:
                 self.task.check_target(bad)
@@ -172,21 +191,29 @@ class TaskSuite:
             require(not shared, f"two calls share leaf object(s) {shared[:4]} (of {len(one.leaves)})")
             storages = {_storage(leaf) for leaf in two.leaves} - {None}
             overlapping = [k for k, leaf in enumerate(one.leaves) if _storage(leaf) in storages]
-            require(not overlapping, f"two calls' leaves share memory: leaf(s) {overlapping[:4]} are views of one tensor")
+            require(
+                not overlapping, f"two calls' leaves share memory: leaf(s) {overlapping[:4]} are views of one tensor"
+            )
             first, second = _sample(one), _sample(two)
-            require(torch.equal(first, second), f"the same (target, N, seed) sampled different x_0 "
-                    f"(by {float((first - second).abs().max()):.2e})")
+            require(
+                torch.equal(first, second),
+                f"the same (target, N, seed) sampled different x_0 (by {float((first - second).abs().max()):.2e})",
+            )
             generator = torch.Generator().manual_seed(1)
             with torch.no_grad():
                 for leaf in one.leaves:  # what an optimiser's step does
                     change = torch.randn(leaf.shape, generator=generator).to(leaf)
                     leaf.add_(PERTURBATION * (1 + leaf.abs()) * change)
             moved, after = _sample(one), _sample(two)
-            require(torch.equal(after, second), "optimising one problem's leaves changed another problem's samples "
-                    f"(by {float((after - second).abs().max()):.2e}): state shared between calls")
+            require(
+                torch.equal(after, second),
+                "optimising one problem's leaves changed another problem's samples "
+                f"(by {float((after - second).abs().max()):.2e}): state shared between calls",
+            )
             if torch.equal(moved, first):
                 return f"{len(one.leaves)} leaves apart (changing them left their own samples unchanged)"
             return f"{len(one.leaves)} leaves apart"
+
         return self._each_target(check)
 
     def leaves(self) -> str:
@@ -197,28 +224,47 @@ class TaskSuite:
             require(len({id(leaf) for leaf in leaves}) == len(leaves), "a tensor appears twice among the leaves")
             for k, leaf in enumerate(leaves):
                 require(isinstance(leaf, Tensor) and leaf.is_floating_point(), f"leaf {k} is not a floating tensor")
-                require(leaf.requires_grad and leaf.is_leaf, f"leaf {k} " + ("does not require grad" if not
-                        leaf.requires_grad else "is not a leaf tensor (it has a grad_fn: an optimiser cannot step it)"))
+                require(
+                    leaf.requires_grad and leaf.is_leaf,
+                    f"leaf {k} "
+                    + (
+                        "does not require grad"
+                        if not leaf.requires_grad
+                        else "is not a leaf tensor (it has a grad_fn: an optimiser cannot step it)"
+                    ),
+                )
                 require(leaf.grad is None, f"leaf {k} of a fresh problem already has a .grad")
             ids = {id(leaf) for leaf in leaves}
             chain = problem.chain
-            expected = {"latent": [problem.x_start], "cond": [problem.cond],
-                        "noise": [problem.x_start, *(problem.noises or [])],
-                        "weights": [p for p in chain.denoiser.parameters() if p.requires_grad]}.get(target)
+            expected = {
+                "latent": [problem.x_start],
+                "cond": [problem.cond],
+                "noise": [problem.x_start, *(problem.noises or [])],
+                "weights": [p for p in chain.denoiser.parameters() if p.requires_grad],
+            }.get(target)
             if expected is not None:
                 if target == "weights":
                     require(bool(expected), "no denoiser parameter requires grad for the weights target")
                 missing = sum(1 for t in expected if t is None or id(t) not in ids)
                 extra = len(ids - {id(t) for t in expected if t is not None})
-                require(not missing and not extra, f"the leaves are not {target}'s tensors: {missing} of "
-                        f"{len(expected)} missing, {extra} other tensor(s) among them")
-            named = [("x_N", problem.x_start), ("cond", problem.cond),
-                     *((f"noise {i + 1}", t) for i, t in enumerate(problem.noises or [])),
-                     *((f"denoiser parameter {n}", p) for n, p in chain.denoiser.named_parameters()),
-                     *((f"denoiser buffer {n}", b) for n, b in chain.denoiser.named_buffers())]
+                require(
+                    not missing and not extra,
+                    f"the leaves are not {target}'s tensors: {missing} of "
+                    f"{len(expected)} missing, {extra} other tensor(s) among them",
+                )
+            named = [
+                ("x_N", problem.x_start),
+                ("cond", problem.cond),
+                *((f"noise {i + 1}", t) for i, t in enumerate(problem.noises or [])),
+                *((f"denoiser parameter {n}", p) for n, p in chain.denoiser.named_parameters()),
+                *((f"denoiser buffer {n}", b) for n, b in chain.denoiser.named_buffers()),
+            ]
             stray = [name for name, t in named if isinstance(t, Tensor) and t.requires_grad and id(t) not in ids]
-            require(not stray, f"requires grad but is not a leaf of the target: {', '.join(stray[:3])}"
-                    + (f" (+{len(stray) - 3})" if len(stray) > 3 else ""))
+            require(
+                not stray,
+                f"requires grad but is not a leaf of the target: {', '.join(stray[:3])}"
+                + (f" (+{len(stray) - 3})" if len(stray) > 3 else ""),
+            )
             state = chain.schedule.start(problem.x_start)  # the loss with a graph, as an estimator builds it
             for i in range(chain.schedule.num_steps, 0, -1):
                 state = chain.advance(state, i, problem.cond, problem.noises)
@@ -226,11 +272,15 @@ class TaskSuite:
             require(loss.requires_grad, "the loss does not depend on the leaves")
             reached = _graph_leaves(loss)
             outside = [tuple(t.shape) for t in reached if id(t) not in ids]
-            require(not outside, f"the loss depends on {len(outside)} tensor(s) requiring grad outside the leaves "
-                    f"(shapes {outside[:3]}): a reward or model parameter left trainable?")
+            require(
+                not outside,
+                f"the loss depends on {len(outside)} tensor(s) requiring grad outside the leaves "
+                f"(shapes {outside[:3]}): a reward or model parameter left trainable?",
+            )
             unreached = len(ids - {id(t) for t in reached})
             del state, loss
             return f"{len(leaves)} leaves" + (f" ({unreached} not reached by the loss)" if unreached else "")
+
         return self._each_target(check)
 
     def evaluation(self) -> str:
@@ -246,21 +296,31 @@ class TaskSuite:
             metrics = self.task.evaluate(problem, x0)
             require(torch.is_grad_enabled() == grad_mode, "evaluate changed the grad mode")
             require(isinstance(metrics, dict) and metrics, f"evaluate returned {type(metrics).__name__}, not a dict")
-            bad = [f"{k}={v!r}" for k, v in metrics.items() if not isinstance(k, str) or isinstance(v, bool)
-                   or not isinstance(v, (int, float)) or not math.isfinite(v)]
+            bad = [
+                f"{k}={v!r}"
+                for k, v in metrics.items()
+                if not isinstance(k, str)
+                or isinstance(v, bool)
+                or not isinstance(v, (int, float))
+                or not math.isfinite(v)
+            ]
             require(not bad, f"not finite numbers: {', '.join(bad[:4])}")
             require("reward" in metrics, f"no 'reward' among {', '.join(sorted(metrics))}")
             gap = abs(metrics["reward"] - own_reward)
-            require(gap <= REWARD_TOLERANCE * max(1.0, abs(own_reward)),
-                    f"reward {metrics['reward']:.9g}, the problem's own mean reward {own_reward:.9g}")
+            require(
+                gap <= REWARD_TOLERANCE * max(1.0, abs(own_reward)),
+                f"reward {metrics['reward']:.9g}, the problem's own mean reward {own_reward:.9g}",
+            )
             changed = [k for k, (leaf, value) in enumerate(zip(problem.leaves, values)) if not torch.equal(leaf, value)]
             require(not changed, f"evaluate changed leaf/leaves {changed[:4]}")
-            grads = [k for k, leaf in enumerate(problem.leaves)
-                     if leaf.grad is None or not bool((leaf.grad == 0.25).all())]
+            grads = [
+                k for k, leaf in enumerate(problem.leaves) if leaf.grad is None or not bool((leaf.grad == 0.25).all())
+            ]
             require(not grads, f"evaluate changed the .grad of leaf/leaves {grads[:4]}")
             require(torch.equal(x0, x0_before), "evaluate changed the samples it was given in place")
             require(torch.equal(_sample(problem), x0_before), "after evaluate the problem samples another x_0")
             return f"{len(metrics)} metric(s): {', '.join(sorted(metrics))}"
+
         return self._each_target(check)
 
     def fingerprint(self) -> str:
@@ -277,19 +337,24 @@ class TaskSuite:
             x0 = _sample(problem)
             _, rewards = problem.loss(x0)
             batch = x0.shape[0]
-            require(isinstance(rewards, Tensor) and tuple(rewards.shape) == (batch,),
-                    f"rewards of shape {tuple(getattr(rewards, 'shape', ()))}, expected ({batch},)")
+            require(
+                isinstance(rewards, Tensor) and tuple(rewards.shape) == (batch,),
+                f"rewards of shape {tuple(getattr(rewards, 'shape', ()))}, expected ({batch},)",
+            )
             require(bool(torch.isfinite(rewards).all()), f"non-finite rewards {rewards.tolist()[:4]}")
             images = self.task.images(problem, x0)
             if images is None:
-                return f"rewards finite; no images"
-            require(isinstance(images, Tensor) and images.ndim == 4 and images.shape[0] == batch,
-                    f"images of shape {tuple(getattr(images, 'shape', ()))}, expected ({batch}, C, H, W)")
+                return "rewards finite; no images"
+            require(
+                isinstance(images, Tensor) and images.ndim == 4 and images.shape[0] == batch,
+                f"images of shape {tuple(getattr(images, 'shape', ()))}, expected ({batch}, C, H, W)",
+            )
             require(images.is_floating_point() and bool(torch.isfinite(images).all()), "non-finite or integer images")
             low, high = float(images.min()), float(images.max())
             require(0.0 <= low and high <= 1.0, f"images in [{low:.4g}, {high:.4g}], not [0, 1]")
             require(images.grad_fn is None and not images.requires_grad, "images carry an autograd graph")
             return f"rewards finite; images {tuple(images.shape)} in [{low:.2f}, {high:.2f}]"
+
         return self._each_target(check)
 
     def float64(self):
@@ -299,8 +364,10 @@ class TaskSuite:
         def check(target: str) -> str:
             if isinstance(self.task.dtype, torch.dtype):  # (else the declaration check fails)
                 dtypes = sorted({str(leaf.dtype) for leaf in self._problem(target).leaves})
-                require(dtypes == [str(self.task.dtype)], f"default leaves in {', '.join(dtypes)}, the task's "
-                        f"dtype is {self.task.dtype}")
+                require(
+                    dtypes == [str(self.task.dtype)],
+                    f"default leaves in {', '.join(dtypes)}, the task's dtype is {self.task.dtype}",
+                )
             problem = self._problem(target, torch.float64)
             dtypes = sorted({str(leaf.dtype) for leaf in problem.leaves})
             require(dtypes == ["torch.float64"], f"dtype=float64 gave leaves in {', '.join(dtypes)}")
@@ -310,11 +377,11 @@ class TaskSuite:
             _, rewards = problem.loss(x0)
             require(bool(torch.isfinite(rewards).all()), "non-finite float64 rewards")
             return "float64 leaves and samples"
+
         return self._each_target(check)
 
 
-def check_task(spec: str, steps: int = STEPS, targets: list[str] | None = None,
-               threads: int | None = 1) -> list[Check]:
+def check_task(spec: str, steps: int = STEPS, targets: list[str] | None = None, threads: int | None = 1) -> list[Check]:
     """Every check of the task suite on one task spec (see the module); `targets` narrows them.
     It runs on `threads` CPU threads (None: torch's setting), restored afterwards."""
     with torch_threads(threads):
@@ -326,8 +393,18 @@ def _check_task(spec: str, steps: int, targets: list[str] | None) -> list[Check]
     suite.run("set-up", suite.setup)
     if suite.checks[-1].status == "fail":
         return suite.checks + [Check(spec, name, "n/a", "not set up") for name in TASK_CHECKS[1:]]
-    for name, fn in zip(TASK_CHECKS[1:], (suite.declaration, suite.fresh, suite.leaves, suite.evaluation,
-                                          suite.images, suite.float64, suite.fingerprint)):
+    for name, fn in zip(
+        TASK_CHECKS[1:],
+        (
+            suite.declaration,
+            suite.fresh,
+            suite.leaves,
+            suite.evaluation,
+            suite.images,
+            suite.float64,
+            suite.fingerprint,
+        ),
+    ):
         suite.run(name, fn)  # the fingerprint last: after problems and evaluations
     return suite.checks
 

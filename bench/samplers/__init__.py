@@ -9,6 +9,7 @@ To add one: subclass `Sampler` in a new file (options, `prediction`, `scheduler_
 `schedule_from`), add it to SAMPLERS below (or declare it in a package's `diffgrad_bench.samplers`
 entry-point group), and test its
 trajectory against the diffusers scheduler's own `step` loop (tests/test_samplers.py)."""
+
 from __future__ import annotations
 
 from typing import Any, ClassVar
@@ -17,8 +18,10 @@ from bench.errors import SpecError
 from bench.options import Configurable, Option
 from bench.registry import Registry, SAMPLER_GROUP
 
-PREDICTIONS = {"epsilon": "noise (epsilon) prediction on a variance-preserving schedule",
-               "flow": "velocity prediction of a rectified-flow (flow-matching) model"}
+PREDICTIONS = {
+    "epsilon": "noise (epsilon) prediction on a variance-preserving schedule",
+    "flow": "velocity prediction of a rectified-flow (flow-matching) model",
+}
 
 
 class Sampler(Configurable):
@@ -38,6 +41,7 @@ class Sampler(Configurable):
         import inspect
 
         import diffusers
+
         cls = getattr(diffusers, self.scheduler_class)
         accepted = inspect.signature(cls.__init__).parameters
         keep = {k: v for k, v in dict(config).items() if k in accepted}  # e.g. DDIM's clip_sample is not DPM's
@@ -46,8 +50,9 @@ class Sampler(Configurable):
     def schedule(self, config: dict[str, Any], steps: int, eta: float = 0.0):
         """The N-step Schedule of this sampler on a task's noise table."""
         if eta > 0 and not self.stochastic:
-            raise SpecError(f"sampler {self.spec} is deterministic: eta={eta} applies to ddim only; "
-                            "set eta=0 or sampler=ddim")
+            raise SpecError(
+                f"sampler {self.spec} is deterministic: eta={eta} applies to ddim only; set eta=0 or sampler=ddim"
+            )
         return self.named(self.schedule_from(self.scheduler(config), steps, eta))
 
     def schedule_from(self, scheduler, steps: int, eta: float):
@@ -61,17 +66,24 @@ class Sampler(Configurable):
     def check_model(self, prediction: str, owner: str) -> None:
         """SpecError unless a model with this output type can drive this sampler."""
         if prediction != self.prediction:
-            raise SpecError(f"{owner}: sampler {self.spec} needs a model with {self.prediction} output "
-                            f"({PREDICTIONS[self.prediction]}), but this model predicts {prediction}; "
-                            f"valid samplers: {', '.join(samplers_for(prediction))}")
+            raise SpecError(
+                f"{owner}: sampler {self.spec} needs a model with {self.prediction} output "
+                f"({PREDICTIONS[self.prediction]}), but this model predicts {prediction}; "
+                f"valid samplers: {', '.join(samplers_for(prediction))}"
+            )
 
 
-SAMPLERS = Registry("sampler", "bench.samplers:Sampler", SAMPLER_GROUP, builtins={
-    "ddim": "bench.samplers.ddim:DDIM",
-    "dpmpp2m": "bench.samplers.dpm_solver:DPMSolverPP",
-    "flow-euler": "bench.samplers.flow_euler:FlowEuler",
-}, aliases={"dpmpp": "dpmpp2m", "dpm-solver": "dpmpp2m", "euler-flow": "flow-euler",
-            "flow-match-euler": "flow-euler"})
+SAMPLERS = Registry(
+    "sampler",
+    "bench.samplers:Sampler",
+    SAMPLER_GROUP,
+    builtins={
+        "ddim": "bench.samplers.ddim:DDIM",
+        "dpmpp2m": "bench.samplers.dpm_solver:DPMSolverPP",
+        "flow-euler": "bench.samplers.flow_euler:FlowEuler",
+    },
+    aliases={"dpmpp": "dpmpp2m", "dpm-solver": "dpmpp2m", "euler-flow": "flow-euler", "flow-match-euler": "flow-euler"},
+)
 
 
 def make_sampler(spec: str) -> Sampler:

@@ -19,6 +19,7 @@ schedule is read (`refuse_nonaffine`): clip_sample (x_0 clipped to +-clip_sample
 DDIMScheduler's default where a configuration lacks the key) and thresholding (dynamic
 thresholding of x_0).
 """
+
 from __future__ import annotations
 
 import math
@@ -61,9 +62,13 @@ class DDIMSchedule(VPSchedule):
         # N not dividing T (999 -> 749 with 666 next at N = 4 on linspace). `prev` is where it lands.
         abar = [float(table[t]) for t in reversed(ts)]  # abar_i for i = 1..N
         prev = [float(table[t - ratio]) if t - ratio >= 0 else final for t in reversed(ts)]
-        return cls(timesteps=tuple(float(t) for t in reversed(ts)), alpha_bar=(prev[0], *abar),
-                   train_alpha_bar=tuple(float(v) for v in table), alpha_bar_prev=tuple(prev),
-                   eta=float(eta))
+        return cls(
+            timesteps=tuple(float(t) for t in reversed(ts)),
+            alpha_bar=(prev[0], *abar),
+            train_alpha_bar=tuple(float(v) for v in table),
+            alpha_bar_prev=tuple(prev),
+            eta=float(eta),
+        )
 
     def noise_std(self, i: int) -> float:
         ab, ab_prev = self.alpha_bar[i], self.alpha_bar_prev[i - 1]
@@ -128,10 +133,11 @@ def refuse_nonaffine(config) -> None:
     for key, what in NONAFFINE.items():
         value = config.get(key, defaults[key])
         if value:
-            raise SpecError(f"ddim: {key}={value!r} in the scheduler configuration ({what}, which an affine "
-                            f"step cannot reproduce); set {key} false in the model's scheduler_config.json"
-                            + (" (a configuration without the key gets DDIMScheduler's default, true)"
-                               if defaults[key] else ""))
+            raise SpecError(
+                f"ddim: {key}={value!r} in the scheduler configuration ({what}, which an affine "
+                f"step cannot reproduce); set {key} false in the model's scheduler_config.json"
+                + (" (a configuration without the key gets DDIMScheduler's default, true)" if defaults[key] else "")
+            )
 
 
 class DDIM(Sampler):

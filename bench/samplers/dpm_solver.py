@@ -12,6 +12,7 @@ first order where diffusers' do: the first and the last (lower_order_final with 
 final sigma 0, diffusers' default).
 The grid: diffusers' timesteps (spacing from the config, linspace by default) with rho_i read from
 its table, ending at rho_0 = 0 (final_sigmas_type = zero) or rho(t = 0) (sigma_min)."""
+
 from __future__ import annotations
 
 import math
@@ -38,12 +39,27 @@ class DPMSolverSchedule(VPSchedule):
     @classmethod
     def read(cls, scheduler, num_steps: int) -> "DPMSolverSchedule":
         config = scheduler.config
-        problems = [f"{key}={config.get(key)!r} (valid: {valid})" for key, valid in (
-            ("algorithm_type", "dpmsolver++"), ("solver_type", "midpoint"), ("prediction_type", "epsilon"))
-            if config.get(key) != valid]
-        problems += [f"{key}=True (valid: False)" for key in (
-            "thresholding", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
-            "use_lu_lambdas", "use_flow_sigmas") if config.get(key)]
+        problems = [
+            f"{key}={config.get(key)!r} (valid: {valid})"
+            for key, valid in (
+                ("algorithm_type", "dpmsolver++"),
+                ("solver_type", "midpoint"),
+                ("prediction_type", "epsilon"),
+            )
+            if config.get(key) != valid
+        ]
+        problems += [
+            f"{key}=True (valid: False)"
+            for key in (
+                "thresholding",
+                "use_karras_sigmas",
+                "use_exponential_sigmas",
+                "use_beta_sigmas",
+                "use_lu_lambdas",
+                "use_flow_sigmas",
+            )
+            if config.get(key)
+        ]
         if config.get("solver_order") not in (1, 2):
             problems.append(f"solver_order={config.get('solver_order')!r} (valid: 1, 2)")
         if problems:
@@ -56,16 +72,23 @@ class DPMSolverSchedule(VPSchedule):
         sigmas = [float(s) for s in scheduler.sigmas]  # rho at sampling index k = N - i, then the final
         rhos = tuple(reversed(sigmas))  # rho_i for i = 0..N
         n = num_steps
-        final_low = config.get("euler_at_final") or (config.get("lower_order_final") and n < 15) \
+        final_low = (
+            config.get("euler_at_final")
+            or (config.get("lower_order_final") and n < 15)
             or config.get("final_sigmas_type") == "zero"
+        )
         # in sampling order k = N - i, as DPMSolverMultistepScheduler.step decides (its
         # lower_order_second matters for order 3 only)
-        orders = [1 if config.solver_order == 1 or k == 0 or (k == n - 1 and final_low) else 2
-                  for k in range(n)]
+        orders = [1 if config.solver_order == 1 or k == 0 or (k == n - 1 and final_low) else 2 for k in range(n)]
         table = tuple(float(v) for v in scheduler.alphas_cumprod.double())
         alpha_bar = tuple(1.0 / (1.0 + r * r) for r in rhos)
-        return cls(timesteps=tuple(float(t) for t in reversed(ts)), alpha_bar=alpha_bar,
-                   train_alpha_bar=table, rhos=rhos, orders=tuple(reversed(orders)))
+        return cls(
+            timesteps=tuple(float(t) for t in reversed(ts)),
+            alpha_bar=alpha_bar,
+            train_alpha_bar=table,
+            rhos=rhos,
+            orders=tuple(reversed(orders)),
+        )
 
     def rho(self, i: int) -> float:
         return self.rhos[i]
@@ -110,8 +133,12 @@ class DPMSolverPP(Sampler):
     )
 
     def scheduler_config(self) -> dict:
-        return {"algorithm_type": "dpmsolver++", "solver_type": "midpoint", "solver_order": self.order,
-                "lower_order_final": self.lower_order_final}
+        return {
+            "algorithm_type": "dpmsolver++",
+            "solver_type": "midpoint",
+            "solver_order": self.order,
+            "lower_order_final": self.lower_order_final,
+        }
 
     def schedule_from(self, scheduler, steps: int, eta: float) -> DPMSolverSchedule:
         return DPMSolverSchedule.read(scheduler, steps)

@@ -7,6 +7,7 @@ one Euler step of dx/dsigma = v. The grid is the scheduler's: sigmas from 1 (shi
 sigma' = shift sigma / (1 + (shift - 1) sigma)) down to the appended final 0. In DDIM's terms
 this is DDIM with alpha = 1 - sigma and eps = x + (1 - sigma) v; here the ODE variable is sigma
 itself (rho = sigma / (1 - sigma) is infinite at the start)."""
+
 from __future__ import annotations
 
 import math
@@ -35,9 +36,18 @@ class FlowEulerSchedule(Schedule):
     @classmethod
     def read(cls, scheduler, num_steps: int) -> "FlowEulerSchedule":
         config = scheduler.config
-        problems = [f"{key}=True (valid: False)" for key in (
-            "use_dynamic_shifting", "invert_sigmas", "stochastic_sampling", "use_karras_sigmas",
-            "use_exponential_sigmas", "use_beta_sigmas") if config.get(key)]
+        problems = [
+            f"{key}=True (valid: False)"
+            for key in (
+                "use_dynamic_shifting",
+                "invert_sigmas",
+                "stochastic_sampling",
+                "use_karras_sigmas",
+                "use_exponential_sigmas",
+                "use_beta_sigmas",
+            )
+            if config.get(key)
+        ]
         if config.get("shift_terminal"):
             problems.append(f"shift_terminal={config.shift_terminal} (valid: None)")
         if problems:
@@ -46,8 +56,11 @@ class FlowEulerSchedule(Schedule):
         scheduler.set_timesteps(num_steps)
         sigmas = [float(s) for s in scheduler.sigmas]  # sampling order, then the final 0
         ts = [float(t) for t in scheduler.timesteps]
-        return cls(timesteps=tuple(reversed(ts)), sigmas=tuple(reversed(sigmas)),
-                   train_timesteps=int(config.num_train_timesteps))
+        return cls(
+            timesteps=tuple(reversed(ts)),
+            sigmas=tuple(reversed(sigmas)),
+            train_timesteps=int(config.num_train_timesteps),
+        )
 
     @property
     def num_steps(self) -> int:

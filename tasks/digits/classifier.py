@@ -1,5 +1,6 @@
 """A small CNN classifier of 8x8 digits: the `classify` reward (log-probability of a class) and
 the feature extractor of the digits-FID (its penultimate layer, NUM_FEATURES wide)."""
+
 from __future__ import annotations
 
 import torch
@@ -14,9 +15,14 @@ class DigitClassifier(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.SiLU(),
-            nn.Conv2d(32, 64, 3, padding=1), nn.SiLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(64 * 4 * 4, NUM_FEATURES), nn.SiLU(),
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.SiLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(64 * 4 * 4, NUM_FEATURES),
+            nn.SiLU(),
         )
         self.head = nn.Linear(NUM_FEATURES, 10)
 
@@ -46,22 +52,20 @@ def jitter(images: Tensor, generator: torch.Generator) -> Tensor:
     """Random shifts by up to one pixel (the only augmentation): robustness to generated strokes."""
     padded = nn.functional.pad(images, (1, 1, 1, 1), value=-1.0)
     dx, dy = torch.randint(0, 3, (2,), generator=generator).tolist()
-    return padded[..., dy:dy + 8, dx:dx + 8]
+    return padded[..., dy : dy + 8, dx : dx + 8]
 
 
-def train_classifier(images: Tensor, labels: Tensor, epochs: int = 40, seed: int = 0,
-                     progress=None) -> DigitClassifier:
+def train_classifier(images: Tensor, labels: Tensor, epochs: int = 40, seed: int = 0, progress=None) -> DigitClassifier:
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = DigitClassifier()
     optimiser = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     steps_per_epoch = (len(images) + 63) // 64
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=3e-3,
-                                                    total_steps=epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=3e-3, total_steps=epochs * steps_per_epoch)
     for _ in range(epochs):
         order = torch.randperm(len(images), generator=generator)
         for start in range(0, len(images), 64):
-            index = order[start:start + 64]
+            index = order[start : start + 64]
             loss = nn.functional.cross_entropy(model(jitter(images[index], generator)), labels[index])
             optimiser.zero_grad()
             loss.backward()

@@ -1,5 +1,6 @@
 """scikit-learn's 8x8 digits (1797 images, shipped inside the package), scaled to [-1, 1] and
 split once, with a fixed seed, into training and held-out sets."""
+
 from __future__ import annotations
 
 import functools

@@ -16,6 +16,7 @@ from. The same code serves the search and the deployed sampler.
 The cache makes the denoiser stateful: the calls of one pass must come in the sampler's order
 N, N-1, ..., 1 on its grid (a pass starts at step N). A call off the grid or out of order raises.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,10 +29,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench.problem import Target, register_target
 
-GATES = register_target(Target(
-    "gates", "keep/reuse gate logits per (step, block) of a gated denoiser (DiP-GO's pruning search)",
-    needs="a task with gated denoiser blocks (DiP-GO)",
-    unreached_calls=1))  # step N computes every block: its output depends on no gate
+GATES = register_target(
+    Target(
+        "gates",
+        "keep/reuse gate logits per (step, block) of a gated denoiser (DiP-GO's pruning search)",
+        needs="a task with gated denoiser blocks (DiP-GO)",
+        unreached_calls=1,
+    )
+)  # step N computes every block: its output depends on no gate
 BLOCKS = ("down0", "down1", "mid", "up0", "up1")
 DEEP = ("down1", "mid", "up0")  # DeepCache's reused branch; down0 -> up1 is its shallow branch
 
@@ -76,8 +81,10 @@ class GatedUNet(nn.Module):
         values = timestep.reshape(-1)
         step = self._step_at.get(round(float(values[0]), 6))
         if step is None or not bool((values == values[0]).all()):
-            raise RuntimeError(f"gated denoiser called at model time {float(values[0])}, off its sampler's grid: "
-                               "the gates target needs estimators that run the sampler's own steps in order")
+            raise RuntimeError(
+                f"gated denoiser called at model time {float(values[0])}, off its sampler's grid: "
+                "the gates target needs estimators that run the sampler's own steps in order"
+            )
         return step
 
     def gate_row(self, step: int) -> Tensor | None:
@@ -92,8 +99,10 @@ class GatedUNet(nn.Module):
         if step == self.steps:
             self._cache = {}
         elif step + 1 not in self._cache:
-            raise RuntimeError(f"gated denoiser called at step {step} without step {step + 1} before it in this "
-                               "pass: a pass runs the sampler's steps N..1 in order")
+            raise RuntimeError(
+                f"gated denoiser called at step {step} without step {step + 1} before it in this "
+                "pass: a pass runs the sampler's steps N..1 in order"
+            )
         gates = self.gate_row(step)
         previous = self._cache.get(step + 1)
         recording = gates is not None and gates.requires_grad and torch.is_grad_enabled()
@@ -118,25 +127,36 @@ class GatedUNet(nn.Module):
         hidden = unet.conv_in(sample)
         skips: tuple[Tensor, ...] = (hidden,)
         for index, block in enumerate(unet.down_blocks):
+
             def down(block=block, hidden=hidden) -> tuple[Tensor, ...]:
                 if getattr(block, "has_cross_attention", False):
                     out, res = block(hidden_states=hidden, temb=emb, encoder_hidden_states=encoder_hidden_states)
                 else:
                     out, res = block(hidden_states=hidden, temb=emb)
                 return (out, *res)
+
             hidden, *res = gated(index, down)
             skips += tuple(res)
-        hidden, = gated(len(unet.down_blocks), lambda hidden=hidden: (
-            unet.mid_block(hidden, emb, encoder_hidden_states=encoder_hidden_states),))
+        (hidden,) = gated(
+            len(unet.down_blocks),
+            lambda hidden=hidden: (unet.mid_block(hidden, emb, encoder_hidden_states=encoder_hidden_states),),
+        )
         for offset, block in enumerate(unet.up_blocks):
-            res, skips = skips[-len(block.resnets):], skips[:-len(block.resnets)]
+            res, skips = skips[-len(block.resnets) :], skips[: -len(block.resnets)]
 
             def up(block=block, hidden=hidden, res=res) -> tuple[Tensor]:
                 if getattr(block, "has_cross_attention", False):
-                    return (block(hidden_states=hidden, temb=emb, res_hidden_states_tuple=res,
-                                  encoder_hidden_states=encoder_hidden_states),)
+                    return (
+                        block(
+                            hidden_states=hidden,
+                            temb=emb,
+                            res_hidden_states_tuple=res,
+                            encoder_hidden_states=encoder_hidden_states,
+                        ),
+                    )
                 return (block(hidden_states=hidden, temb=emb, res_hidden_states_tuple=res),)
-            hidden, = gated(len(unet.down_blocks) + 1 + offset, up)
+
+            (hidden,) = gated(len(unet.down_blocks) + 1 + offset, up)
         self._cache[step] = outputs
         hidden = unet.conv_act(unet.conv_norm_out(hidden))
         return UNet2DConditionOutput(sample=unet.conv_out(hidden))
@@ -146,14 +166,22 @@ def check_unet(unet: nn.Module) -> None:
     """GatedUNet reproduces the forward of plain UNet2DConditionModels (digits'): no class or
     added embeddings, a mid block, two down and two up blocks (BLOCKS), no centring."""
     config = unet.config
-    plain = (config.class_embed_type is None and config.addition_embed_type is None and unet.mid_block is not None
-             and not config.center_input_sample and len(unet.down_blocks) == 2 and len(unet.up_blocks) == 2
-             and config.time_embedding_act_fn is None and unet.conv_norm_out is not None)
+    plain = (
+        config.class_embed_type is None
+        and config.addition_embed_type is None
+        and unet.mid_block is not None
+        and not config.center_input_sample
+        and len(unet.down_blocks) == 2
+        and len(unet.up_blocks) == 2
+        and config.time_embedding_act_fn is None
+        and unet.conv_norm_out is not None
+    )
     if not plain:
         raise ValueError("GatedUNet serves the plain two-level UNet2DConditionModel of tasks/digits")
 
 
 # --- gate patterns ---------------------------------------------------------------------------------
+
 
 def pattern(steps: int, kind: str, interval: int) -> Tensor:
     """A static (N - 1, len(BLOCKS)) bool pattern for steps N-1..1: every block is computed at steps
@@ -174,8 +202,14 @@ def hard_pattern(logits: Tensor) -> Tensor:
 def block_flops(unet: nn.Module, cond: Tensor) -> dict[str, float]:
     """Floating-point operations of each block and of the rest of one guided call (batch 2: the
     null and conditional halves), counted by torch's FlopCounterMode on an all-open call."""
-    x = torch.zeros(2, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size,
-                    dtype=cond.dtype, device=cond.device)
+    x = torch.zeros(
+        2,
+        unet.config.in_channels,
+        unet.config.sample_size,
+        unet.config.sample_size,
+        dtype=cond.dtype,
+        device=cond.device,
+    )
     ehs = cond.expand(2, *cond.shape[-2:])
     gated = GatedUNet(unet, [500.0], torch.zeros(0, len(BLOCKS)))
     counts: dict[str, float] = {}
@@ -246,8 +280,9 @@ def static_patterns(steps: int) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def deployed_samples(unet: nn.Module, denoiser, chain, gate_pattern: Tensor, x_start: Tensor, cond: Tensor,
-                     noises) -> SamplerOutcome:
+def deployed_samples(
+    unet: nn.Module, denoiser, chain, gate_pattern: Tensor, x_start: Tensor, cond: Tensor, noises
+) -> SamplerOutcome:
     """x_0 of the pruned sampler (closed blocks skipped), with its block counts."""
     from bench.chain import Chain
 
@@ -268,9 +303,21 @@ def _with_unet(denoiser, unet: nn.Module):
     return GuidedDenoiser(unet, denoiser.null_embedding, denoiser.guidance)
 
 
-def evaluate_patterns(patterns: dict[str, Tensor], *, unet: nn.Module, denoiser, chain, fresh: Tensor, cond: Tensor,
-                      noises, quality, flops: dict[str, float], device: torch.device, threads: int,
-                      rounds: int = 3) -> dict[str, float]:
+def evaluate_patterns(
+    patterns: dict[str, Tensor],
+    *,
+    unet: nn.Module,
+    denoiser,
+    chain,
+    fresh: Tensor,
+    cond: Tensor,
+    noises,
+    quality,
+    flops: dict[str, float],
+    device: torch.device,
+    threads: int,
+    rounds: int = 3,
+) -> dict[str, float]:
     """For each named pattern: quality of its samples from `fresh` (quality(samples, unpruned) ->
     metrics), its operations and block fractions, and its wall-clock per pass on the first
     TIMING_SAMPLES samples, timed round-robin with the unpruned sampler (bench.timing), as

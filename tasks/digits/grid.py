@@ -1,5 +1,6 @@
 """Sample a grid from the digits model and measure how often the classifier recognises the class
 each sample was conditioned on: `python -m tasks.digits.grid [--out PNG] [--steps N] [--guidance W]`."""
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,7 @@ def sample_classes(task, per_class: int, steps: int, seed: int = 0) -> tuple[tor
     return chain.sample(x, cond), labels
 
 
-def save_grid(samples: torch.Tensor, labels: torch.Tensor, predicted: torch.Tensor, path: Path,
-              title: str) -> None:
+def save_grid(samples: torch.Tensor, labels: torch.Tensor, predicted: torch.Tensor, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -60,8 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="epsilon", choices=("epsilon", "flow"))
     parser.add_argument("--sampler", default="", help="a sampler spec (default: the model's own)")
     args = parser.parse_args(argv)
-    options = [f"guidance={args.guidance}", f"model={args.model}"] + (
-        [f"models={args.models}"] if args.models else []) + ([f"sampler={args.sampler}"] if args.sampler else [])
+    options = (
+        [f"guidance={args.guidance}", f"model={args.model}"]
+        + ([f"models={args.models}"] if args.models else [])
+        + ([f"sampler={args.sampler}"] if args.sampler else [])
+    )
     task = TASKS.create(f"digits[{','.join(options)}]")
     task.preflight()
     task.setup(torch.device("cpu"))
@@ -71,8 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     accuracy = float((predicted == labels).float().mean())
     per_class = [float((predicted[labels == k] == k).float().mean()) for k in range(10)]
     sampler = task.chosen_sampler().spec
-    title = (f"{args.model} model, {sampler} {args.steps} steps, guidance {args.guidance}: the classifier recognises\n"
-             f"{accuracy:.0%} of samples as their conditioning class (misses framed red)")
+    title = (
+        f"{args.model} model, {sampler} {args.steps} steps, guidance {args.guidance}: the classifier recognises\n"
+        f"{accuracy:.0%} of samples as their conditioning class (misses framed red)"
+    )
     save_grid(samples, labels, predicted, args.out, title)
     print(title.replace("\n", " "))
     print("per class: " + ", ".join(f"{k}: {a:.0%}" for k, a in enumerate(per_class)))

@@ -11,6 +11,7 @@
 - clean-fid's (Inception) FID where its Inception weights are present locally; otherwise None and
   a reason (nothing is downloaded).
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -79,6 +80,12 @@ def clean_fid(samples: Tensor, reals: Tensor, weights: Path = CLEANFID_WEIGHTS) 
             pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte()[:, 0].numpy()
             for index, image in enumerate(pixels):
                 Image.fromarray(image, mode="L").convert("RGB").save(folder / f"{index}.png")
-        value = fid.compute_fid(str(Path(tmp) / "fake"), str(Path(tmp) / "real"), mode="clean",
-                                device=torch.device("cpu"), num_workers=0, verbose=False)
+        value = fid.compute_fid(
+            str(Path(tmp) / "fake"),
+            str(Path(tmp) / "real"),
+            mode="clean",
+            device=torch.device("cpu"),
+            num_workers=0,
+            verbose=False,
+        )
     return float(value), ""

@@ -2,6 +2,7 @@
 embedding read through cross-attention, exactly as a text embedding is in Stable Diffusion.
 Class k's embedding is a learned (TOKENS, WIDTH) table entry; entry 10 is the null embedding
 that classifier-free guidance uses."""
+
 from __future__ import annotations
 
 import torch
@@ -12,18 +13,30 @@ TOKENS, WIDTH = 4, 32
 NULL_CLASS = 10
 
 UNET_CONFIG = dict(
-    sample_size=8, in_channels=1, out_channels=1,
+    sample_size=8,
+    in_channels=1,
+    out_channels=1,
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
     mid_block_type="UNetMidBlock2DCrossAttn",
-    block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=WIDTH,
-    attention_head_dim=4, norm_num_groups=8,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    cross_attention_dim=WIDTH,
+    attention_head_dim=4,
+    norm_num_groups=8,
 )
 
 # The sampler's noise levels (DDPM linear betas), read by bench.chain through DDIMScheduler.
-SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4,
-                        beta_end=0.02, clip_sample=False, set_alpha_to_one=False,
-                        prediction_type="epsilon", timestep_spacing="trailing")
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_schedule="linear",
+    beta_start=1e-4,
+    beta_end=0.02,
+    clip_sample=False,
+    set_alpha_to_one=False,
+    prediction_type="epsilon",
+    timestep_spacing="trailing",
+)
 
 
 # The rectified-flow model's time scale: model time t = 1000 sigma, as FlowMatchEulerDiscreteScheduler.
@@ -59,7 +72,6 @@ class GuidedDenoiser(nn.Module):
         if self.guidance == 1.0:
             return self.unet(x, t, encoder_hidden_states=cond).sample
         null = self.null_embedding.to(cond).expand(batch, TOKENS, WIDTH)
-        both = self.unet(torch.cat([x, x]), torch.cat([t, t]),
-                         encoder_hidden_states=torch.cat([null, cond])).sample
+        both = self.unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([null, cond])).sample
         eps_null, eps_cond = both.chunk(2)
         return eps_null + self.guidance * (eps_cond - eps_null)

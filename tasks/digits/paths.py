@@ -1,6 +1,7 @@
 """Where the digits models live: committed in tasks/digits/weights/ (trained by
 `python -m tasks.digits.train --out tasks/digits/weights`), else the user's cache, where they are
 trained on first use."""
+
 from __future__ import annotations
 
 import hashlib
@@ -9,11 +10,19 @@ from pathlib import Path
 from tasks.cache import cache_root
 
 COMMITTED = Path(__file__).resolve().parent / "weights"
-FILES = ("unet/config.json", "unet/diffusion_pytorch_model.safetensors", "embedding.safetensors",
-         "classifier.safetensors")
+FILES = (
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "embedding.safetensors",
+    "classifier.safetensors",
+)
 # The rectified-flow model (`digits[model=flow]`) in flow/, sharing the classifier.
-FLOW_FILES = ("flow/unet/config.json", "flow/unet/diffusion_pytorch_model.safetensors",
-              "flow/embedding.safetensors", "classifier.safetensors")
+FLOW_FILES = (
+    "flow/unet/config.json",
+    "flow/unet/diffusion_pytorch_model.safetensors",
+    "flow/embedding.safetensors",
+    "classifier.safetensors",
+)
 
 
 def files(model: str = "epsilon") -> tuple[str, ...]:

@@ -13,6 +13,7 @@ student's weights are the long model's, trainable parameters included, plus the 
 The check (written beside the weights, in training.json): from fresh noise, the student's K-step
 samples against the teacher's K·M-step samples (mean absolute error per pixel, images in [-1, 1]),
 and how often the classifier recognises the conditioned class in each."""
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,10 @@ def load_delta(folder: Path, steps: int) -> tuple[dict[str, Tensor], dict]:
     path = weights_path(folder, steps)
     if not path.exists():
         valid = ", ".join(map(str, shipped_steps(folder))) or "none"
-        raise SpecError(f"no distilled {steps}-step student in {folder / FOLDER} (shipped: steps={valid}; "
-                        f"distil one with python -m tasks.digits.shortcut --steps {steps})")
+        raise SpecError(
+            f"no distilled {steps}-step student in {folder / FOLDER} (shipped: steps={valid}; "
+            f"distil one with python -m tasks.digits.shortcut --steps {steps})"
+        )
     meta = json.loads(path.with_suffix(".json").read_text())
     return load_file(path), meta
 
@@ -88,10 +91,12 @@ def student_chain(task, problem, steps: int) -> Chain:
 
 def _teacher_grid(task, steps: int, segment: int):
     short, long = task.make_schedule(steps), task.make_schedule(steps * segment)
-    picked = long.timesteps[segment - 1::segment]
+    picked = long.timesteps[segment - 1 :: segment]
     if tuple(picked) != tuple(short.timesteps):
-        raise SpecError(f"the {steps * segment}-step grid does not contain the {steps}-step grid "
-                        f"({picked} against {short.timesteps}); choose another --segment")
+        raise SpecError(
+            f"the {steps * segment}-step grid does not contain the {steps}-step grid "
+            f"({picked} against {short.timesteps}); choose another --segment"
+        )
     return short, long
 
 
@@ -108,8 +113,17 @@ def trajectories(task, denoiser: nn.Module, steps: int, segment: int, noise: Ten
     return torch.stack(states[::segment])
 
 
-def distil(task, steps: int, segment: int = SEGMENT, per_class: int = 128, train_steps: int = 1000,
-           batch: int = 128, lr: float = 5e-4, seed: int = 0, log=print) -> tuple[dict[str, Tensor], dict]:
+def distil(
+    task,
+    steps: int,
+    segment: int = SEGMENT,
+    per_class: int = 128,
+    train_steps: int = 1000,
+    batch: int = 128,
+    lr: float = 5e-4,
+    seed: int = 0,
+    log=print,
+) -> tuple[dict[str, Tensor], dict]:
     """Fit the delta so that each student step lands where the teacher's M steps land (the loss is
     taken on the student's epsilon, eps* = (x_target - a_i x_i) / b_i, so segments weigh alike)."""
     torch.manual_seed(seed)
@@ -119,8 +133,13 @@ def distil(task, steps: int, segment: int = SEGMENT, per_class: int = 128, train
     conds = task.embeddings[labels]
     noise = torch.randn(len(labels), 1, 8, 8)
     started = time.perf_counter()
-    states = torch.cat([trajectories(task, teacher, steps, segment, noise[i:i + 512], conds[i:i + 512])
-                        for i in range(0, len(labels), 512)], dim=1)  # (K + 1, B, 1, 8, 8)
+    states = torch.cat(
+        [
+            trajectories(task, teacher, steps, segment, noise[i : i + 512], conds[i : i + 512])
+            for i in range(0, len(labels), 512)
+        ],
+        dim=1,
+    )  # (K + 1, B, 1, 8, 8)
     log(f"teacher: {len(labels)} trajectories of {steps * segment} steps in {time.perf_counter() - started:.0f} s")
     student_unet = type(task.unet).from_config(task.unet.config)
     student_unet.load_state_dict(task.unet.state_dict())
@@ -150,18 +169,30 @@ def distil(task, steps: int, segment: int = SEGMENT, per_class: int = 128, train
         if (it + 1) % 200 == 0:
             log(f"step {it + 1}/{train_steps}: loss {sum(losses[-200:]) / 200:.5f}")
     teacher_params = dict(task.unet.named_parameters())
-    delta = {name: (value.detach() - teacher_params[name]).contiguous()
-             for name, value in student_unet.named_parameters()}
-    info = {"steps": steps, "segment": segment, "teacher_steps": steps * segment, "guidance": GUIDANCE,
-            "trajectories": len(labels), "train_steps": train_steps, "batch": batch, "lr": lr, "seed": seed,
-            "final_loss_mean_last_200": sum(losses[-200:]) / min(200, len(losses)),
-            "seconds": round(time.perf_counter() - started, 1), "threads": torch.get_num_threads()}
+    delta = {
+        name: (value.detach() - teacher_params[name]).contiguous() for name, value in student_unet.named_parameters()
+    }
+    info = {
+        "steps": steps,
+        "segment": segment,
+        "teacher_steps": steps * segment,
+        "guidance": GUIDANCE,
+        "trajectories": len(labels),
+        "train_steps": train_steps,
+        "batch": batch,
+        "lr": lr,
+        "seed": seed,
+        "final_loss_mean_last_200": sum(losses[-200:]) / min(200, len(losses)),
+        "seconds": round(time.perf_counter() - started, 1),
+        "threads": torch.get_num_threads(),
+    }
     return delta, info
 
 
 @torch.no_grad()
-def check(task, delta: dict[str, Tensor], steps: int, segment: int = SEGMENT, per_class: int = 100,
-          seed: int = 1) -> dict:
+def check(
+    task, delta: dict[str, Tensor], steps: int, segment: int = SEGMENT, per_class: int = 100, seed: int = 1
+) -> dict:
     """Student against teacher from the same fresh noise: per-pixel error and recognition."""
     generator = torch.Generator().manual_seed(seed)
     labels = torch.arange(10).repeat_interleave(per_class)
@@ -177,19 +208,26 @@ def check(task, delta: dict[str, Tensor], steps: int, segment: int = SEGMENT, pe
     def recognised(x: Tensor) -> float:
         return float((task.classifier(x).argmax(-1) == labels).float().mean())
 
-    return {"samples": len(labels), "teacher_steps": long.num_steps,
-            "student_mae": float((x_student - x_teacher).abs().mean()),
-            "teacher_k_steps_mae": float((x_plain - x_teacher).abs().mean()),
-            "student_recognised": recognised(x_student), "teacher_recognised": recognised(x_teacher),
-            "teacher_k_steps_recognised": recognised(x_plain)}
+    return {
+        "samples": len(labels),
+        "teacher_steps": long.num_steps,
+        "student_mae": float((x_student - x_teacher).abs().mean()),
+        "teacher_k_steps_mae": float((x_plain - x_teacher).abs().mean()),
+        "student_recognised": recognised(x_student),
+        "teacher_recognised": recognised(x_teacher),
+        "teacher_k_steps_recognised": recognised(x_plain),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     from bench.registry import TASKS  # the task by name: this module is part of it, not above it
     from tasks.digits.train import record
 
-    parser = argparse.ArgumentParser(prog="python -m tasks.digits.shortcut", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m tasks.digits.shortcut",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--steps", type=int, default=4, help="the student's step count K")
     parser.add_argument("--segment", type=int, default=SEGMENT, help="teacher steps per student step M")
     parser.add_argument("--train-steps", type=int, default=1000)
@@ -201,8 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     task = TASKS.create("digits")
     task.setup(torch.device("cpu"))
-    delta, info = distil(task, args.steps, args.segment, per_class=args.per_class, train_steps=args.train_steps,
-                         batch=args.batch)
+    delta, info = distil(
+        task, args.steps, args.segment, per_class=args.per_class, train_steps=args.train_steps, batch=args.batch
+    )
     info["check"] = check(task, delta, args.steps, args.segment)
     path = weights_path(args.out, args.steps)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ Other rewards: `ink` (mean brightness, the analogue of DDPO's brightness/compres
 and `symmetry` (negative left-right mirror error). `model=flow` swaps in a rectified-flow U-Net
 (velocity prediction, same data and architecture) sampled by flow-matching Euler; `sampler`
 picks any sampler the model can drive (ddim or dpmpp2m for the epsilon model)."""
+
 from __future__ import annotations
 
 import copy
@@ -30,8 +31,7 @@ from tasks.base import Task, sampler_option
 from tasks.digits import data, gates, metrics, paths, shortcut
 from tasks.digits.gates import GATES
 from tasks.digits.classifier import DigitClassifier
-from tasks.digits.model import (FLOW_SCHEDULER_CONFIG, NULL_CLASS, SCHEDULER_CONFIG, TOKENS, WIDTH,
-                                 GuidedDenoiser)
+from tasks.digits.model import FLOW_SCHEDULER_CONFIG, NULL_CLASS, SCHEDULER_CONFIG, TOKENS, WIDTH, GuidedDenoiser
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
 
@@ -54,30 +54,52 @@ class Digits(Task):
     version = "1"
     dtype = torch.float32
     options = (
-        Option("reward", str, "classify", "classify: log p(digit | x); ink: mean brightness; "
-               "symmetry: -(left-right mirror error); decision: 1 if the classifier's top class is "
-               "`digit`, else 0 (not differentiable)", choices=("classify", "ink", "symmetry", "decision")),
+        Option(
+            "reward",
+            str,
+            "classify",
+            "classify: log p(digit | x); ink: mean brightness; "
+            "symmetry: -(left-right mirror error); decision: 1 if the classifier's top class is "
+            "`digit`, else 0 (not differentiable)",
+            choices=("classify", "ink", "symmetry", "decision"),
+        ),
         Option("digit", int, 7, "the class the classify reward asks for", check=_digit),
         Option("cls", int, 1, "the class the sampler is conditioned on", check=_digit),
         Option("batch", int, 8, "samples per problem", check=at_least(1)),
         Option("guidance", float, 2.0, "classifier-free guidance scale (1: none)", check=_positive),
         Option("eta", float, 0.0, "DDIM eta (0: deterministic)", check=at_least(0.0)),
-        Option("tune", str, "lora", "weights target: LoRA adapters (peft) or all U-Net weights",
-               choices=("lora", "full")),
+        Option(
+            "tune", str, "lora", "weights target: LoRA adapters (peft) or all U-Net weights", choices=("lora", "full")
+        ),
         Option("lora_rank", int, 4, "LoRA rank", check=at_least(1)),
-        Option("fid_samples", int, 64, "samples drawn for FID after optimising cond or weights",
-               check=at_least(2)),
+        Option("fid_samples", int, 64, "samples drawn for FID after optimising cond or weights", check=at_least(2)),
         Option("models", str, "", "folder of trained models (default: shipped, else cache, else train)"),
-        Option("model", str, "epsilon", "epsilon: the DDPM noise-prediction U-Net; flow: the "
-               "rectified-flow velocity U-Net (same architecture and data)", choices=("epsilon", "flow")),
+        Option(
+            "model",
+            str,
+            "epsilon",
+            "epsilon: the DDPM noise-prediction U-Net; flow: the "
+            "rectified-flow velocity U-Net (same architecture and data)",
+            choices=("epsilon", "flow"),
+        ),
         sampler_option(),
-        Option("gate_keep", float, 0.5, "gates target: the fraction of the unpruned sampler's operations "
-               "the sparsity term allows for free", check=_fraction),
+        Option(
+            "gate_keep",
+            float,
+            0.5,
+            "gates target: the fraction of the unpruned sampler's operations the sparsity term allows for free",
+            check=_fraction,
+        ),
         Option("gate_sparsity", float, 1.0, "gates target: the sparsity term's weight", check=at_least(0.0)),
         Option("gate_init", float, 1.0, "gates target: the mean initial gate logit (> 0: computed)"),
-        Option("gate_spread", float, 1.0, "gates target: the standard deviation of the initial logits "
-               "around gate_init (seeded; 0: all equal, where the consistency term has no gradient)",
-               check=at_least(0.0)),
+        Option(
+            "gate_spread",
+            float,
+            1.0,
+            "gates target: the standard deviation of the initial logits "
+            "around gate_init (seeded; 0: all equal, where the consistency term has no gradient)",
+            check=at_least(0.0),
+        ),
     )
     targets = (*TARGETS, GATES)
 
@@ -96,18 +118,28 @@ class Digits(Task):
     def preflight(self) -> None:
         super().preflight()
         if self.models and not paths.complete(self._folder(), self.model):
-            raise SpecError(f"digits[models={self.models}]: not a folder of digits models (needs "
-                            f"{', '.join(paths.files(self.model))}); omit models= for the shipped ones")
+            raise SpecError(
+                f"digits[models={self.models}]: not a folder of digits models (needs "
+                f"{', '.join(paths.files(self.model))}); omit models= for the shipped ones"
+            )
 
     def data_fingerprint(self) -> str:
         folder = self._folder()
-        return paths.fingerprint(folder, self.model) if folder is not None and paths.complete(folder, self.model) \
+        return (
+            paths.fingerprint(folder, self.model)
+            if folder is not None and paths.complete(folder, self.model)
             else "untrained"
+        )
 
     @property
     def learning_rates(self) -> dict[str, float]:
-        return {"latent": 0.05, "cond": 0.05, "noise": 0.05, "weights": 3e-3 if self.tune == "lora" else 1e-4,
-                GATES: 0.1}
+        return {
+            "latent": 0.05,
+            "cond": 0.05,
+            "noise": 0.05,
+            "weights": 3e-3 if self.tune == "lora" else 1e-4,
+            GATES: 0.1,
+        }
 
     def setup(self, device: torch.device) -> None:
         super().setup(device)
@@ -159,15 +191,20 @@ class Digits(Task):
 
                 with torch.random.fork_rng(devices=[]):  # the same adapters in every copy of a problem
                     torch.manual_seed(seed)
-                    unet.add_adapter(LoraConfig(r=self.lora_rank, lora_alpha=self.lora_rank,
-                                                init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+                    unet.add_adapter(
+                        LoraConfig(
+                            r=self.lora_rank,
+                            lora_alpha=self.lora_rank,
+                            init_lora_weights="gaussian",
+                            target_modules=LORA_TARGETS,
+                        )
+                    )
             else:
                 unet.requires_grad_(True)
         null = self.embeddings[NULL_CLASS].to(device=self.device, dtype=dtype)
         return GuidedDenoiser(unet, null, self.guidance)
 
-    def make_problem(self, target: str, steps: int, seed: int,
-                     dtype: torch.dtype | None = None) -> Problem:
+    def make_problem(self, target: str, steps: int, seed: int, dtype: torch.dtype | None = None) -> Problem:
         self.check_target(target)
         dtype = dtype or self.dtype
         if target == GATES:
@@ -177,13 +214,22 @@ class Digits(Task):
         x_start = torch.randn(self.batch, 1, 8, 8, generator=generator).to(device=self.device, dtype=dtype)
         noises = None
         if self.eta > 0:
-            noises = [torch.randn(self.batch, 1, 8, 8, generator=generator).to(device=self.device, dtype=dtype)
-                      for _ in range(steps)]
+            noises = [
+                torch.randn(self.batch, 1, 8, 8, generator=generator).to(device=self.device, dtype=dtype)
+                for _ in range(steps)
+            ]
         cond = self.embeddings[self.cls].clone().to(device=self.device, dtype=dtype)
         leaves = self.leaves_for(target, x_start, cond, noises, denoiser)
         schedule = self.make_schedule(steps)
-        problem = Problem(chain=Chain(denoiser, schedule), x_start=x_start, cond=cond, noises=noises,
-                          reward_fn=self.reward_of, target=target, leaves=leaves)
+        problem = Problem(
+            chain=Chain(denoiser, schedule),
+            x_start=x_start,
+            cond=cond,
+            noises=noises,
+            reward_fn=self.reward_of,
+            target=target,
+            leaves=leaves,
+        )
         if self._student_applies():
             problem.extras[FEW_STEP_CHAIN] = functools.cache(lambda k: shortcut.student_chain(self, problem, k))
         return problem
@@ -223,14 +269,20 @@ class Digits(Task):
 
     def check_point(self, target: str, steps: int) -> None:
         if target == GATES and steps < 2:
-            raise SpecError(f"target 'gates' needs N >= 2 steps, got {steps}: step N computes every block, so "
-                            "at N = 1 there is nothing to gate")
+            raise SpecError(
+                f"target 'gates' needs N >= 2 steps, got {steps}: step N computes every block, so "
+                "at N = 1 there is nothing to gate"
+            )
 
     def _student_applies(self) -> bool:
         """The shipped students follow the deterministic DDIM chain of the epsilon model at their
         guidance (tasks/digits/shortcut.py)."""
-        return (self.model == "epsilon" and self.chosen_sampler().name == "ddim" and self.eta == 0
-                and self.guidance == shortcut.GUIDANCE)
+        return (
+            self.model == "epsilon"
+            and self.chosen_sampler().name == "ddim"
+            and self.eta == 0
+            and self.guidance == shortcut.GUIDANCE
+        )
 
     def images(self, problem: Problem, x0: Tensor) -> Tensor:
         return ((x0.detach().float() + 1) / 2).clamp(0, 1)
@@ -261,10 +313,12 @@ class Digits(Task):
         reals = self._reference_images(target)
         order = torch.randperm(len(reals), generator=torch.Generator().manual_seed(0))
         half = len(reals) // 2
-        first, second = reals[order[:half]], reals[order[half:2 * half]]
+        first, second = reals[order[:half]], reals[order[half : 2 * half]]
         classifier = self.classifier_in(torch.float32)
-        return {"fid": metrics.digits_fid(classifier, first, second),
-                "kid": metrics.digits_kid(classifier, first, second)}
+        return {
+            "fid": metrics.digits_fid(classifier, first, second),
+            "kid": metrics.digits_kid(classifier, first, second),
+        }
 
     @torch.no_grad()
     def evaluate(self, problem: Problem, x0: Tensor) -> dict[str, float]:
@@ -297,8 +351,11 @@ class Digits(Task):
         """fid_samples fresh initial latents (and injected noises), the same for every evaluation."""
         generator = torch.Generator().manual_seed(10_000)
         fresh = torch.randn(self.fid_samples, 1, 8, 8, generator=generator).to(like)
-        noises = None if problem.noises is None else [
-            torch.randn(fresh.shape, generator=generator).to(like) for _ in problem.noises]
+        noises = (
+            None
+            if problem.noises is None
+            else [torch.randn(fresh.shape, generator=generator).to(like) for _ in problem.noises]
+        )
         return fresh, noises
 
     @torch.no_grad()
@@ -313,17 +370,32 @@ class Digits(Task):
         reals = self._reference_images(GATES).to(self.device)
 
         def quality(samples: Tensor, unpruned: Tensor) -> dict[str, float]:
-            return {"accuracy": metrics.class_accuracy(classifier, samples, self.cls),
-                    "fid": metrics.digits_fid(classifier, samples, reals),
-                    "consistency_mse": float(((samples - unpruned) ** 2).mean())}
+            return {
+                "accuracy": metrics.class_accuracy(classifier, samples, self.cls),
+                "fid": metrics.digits_fid(classifier, samples, reals),
+                "consistency_mse": float(((samples - unpruned) ** 2).mean()),
+            }
 
-        measure = dict(unet=chain.denoiser.unet.unet, denoiser=chain.denoiser, chain=chain, fresh=fresh,
-                       cond=problem.cond, noises=noises, quality=quality, flops=self.block_flops(),
-                       device=self.device, threads=torch.get_num_threads())
+        measure = dict(
+            unet=chain.denoiser.unet.unet,
+            denoiser=chain.denoiser,
+            chain=chain,
+            fresh=fresh,
+            cond=problem.cond,
+            noises=noises,
+            quality=quality,
+            flops=self.block_flops(),
+            device=self.device,
+            threads=torch.get_num_threads(),
+        )
         found = gates.evaluate_patterns({"pruned": gates.hard_pattern(logits)}, **measure)
         # the baselines do not depend on the gate options: measured once per sweep for the rest
-        key = (self.data_fingerprint(), *sorted((k, v) for k, v in self.values.items() if not k.startswith("gate_")),
-               problem.num_steps, str(x0.dtype))
+        key = (
+            self.data_fingerprint(),
+            *sorted((k, v) for k, v in self.values.items() if not k.startswith("gate_")),
+            problem.num_steps,
+            str(x0.dtype),
+        )
         if key not in self._static_results:
             self._static_results[key] = gates.evaluate_patterns(gates.static_patterns(problem.num_steps), **measure)
         static = {k: v for k, v in self._static_results[key].items() if not k.startswith("unpruned_")}

@@ -5,6 +5,7 @@ architecture is a rectified-flow model (velocity prediction, `--what flow`), bot
 training (labels dropped to the null class with probability 0.1) and EMA weights (decay 0.999);
 the classifier is a small CNN. Fixed seeds; progress bars; results written as safetensors with a
 training.json record (steps, time, losses, held-out accuracy) next to them."""
+
 from __future__ import annotations
 
 import argparse
@@ -39,12 +40,24 @@ class Conditional(nn.Module):
 def _progress(total: int, label: str):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[note]}"), TimeRemainingColumn())
+    return Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[note]}"),
+        TimeRemainingColumn(),
+    )
 
 
-def train_unet(out: Path, steps: int = 3000, batch: int = 128, lr: float = 1e-3, seed: int = 0,
-               show_progress: bool = True, objective: str = "epsilon") -> dict:
+def train_unet(
+    out: Path,
+    steps: int = 3000,
+    batch: int = 128,
+    lr: float = 1e-3,
+    seed: int = 0,
+    show_progress: bool = True,
+    objective: str = "epsilon",
+) -> dict:
     """objective epsilon: DDPM noise prediction on the linear-beta table, t ~ U{0..999};
     flow: rectified flow, x_s = (1 - s) x_0 + s noise with s ~ U(0, 1), the velocity noise - x_0
     as target and model time 1000 s (diffusers' FlowMatchEulerDiscreteScheduler's convention)."""
@@ -52,14 +65,16 @@ def train_unet(out: Path, steps: int = 3000, batch: int = 128, lr: float = 1e-3,
     generator = torch.Generator().manual_seed(seed)
     images, labels = data.split("train")
     model = Conditional()
-    ema = torch.optim.swa_utils.AveragedModel(
-        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(EMA_DECAY))
-    noise_scheduler = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items()
-                                       if k not in ("set_alpha_to_one", "timestep_spacing")})
+    ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(EMA_DECAY))
+    noise_scheduler = DDPMScheduler(
+        **{k: v for k, v in SCHEDULER_CONFIG.items() if k not in ("set_alpha_to_one", "timestep_spacing")}
+    )
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     warmup = min(200, steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: min(1.0, (s + 1) / max(warmup, 1))
-                                                 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps))))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser,
+        lambda s: min(1.0, (s + 1) / max(warmup, 1)) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps))),
+    )
     losses, started = [], time.perf_counter()
     with _progress(steps, f"training the digits U-Net ({objective})") as progress:
         bar = progress.add_task("train", total=steps, note="", visible=show_progress)
@@ -88,10 +103,18 @@ def train_unet(out: Path, steps: int = 3000, batch: int = 128, lr: float = 1e-3,
     out.mkdir(parents=True, exist_ok=True)
     trained.unet.save_pretrained(out / "unet")
     save_file({"table": trained.embedding.table.weight.detach().contiguous()}, out / "embedding.safetensors")
-    return {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "ema_decay": EMA_DECAY,
-            "p_uncond": P_UNCOND, "objective": objective, "seconds": round(time.perf_counter() - started, 1),
-            "final_loss_mean_last_200": sum(losses[-200:]) / len(losses[-200:]),
-            "threads": torch.get_num_threads()}
+    return {
+        "steps": steps,
+        "batch": batch,
+        "lr": lr,
+        "seed": seed,
+        "ema_decay": EMA_DECAY,
+        "p_uncond": P_UNCOND,
+        "objective": objective,
+        "seconds": round(time.perf_counter() - started, 1),
+        "final_loss_mean_last_200": sum(losses[-200:]) / len(losses[-200:]),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def train_and_save_classifier(out: Path, seed: int = 0, show_progress: bool = True) -> dict:
@@ -100,13 +123,16 @@ def train_and_save_classifier(out: Path, seed: int = 0, show_progress: bool = Tr
     epochs, started = 40, time.perf_counter()
     with _progress(epochs, "training the digits classifier") as progress:
         bar = progress.add_task("train", total=epochs, note="", visible=show_progress)
-        model = train_classifier(images, labels, epochs=epochs, seed=seed,
-                                 progress=lambda: progress.advance(bar))
+        model = train_classifier(images, labels, epochs=epochs, seed=seed, progress=lambda: progress.advance(bar))
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "classifier.safetensors")
-    return {"epochs": epochs, "seed": seed, "seconds": round(time.perf_counter() - started, 1),
-            "held_out_accuracy": accuracy(model, held_images, held_labels),
-            "train_accuracy": accuracy(model, images, labels)}
+    return {
+        "epochs": epochs,
+        "seed": seed,
+        "seconds": round(time.perf_counter() - started, 1),
+        "held_out_accuracy": accuracy(model, held_images, held_labels),
+        "train_accuracy": accuracy(model, images, labels),
+    }
 
 
 def record(out: Path, key: str, info: dict) -> None:
@@ -137,8 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.digits.paths import cache_dir
 
     parser = argparse.ArgumentParser(prog="python -m tasks.digits.train", description=__doc__)
-    parser.add_argument("--what", choices=("unet", "flow", "classifier", "all"), default="all",
-                        help="unet: the epsilon model; flow: the rectified-flow (velocity) model")
+    parser.add_argument(
+        "--what",
+        choices=("unet", "flow", "classifier", "all"),
+        default="all",
+        help="unet: the epsilon model; flow: the rectified-flow (velocity) model",
+    )
     parser.add_argument("--steps", type=int, default=3000, help="U-Net training steps")
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: the cache)")
     args = parser.parse_args(argv)

@@ -18,6 +18,7 @@
   tensor; PickScore, HPSv2 or ImageReward plug in this way. An installed package can also name one
   in the entry-point group `diffgrad_bench.rewards` (name = "module:function"), used as reward=name.
 """
+
 from __future__ import annotations
 
 import copy
@@ -95,13 +96,13 @@ class ClipImageEmbedding(NetworkReward):
         self.dtype = dtype
 
     def embed(self, images: Tensor) -> Tensor:
-        pixels = torch.nn.functional.interpolate(images, size=(self.size, self.size), mode="bicubic",
-                                                 align_corners=False)
+        pixels = torch.nn.functional.interpolate(
+            images, size=(self.size, self.size), mode="bicubic", align_corners=False
+        )
         pixels = ((pixels - self.mean.to(pixels)) / self.std.to(pixels)).to(self.dtype)
         features = self.model.get_image_features(pixel_values=pixels)
         features = getattr(features, "pooler_output", features)
         return torch.nn.functional.normalize(features.to(images.dtype), dim=-1)
-
 
 
 class AestheticScore(NetworkReward):
@@ -118,8 +119,9 @@ class AestheticScore(NetworkReward):
         layers: list[torch.nn.Module] = []
         for index in range(int(linears[-1]) + 1):
             weight = state.get(f"layers.{index}.weight")
-            layers.append(torch.nn.Linear(weight.shape[1], weight.shape[0]) if weight is not None
-                          else torch.nn.Dropout(0.0))
+            layers.append(
+                torch.nn.Linear(weight.shape[1], weight.shape[0]) if weight is not None else torch.nn.Dropout(0.0)
+            )
         self.head = torch.nn.Sequential(*layers)
         self.head.load_state_dict({k.removeprefix("layers."): v for k, v in state.items()})
         # The head runs in float32 (float64 for a float64 CLIP: the reference), beside CLIP's device.
@@ -138,8 +140,13 @@ def write_tiny_aesthetic_head(path: Path, width: int, seed: int = 0) -> Path:
     embedding, random: for the loading path in tests and the tiny demo."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        head = torch.nn.Sequential(torch.nn.Linear(width, 32), torch.nn.Dropout(0.2), torch.nn.Linear(32, 16),
-                                   torch.nn.Dropout(0.1), torch.nn.Linear(16, 1))
+        head = torch.nn.Sequential(
+            torch.nn.Linear(width, 32),
+            torch.nn.Dropout(0.2),
+            torch.nn.Linear(32, 16),
+            torch.nn.Dropout(0.1),
+            torch.nn.Linear(16, 1),
+        )
     torch.save({f"layers.{k}": v for k, v in head.state_dict().items()}, path)
     return path
 
@@ -153,8 +160,9 @@ class ClipSimilarity(NetworkReward):
         from transformers import CLIPTokenizer
 
         tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
-        tokens = tokenizer([text], padding="max_length", max_length=tokenizer.model_max_length,
-                           truncation=True, return_tensors="pt").to(clip.model.device)
+        tokens = tokenizer(
+            [text], padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).to(clip.model.device)
         with torch.no_grad():
             text_embeds = clip.model.get_text_features(**tokens)
             text_embeds = getattr(text_embeds, "pooler_output", text_embeds)
@@ -164,7 +172,6 @@ class ClipSimilarity(NetworkReward):
     def __call__(self, images: Tensor) -> Tensor:
         image = self.clip.embed(images)
         return 100 * (image * self.text.to(image)).sum(-1)
-
 
 
 def plugin_rewards() -> dict[str, str]:
@@ -201,11 +208,11 @@ class LpipsDistance(NetworkReward):
         self.dtype = dtype
 
     def __call__(self, images: Tensor) -> Tensor:
-        reference = torch.nn.functional.interpolate(self.reference.to(images), size=images.shape[-2:],
-                                                    mode="bilinear", align_corners=False)
+        reference = torch.nn.functional.interpolate(
+            self.reference.to(images), size=images.shape[-2:], mode="bilinear", align_corners=False
+        )
         distance = self.model(images.to(self.dtype), reference.expand_as(images).to(self.dtype), normalize=True)
         return -distance.flatten().to(images.dtype)
-
 
 
 def write_random_alexnet(path: Path, seed: int = 0) -> Path:
@@ -245,11 +252,13 @@ def user_reward(spec: str) -> Callable[[Tensor], Tensor]:
     except SpecError:
         raise
     except SystemExit as exc:
-        raise SpecError(f"reward={spec}: loading it called sys.exit({exc.code!r}); a reward module must "
-                        "only define its function") from None
+        raise SpecError(
+            f"reward={spec}: loading it called sys.exit({exc.code!r}); a reward module must only define its function"
+        ) from None
     except Exception as exc:
-        raise SpecError(f"reward={spec}: cannot load it ({first_line(exc)}); "
-                        "expected module:function or file.py:function") from None
+        raise SpecError(
+            f"reward={spec}: cannot load it ({first_line(exc)}); expected module:function or file.py:function"
+        ) from None
     if not callable(function):
         raise SpecError(f"reward={spec}: {attr} is not callable")
     _check_signature(function, spec)
@@ -274,8 +283,10 @@ def _check_signature(function: Callable, spec: str) -> None:
     try:
         signature.bind(object())
     except TypeError as exc:
-        raise SpecError(f"reward={spec}: its signature {signature} cannot be called as function(images) ({exc}); "
-                        "expected function(images in [0, 1], (B, 3, H, W)) -> (B,) rewards") from None
+        raise SpecError(
+            f"reward={spec}: its signature {signature} cannot be called as function(images) ({exc}); "
+            "expected function(images in [0, 1], (B, 3, H, W)) -> (B,) rewards"
+        ) from None
 
 
 def _exit_is_an_error(function: Callable, spec: str) -> Callable[[Tensor], Tensor]:
@@ -284,8 +295,11 @@ def _exit_is_an_error(function: Callable, spec: str) -> Callable[[Tensor], Tenso
         try:
             return function(images)
         except SystemExit as exc:
-            raise RuntimeError(f"reward={spec} called sys.exit({exc.code!r}) while scoring images; a reward "
-                               "returns a (B,) tensor of rewards and never exits") from None
+            raise RuntimeError(
+                f"reward={spec} called sys.exit({exc.code!r}) while scoring images; a reward "
+                "returns a (B,) tensor of rewards and never exits"
+            ) from None
+
     return reward
 
 

@@ -23,6 +23,7 @@ optimised leaves stay float32 (`Task.dtype`, the precision of the estimators' ru
 The exact reference: float64 backprop where that fits (`reference=auto` picks it for tiny); at SD
 size checkpointed backprop in the task's precision (`reference=task`), or none (`reference=off`:
 agreement is not measured, rows say so)."""
+
 from __future__ import annotations
 
 import copy
@@ -42,8 +43,12 @@ from tasks.base import Task, sampler_option
 from tasks.cache import cache_root
 from tasks.sd import rewards, tiny
 
-PROMPTS = ("a photograph of an astronaut riding a horse", "a watercolour painting of a lighthouse at dusk",
-           "a close-up photo of a red fox in the snow", "an oil painting of a bowl of lemons")
+PROMPTS = (
+    "a photograph of an astronaut riding a horse",
+    "a watercolour painting of a lighthouse at dusk",
+    "a close-up photo of a red fox in the snow",
+    "an oil painting of a bowl of lemons",
+)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -68,8 +73,10 @@ def resolve_model(model: str, what: str = "model") -> Path:
             return Path(snapshot_download(model, local_files_only=True))
         except Exception:
             pass
-    raise SpecError(f"sd[{what}={model}]: no such folder, and not a model id in the local Hugging Face "
-                    "cache (nothing is downloaded); give a pipeline folder or tiny")
+    raise SpecError(
+        f"sd[{what}={model}]: no such folder, and not a model id in the local Hugging Face "
+        "cache (nothing is downloaded); give a pipeline folder or tiny"
+    )
 
 
 def _fingerprint(folder: Path) -> str:
@@ -80,9 +87,9 @@ def _fingerprint(folder: Path) -> str:
         size = file.stat().st_size
         digest.update(f"{file.relative_to(folder)}:{size}".encode())
         with open(file, "rb") as handle:
-            digest.update(handle.read(2 ** 20))
-            if size > 2 ** 21:
-                handle.seek(-(2 ** 20), os.SEEK_END)
+            digest.update(handle.read(2**20))
+            if size > 2**21:
+                handle.seek(-(2**20), os.SEEK_END)
                 digest.update(handle.read())
     return digest.hexdigest()[:16]
 
@@ -96,16 +103,26 @@ def _rescale(value: float) -> str | None:
 
 
 # The files from_pretrained loads when no variant is named: one file, or the index of shards.
-DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
-                     "diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.bin.index.json")
-TRANSFORMERS_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
-                        "pytorch_model.bin.index.json")
+DIFFUSERS_WEIGHTS = (
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.bin",
+    "diffusion_pytorch_model.safetensors.index.json",
+    "diffusion_pytorch_model.bin.index.json",
+)
+TRANSFORMERS_WEIGHTS = (
+    "model.safetensors",
+    "pytorch_model.bin",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+)
 WEIGHT_FILES = {"unet": DIFFUSERS_WEIGHTS, "vae": DIFFUSERS_WEIGHTS, "text_encoder": TRANSFORMERS_WEIGHTS}
 # The configuration entries the task and the networks' shapes depend on; a missing one would make
 # from_pretrained build a default architecture the weights do not fit.
-REQUIRED_CONFIG = {"unet": ("in_channels", "sample_size", "block_out_channels", "cross_attention_dim"),
-                   "vae": ("latent_channels", "block_out_channels"),
-                   "text_encoder": ("hidden_size",)}
+REQUIRED_CONFIG = {
+    "unet": ("in_channels", "sample_size", "block_out_channels", "cross_attention_dim"),
+    "vae": ("latent_channels", "block_out_channels"),
+    "text_encoder": ("hidden_size",),
+}
 
 
 def read_json_object(path: Path, owner: str) -> dict:
@@ -143,17 +160,23 @@ def read_component(folder: Path, name: str, owner: str) -> dict:
     config = read_json_object(folder / name / "config.json", owner)
     missing = [key for key in REQUIRED_CONFIG[name] if key not in config]
     if missing:
-        raise SpecError(f"{owner}: {folder / name / 'config.json'} lacks {', '.join(missing)} "
-                        "(a config.json as save_pretrained writes it has them)")
+        raise SpecError(
+            f"{owner}: {folder / name / 'config.json'} lacks {', '.join(missing)} "
+            "(a config.json as save_pretrained writes it has them)"
+        )
     for key in REQUIRED_CONFIG[name]:
         if not _valid_entry(key, config[key]):
-            raise SpecError(f"{owner}: {folder / name / 'config.json'}: {key}={config[key]!r} is not a positive "
-                            "integer" + (" list" if key == "block_out_channels" else ""))
+            raise SpecError(
+                f"{owner}: {folder / name / 'config.json'}: {key}={config[key]!r} is not a positive "
+                "integer" + (" list" if key == "block_out_channels" else "")
+            )
     if not any((folder / name / file).is_file() for file in WEIGHT_FILES[name]):
         found = sorted(p.name for p in (folder / name).iterdir() if p.suffix in (".safetensors", ".bin"))
         hint = f"; found only {', '.join(found)} (variants are not loaded)" if found else ""
-        raise SpecError(f"{owner}: no weights in {folder / name} (expected {WEIGHT_FILES[name][0]} or "
-                        f"{WEIGHT_FILES[name][1]}){hint}")
+        raise SpecError(
+            f"{owner}: no weights in {folder / name} (expected {WEIGHT_FILES[name][0]} or "
+            f"{WEIGHT_FILES[name][1]}){hint}"
+        )
     return config
 
 
@@ -171,8 +194,9 @@ def read_text_file(path: Path, owner: str, what: str) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise SpecError(f"{owner}: not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start}); "
-                        f"give UTF-8 text, {what}") from None
+        raise SpecError(
+            f"{owner}: not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start}); give UTF-8 text, {what}"
+        ) from None
 
 
 class GuidedUNet(nn.Module):
@@ -193,8 +217,9 @@ class GuidedUNet(nn.Module):
         if self.guidance == 1.0:
             return self.unet(x.to(dtype), t, encoder_hidden_states=cond).sample.to(x.dtype)
         uncond = self.uncond.to(dtype).expand_as(cond)
-        both = self.unet(torch.cat([x, x]).to(dtype), torch.cat([t, t]),
-                         encoder_hidden_states=torch.cat([uncond, cond])).sample.to(x.dtype)
+        both = self.unet(
+            torch.cat([x, x]).to(dtype), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond])
+        ).sample.to(x.dtype)
         eps_uncond, eps_cond = both.chunk(2)
         guided = eps_uncond + self.guidance * (eps_cond - eps_uncond)
         return rescale_guided(guided, eps_cond, self.rescale) if self.rescale > 0 else guided
@@ -217,38 +242,84 @@ class StableDiffusion(Task):
     dtype = torch.float32  # the estimators' runs: the leaves (the option `dtype` is network_dtype)
     options = (
         Option("model", str, "tiny", "pipeline folder, cached model id, or tiny (random, built offline)"),
-        Option("prompt", str, None, "one prompt for every sample, as the pipeline's prompt; `prompt=` (empty) is "
-               "the unconditional prompt \"\"; no commas or brackets (use prompts= for those); unset (None): "
-               "prompts=", metavar="text"),
-        Option("prompts", str, "", "file with one prompt per line, blank lines skipped (default: four built-in "
-               "prompts); for the empty prompt use prompt="),
-        Option("negative_prompt", str, "", "the pipeline's negative_prompt: what the unguided half of "
-               "classifier-free guidance is conditioned on (empty: the unconditional prompt); no commas or "
-               "brackets (use negative_prompt_file= for those)"),
+        Option(
+            "prompt",
+            str,
+            None,
+            "one prompt for every sample, as the pipeline's prompt; `prompt=` (empty) is "
+            'the unconditional prompt ""; no commas or brackets (use prompts= for those); unset (None): '
+            "prompts=",
+            metavar="text",
+        ),
+        Option(
+            "prompts",
+            str,
+            "",
+            "file with one prompt per line, blank lines skipped (default: four built-in "
+            "prompts); for the empty prompt use prompt=",
+        ),
+        Option(
+            "negative_prompt",
+            str,
+            "",
+            "the pipeline's negative_prompt: what the unguided half of "
+            "classifier-free guidance is conditioned on (empty: the unconditional prompt); no commas or "
+            "brackets (use negative_prompt_file= for those)",
+        ),
         Option("negative_prompt_file", str, "", "file whose whole text (stripped) is the negative prompt"),
         Option("guidance", float, 7.5, "classifier-free guidance scale (1: none)", check=_guidance),
-        Option("guidance_rescale", float, 0.0, "the pipeline's guidance_rescale phi: the guided noise "
-               "prediction rescaled to the conditional one's std, mixed phi : 1 - phi with the unrescaled one "
-               "(Lin et al. 2023, eq. 16; 0: off)", check=_rescale),
-        Option("resolution", int, 0, "image size in pixels, a multiple of the VAE's downsampling factor (8 for "
-               "SD; 0: the U-Net's sample size times it)", check=at_least(0)),
+        Option(
+            "guidance_rescale",
+            float,
+            0.0,
+            "the pipeline's guidance_rescale phi: the guided noise "
+            "prediction rescaled to the conditional one's std, mixed phi : 1 - phi with the unrescaled one "
+            "(Lin et al. 2023, eq. 16; 0: off)",
+            check=_rescale,
+        ),
+        Option(
+            "resolution",
+            int,
+            0,
+            "image size in pixels, a multiple of the VAE's downsampling factor (8 for "
+            "SD; 0: the U-Net's sample size times it)",
+            check=at_least(0),
+        ),
         Option("batch", int, 2, "samples per problem (prompts cycle over them)", check=at_least(1)),
         Option("dtype", str, "fp32", "precision of the frozen networks (leaves stay fp32)", choices=tuple(DTYPES)),
         Option("eta", float, 0.0, "DDIM eta (0: deterministic)", check=at_least(0.0)),
         sampler_option(),
-        Option("tune", str, "lora", "weights target: LoRA on the U-Net's attention, or all U-Net weights",
-               choices=("lora", "full")),
+        Option(
+            "tune",
+            str,
+            "lora",
+            "weights target: LoRA on the U-Net's attention, or all U-Net weights",
+            choices=("lora", "full"),
+        ),
         Option("lora_rank", int, 4, "LoRA rank", check=at_least(1)),
-        Option("reward", str, "clip", "clip, aesthetic, jpeg, jpeg-incompressibility, an entry point's name, "
-               "or module:function / file.py:function",
-               check=rewards.check_name),
+        Option(
+            "reward",
+            str,
+            "clip",
+            "clip, aesthetic, jpeg, jpeg-incompressibility, an entry point's name, "
+            "or module:function / file.py:function",
+            check=rewards.check_name,
+        ),
         Option("reward_text", str, "a beautiful photograph", "the text the clip reward compares with"),
-        Option("clip_model", str, "tiny", "CLIPModel folder for the clip and aesthetic rewards (tiny: random, offline)"),
+        Option(
+            "clip_model", str, "tiny", "CLIPModel folder for the clip and aesthetic rewards (tiny: random, offline)"
+        ),
         Option("aesthetic_head", str, "tiny", "LAION aesthetic MLP state dict for reward=aesthetic (tiny: random)"),
         Option("lpips_backbone", str, "", "torchvision AlexNet state dict file for reward=lpips"),
         Option("reference_image", str, "", "the image reward=lpips pulls towards (PNG, JPEG...)"),
-        Option("reference", str, "auto", "exact gradient: float64 backprop, checkpointed backprop in the task's "
-               "dtype (task), or off; auto: float64 for tiny, else task", choices=("auto", "float64", "task", "off")),
+        Option(
+            "reference",
+            str,
+            "auto",
+            "exact gradient: float64 backprop, checkpointed backprop in the task's "
+            "dtype (task), or off; auto: float64 for tiny, else task",
+            choices=("auto", "float64", "task", "off"),
+        ),
     )
 
     def __init__(self, **values) -> None:
@@ -272,8 +343,10 @@ class StableDiffusion(Task):
         self.folder = resolve_model(self.model)
         missing = [name for name in COMPONENTS if not (self.folder / name).is_dir()]
         if missing:
-            raise SpecError(f"sd[model={self.model}]: {self.folder} is not a diffusers pipeline folder "
-                            f"(no {', '.join(n + '/' for n in missing)}); valid: a folder save_pretrained wrote")
+            raise SpecError(
+                f"sd[model={self.model}]: {self.folder} is not a diffusers pipeline folder "
+                f"(no {', '.join(n + '/' for n in missing)}); valid: a folder save_pretrained wrote"
+            )
         owner = f"sd[model={self.model}]"
         configs = {name: read_component(self.folder, name, owner) for name in WEIGHT_FILES}
         self.latent_shape = self._latent_shape(configs)
@@ -292,7 +365,9 @@ class StableDiffusion(Task):
         except SpecError:
             raise
         except Exception as exc:
-            raise SpecError(f"{owner}: scheduler_config.json does not make a scheduler ({rewards.first_line(exc)})") from None
+            raise SpecError(
+                f"{owner}: scheduler_config.json does not make a scheduler ({rewards.first_line(exc)})"
+            ) from None
         try:  # and the sampler's schedule on it: what the sampler cannot reproduce (ddim with
             self.make_schedule(1)  # clip_sample true, say) is refused here, before anything runs
         except SpecError as exc:
@@ -305,27 +380,41 @@ class StableDiffusion(Task):
         if self.reward == "aesthetic" and self.aesthetic_head != "tiny":
             self.head_file = Path(self.aesthetic_head).expanduser()
             if not self.aesthetic_head or not self.head_file.is_file():
-                raise SpecError(f"sd[reward=aesthetic]: the aesthetic head file {self.aesthetic_head!r} is missing; "
-                                "point aesthetic_head= at LAION's MLP state dict (e.g. sac+logos+ava1-l14-linearMSE.pth)")
+                raise SpecError(
+                    f"sd[reward=aesthetic]: the aesthetic head file {self.aesthetic_head!r} is missing; "
+                    "point aesthetic_head= at LAION's MLP state dict (e.g. sac+logos+ava1-l14-linearMSE.pth)"
+                )
             if self.clip_model == "tiny":
-                raise SpecError("sd[reward=aesthetic]: a real aesthetic head needs its CLIP (ViT-L/14): set clip_model=PATH")
+                raise SpecError(
+                    "sd[reward=aesthetic]: a real aesthetic head needs its CLIP (ViT-L/14): set clip_model=PATH"
+                )
         if self.reward == "lpips":
             for option in ("lpips_backbone", "reference_image"):
                 value = self.values[option]
                 if not value or not Path(value).expanduser().is_file():
-                    raise SpecError(f"sd[reward=lpips]: {option}={value!r} is not a file; give the path "
-                                    + ("of a torchvision AlexNet state dict (alexnet-owt-7be5be79.pth)"
-                                       if option == "lpips_backbone" else "of the target image"))
+                    raise SpecError(
+                        f"sd[reward=lpips]: {option}={value!r} is not a file; give the path "
+                        + (
+                            "of a torchvision AlexNet state dict (alexnet-owt-7be5be79.pth)"
+                            if option == "lpips_backbone"
+                            else "of the target image"
+                        )
+                    )
         if self.reward not in rewards.BUILT_IN:
             rewards.user_reward(self.reward)
 
     @property
     def model_prediction(self) -> str:
-        prediction = self.pipeline_scheduler.get("prediction_type", "epsilon") if hasattr(self, "pipeline_scheduler") \
+        prediction = (
+            self.pipeline_scheduler.get("prediction_type", "epsilon")
+            if hasattr(self, "pipeline_scheduler")
             else "epsilon"
+        )
         if prediction != "epsilon":
-            raise SpecError(f"sd[model={self.model}]: prediction_type={prediction!r} is not supported yet; "
-                            "valid: epsilon (SD 1.x-class pipelines)")
+            raise SpecError(
+                f"sd[model={self.model}]: prediction_type={prediction!r} is not supported yet; "
+                "valid: epsilon (SD 1.x-class pipelines)"
+            )
         return prediction
 
     def scheduler_config(self) -> dict:
@@ -359,20 +448,26 @@ class StableDiffusion(Task):
     def _check_guidance_options(self) -> None:
         """The pipeline ignores a negative prompt and guidance_rescale without guidance: refuse them."""
         if self.guidance == 1.0:
-            for name, given in (("guidance_rescale", self.guidance_rescale > 0),
-                                ("negative_prompt", bool(self.negative_text))):
+            for name, given in (
+                ("guidance_rescale", self.guidance_rescale > 0),
+                ("negative_prompt", bool(self.negative_text)),
+            ):
                 if given:
-                    raise SpecError(f"sd: {name} acts on classifier-free guidance, which guidance=1 turns off; "
-                                    "set guidance > 1 (7.5 by default)")
+                    raise SpecError(
+                        f"sd: {name} acts on classifier-free guidance, which guidance=1 turns off; "
+                        "set guidance > 1 (7.5 by default)"
+                    )
 
     def _latent_shape(self, configs: dict[str, dict]) -> tuple[int, int, int]:
         """(channels, side, side) of the latents for the `resolution` option, checked against the
         VAE's downsampling factor (the pipeline's vae_scale_factor) and the U-Net's."""
         unet, vae, owner = configs["unet"], configs["vae"], f"sd[model={self.model}]"
         if unet["in_channels"] != vae["latent_channels"]:
-            raise SpecError(f"{owner}: the U-Net takes {unet['in_channels']} input channels but the VAE's latents "
-                            f"have {vae['latent_channels']} (an inpainting or image-conditioned U-Net); valid: a "
-                            "text-to-image pipeline")
+            raise SpecError(
+                f"{owner}: the U-Net takes {unet['in_channels']} input channels but the VAE's latents "
+                f"have {vae['latent_channels']} (an inpainting or image-conditioned U-Net); valid: a "
+                "text-to-image pipeline"
+            )
         vae_scale = 2 ** (len(vae["block_out_channels"]) - 1)
         unet_scale = 2 ** (len(unet["block_out_channels"]) - 1)
         size, which = self.resolution, f"sd[resolution={self.resolution}]"
@@ -385,16 +480,20 @@ class StableDiffusion(Task):
             which = f"{owner}: the resolution {size} from the U-Net's sample_size"
         smallest = vae_scale * unet_scale  # below it the U-Net's coarsest feature map has no pixel
         if size % vae_scale or size < smallest:
-            raise SpecError(f"{which}: must be a multiple of {vae_scale} (the VAE's downsampling) "
-                            f"and at least {smallest} (the U-Net's {unet_scale}x downsampling of the latents); "
-                            f"e.g. {max(smallest, size - size % vae_scale)}")
+            raise SpecError(
+                f"{which}: must be a multiple of {vae_scale} (the VAE's downsampling) "
+                f"and at least {smallest} (the U-Net's {unet_scale}x downsampling of the latents); "
+                f"e.g. {max(smallest, size - size % vae_scale)}"
+            )
         return (unet["in_channels"], size // vae_scale, size // vae_scale)
 
     def _check_text_width(self, configs: dict[str, dict]) -> None:
         width, attention = configs["text_encoder"]["hidden_size"], configs["unet"]["cross_attention_dim"]
         if isinstance(attention, int) and attention != width:
-            raise SpecError(f"sd[model={self.model}]: the U-Net attends to {attention}-wide text embeddings but the "
-                            f"text encoder gives {width}-wide ones; valid: a pipeline whose parts belong together")
+            raise SpecError(
+                f"sd[model={self.model}]: the U-Net attends to {attention}-wide text embeddings but the "
+                f"text encoder gives {width}-wide ones; valid: a pipeline whose parts belong together"
+            )
 
     def _check_once(self) -> None:
         """preflight, unless done (resolve() runs it; fingerprint and set-up need its results)."""
@@ -445,8 +544,9 @@ class StableDiffusion(Task):
     @torch.no_grad()
     def encode(self, tokenizer, text_encoder, prompts: list[str]) -> Tensor:
         """The pipeline's prompt embedding: padded to the tokenizer's max length, last hidden state."""
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(self.device)
+        ids = tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(self.device)
         return text_encoder(ids)[0].float()
 
     def _make_reward(self, device: torch.device):
@@ -464,8 +564,12 @@ class StableDiffusion(Task):
                     rewards.write_tiny_aesthetic_head(head, clip.model.config.projection_dim)
             return rewards.AestheticScore(clip, head)
         if self.reward == "lpips":
-            return rewards.LpipsDistance(Path(self.lpips_backbone).expanduser(),
-                                         Path(self.reference_image).expanduser(), device, self.network_dtype)
+            return rewards.LpipsDistance(
+                Path(self.lpips_backbone).expanduser(),
+                Path(self.reference_image).expanduser(),
+                device,
+                self.network_dtype,
+            )
         if self.reward == "jpeg":
             return lambda images: -rewards.jpeg_kilobytes(images)
         if self.reward == "jpeg-incompressibility":
@@ -501,8 +605,14 @@ class StableDiffusion(Task):
 
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(seed)
-                    unet.add_adapter(LoraConfig(r=self.lora_rank, lora_alpha=self.lora_rank,
-                                                init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+                    unet.add_adapter(
+                        LoraConfig(
+                            r=self.lora_rank,
+                            lora_alpha=self.lora_rank,
+                            init_lora_weights="gaussian",
+                            target_modules=LORA_TARGETS,
+                        )
+                    )
                 for param in unet.parameters():
                     if param.requires_grad:
                         param.data = param.data.to(dtype if dtype == torch.float64 else torch.float32)
@@ -513,8 +623,10 @@ class StableDiffusion(Task):
         x_start = torch.randn(self.batch, *self.latent_shape, generator=generator).to(self.device, dtype)
         noises = None
         if self.eta > 0:
-            noises = [torch.randn(self.batch, *self.latent_shape, generator=generator).to(self.device, dtype)
-                      for _ in range(steps)]
+            noises = [
+                torch.randn(self.batch, *self.latent_shape, generator=generator).to(self.device, dtype)
+                for _ in range(steps)
+            ]
         order = [b % len(self.prompt_list) for b in range(self.batch)]
         cond = self.prompt_embeds[order].clone().to(self.device, dtype)
         leaves = self.leaves_for(target, x_start, cond, noises, denoiser)
@@ -524,8 +636,15 @@ class StableDiffusion(Task):
         def reward_of(x0: Tensor) -> Tensor:
             return reward(self.decode(x0, vae))
 
-        return Problem(chain=Chain(denoiser, schedule), x_start=x_start, cond=cond, noises=noises,
-                       reward_fn=reward_of, target=target, leaves=leaves)
+        return Problem(
+            chain=Chain(denoiser, schedule),
+            x_start=x_start,
+            cond=cond,
+            noises=noises,
+            reward_fn=reward_of,
+            target=target,
+            leaves=leaves,
+        )
 
     @torch.no_grad()
     def images(self, problem: Problem, x0: Tensor) -> Tensor:

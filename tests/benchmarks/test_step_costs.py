@@ -3,6 +3,7 @@ of ESTIMATORS.md's cost model, so per-step costs can be compared across commits.
 
 Not part of `make test`: run `make bench` (pytest-benchmark; add --benchmark-autosave and
 --benchmark-compare to compare with an earlier run)."""
+
 import random
 
 import pytest
@@ -40,6 +41,7 @@ def test_step_with_graph_and_backward(benchmark, problem):
         out = _step(problem, problem.x_start)
         out.backward(seed)
         problem.zero_grad()
+
     benchmark(run)
 
 
@@ -52,6 +54,7 @@ def test_checkpointed_step_and_backward(benchmark, problem):
         out = checkpoint(lambda x_i: _step(problem, x_i), x, use_reentrant=False)
         out.backward(seed)
         problem.zero_grad()
+
     benchmark(run)
 
 
