@@ -156,7 +156,7 @@ def _run_flags(run: argparse.ArgumentParser) -> None:
     )
     flag("--no-progress", action="store_true", default=False, help="no progress bar")
     jobs = run.add_argument_group("launcher (where the cells run; a sweep file's [launcher] table)")
-    jobs.add_argument("--launcher", help="; ".join(f"{k}: {v}" for k, v in LAUNCHERS.items()))
+    jobs.add_argument("--launcher", help="; ".join(f"{k}: {v.help}" for k, v in LAUNCHERS.items()))
     jobs.add_argument("--partition", help="SLURM partition (default: the cluster's)")
     jobs.add_argument(
         "--time-min",
@@ -276,15 +276,14 @@ def _list(args: argparse.Namespace) -> int:
             lambda cls: (_options(cls), cls.prediction, cls.summary),
         )
     )
-    from tasks.sd import rewards
+    from bench.rewards import REWARDS
 
-    table = Table(title="Rewards of the sd task (reward=NAME)")
+    table = Table(title="Rewards (a task's reward=NAME: those of its domain, or module:function / file.py:function)")
     table.add_column("name", no_wrap=True)
+    table.add_column("domain", no_wrap=True)
     table.add_column("what it is")
-    for name, text in rewards.DESCRIPTIONS.items():
-        table.add_row(name, text)
-    for name, target in rewards.plugin_rewards().items():
-        table.add_row(name, f"plug-in: {target}")
+    for reward in REWARDS.listing():
+        table.add_row(reward.name, reward.domain, reward.description)
     console.print(table)
     table = Table(title="Targets")
     table.add_column("name")
@@ -377,6 +376,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from bench.execute import execute
     from bench.summary import print_summary
 
     sweep = sweep_of(args)
@@ -392,69 +392,67 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     )
     bar = None
 
-    def on_start(total: int, reused: int) -> None:
+    def on_event(event) -> None:
         nonlocal bar
-        if reused:
-            console.print(f"{reused} of {total} cells already have rows in {out}; skipping them (--force reruns)")
-        if args.remeasure:
-            console.print(
-                f"measuring {' and '.join(sorted(args.remeasure))} again of the cells whose row is ok; "
-                "their gradients, optimisation and evaluation are kept"
+        if event.kind == "start":
+            total, reused = event["total"], event["reused"]
+            if reused:
+                console.print(f"{reused} of {total} cells already have rows in {out}; skipping them (--force reruns)")
+            if args.remeasure:
+                console.print(
+                    f"measuring {' and '.join(sorted(args.remeasure))} again of the cells whose row is ok; "
+                    "their gradients, optimisation and evaluation are kept"
+                )
+            bar = progress.add_task("sweep", total=total, completed=reused)
+            progress.start()  # only once the whole sweep has been checked
+        elif event.kind == "point":
+            cells = event["cells"]
+            cell = cells[0]
+            what = cell.estimator.spec if len(cells) == 1 else f"{len(cells)} estimators"
+            progress.update(
+                bar, description=escape(f"{cell.task.spec} {cell.target} N={cell.steps} seed={cell.seed}: {what}")
             )
-        bar = progress.add_task("sweep", total=total, completed=reused)
-        progress.start()  # only once the whole sweep has been checked
-
-    def on_point(cells) -> None:
-        cell = cells[0]
-        what = cell.estimator.spec if len(cells) == 1 else f"{len(cells)} estimators"
-        progress.update(
-            bar, description=escape(f"{cell.task.spec} {cell.target} N={cell.steps} seed={cell.seed}: {what}")
-        )
-
-    def on_row(row) -> None:
-        progress.advance(bar)
-        if row["status"] not in ("ok", "skipped"):
-            progress.console.print(
-                f"[yellow]{row['status']}[/]: "
-                + escape(f"{row['estimator']} {row['target']} N={row['steps']}: {row.get('error', '')}")
-            )
+        elif event.kind == "progress":
+            progress.update(bar, completed=event["completed"])
+        elif event.kind == "row":
+            row = event["row"]
+            if row["status"] not in ("ok", "skipped"):
+                progress.console.print(
+                    f"[yellow]{row['status']}[/]: "
+                    + escape(f"{row['estimator']} {row['target']} N={row['steps']}: {row.get('error', '')}")
+                )
+        elif event.kind == "note":
+            console.print(escape(event["text"]))
+        elif event.kind == "warning" and event["reason"] == "job-failed":
+            console.print(f"[red]{escape(event['text'])}[/]")
+        elif event.kind == "warning" and event["reason"] == "missing":
+            head = f"{event['count']} cell(s) got no row"
+            console.print(f"[yellow]{head}[/]{escape(event['text'][len(head) :])}")
+        elif event.kind == "warning":
+            warnings.warn(event["text"], stacklevel=2)
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         try:
-            if sweep.launch.launcher == "local":
-                rows = run_sweep_local(sweep, args.force, argv, on_start, on_point, on_row, args.remeasure)
-            elif args.remeasure:
-                raise SpecError(f"--remeasure runs in this process: use --launcher local, not {sweep.launch.launcher}")
-            else:
-                from bench.launch import run_sweep_jobs
-
-                rows = run_sweep_jobs(sweep, args.force, argv, on_start, progress, lambda: bar, console)
+            rows = execute(
+                sweep.parts,
+                out,
+                sweep.launch,
+                force=args.force,
+                argv=argv,
+                extra={"launcher": sweep.launch.options(), "config": sweep.source},
+                remeasure=args.remeasure,
+                on_event=on_event,
+            )
         finally:
             if bar is not None:  # stopping a bar that never started prints a stray newline
                 progress.stop()
-    if rows is None:  # detached
+    if rows is None:  # detached, or stopped waiting for the jobs
         return 0
     if rows:
         print_summary(rows, Console())
     Console().print(f"rows: {out}   status: python -m bench status {out}")
     return 0
-
-
-def run_sweep_local(sweep, force, argv, on_start, on_point, on_row, remeasure=frozenset()):
-    from bench.runner import run_sweep
-
-    return run_sweep(
-        sweep.parts,
-        sweep.out,
-        force=force,
-        argv=argv,
-        on_start=on_start,
-        on_point=on_point,
-        on_row=on_row,
-        extra={"launcher": sweep.launch.options(), "config": sweep.source},
-        remeasure=remeasure,
-    )
 
 
 def _report(args: argparse.Namespace) -> int:

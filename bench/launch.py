@@ -1,5 +1,8 @@
-"""Where a sweep's cells run: `--launcher local` (this process, bench/runner.py's loop), or jobs
-through submitit: `submitit-local` (processes on this machine) and `slurm` (a SLURM job array).
+"""Where a sweep's cells run, a table of launchers (LAUNCHERS) that bench/execute.py's one loop
+hands the work to: `local` (this process, bench/points.py's run_cells), or jobs through submitit:
+`submitit-local` (processes on this machine) and `slurm` (a SLURM job array). On the submitting
+side a launcher reports through events (Event: start, point, row, progress, note, warning) to one
+callback, and prints nothing.
 
 A job runs a list of cells (by default one point's, so they are timed side by side) and appends
 each cell's row to its own file, OUT/rows.d/<job id>.jsonl: jobs on different nodes never share a
@@ -36,18 +39,10 @@ from bench.jobs import (
     JOBS_DIR,
     STALE_S,
     _process_start,
-    busy_cells,
     claims,
     job_state,
     submitted,
 )
-
-LAUNCHERS = {
-    "local": "every cell in this process, one after the other (the default)",
-    "submitit-local": "jobs as processes on this machine through submitit's local executor "
-    "(at most --array-parallelism at once)",
-    "slurm": "a SLURM job array through submitit (sbatch; --partition, --time-min, --gpus-per-job, ...)",
-}
 
 
 @dataclass
@@ -87,20 +82,16 @@ class LaunchSpec:
         spec.sbatch = check_sbatch(spec.sbatch)
         if spec.launcher not in LAUNCHERS:
             raise SpecError(f"unknown launcher {spec.launcher!r}; valid: {', '.join(LAUNCHERS)}")
-        if spec.launcher != "slurm":
-            given = [name for name in ("partition", "sbatch") if getattr(spec, name)]
-            if given:
-                raise SpecError(f"{given[0]} is an option of --launcher slurm, not {spec.launcher}")
-        if spec.launcher == "local":
-            given = [
-                name
-                for name in ("gpus_per_job", "cpus_per_job", "array_parallelism", "cells_per_job", "detach")
-                if getattr(spec, name) != getattr(cls(), name)
-            ]
-            if given:
-                raise SpecError(
-                    f"{given[0]} is an option of the job launchers (--launcher submitit-local or slurm), not of local"
-                )
+        takes = LAUNCHERS[spec.launcher].takes
+        given = [name for name in SLURM_OPTIONS if getattr(spec, name) and name not in takes]
+        if given:
+            raise SpecError(f"{given[0]} is an option of --launcher slurm, not {spec.launcher}")
+        given = [name for name in JOB_OPTIONS if getattr(spec, name) != getattr(cls(), name) and name not in takes]
+        if given:
+            raise SpecError(
+                f"{given[0]} is an option of the job launchers (--launcher submitit-local or slurm), "
+                f"not of {spec.launcher}"
+            )
         if spec.time_min < 1:
             raise SpecError(f"--time-min must be at least 1 minute, got {spec.time_min}")
         return spec
@@ -108,6 +99,9 @@ class LaunchSpec:
     def options(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
+
+JOB_OPTIONS = ("gpus_per_job", "cpus_per_job", "array_parallelism", "cells_per_job", "detach")
+SLURM_OPTIONS = ("partition", "sbatch")
 
 SBATCH_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
@@ -254,7 +248,8 @@ def run_job(spec_fields: dict[str, Any], out: str, keys: list[str], force: bool 
     """A job: run the cells `keys` of the sweep part `spec_fields` that have no row yet (all of
     them with force), appending their rows to OUT/rows.d/<job id>.jsonl. Returns counts by status."""
     die_with_controller()
-    from bench.runner import SweepSpec, plan, run_cells
+    from bench.plan import SweepSpec, plan
+    from bench.points import run_cells
 
     folder = Path(out)
     job = job_id()
@@ -450,91 +445,180 @@ def wait(jobs: list[Any], poll_s: float = 1.0, on_poll: Callable[[], None] | Non
     return failures
 
 
+# -- the launchers ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Event:
+    """What a sweep reports as it goes, to one callback (the CLI draws its bar and lines from them):
+    start (total, reused), point (cells: a point's waiting cells, as this process starts them),
+    row (row: a cell's new row), progress (completed, total), note (text), warning (text, reason:
+    held, job-failed, missing; missing also has count)."""
+
+    kind: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> Any:
+        return self.data[name]
+
+
 def _fingerprint(row: dict[str, Any]) -> str:
     return json.dumps(row, sort_keys=True, default=str)  # NaN, unequal to itself, prints the same
 
 
-def run_sweep_jobs(
-    sweep,
-    force: bool,
-    argv: list[str] | None,
-    on_start: Callable[[int, int], None],
-    progress,
-    bar: Callable[[], Any],
-    console,
-) -> list[dict[str, Any]] | None:
-    """Submit the sweep's cells that have no row and no live job (all but the live ones with
-    force) as jobs; unless detached, wait for them and return the sweep's rows."""
-    from bench.provenance import write_run_json
-    from bench.plan import plan
+class Tally:
+    """The sweep's progress: the cells handed to the launcher (`wanted`), the rows they had before,
+    and the new rows reported so far, each once and as a row event then a progress event."""
 
-    parts = plan(sweep.parts)  # every part checked before anything is submitted
-    out, launch = sweep.out, sweep.launch
-    first = parts[0][0]
-    threads = first.threads or (1 if first.device == "cpu" else 4)  # cores a job asks for by default
-    with store.locked(out):
-        executor = make_executor(launch, out, threads)  # no SLURM here: one line, nothing written
-        done = store.latest_by_key(store.read_rows(out))
-        cells = [c for _, part_cells in parts for c in part_cells]
-        write_run_json(out, [s for s, _ in parts], argv, cells, {"launcher": launch.options(), "config": sweep.source})
-        busy = busy_cells(out)
-        seen: set[str] = set()
-        work = []
-        for spec, part_cells in parts:
-            todo = [c for c in part_cells if (force or c.key not in done) and c.key not in busy and c.key not in seen]
-            seen.update(c.key for c in part_cells)
-            if todo:
-                work.append((spec, todo))
-        total, queued = len(seen), sum(len(todo) for _, todo in work)
-        live = sorted({busy[k] for k in seen if k in busy})
-        if live:
-            console.print(
-                f"{sum(k in busy for k in seen)} cells are queued or running in live jobs "
-                f"({', '.join(live)}); not submitted again"
+    def __init__(
+        self,
+        order: list[str],
+        wanted: set[str],
+        done: dict[str, dict[str, Any]],
+        total: int,
+        emit: Callable[[Event], None],
+    ) -> None:
+        self.order, self.wanted, self.total, self.emit = order, wanted, total, emit
+        self.before = {k: _fingerprint(done[k]) for k in wanted if k in done}
+        self.completed = total - len(wanted)
+        self.reported: set[str] = set()
+
+    def row(self, row: dict[str, Any]) -> None:
+        if row["key"] in self.wanted and row["key"] not in self.reported:
+            self.reported.add(row["key"])
+            self.completed += 1
+        self.emit(Event("row", {"row": row}))
+        self.emit(Event("progress", {"completed": self.completed, "total": self.total}))
+
+    def written(self, rows: dict[str, dict[str, Any]]) -> set[str]:
+        """The wanted cells whose latest row is not the one they had before the launcher started:
+        by content, not by clock (a node's clock may be ahead or behind)."""
+        return {k for k in self.wanted if k in rows and _fingerprint(rows[k]) != self.before.get(k)}
+
+    def poll(self, rows: dict[str, dict[str, Any]]) -> None:
+        """Report the rows that others (jobs) wrote since the last poll, in the sweep's order."""
+        new = self.written(rows) - self.reported
+        for key in (k for k in self.order if k in new):
+            self.row(rows[key])
+
+
+class Launcher:
+    """A table entry of LAUNCHERS. Made under the run folder's lock before anything is written to it
+    (a launcher that cannot run here refuses then, with a one-line SpecError); run(...) runs the
+    work, a list of (part, its cells to run), reporting through tally, and returns the rows by key,
+    or None when it returns before the cells are done (detached, stopped waiting)."""
+
+    name = ""
+    help = ""
+    takes: tuple[str, ...] = ()  # LaunchSpec's options of the job launchers it accepts
+    in_process = False  # runs the cells in this process (what --remeasure needs)
+
+    def __init__(self, launch: LaunchSpec, out: Path, parts: list[tuple[Any, list[Any]]]) -> None:
+        self.launch, self.out = launch, out
+
+    def held(self, count: int, jobs: list[str]) -> Event:
+        """The one event that says the cells live jobs hold are left to them."""
+        return Event(
+            "warning",
+            {
+                "reason": "held",
+                "text": f"{count} cell(s) are held by live job(s) {', '.join(jobs)} and are left to them; "
+                f"see python -m bench status {self.out}",
+            },
+        )
+
+    def run(self, work, done, kept, remeasure, force, tally: Tally) -> dict[str, dict[str, Any]] | None:
+        raise NotImplementedError
+
+
+class Local(Launcher):
+    name = "local"
+    help = "every cell in this process, one after the other (the default)"
+    in_process = True
+
+    def run(self, work, done, kept, remeasure, force, tally):
+        from bench.points import run_cells
+
+        rows_path = self.out / store.ROWS
+
+        def write(row: dict[str, Any]) -> None:
+            store.append_row(rows_path, row)
+            tally.row(row)
+
+        for spec, cells in work:
+            run_cells(
+                spec,
+                self.out,
+                cells,
+                done,
+                True,
+                write,
+                lambda waiting: tally.emit(Event("point", {"cells": waiting})),
+                kept=kept,
+                remeasure=remeasure,
             )
-        on_start(total, total - queued)
-        wanted = {c.key for _, todo in work for c in todo}
-        before = {k: _fingerprint(done[k]) for k in wanted if k in done}
+        return done
 
-        def written(rows: dict[str, dict[str, Any]]) -> set[str]:
-            """The wanted cells whose latest row is not the one they had before the jobs were
-            submitted: by content, not by clock (a node's clock may be ahead or behind)."""
-            return {k for k in wanted if k in rows and _fingerprint(rows[k]) != before.get(k)}
+
+class SubmititLocal(Launcher):
+    name = "submitit-local"
+    help = "jobs as processes on this machine through submitit's local executor (at most --array-parallelism at once)"
+    takes = JOB_OPTIONS
+
+    def __init__(self, launch: LaunchSpec, out: Path, parts: list[tuple[Any, list[Any]]]) -> None:
+        super().__init__(launch, out, parts)
+        first = parts[0][0]
+        self.threads = first.threads or (1 if first.device == "cpu" else 4)  # cores a job asks for by default
+        self.executor = make_executor(launch, out, self.threads)  # no SLURM here: one line, nothing written
+
+    def held(self, count: int, jobs: list[str]) -> Event:
+        text = f"{count} cells are queued or running in live jobs ({', '.join(jobs)}); not submitted again"
+        return Event("note", {"text": text})
+
+    def run(self, work, done, kept, remeasure, force, tally):
+        out, launch = self.out, self.launch
 
         def poll() -> None:
-            finished = len(written(store.latest_by_key(store.read_rows(out))))
-            progress.update(bar(), completed=total - queued + finished)
+            tally.poll(store.latest_by_key(store.read_rows(out)))
 
-        jobs = submit_jobs(executor, work, out, launch, threads, force, poll)
+        jobs = submit_jobs(self.executor, work, out, launch, self.threads, force, poll)
         if jobs:
-            console.print(
-                f"submitted {len(jobs)} job(s) through {launch.launcher}: "
-                f"{', '.join(str(j.job_id) for j in jobs[:8])}{' ...' if len(jobs) > 8 else ''}; "
-                f"logs under {out / JOBS_DIR}"
+            tally.emit(
+                Event(
+                    "note",
+                    {
+                        "text": f"submitted {len(jobs)} job(s) through {launch.launcher}: "
+                        f"{', '.join(str(j.job_id) for j in jobs[:8])}{' ...' if len(jobs) > 8 else ''}; "
+                        f"logs under {out / JOBS_DIR}"
+                    },
+                )
             )
         if launch.detach:
-            console.print(
+            text = (
                 f"detached: watch with `python -m bench status {out}`; run the same command "
                 "again to submit the cells that end without a row"
             )
+            tally.emit(Event("note", {"text": text}))
             return None
         try:
             failures = wait(jobs, on_poll=poll)
         except KeyboardInterrupt:  # the jobs are not this process's children to stop
-            console.print(
+            text = (
                 f"stopped waiting; the jobs keep running: watch with `python -m bench status {out}`, "
                 "cancel them with your scheduler (scancel) or by their process ids in jobs.jsonl"
             )
+            tally.emit(Event("note", {"text": text}))
             return None
         poll()
-    for line in failures:
-        console.print(f"[red]{line}[/]")
-    rows = store.latest_by_key(store.read_rows(out))
-    missing = wanted - written(rows)
-    if missing:
-        console.print(
-            f"[yellow]{len(missing)} cell(s) got no row[/] (their job ended before them: killed, "
-            f"timed out or failed); `python -m bench status {out}` shows them, and the same "
-            "command reruns them"
-        )
-    return list({c.key: rows[c.key] for c in cells if c.key in rows}.values())
+        for line in failures:
+            tally.emit(Event("warning", {"reason": "job-failed", "text": line}))
+        return store.latest_by_key(store.read_rows(out))
+
+
+class Slurm(SubmititLocal):
+    name = "slurm"
+    help = "a SLURM job array through submitit (sbatch; --partition, --time-min, --gpus-per-job, ...)"
+    takes = JOB_OPTIONS + SLURM_OPTIONS
+
+
+LAUNCHERS: dict[str, type[Launcher]] = {launcher.name: launcher for launcher in (Local, SubmititLocal, Slurm)}

@@ -25,6 +25,7 @@ from bench.capabilities import FEW_STEP_CHAIN
 from bench.chain import Chain, alpha_bar_at_time
 from bench.options import Option, at_least
 from bench.problem import Problem
+from bench.rewards import REWARDS
 from tasks.base import Task, sampler_option
 
 # Stable Diffusion 1.x's noise levels, with trailing spacing: every N starts at t = 999, so runs at
@@ -39,6 +40,40 @@ SCHEDULER_CONFIG = dict(
     set_alpha_to_one=False,
     prediction_type="epsilon",
     timestep_spacing="trailing",
+)
+
+VECTOR = REWARDS.domain("vector", "points", "(B, d) points of R^d")
+RADIUS, TEMPERATURE = 0.5, 0.1  # the target ball between the first two modes, and its softness
+
+
+def _target_distance2(task: Toy, x: Tensor) -> Tensor:
+    """|x - c|^2 in the ring's plane: extra dimensions change the cost, not the goal."""
+    plane = min(task.d, 2)
+    center = task.center[:plane].to(x)
+    return ((x[:, :plane] - center) ** 2).sum(-1)
+
+
+def _region(task: Toy):
+    return lambda x: nn.functional.logsigmoid((RADIUS**2 - _target_distance2(task, x)) / TEMPERATURE)
+
+
+def _distance(task: Toy):
+    return lambda x: -_target_distance2(task, x)
+
+
+def _inside(task: Toy):
+    return lambda x: (_target_distance2(task, x) < RADIUS**2).to(x.dtype)
+
+
+REWARDS.register(
+    "region",
+    domain=VECTOR,
+    description="log soft-probability of the ball between the toy's first two modes (log sigmoid)",
+    factory=_region,
+)
+REWARDS.register("distance", domain=VECTOR, description="-|x - c|^2 to the toy's target point", factory=_distance)
+REWARDS.register(
+    "inside", domain=VECTOR, description="1 in the toy's target ball, else 0 (not differentiable)", factory=_inside
 )
 
 
@@ -111,14 +146,12 @@ class Toy(Task):
             "the scheduler's set_alpha_to_one (true: the last step lands on abar = 1 and injects no noise)",
         ),
         sampler_option(),
-        Option(
-            "reward",
-            str,
+        REWARDS.option(
+            VECTOR,
             "region",
-            "region: log soft-probability of a ball between two modes; "
-            "distance: -|x-c|^2; inside: 1 in the ball, else 0 (not differentiable; all in the "
-            "ring's plane)",
-            choices=("region", "distance", "inside"),
+            "a reward of the points (python -m bench list): region, log soft-probability of a ball "
+            "between two modes; distance, -|x-c|^2; inside, 1 in the ball, else 0 (not "
+            "differentiable; all in the ring's plane); or module:function / file.py:function",
         ),
     )
 
@@ -150,18 +183,19 @@ class Toy(Task):
         # The target lies between the first two modes (off the data), where no sample starts.
         self.center = (means[0] + means[1]) / 2 if self.modes > 1 else means[0] + 1.0
         self.train_alpha_bar = self.scheduler.alphas_cumprod.double()
+        self._reward = REWARDS.build(self.reward, self, VECTOR)
+
+    def preflight(self) -> None:
+        super().preflight()
+        REWARDS.preflight(self.reward, self, VECTOR)
+
+    def code_objects(self) -> tuple:
+        """The sampler and the reward, resolved by name: their code is in the cells' keys."""
+        return super().code_objects() + REWARDS.code_objects(self.reward, VECTOR)
 
     def reward_of(self, x: Tensor) -> Tensor:
-        """Per-sample reward of final samples x_0 (B, d)."""
-        plane = min(self.d, 2)  # the ring's plane: extra dimensions change the cost, not the goal
-        center = self.center[:plane].to(x)
-        dist2 = ((x[:, :plane] - center) ** 2).sum(-1)
-        if self.reward == "distance":
-            return -dist2
-        radius, temperature = 0.5, 0.1
-        if self.reward == "inside":
-            return (dist2 < radius**2).to(x.dtype)
-        return nn.functional.logsigmoid((radius**2 - dist2) / temperature)
+        """Per-sample reward of final samples x_0 (B, d): the `reward` option's, from the registry."""
+        return self._reward(x)
 
     def make_problem(self, target: str, steps: int, seed: int, dtype: torch.dtype | None = None) -> Problem:
         self.check_target(target)

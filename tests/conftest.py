@@ -8,6 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # an accidental hub call fails at 
 
 from bench import registry  # noqa: E402
 from bench.registry import ESTIMATORS, TASKS  # noqa: E402
+from bench.rewards import REWARDS  # noqa: E402
 from bench.samplers import SAMPLERS  # noqa: E402
 
 
@@ -15,9 +16,12 @@ from bench.samplers import SAMPLERS  # noqa: E402
 def registries_scoped_to_the_test_file():
     """What a test file registers (an --include, a decorated class) is gone after it: no plug-in
     of one file leaks into another's listings or skip reasons."""
+    for name in list(TASKS.names()):  # the built-in tasks register their rewards on import: not a file's
+        TASKS.get(name)
     saved = [(r, dict(r._entries), dict(r._aliases)) for r in (ESTIMATORS, TASKS, SAMPLERS) if r.names()]
     included = dict(registry._INCLUDED)
-    yield
+    with REWARDS.scoped():
+        yield
     for r, entries, aliases in saved:
         loaded = {name: r._entries[name] for name in entries if not isinstance(r._entries.get(name), str)}
         r._entries.clear()

@@ -27,8 +27,9 @@ from bench.chain import Chain
 from bench.errors import SpecError
 from bench.options import Option, at_least
 from bench.problem import TARGETS, Problem
+from bench.rewards import REWARDS
 from tasks.base import Task, sampler_option
-from tasks.digits import data, gates, metrics, paths, shortcut
+from tasks.digits import data, gates, metrics, paths, rewards, shortcut
 from tasks.digits.gates import GATES
 from tasks.digits.classifier import DigitClassifier
 from tasks.digits.model import FLOW_SCHEDULER_CONFIG, NULL_CLASS, SCHEDULER_CONFIG, TOKENS, WIDTH, GuidedDenoiser
@@ -54,14 +55,12 @@ class Digits(Task):
     version = "1"
     dtype = torch.float32
     options = (
-        Option(
-            "reward",
-            str,
+        REWARDS.option(
+            rewards.DIGITS,
             "classify",
-            "classify: log p(digit | x); ink: mean brightness; "
-            "symmetry: -(left-right mirror error); decision: 1 if the classifier's top class is "
-            "`digit`, else 0 (not differentiable)",
-            choices=("classify", "ink", "symmetry", "decision"),
+            "a reward of the images (python -m bench list): classify, log p(digit | x); ink, mean "
+            "brightness; symmetry, -(left-right mirror error); decision, 1 if the classifier's top "
+            "class is `digit`, else 0 (not differentiable); or module:function / file.py:function",
         ),
         Option("digit", int, 7, "the class the classify reward asks for", check=_digit),
         Option("cls", int, 1, "the class the sampler is conditioned on", check=_digit),
@@ -117,6 +116,7 @@ class Digits(Task):
 
     def preflight(self) -> None:
         super().preflight()
+        REWARDS.preflight(self.reward, self, rewards.DIGITS)
         if self.models and not paths.complete(self._folder(), self.model):
             raise SpecError(
                 f"digits[models={self.models}]: not a folder of digits models (needs "
@@ -160,6 +160,7 @@ class Digits(Task):
         self._classifiers: dict[torch.dtype, DigitClassifier] = {}
         self._flops: dict[str, float] | None = None
         self._static_results: dict[tuple, dict[str, float]] = {}  # the gates' static baselines, per N
+        self._reward = REWARDS.build(self.reward, self, rewards.DIGITS)
 
     @staticmethod
     def _train_and_cache(model: str):
@@ -174,14 +175,12 @@ class Digits(Task):
         return self._classifiers[dtype]
 
     def reward_of(self, x: Tensor) -> Tensor:
-        """Per-sample reward of x_0 in [-1, 1], shape (B, 1, 8, 8)."""
-        if self.reward == "classify":
-            return torch.log_softmax(self.classifier_in(x.dtype)(x), dim=-1)[:, self.digit]
-        if self.reward == "decision":  # a thresholded decision: zero gradient almost everywhere
-            return (self.classifier_in(x.dtype)(x).argmax(dim=-1) == self.digit).to(x.dtype)
-        if self.reward == "ink":
-            return ((x + 1) / 2).mean(dim=(1, 2, 3))
-        return -((x - x.flip(-1)) ** 2).mean(dim=(1, 2, 3))
+        """Per-sample reward of x_0 in [-1, 1], shape (B, 1, 8, 8): the `reward` option's, from the registry."""
+        return self._reward(x)
+
+    def code_objects(self) -> tuple:
+        """The sampler and the reward, resolved by name: their code is in the cells' keys."""
+        return super().code_objects() + REWARDS.code_objects(self.reward, rewards.DIGITS)
 
     def denoiser(self, target: str, dtype: torch.dtype, seed: int) -> GuidedDenoiser:
         unet = copy.deepcopy(self.unet).to(device=self.device, dtype=dtype)
@@ -293,7 +292,7 @@ class Digits(Task):
         decision, else none (every class)."""
         if target == GATES:
             return self.cls
-        return self.digit if self.reward in ("classify", "decision") else None
+        return self.digit if rewards.NAMES_A_CLASS in REWARDS.traits(self.reward, rewards.DIGITS) else None
 
     def _reference_images(self, target: str | None = None) -> Tensor:
         """What FID and KID compare samples with: the held-out digits of `_reference_class`, or
@@ -327,7 +326,7 @@ class Digits(Task):
         (latent, noise). FID and KID compare with `_reference_images`."""
         if problem.target == GATES:
             return self._evaluate_gates(problem, x0)
-        rewards = self.reward_of(x0)
+        values = self.reward_of(x0)
         samples = x0
         if problem.target in ("cond", "weights"):
             fresh, noises = self._fresh(problem, x0)
@@ -335,7 +334,7 @@ class Digits(Task):
         classifier = self.classifier_in(torch.float32)
         reals = self._reference_images().to(self.device)
         result = {
-            "reward": float(rewards.mean()),
+            "reward": float(values.mean()),
             "fid": metrics.digits_fid(classifier, samples, reals),
             "kid": metrics.digits_kid(classifier, samples, reals),
             "fid_samples": float(len(samples)),

@@ -17,29 +17,27 @@
 - `module:function` (or `path/to/file.py:function`): your own, called as function(images) -> (B,)
   tensor; PickScore, HPSv2 or ImageReward plug in this way. An installed package can also name one
   in the entry-point group `diffgrad_bench.rewards` (name = "module:function"), used as reward=name.
+
+They are registered here, in bench/rewards.py's registry, for the domain "image" (IMAGE): any task
+whose samples are decoded images serves them, and sd serves every reward of that domain.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
-import hashlib
-import importlib
-import importlib.metadata
-import importlib.util
-import inspect
 import io
-import sys
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor
 
 from bench.errors import SpecError
+from bench.rewards import REWARDS, first_line
+from tasks.cache import cache_root
+from tasks.sd import tiny
 
-BUILT_IN = ("clip", "aesthetic", "lpips", "jpeg", "jpeg-incompressibility")
-REWARD_GROUP = "diffgrad_bench.rewards"
+IMAGE = REWARDS.domain("image", "images", "(B, 3, H, W) images in [0, 1]")
+# what `python -m bench list` showed of sd's rewards (kept until it reads the registry)
 DESCRIPTIONS = {
     "clip": "100 x cosine of CLIP image and reward_text embeddings (Radford et al. 2021), clip_model=PATH",
     "aesthetic": "LAION aesthetic MLP on the CLIP image embedding (DDPO, DRaFT), aesthetic_head=PATH",
@@ -48,6 +46,7 @@ DESCRIPTIONS = {
     "jpeg-incompressibility": "the JPEG size in kB (DDPO); not differentiable",
     "module:function": "your own: function(images in [0, 1], (B, 3, H, W)) -> (B,) rewards",
 }
+__all__ = ["first_line"]  # used by the task's messages
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's image normalisation
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -174,11 +173,6 @@ class ClipSimilarity(NetworkReward):
         return 100 * (image * self.text.to(image)).sum(-1)
 
 
-def plugin_rewards() -> dict[str, str]:
-    """Rewards installed packages declare in the entry-point group diffgrad_bench.rewards."""
-    return {entry.name: entry.value for entry in importlib.metadata.entry_points(group=REWARD_GROUP)}
-
-
 class LpipsDistance(NetworkReward):
     """-LPIPS(image, reference): AlexNet features (from a local torchvision state dict) with the
     lpips package's own linear heads (shipped inside the package)."""
@@ -226,84 +220,111 @@ def write_random_alexnet(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def user_reward(spec: str) -> Callable[[Tensor], Tensor]:
-    """'package.module:function', 'path/to/file.py:function', or an entry point's name: loaded,
-    its signature checked (it must take the images as its one argument), and wrapped so that a
-    sys.exit() inside it fails the cell instead of ending the sweep."""
-    spec = plugin_rewards().get(spec, spec)
-    target, _, attr = spec.rpartition(":")
-    try:
-        if target.endswith(".py"):
-            file = Path(target).expanduser()
-            if not file.is_file():
-                raise SpecError(f"reward={spec}: no such file {file}")
-            name = f"_bench_reward_{file.stem}_{hashlib.sha256(str(file.resolve()).encode()).hexdigest()[:8]}"
-            module_spec = importlib.util.spec_from_file_location(name, file)
-            module = importlib.util.module_from_spec(module_spec)
-            sys.modules[name] = module  # found by name, so that its code is in the cells' keys
-            try:
-                module_spec.loader.exec_module(module)
-            except BaseException:
-                del sys.modules[name]
-                raise
-        else:
-            module = importlib.import_module(target)
-        function = getattr(module, attr)
-    except SpecError:
-        raise
-    except SystemExit as exc:
-        raise SpecError(
-            f"reward={spec}: loading it called sys.exit({exc.code!r}); a reward module must only define its function"
-        ) from None
-    except Exception as exc:
-        raise SpecError(
-            f"reward={spec}: cannot load it ({first_line(exc)}); expected module:function or file.py:function"
-        ) from None
-    if not callable(function):
-        raise SpecError(f"reward={spec}: {attr} is not callable")
-    _check_signature(function, spec)
-    return _exit_is_an_error(function, spec)
-
-
-def first_line(exc: BaseException) -> str:
-    """'Type: the first line of its message', for one-line errors."""
-    try:
-        text = str(exc).strip()
-    except Exception:  # a plug-in's exception whose str() fails still gets a line
-        text = ""
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
-
-
-def _check_signature(function: Callable, spec: str) -> None:
-    """SpecError unless function(images) is a valid call (one positional argument)."""
-    try:
-        signature = inspect.signature(function)
-    except (TypeError, ValueError):  # some builtins have no signature: nothing to check
-        return
-    try:
-        signature.bind(object())
-    except TypeError as exc:
-        raise SpecError(
-            f"reward={spec}: its signature {signature} cannot be called as function(images) ({exc}); "
-            "expected function(images in [0, 1], (B, 3, H, W)) -> (B,) rewards"
-        ) from None
-
-
-def _exit_is_an_error(function: Callable, spec: str) -> Callable[[Tensor], Tensor]:
-    @functools.wraps(function)
-    def reward(images: Tensor) -> Tensor:
+def local_folder(value: str, what: str) -> Path:
+    """A local folder for option `what`: a path, or a model id in the local Hugging Face cache."""
+    path = Path(value).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise SpecError(f"sd[{what}={value}]: not a folder")
+        return path
+    if "/" in value and not value.startswith((".", "/", "~")):
         try:
-            return function(images)
-        except SystemExit as exc:
-            raise RuntimeError(
-                f"reward={spec} called sys.exit({exc.code!r}) while scoring images; a reward "
-                "returns a (B,) tensor of rewards and never exits"
-            ) from None
+            from huggingface_hub import snapshot_download
 
-    return reward
+            return Path(snapshot_download(value, local_files_only=True))
+        except Exception:
+            pass
+    raise SpecError(
+        f"sd[{what}={value}]: no such folder, and not a model id in the local Hugging Face "
+        "cache (nothing is downloaded); give a pipeline folder or tiny"
+    )
 
 
-def check_name(value: str) -> str | None:
-    if value in BUILT_IN or (":" in value and value.rpartition(":")[2]) or value in plugin_rewards():
+def clip_folder(task) -> Path | None:
+    """The task's clip_model folder, checked; None for tiny (a random CLIP built on first use)."""
+    if task.clip_model == "tiny":
         return None
-    return f"must be one of {', '.join(BUILT_IN)}, or module:function / file.py:function"
+    folder = local_folder(task.clip_model, "clip_model")
+    if not (folder / "config.json").exists():
+        raise SpecError(f"sd[clip_model={task.clip_model}]: no CLIPModel there (config.json missing)")
+    return folder
+
+
+def head_file(task) -> Path | None:
+    """The task's aesthetic_head file, checked; None for tiny (a random head)."""
+    if task.aesthetic_head == "tiny":
+        return None
+    head = Path(task.aesthetic_head).expanduser()
+    if not task.aesthetic_head or not head.is_file():
+        raise SpecError(
+            f"sd[reward=aesthetic]: the aesthetic head file {task.aesthetic_head!r} is missing; "
+            "point aesthetic_head= at LAION's MLP state dict (e.g. sac+logos+ava1-l14-linearMSE.pth)"
+        )
+    if task.clip_model == "tiny":
+        raise SpecError("sd[reward=aesthetic]: a real aesthetic head needs its CLIP (ViT-L/14): set clip_model=PATH")
+    return head
+
+
+def _check_aesthetic(task) -> None:
+    clip_folder(task)
+    head_file(task)
+
+
+def _check_lpips(task) -> None:
+    for option in ("lpips_backbone", "reference_image"):
+        value = task.values[option]
+        if not value or not Path(value).expanduser().is_file():
+            raise SpecError(
+                f"sd[reward=lpips]: {option}={value!r} is not a file; give the path "
+                + (
+                    "of a torchvision AlexNet state dict (alexnet-owt-7be5be79.pth)"
+                    if option == "lpips_backbone"
+                    else "of the target image"
+                )
+            )
+
+
+def _clip(task) -> tuple[ClipImageEmbedding, Path]:
+    folder = clip_folder(task) or cache_root() / "clip-tiny"
+    if task.clip_model == "tiny" and not (folder / "config.json").exists():
+        tiny.build_clip(folder)
+    return ClipImageEmbedding(folder, task.device, task.network_dtype), folder
+
+
+def _clip_similarity(task) -> ClipSimilarity:
+    clip, folder = _clip(task)
+    return ClipSimilarity(clip, folder, task.reward_text)
+
+
+def _aesthetic(task) -> AestheticScore:
+    clip, _ = _clip(task)
+    head = head_file(task)
+    if head is None:  # the tiny demo: a random head of LAION's layout on tiny CLIP's width
+        head = cache_root() / "aesthetic-tiny.pth"
+        if not head.exists():
+            write_tiny_aesthetic_head(head, clip.model.config.projection_dim)
+    return AestheticScore(clip, head)
+
+
+def _lpips(task) -> LpipsDistance:
+    return LpipsDistance(
+        Path(task.lpips_backbone).expanduser(), Path(task.reference_image).expanduser(), task.device, task.network_dtype
+    )
+
+
+def _jpeg(task):
+    return lambda images: -jpeg_kilobytes(images)
+
+
+def _jpeg_incompressibility(task):
+    return jpeg_kilobytes
+
+
+for _name, _factory, _check in (
+    ("clip", _clip_similarity, clip_folder),
+    ("aesthetic", _aesthetic, _check_aesthetic),
+    ("lpips", _lpips, _check_lpips),
+    ("jpeg", _jpeg, None),
+    ("jpeg-incompressibility", _jpeg_incompressibility, None),
+):
+    REWARDS.register(_name, domain=IMAGE, description=DESCRIPTIONS[_name], factory=_factory, check=_check)

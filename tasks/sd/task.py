@@ -39,6 +39,7 @@ from bench.chain import Chain
 from bench.errors import SpecError
 from bench.options import Option, at_least
 from bench.problem import Problem
+from bench.rewards import REWARDS
 from tasks.base import Task, sampler_option
 from tasks.cache import cache_root
 from tasks.sd import rewards, tiny
@@ -61,22 +62,7 @@ def resolve_model(model: str, what: str = "model") -> Path:
         if not (folder / "model_index.json").exists():
             tiny.build(folder)
         return folder
-    path = Path(model).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise SpecError(f"sd[{what}={model}]: not a folder")
-        return path
-    if "/" in model and not model.startswith((".", "/", "~")):
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(model, local_files_only=True))
-        except Exception:
-            pass
-    raise SpecError(
-        f"sd[{what}={model}]: no such folder, and not a model id in the local Hugging Face "
-        "cache (nothing is downloaded); give a pipeline folder or tiny"
-    )
+    return rewards.local_folder(model, what)
 
 
 def _fingerprint(folder: Path) -> str:
@@ -297,13 +283,11 @@ class StableDiffusion(Task):
             choices=("lora", "full"),
         ),
         Option("lora_rank", int, 4, "LoRA rank", check=at_least(1)),
-        Option(
-            "reward",
-            str,
+        REWARDS.option(
+            rewards.IMAGE,
             "clip",
-            "clip, aesthetic, jpeg, jpeg-incompressibility, an entry point's name, "
-            "or module:function / file.py:function",
-            check=rewards.check_name,
+            "clip, aesthetic, lpips, jpeg, jpeg-incompressibility, any other reward of images "
+            "(python -m bench list: an entry point's name), or module:function / file.py:function",
         ),
         Option("reward_text", str, "a beautiful photograph", "the text the clip reward compares with"),
         Option(
@@ -372,36 +356,7 @@ class StableDiffusion(Task):
             self.make_schedule(1)  # clip_sample true, say) is refused here, before anything runs
         except SpecError as exc:
             raise SpecError(f"{owner}: {self.folder / 'scheduler' / 'scheduler_config.json'}: {exc}") from None
-        if self.reward in ("clip", "aesthetic"):
-            self.clip_folder = resolve_model(self.clip_model, "clip_model") if self.clip_model != "tiny" else None
-            if self.clip_folder is not None and not (self.clip_folder / "config.json").exists():
-                raise SpecError(f"sd[clip_model={self.clip_model}]: no CLIPModel there (config.json missing)")
-        self.head_file = None
-        if self.reward == "aesthetic" and self.aesthetic_head != "tiny":
-            self.head_file = Path(self.aesthetic_head).expanduser()
-            if not self.aesthetic_head or not self.head_file.is_file():
-                raise SpecError(
-                    f"sd[reward=aesthetic]: the aesthetic head file {self.aesthetic_head!r} is missing; "
-                    "point aesthetic_head= at LAION's MLP state dict (e.g. sac+logos+ava1-l14-linearMSE.pth)"
-                )
-            if self.clip_model == "tiny":
-                raise SpecError(
-                    "sd[reward=aesthetic]: a real aesthetic head needs its CLIP (ViT-L/14): set clip_model=PATH"
-                )
-        if self.reward == "lpips":
-            for option in ("lpips_backbone", "reference_image"):
-                value = self.values[option]
-                if not value or not Path(value).expanduser().is_file():
-                    raise SpecError(
-                        f"sd[reward=lpips]: {option}={value!r} is not a file; give the path "
-                        + (
-                            "of a torchvision AlexNet state dict (alexnet-owt-7be5be79.pth)"
-                            if option == "lpips_backbone"
-                            else "of the target image"
-                        )
-                    )
-        if self.reward not in rewards.BUILT_IN:
-            rewards.user_reward(self.reward)
+        REWARDS.preflight(self.reward, self, rewards.IMAGE)  # its files, or a user function that loads
 
     @property
     def model_prediction(self) -> str:
@@ -503,10 +458,7 @@ class StableDiffusion(Task):
     def code_objects(self) -> tuple:
         """The sampler, and a reward given by name (module:function, file.py:function, an entry
         point): its code is in the cells' keys like the task's own."""
-        objects = super().code_objects()
-        if self.reward not in rewards.BUILT_IN:
-            objects += (rewards.user_reward(self.reward),)
-        return objects
+        return super().code_objects() + REWARDS.code_objects(self.reward, rewards.IMAGE)
 
     def data_fingerprint(self) -> str:
         self._check_once()
@@ -538,7 +490,7 @@ class StableDiffusion(Task):
         text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **load).to(device)
         self.prompt_embeds = self.encode(tokenizer, text_encoder, self.prompt_list)
         self.uncond_embeds = self.encode(tokenizer, text_encoder, [self.negative_text])  # "" without one
-        self._reward = self._make_reward(device)
+        self._reward = REWARDS.build(self.reward, self, rewards.IMAGE)
         self._copies: dict[torch.dtype, tuple[nn.Module, object]] = {}
 
     @torch.no_grad()
@@ -548,33 +500,6 @@ class StableDiffusion(Task):
             prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
         ).input_ids.to(self.device)
         return text_encoder(ids)[0].float()
-
-    def _make_reward(self, device: torch.device):
-        if self.reward in ("clip", "aesthetic"):
-            folder = self.clip_folder or cache_root() / "clip-tiny"
-            if self.clip_folder is None and not (folder / "config.json").exists():
-                tiny.build_clip(folder)
-            clip = rewards.ClipImageEmbedding(folder, device, self.network_dtype)
-            if self.reward == "clip":
-                return rewards.ClipSimilarity(clip, folder, self.reward_text)
-            head = self.head_file
-            if head is None:  # the tiny demo: a random head of LAION's layout on tiny CLIP's width
-                head = cache_root() / "aesthetic-tiny.pth"
-                if not head.exists():
-                    rewards.write_tiny_aesthetic_head(head, clip.model.config.projection_dim)
-            return rewards.AestheticScore(clip, head)
-        if self.reward == "lpips":
-            return rewards.LpipsDistance(
-                Path(self.lpips_backbone).expanduser(),
-                Path(self.reference_image).expanduser(),
-                device,
-                self.network_dtype,
-            )
-        if self.reward == "jpeg":
-            return lambda images: -rewards.jpeg_kilobytes(images)
-        if self.reward == "jpeg-incompressibility":
-            return rewards.jpeg_kilobytes
-        return rewards.user_reward(self.reward)
 
     def _networks(self, dtype: torch.dtype):
         """The VAE and reward in `dtype` for float64 references (cached), else the loaded ones."""
