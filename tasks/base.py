@@ -55,7 +55,14 @@ class Task(Configurable):
     def preflight(self) -> None:
         """Cheap checks of the options before anything runs (a missing folder, say): SpecError.
         Subclasses that override it call super().preflight()."""
-        self.chosen_sampler()
+        sampler = self.chosen_sampler()
+        try:
+            config = self.scheduler_config()
+        except NotImplementedError:  # a task that builds its schedules otherwise
+            return
+        problem = sampler.config_problem(config)
+        if problem:
+            raise SpecError(f"{self.spec}: {problem}")
 
     # --- the sampler (tasks that declare sampler_option()) --------------------------------------
     @property

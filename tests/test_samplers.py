@@ -185,20 +185,24 @@ def test_ddim_weights_are_the_step_rule_where_steps_land_beside_the_grid(config,
 )
 def test_ddim_refuses_steps_it_cannot_take(change, key):
     """DDIMScheduler's clipping and thresholding of the x_0 prediction are not affine: the chain
-    cannot reproduce them, so building the schedule refuses them in one line that says what to do."""
+    cannot reproduce them. The sampler says so in one line that says what to do (a task's preflight
+    refuses the model with it, below); a schedule built from such a configuration in code takes the
+    unclipped step and warns."""
     config = {k: v for k, v in {**VP_CONFIGS["sd-trailing"], **change}.items() if v is not None}
+    message = make_sampler("ddim").config_problem(config)
+    assert f"{key}=True" in message and "\n" not in message
+    assert f"set {key} false in the model's scheduler_config.json" in message
     for build in (
         lambda: make_sampler("ddim").schedule(config, 4),
         lambda: make_sampler("ddim").schedule(config, 4, eta=1.0),
     ):
-        with pytest.raises(SpecError, match=f"{key}=True") as caught:
+        with pytest.warns(UserWarning, match=f"{key}=True.*takes the step without it"):
             build()
-        message = str(caught.value)
-        assert "\n" not in message and f"set {key} false in the model's scheduler_config.json" in message
     from bench.chain import Schedule
 
-    with pytest.raises(SpecError, match=f"{key}=True"):
+    with pytest.warns(UserWarning, match=f"{key}=True"):
         Schedule.from_scheduler(make_sampler("ddim").scheduler(config), 4)
+    assert make_sampler("ddim").config_problem({**config, key: False}) is None or key == "thresholding"
     # DPM-Solver++ has no clip_sample; its own refusal of thresholding is older
     if key == "clip_sample":
         make_sampler("dpmpp2m").schedule(config, 4)

@@ -661,6 +661,9 @@ class SamplerSuite:
                 for k in change
             ):
                 continue  # the sampler's own settings override it
+            if self.sampler().config_problem(config):  # a task's preflight refuses the model with it
+                refused.append(label)
+                continue
             try:
                 self.sampler().schedule(config, UNSUPPORTED_STEPS[0])
             except SpecError:

@@ -36,6 +36,12 @@ class Sampler(Configurable):
         """What this sampler's options set in the diffusers scheduler's configuration."""
         return {}
 
+    def config_problem(self, config: dict[str, Any]) -> str | None:
+        """Why this sampler cannot reproduce a model's scheduler configuration (an option of its
+        diffusers scheduler that its step does not take), in one line that says what to do; or
+        None. A task's preflight refuses the model with it."""
+        return None
+
     def scheduler(self, config: dict[str, Any]):
         """The diffusers scheduler this sampler reproduces, for a task's noise table `config`."""
         import inspect

@@ -14,13 +14,17 @@ y_{i-1} = y_i + beta_i eps_i + (s_i/alpha_{i-1}) xi_i with beta_i = b_i / alpha_
 (= rho_{i-1} - rho_i when eta = 0): one Euler step of the probability-flow ODE
 dy/drho = eps(alpha(rho) y, t(rho), c).
 
-The step is affine, so configurations whose DDIMScheduler.step is not are refused when the
-schedule is read (`refuse_nonaffine`): clip_sample (x_0 clipped to +-clip_sample_range; true is
-DDIMScheduler's default where a configuration lacks the key) and thresholding (dynamic
-thresholding of x_0).
+The step is affine, so configurations whose DDIMScheduler.step is not (`nonaffine_problem`):
+clip_sample (x_0 clipped to +-clip_sample_range; true is DDIMScheduler's default where a
+configuration lacks the key) and thresholding (dynamic thresholding of x_0), are refused by a
+task's preflight (`Sampler.config_problem`), before anything runs; a schedule read from such a
+configuration in code (`Schedule.from_scheduler(DDIMScheduler(), N)`) takes the unclipped step
+and says so with a warning.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import math
 from dataclasses import dataclass
@@ -48,7 +52,9 @@ class DDIMSchedule(VPSchedule):
         prediction = scheduler.config.get("prediction_type", "epsilon")
         if prediction != "epsilon":
             raise SpecError(f"prediction_type={prediction!r} is not supported by ddim; valid: epsilon")
-        refuse_nonaffine(scheduler.config)
+        problem = nonaffine_problem(scheduler.config)
+        if problem:
+            warnings.warn(f"{problem}; this schedule takes the step without it", stacklevel=2)
         train = scheduler.config.num_train_timesteps
         check_steps_argument(num_steps, train)
         scheduler.set_timesteps(num_steps)
@@ -126,18 +132,19 @@ NONAFFINE = {
 }
 
 
-def refuse_nonaffine(config) -> None:
-    """A one-line SpecError if the scheduler configuration turns on an option of NONAFFINE (an
-    absent key counts as DDIMScheduler's default: clip_sample is true there)."""
+def nonaffine_problem(config) -> str | None:
+    """Why the scheduler configuration turns on an option of NONAFFINE (an absent key counts as
+    DDIMScheduler's default: clip_sample is true there), in one line that says what to do; or None."""
     defaults = {"clip_sample": True, "thresholding": False}
     for key, what in NONAFFINE.items():
         value = config.get(key, defaults[key])
         if value:
-            raise SpecError(
+            return (
                 f"ddim: {key}={value!r} in the scheduler configuration ({what}, which an affine "
                 f"step cannot reproduce); set {key} false in the model's scheduler_config.json"
                 + (" (a configuration without the key gets DDIMScheduler's default, true)" if defaults[key] else "")
             )
+    return None
 
 
 class DDIM(Sampler):
@@ -146,6 +153,9 @@ class DDIM(Sampler):
     prediction = "epsilon"
     stochastic = True
     scheduler_class = "DDIMScheduler"
+
+    def config_problem(self, config: dict) -> str | None:
+        return nonaffine_problem(config)
 
     def schedule_from(self, scheduler, steps: int, eta: float) -> DDIMSchedule:
         return DDIMSchedule.read(scheduler, steps, eta)
