@@ -33,12 +33,14 @@ from typing import Any, Callable
 
 from bench import store
 from bench.errors import SpecError
-from bench.jobs import (
+from bench.jobs import (  # the job records' readers, importable from here as before bench/jobs.py
     HEARTBEAT_S,
     JOBS,
     JOBS_DIR,
+    SLURM_LIVE,
     STALE_S,
     _process_start,
+    busy_cells,
     claims,
     job_state,
     submitted,
