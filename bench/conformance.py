@@ -16,12 +16,13 @@ import gc
 import math
 import random
 import warnings
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
-from bench.errors import SkipCell, SpecError, exception_text
+from bench.check import Check, Failed, require, run_check
+from bench.check import print_checks as print_suite
+from bench.errors import SkipCell, SpecError
 from bench.options import Option, parse_spec
 from bench.problem import Problem
 from bench.registry import ESTIMATORS, TASKS
@@ -32,23 +33,6 @@ EXACT_TOLERANCE = 1e-8
 COUNT_CALLS = 6  # counts are averaged over this many calls (a multiple of reuse cycles of 1, 2, 3 and 6)
 ORDER_STEPS = (10, 20, 50, 100)  # N for the convergence-order fit (dividing T = 1000: DDIM is Euler there)
 ORDER_SLACK = 0.25  # a declared order p passes with a fitted slope >= p - ORDER_SLACK
-
-
-@dataclass
-class Check:
-    estimator: str
-    name: str
-    status: str  # pass, fail, n/a
-    detail: str = ""
-
-
-class Failed(Exception):
-    pass
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise Failed(message)
 
 
 class Suite:
@@ -70,32 +54,23 @@ class Suite:
         return ESTIMATORS.create(self.spec)
 
     def run(self, name: str, fn: Callable[[], str | None]) -> None:
-        try:
-            detail = fn()
-            status = "pass"
-            if isinstance(detail, tuple):
-                status, detail = detail
-            self.checks.append(Check(self.spec, name, status, detail or ""))
-        except Failed as exc:
-            self.checks.append(Check(self.spec, name, "fail", str(exc)))
-        except Exception as exc:  # the estimator crashed: that is a failed check, with the reason
-            self.checks.append(Check(self.spec, name, "fail", f"{type(exc).__name__}: {exception_text(exc)}"))
+        run_check(self.checks, self.spec, name, fn)
 
     # -- the checks ---------------------------------------------------------------------------
     def options(self) -> str:
         names = [opt.name for opt in self.cls.options]
-        _require(len(set(names)) == len(names), f"duplicate option names {names}")
+        require(len(set(names)) == len(names), f"duplicate option names {names}")
         for opt in self.cls.options:
-            _require(isinstance(opt, Option), f"{opt!r} is not a bench.options.Option")
-            _require(opt.type in (int, float, bool, str), f"option {opt.name}: type {opt.type} unsupported")
-            _require(opt.help, f"option {opt.name} has no help text")
+            require(isinstance(opt, Option), f"{opt!r} is not a bench.options.Option")
+            require(opt.type in (int, float, bool, str), f"option {opt.name}: type {opt.type} unsupported")
+            require(opt.help, f"option {opt.name} has no help text")
             opt.parse(opt.default, self.cls.name)  # the default itself is valid
         try:
             ESTIMATORS.create(f"{self.cls.name}[no_such_option=1]")
             raise Failed("an unknown option was accepted")
         except SpecError:
             pass
-        _require(bool(self.cls.summary), "no summary (shown by `python -m bench list`)")
+        require(bool(self.cls.summary), "no summary (shown by `python -m bench list`)")
         return f"{len(names)} option(s): {', '.join(names) or 'none'}"
 
     def skips(self) -> str:
@@ -106,7 +81,7 @@ class Suite:
                     continue  # the deterministic sampler has no injected noise to optimise
                 problem = task.make_problem(target, STEPS, 0)
                 reason = estimator.applies(problem)  # its requirements and needs too (bench/capabilities.py)
-                _require(
+                require(
                     reason is None or (isinstance(reason, str) and reason.strip()),
                     f"skip_reason returned {reason!r}: None or a sentence",
                 )
@@ -114,13 +89,13 @@ class Suite:
                     self.served.setdefault(target, toy)
                 else:
                     notes.setdefault(reason, []).append(f"{target} (eta={'1' if 'eta' in toy else '0'})")
-        _require(bool(self.served), "skips every target on both samplers")
+        require(bool(self.served), "skips every target on both samplers")
         return (
             "; ".join(f"skips {', '.join(where)}: {reason}" for reason, where in notes.items()) or "serves every target"
         )
 
     def _each_target(self, fn: Callable[[str, str], str]) -> str:
-        _require(bool(self.served), "no target served (see the skip check)")
+        require(bool(self.served), "no target served (see the skip check)")
         return "; ".join(f"{target}: {fn(target, toy)}" for target, toy in self.served.items())
 
     def _fresh(self, toy: str, target: str, seed: int = 0, steps: int = STEPS) -> Problem:
@@ -155,18 +130,18 @@ class Suite:
             ]
             leaf_ids = {id(leaf) for leaf in problem.leaves}
             stray = [name for name, t in others if t is not None and id(t) not in leaf_ids and t.grad is not None]
-            _require(not stray, f"gradient on tensors that are not the target's: {stray[:3]}")
+            require(not stray, f"gradient on tensors that are not the target's: {stray[:3]}")
             for leaf in problem.leaves:
-                _require(leaf.grad is not None, "a target leaf got no .grad (set zeros if that is the estimate)")
-                _require(leaf.grad.shape == leaf.shape, f".grad shape {tuple(leaf.grad.shape)} != {tuple(leaf.shape)}")
-                _require(leaf.grad.grad_fn is None, ".grad carries an autograd graph")
-                _require(bool(torch.isfinite(leaf.grad).all()), "non-finite gradient")
-            _require(float(problem.flat_grad().norm()) > 0, "all-zero gradient (use skip_reason instead)")
-            _require(
+                require(leaf.grad is not None, "a target leaf got no .grad (set zeros if that is the estimate)")
+                require(leaf.grad.shape == leaf.shape, f".grad shape {tuple(leaf.grad.shape)} != {tuple(leaf.shape)}")
+                require(leaf.grad.grad_fn is None, ".grad carries an autograd graph")
+                require(bool(torch.isfinite(leaf.grad).all()), "non-finite gradient")
+            require(float(problem.flat_grad().norm()) > 0, "all-zero gradient (use skip_reason instead)")
+            require(
                 outcome.x0.grad_fn is None and outcome.rewards.grad_fn is None,
                 "the returned x0 or rewards still hold a graph",
             )
-            _require(math.isfinite(outcome.loss), f"loss {outcome.loss}")
+            require(math.isfinite(outcome.loss), f"loss {outcome.loss}")
             return "ok"
 
         return self._each_target(check)
@@ -179,7 +154,7 @@ class Suite:
             first = problem.flat_grad().clone()
             second_estimator = self.estimator()
             second_estimator(problem, random.Random(3))  # same draws again on the same problem
-            _require(
+            require(
                 torch.allclose(problem.flat_grad(), first, rtol=1e-10, atol=0),
                 "a second call on the same problem changed the gradient: stale .grad accumulated?",
             )
@@ -204,7 +179,7 @@ class Suite:
             shown = f"{measured[0]:g}/{measured[1]:g}"
             whole = all(abs(p * COUNT_CALLS - round(p * COUNT_CALLS)) < 1e-6 for p in predicted)
             if whole and not estimator.random_counts:
-                _require(
+                require(
                     all(abs(m - p) < 1e-9 for m, p in zip(measured, predicted)),
                     f"counted fwd/vjp {shown} per call, cost model says {predicted[0]:g}/{predicted[1]:g}",
                 )
@@ -232,14 +207,14 @@ class Suite:
             slope = -sum((a - mean_n) * (b - mean_e) for a, b in zip(logs_n, logs_e)) / sum(
                 (a - mean_n) ** 2 for a in logs_n
             )
-            _require(
+            require(
                 slope >= order - ORDER_SLACK,
                 f"declared order {order:g}, measured {slope:.2f} (errors {', '.join(f'{e:.1e}' for e in errors)})",
             )
             return f"order {slope:.2f} (declared {order:g})"
 
         targets = [t for t, where in self.served.items() if where == toy]
-        _require(bool(targets), "declares a convergence order but serves no target on the deterministic toy")
+        require(bool(targets), "declares a convergence order but serves no target on the deterministic toy")
         return "; ".join(f"{t}: {check(t, toy)}" for t in targets)
 
     def agreement(self):
@@ -248,7 +223,7 @@ class Suite:
             err = float((grad - exact).norm() / exact.norm())
             cos = float(grad @ exact / (grad.norm() * exact.norm()))
             if self.estimator().exact:
-                _require(err < EXACT_TOLERANCE, f"declared exact, but rel. error {err:.2e} to {reference}")
+                require(err < EXACT_TOLERANCE, f"declared exact, but rel. error {err:.2e} to {reference}")
             return f"cos {cos:.3f}, rel err {err:.1e}" + ("" if reference == "full" else f" (to {reference})")
 
         return self._each_target(check)
@@ -260,7 +235,7 @@ class Suite:
                 problem = self._fresh(toy, target)
                 self._call(problem, rng_seed=11)
                 grads.append(problem.flat_grad())
-            _require(torch.equal(*grads), "two runs with the same seed gave different gradients")
+            require(torch.equal(*grads), "two runs with the same seed gave different gradients")
             return "ok"
 
         return self._each_target(check)
@@ -282,9 +257,7 @@ class Suite:
         for _ in range(2 * COUNT_CALLS):
             estimator(problem, rng)
         growth = live_tensors() - before
-        _require(
-            growth <= 4, f"{growth} more live tensors after {2 * COUNT_CALLS} more calls (a graph or a hook kept?)"
-        )
+        require(growth <= 4, f"{growth} more live tensors after {2 * COUNT_CALLS} more calls (a graph or a hook kept?)")
         return f"{target}: {growth:+d} live tensors over {2 * COUNT_CALLS} calls"
 
 
@@ -323,23 +296,4 @@ def check_all(specs: list[str] | None = None, toys: tuple[str, ...] | None = Non
 
 
 def print_checks(checks: list[Check], console: Any) -> None:
-    from rich.markup import escape
-    from rich.table import Table
-
-    table = Table(title="Conformance (toy, float64, N = 4)", title_justify="left", show_lines=False)
-    for column in ("estimator", "check", "result", "detail"):
-        table.add_column(column, overflow="fold")
-    colours = {"pass": "green", "fail": "bold red", "n/a": "dim"}
-    for check in checks:
-        table.add_row(
-            escape(check.estimator),
-            escape(check.name),
-            f"[{colours[check.status]}]{check.status}[/]",
-            escape(check.detail),
-        )
-    console.print(table)
-    failed = sorted({c.estimator for c in checks if c.status == "fail"})
-    console.print(
-        f"{len({c.estimator for c in checks})} estimator(s), "
-        + (f"[bold red]failing: {', '.join(failed)}[/]" if failed else "[green]all checks pass[/]")
-    )
+    print_suite(checks, console, "Conformance (toy, float64, N = 4)", "estimator")
