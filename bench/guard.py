@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+_PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 _real_exit = os._exit
 _owner: int | None = None  # the sweep's pid while guarded
@@ -35,11 +36,22 @@ def _guarded_exit(status: int) -> None:
     raise PluginExit(f"os._exit({status}) was called in the sweep's process; a cell cannot end the sweep")
 
 
-def _subreaper(on: bool) -> None:
+def _prctl(option: int, value: int) -> bool:
+    """Linux's prctl(option, value); False where it failed or there is none."""
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0)
+        return ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0) == 0
     except (OSError, AttributeError):
-        pass
+        return False
+
+
+def _subreaper(on: bool) -> None:
+    _prctl(_PR_SET_CHILD_SUBREAPER, int(on))
+
+
+def die_with_parent() -> bool:
+    """Have the kernel SIGKILL this process when its parent ends (Linux PR_SET_PDEATHSIG), so that
+    no orphan computes on; False where it cannot."""
+    return _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 @contextmanager

@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 from bench import store
 from bench.errors import SpecError
+from bench.guard import die_with_parent
 from bench.jobs import (  # the job records' readers, importable from here as before bench/jobs.py
     HEARTBEAT_S,
     JOBS,
@@ -201,9 +202,6 @@ class Claim:
         self.path.unlink(missing_ok=True)
 
 
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
 def die_with_controller() -> None:
     """Under submitit's local executor: end this task when its controller ends.
 
@@ -221,13 +219,7 @@ def die_with_controller() -> None:
     controller = os.getppid()
     if not os.environ.get("SUBMITIT_LOCAL_WITH_SHELL"):  # no set-up shell: the controller's pid is the job id
         controller = int(os.environ.get("SUBMITIT_LOCAL_JOB_ID", controller))
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        watched = libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
-    except (OSError, AttributeError):  # not Linux
-        watched = False
+    watched = die_with_parent()  # False where not Linux
     if os.getppid() != controller:  # it ended before the kernel was asked
         _controller_gone(controller)
     if not watched:

@@ -23,6 +23,7 @@ import signal
 from typing import Any
 
 from bench.errors import exception_text
+from bench.guard import die_with_parent
 from bench.measure import MALLOC_ENV
 
 
@@ -49,18 +50,6 @@ def _measure_in_child(task, request: dict[str, Any]) -> dict[str, Any]:
         return {"error": f"{type(exc).__name__}: {exception_text(exc)}"}
 
 
-def _die_with_parent() -> None:
-    """Linux: have the kernel kill this process when its parent dies (a killed sweep leaves no
-    orphan computing on)."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def _fork_and_measure(task, request: dict[str, Any]) -> dict[str, Any]:
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -68,7 +57,7 @@ def _fork_and_measure(task, request: dict[str, Any]) -> dict[str, Any]:
         os.close(read_end)
         try:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-            _die_with_parent()
+            die_with_parent()
             payload = json.dumps(_measure_in_child(task, request)).encode()
             with os.fdopen(write_end, "wb") as out:
                 out.write(payload)
@@ -101,7 +90,7 @@ def _serve(conn, includes: list[str]) -> None:
 def _serve_requests(conn, includes: list[str]) -> None:
     import torch
 
-    _die_with_parent()
+    die_with_parent()
     torch.set_num_threads(1)
     from bench.registry import TASKS, include
 
