@@ -33,7 +33,7 @@ from a plug-in); the estimators' `solver` option offers every name in SOLVERS.
   step's rate. At the first step, and where lambda is infinite (sigma = 0 or alpha = 0) or
   repeats, it takes an Euler step: an O(h^2) error a bounded number of times, still order 2.
 
-The orders are measured by tests/test_adjoint_solvers.py.
+The orders are measured by tests/plugins/estimators/test_adjoint_solvers.py.
 """
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ SOLVERS: dict[str, type[AdjointSolver]] = {cls.name: cls for cls in (Euler, Disc
 def register_solver(cls: type[AdjointSolver]) -> type[AdjointSolver]:
     """Add a solver class to the table (a decorator). The estimators read the table's names into
     their `solver` option's choices when their module is imported: register before that (a
-    plug-in importing only this module), or rebuild the option (as tests/test_adjoint_solvers.py
+    plug-in importing only this module), or rebuild the option (as tests/plugins/estimators/test_adjoint_solvers.py
     does for its midpoint rule)."""
     if not (cls.name and cls.order > 0 and cls.stages > 0):
         raise ValueError(f"{cls.__name__}: a solver needs a name, an order and a number of stages")

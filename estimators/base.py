@@ -41,7 +41,7 @@ class Cost:
 
     def predicted_seconds(self, f: float, v: float, h: float = 0.0) -> float:
         """The time model: forwards·F + VJPs·V + checkpointed forwards·H, from units measured on
-        the task (bench/timing.py)."""
+        the task (bench/measure/timing.py)."""
         return self.nfe_forward * f + self.nfe_vjp * v + self.checkpointed_forwards * h
 
     def predicted_bytes(self, a_bytes: float | None, s_bytes: float | None) -> float | None:
@@ -70,7 +70,7 @@ class Estimator(Configurable):
     samples_long_chain: ClassVar[bool] = True  # False if its gradient pass samples another chain than the task's
     random_counts: ClassVar[bool] = False  # True if call counts depend on random draws (reported, not checked)
     # (colour, marker) in every figure, unique among the registered estimators; None: the figures
-    # pick a pair no registered estimator has (bench/plots.py)
+    # pick a pair no registered estimator has (bench/results/plots.py)
     plot_style: ClassVar[tuple[str, str] | None] = None
     # capabilities it provides, that some problems require (bench/capabilities.py), e.g. IN_ORDER:
     # every pass calls the denoiser only on the sampler's grid, N..1, never a step alone or off it

@@ -100,7 +100,7 @@ def test_an_estimator_that_needs_a_new_capability_is_accepted_on_the_task_that_o
     assert "all checks pass" in out
     # on the plain toy nothing offers the prediction: every target is skipped, with the need named
     assert main(["check", "test-one-step-reward", "--include", str(plugin)]) == 1
-    from bench.conformance import check_estimator
+    from bench.check.estimators import check_estimator
 
     skips = {c.name: c for c in check_estimator("test-one-step-reward")}["skip reasons"]
     assert skips.status == "fail" and "skips every target" in skips.detail, skips

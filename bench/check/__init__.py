@@ -6,7 +6,7 @@
 - `bench.check.tasks`: a task (tasks/) against the task contract (fresh problems, the target's
   leaves and nothing else requiring grad, untimed evaluation, a stable data fingerprint, images
   and rewards in range, float64 problems for the float64 reference);
-- the estimators' suite (bench/conformance.py) reads the same way.
+- the estimators' suite (bench/check/estimators.py) reads the same way.
 
 Each suite returns a list of `Check`: one row per (plug-in spec, check), pass, fail or n/a, with a
 detail that gives the numbers the check measured. Nothing here is timed; the suites run on one CPU
@@ -29,7 +29,7 @@ class Check:
     detail: str = ""
 
     @property
-    def estimator(self) -> str:  # the field name of bench.conformance.Check, so either prints alike
+    def estimator(self) -> str:  # the field name of bench.check.estimators.Check, so either prints alike
         return self.spec
 
 
@@ -75,7 +75,7 @@ def torch_threads(threads: int | None) -> Iterator[None]:
 
 
 def print_checks(checks: list[Check], console: Any, title: str, kind: str) -> None:
-    """The suite's table (as bench.conformance.print_checks) and a closing line naming the failures."""
+    """The suite's table (as bench.check.estimators.print_checks) and a closing line naming the failures."""
     from rich.markup import escape
     from rich.table import Table
 

@@ -8,7 +8,7 @@ diffusers scheduler it stands for, and reads that scheduler's grid at N steps in
 To add one: subclass `Sampler` in a new file (options, `prediction`, `scheduler_class`,
 `schedule_from`), add it to SAMPLERS below (or declare it in a package's `diffgrad_bench.samplers`
 entry-point group), and test its
-trajectory against the diffusers scheduler's own `step` loop (tests/test_samplers.py)."""
+trajectory against the diffusers scheduler's own `step` loop (tests/core/test_samplers.py)."""
 
 from __future__ import annotations
 

@@ -320,9 +320,9 @@ def evaluate_patterns(
 ) -> dict[str, float]:
     """For each named pattern: quality of its samples from `fresh` (quality(samples, unpruned) ->
     metrics), its operations and block fractions, and its wall-clock per pass on the first
-    TIMING_SAMPLES samples, timed round-robin with the unpruned sampler (bench.timing), as
+    TIMING_SAMPLES samples, timed round-robin with the unpruned sampler (bench.measure.timing), as
     `<name>_<metric>`; `<name>_speedup` is the unpruned time over its time."""
-    from bench.timing import time_interleaved
+    from bench.measure.timing import time_interleaved
 
     steps = chain.schedule.num_steps
     everything = torch.ones(steps - 1, len(BLOCKS), dtype=torch.bool)
