@@ -25,7 +25,7 @@ class Estimate:
 
 @dataclass(frozen=True)
 class Cost:
-    """Predicted cost per gradient (ESTIMATORS.md, 'Cost model'): denoiser forwards, VJPs, and the
+    """Predicted cost per gradient (docs/estimators/index.md, 'Cost model'): denoiser forwards, VJPs, and the
     memory class in the symbols A (one call's activations) and S (one latent). `activations` and
     `latents` are the class's coefficients (N·A + ... as numbers), so that the runner can predict
     bytes as activations·A + latents·S from A and S measured on the task; None: no prediction."""

@@ -1,5 +1,5 @@
 """checkpoint: backprop through the whole chain, recomputing the graph during backward
-(torch.utils.checkpoint, non-reentrant; ESTIMATORS.md section 2). The same gradient as `full` to
+(torch.utils.checkpoint, non-reentrant; docs/estimators/index.md). The same gradient as `full` to
 float rounding.
 
 - segment = s (default 1): checkpoint runs of s steps; only each run's input latent is stored.
@@ -9,7 +9,7 @@ float rounding.
   weights (batch 8, one thread): F = 22.4 ms, V = 27.7 ms, a recorded forward 3.2 ms above F, a
   checkpointed forward 3.0 ms above that, and the checkpointed forward + VJP 8.4 ms above the
   model without H (2F + V + R): H = 6.5-7 ms, 0.3 F. Without H the model was 14-38 % under the
-  measured time at N = 10-100; with it, within the suite's 10 % (README, "Timing").
+  measured time at N = 10-100; with it, within the suite's 10 % (docs/methodology.md, "Timing").
 - recursive = true: binomial (divide-and-conquer) checkpointing. The chain is split in halves,
   each half checkpointed, recursively down to single steps, so at most one stored latent per
   level is live: memory A + O(log2 N)*S, at the price of about N*log2(N)/2 extra forwards.

@@ -19,7 +19,7 @@ sampler's own. So:
 
 Other solvers between the points (`solver`, any of estimators/adjoint_solvers.py) are options; they
 take more VJPs per interval or drift off the chain. Measured on digits weights at N = 50 (tests and the frontier
-figure, reports/figures): see the README's "The frontier"."""
+figure, reports/figures): see docs/findings.md, "Figure 5"."""
 
 from __future__ import annotations
 

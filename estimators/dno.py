@@ -1,4 +1,4 @@
-"""dno: Direct Noise Optimization (DNO, arXiv 2405.18881; ESTIMATORS.md section 10).
+"""dno: Direct Noise Optimization (DNO, arXiv 2405.18881; docs/estimators/index.md).
 
 Optimise the initial latent and every injected noise of the eta > 0 sampler (target `noise`;
 `latent` at eta = 0 is the same with no injected noise) by backprop through the whole chain,

@@ -1,4 +1,4 @@
-"""draft-lv: DRaFT-LV (arXiv 2309.17400, section 4.2; ESTIMATORS.md section 6).
+"""draft-lv: DRaFT-LV (arXiv 2309.17400, section 4.2; docs/estimators/index.md).
 
 Sample x_0 without graph, then n times re-noise it to the last step's noise level and take that
 one step again with its graph kept:

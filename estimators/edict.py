@@ -1,5 +1,5 @@
 """edict: exact gradients with constant memory through an exactly invertible sampler (EDICT,
-arXiv 2211.12446, as used for gradients by DOODL, arXiv 2303.13703; ESTIMATORS.md section 9).
+arXiv 2211.12446, as used for gradients by DOODL, arXiv 2303.13703; docs/estimators/index.md).
 
 EDICT couples two copies x, y of the latent (both start at x_N) with DDIM's coefficients
 (a_i, b_i) and a mixing weight p:

@@ -1,5 +1,5 @@
 """full: backpropagation through the whole sampling chain (the exact gradient of the discrete
-chain, ESTIMATORS.md section 1). Memory N*A, time about NF + NV = 3NF."""
+chain, docs/estimators/index.md). Memory N*A, time about NF + NV = 3NF."""
 
 from __future__ import annotations
 

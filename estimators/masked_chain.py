@@ -1,5 +1,5 @@
 """One engine for the estimators that differ only in which denoiser calls keep their graph
-(ESTIMATORS.md, 'A unifying view'): full, checkpoint and truncated are masks over it.
+(docs/estimators/index.md, 'A unifying view'): full, checkpoint and truncated are masks over it.
 
 - keep_graph(i): does the denoiser call at grid point i keep its graph?
 - keep_latent_path: across the other calls, does the sampler's affine arithmetic (x_{i-1} from x_i

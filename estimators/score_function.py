@@ -1,5 +1,5 @@
 """score-function: the likelihood-ratio (REINFORCE) estimator of DDPO (arXiv 2305.13301;
-ESTIMATORS.md section 7). No backprop through the chain, and the reward need not be
+docs/estimators/index.md). No backprop through the chain, and the reward need not be
 differentiable.
 
 With eta > 0 every step is Gaussian, p(x_{i-1} | x_i) = N(mu_i, s_i^2 I) with

@@ -1,4 +1,4 @@
-"""sdo: the one-step shortcut (SDO, arXiv 2505.07477; ESTIMATORS.md section 4).
+"""sdo: the one-step shortcut (SDO, arXiv 2505.07477; docs/estimators/index.md).
 
 Sample without graph except at one step k, and keep the sampler's affine arithmetic of every
 step as an identity path. With W_x = dx_0/dx_N and W_k = dx_0/d out_k, every model output held

@@ -1,4 +1,4 @@
-"""shortcut-model: ShortFT's shortcut chain (arXiv 2507.22604; ESTIMATORS.md section 11).
+"""shortcut-model: ShortFT's shortcut chain (arXiv 2507.22604; docs/estimators/index.md).
 
 Backpropagate the reward through a frozen, distilled, trajectory-preserving K-step student in
 place of the N-step chain. The student is the long model plus a distilled weight delta, so the

@@ -1,6 +1,6 @@
 """torchdiffeq-adjoint: torchdiffeq's `odeint_adjoint` on the probability-flow ODE in (s, y)
 (bench/chain.py: s = rho for DDIM, s = sigma for flow-matching Euler), Euler on the sampler's
-grid (ESTIMATORS.md section 12): the off-the-shelf route that
+grid (docs/estimators/index.md): the off-the-shelf route that
 AdjointDPM's reference code takes, held against the suite's own `adjoint`.
 
     dy/drho = eps(alpha(rho) y, t(rho), c),   alpha(rho) = 1 / sqrt(1 + rho^2),   y = x / alpha

@@ -1,5 +1,5 @@
 """truncated: backprop through the last K denoiser calls only (DRaFT-K, arXiv 2309.17400;
-AlignProp, arXiv 2310.03739; ESTIMATORS.md section 5).
+AlignProp, arXiv 2310.03739; docs/estimators/index.md).
 
 The first N - K steps run without graph. DRaFT detaches the latent before the last K steps, so
 x_N gets no gradient unless K = N. AlignProp (`latent_path=true`) detaches only the early

@@ -1,5 +1,5 @@
 """zeroth-order: antithetic Gaussian smoothing (SPSA / evolution strategies; DNO's no-grad
-variant; ESTIMATORS.md section 8). No backprop at all: only samplings.
+variant; docs/estimators/index.md). No backprop at all: only samplings.
 
     g = -(1/(2 mu n)) sum_j [J(z + mu u_j) - J(z - mu u_j)] u_j,   u_j ~ N(0, I),
 

@@ -1,6 +1,6 @@
 """An example estimator to copy: DRaFT-K with its K kept steps checkpointed.
 
-DRaFT-K (`truncated[k=K]`) keeps the graph of the last K denoiser calls: memory K*A. ESTIMATORS.md
+DRaFT-K (`truncated[k=K]`) keeps the graph of the last K denoiser calls: memory K*A. docs/estimators/index.md
 notes that the same gradient costs only A + K*S if those K steps are recomputed in backward. This
 file adds that variant as its own estimator, in the ~30 lines every estimator needs:
 

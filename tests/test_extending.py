@@ -1,4 +1,4 @@
-"""The worked examples of extending the suite (README, "Extending"): a new estimator that needs a
+"""The worked examples of extending the suite (docs/extending.md): a new estimator that needs a
 capability no built-in one needs, with the task that provides it, and a new sampler, each added
 by a plug-in file alone and accepted by its conformance suite through the command line."""
 

@@ -131,7 +131,7 @@ def _run_flags(run: argparse.ArgumentParser) -> None:
         type=_folder_arg,
         default=None,
         metavar="SWEEP.toml",
-        help="read the sweep from a file; the flags given here override it (README: Sweeps as data)",
+        help="read the sweep from a file; the flags given here override it (docs/sweeps.md)",
     )
     settings.add_flags(run)
     flag = run.add_argument
@@ -147,7 +147,7 @@ def _run_flags(run: argparse.ArgumentParser) -> None:
         default=frozenset(),
         metavar="time,memory",
         help="measure the time and/or memory of cells whose row is ok again, keeping their gradients, "
-        "optimisation and evaluation (the harness's code is in no cell key; README: What a cell's key covers)",
+        "optimisation and evaluation (the harness's code is in no cell key; docs/methodology.md: what a cell's key covers)",
     )
     flag("--no-progress", action="store_true", default=False, help="no progress bar")
     jobs = run.add_argument_group("launcher (where the cells run; a sweep file's [launcher] table)")

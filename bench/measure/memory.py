@@ -2,8 +2,8 @@
 own peak above the pre-call baseline. Memory on CPU: the process's resident high-water mark above the pre-call
 resident size, in a worker process started with glibc's mmap threshold at one page, so that every
 tensor of a page or more gets its own mapping, returned to the OS when freed, and the high-water
-mark tracks live tensor bytes (see bench/run/memworker.py). With the 64 KiB threshold suggested in
-MACHINE-FACTS.md, smaller tensors (a 32x128 float64 latent is 32 KiB) come from the heap, reuse
+mark tracks live tensor bytes (see bench/run/memworker.py). With a 64 KiB threshold
+(tried first), smaller tensors (a 32x128 float64 latent is 32 KiB) come from the heap, reuse
 chunks freed by the warm-up call, and vanish from the figure: checkpoint's N*S measured 0 there."""
 
 from __future__ import annotations

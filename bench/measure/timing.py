@@ -8,7 +8,7 @@ machine's busy CPU time (/proc/stat) minus this process's own (os.times), over t
 time. A round is slowed when that load leaves fewer free cores than the timing's threads need
 (`others > cpus - threads + CONTENTION_MARGIN`): torch's OpenMP threads wait for each other at
 every parallel region, so one core taken from a two-thread run on two cores slows it 10 to 50
-times, while a one-thread run beside the same load is unaffected (README, "Timing"). Slowed
+times, while a one-thread run beside the same load is unaffected (docs/methodology.md, "Timing"). Slowed
 rounds are left out of every figure and repeated; a row that could not get enough clean rounds
 says so in `timing_suspect`. A round too short for the kernel's CPU accounting (ticks of 1/HZ s) is
 judged over a window that ends with it and is long enough (it may include the rounds before it)."""

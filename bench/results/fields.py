@@ -1,6 +1,6 @@
 """The fields of a row, declared once: name, unit and meaning. The summary, the report, compare
-and the figures read their numeric columns from here, and the README's field table is rendered
-from it (a test keeps the two equal: `python -m bench.results.fields --write-readme` rewrites it)."""
+and the figures read their numeric columns from here, and the field table of docs/run-folders.md is
+rendered from it (a test keeps the two equal: `python -m bench.cli.docs` rewrites it)."""
 
 from __future__ import annotations
 
@@ -153,7 +153,7 @@ FIELDS: tuple[Field, ...] = (
     # counts and the cost model
     Field("nfe_forward", "count", "denoiser forwards per gradient, counted"),
     Field("nfe_vjp", "count", "VJPs through the denoiser per gradient, counted"),
-    Field("nfe_forward_pred", "count", "forwards the cost model predicts (ESTIMATORS.md)"),
+    Field("nfe_forward_pred", "count", "forwards the cost model predicts (docs/estimators/index.md)"),
     Field("nfe_vjp_pred", "count", "VJPs the cost model predicts"),
     # memory
     Field(
@@ -285,18 +285,5 @@ def readme_table() -> str:
     return "\n".join(lines)
 
 
-def write_readme(path: Path) -> None:
-    """Replace the table between README's fields:start and fields:end markers."""
-    text = path.read_text()
-    start, end = "<!-- fields:start -->\n", "\n<!-- fields:end -->"
-    head, rest = text.split(start, 1)
-    path.write_text(head + start + readme_table() + end + rest.split(end, 1)[1])
-
-
-if __name__ == "__main__":  # python -m bench.results.fields [--write-readme]
-    import sys
-
-    if "--write-readme" in sys.argv:
-        write_readme(Path(__file__).resolve().parents[2] / "README.md")
-    else:
-        print(readme_table())
+if __name__ == "__main__":  # python -m bench.results.fields: the table docs/run-folders.md shows
+    print(readme_table())

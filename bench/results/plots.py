@@ -111,6 +111,9 @@ def lines_vs_steps(ax, means: pd.DataFrame, column: str, ylabel: str, log: bool 
     if log:
         log_x_at(ax, means["steps"])
         plain_log(ax, "y")
+    else:  # a tick at each step count, as on the log axes (one N alone gave ticks at 3.8 ... 4.2)
+        ticks = sorted(set(int(v) for v in means["steps"]))
+        ax.set_xticks(ticks, [str(v) for v in ticks])
     ax.grid(True, which="major", alpha=0.3)
 
 

@@ -195,9 +195,18 @@ class Page:
             self.md.append("\n".join(f"- {md_escape(line)}" for line in lines) + "\n")
             self.html.append("<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in lines) + "</ul>")
 
-    def image(self, path: str, alt: str) -> None:
+    def image(self, path: str, alt: str, pixels: bool = False) -> None:
+        """A figure; `pixels`: a grid of small samples, drawn large with its pixels kept sharp
+        (8x8 digits are unreadable at their own size), its caption beside it."""
         self.md.append(f"![{md_escape(alt)}]({path})\n")
-        self.html.append(f'<img src="{html.escape(path)}" alt="{html.escape(alt)}" style="max-width:100%">')
+        if pixels:
+            self.html.append(
+                f'<figure><img src="{html.escape(path)}" alt="{html.escape(alt)}" '
+                'style="width:100%;max-width:640px;image-rendering:pixelated">'
+                f"<figcaption>{html.escape(alt)}</figcaption></figure>"
+            )
+        else:
+            self.html.append(f'<img src="{html.escape(path)}" alt="{html.escape(alt)}" style="max-width:100%">')
 
     def table(self, header: list[str], body: list[list[str]]) -> None:
         cell = md_escape
@@ -270,7 +279,7 @@ def write_report(run_dir: Path, out: Path | None = None, formats=("png",)) -> Pa
     page.text(
         "Memory: "
         + ("; ".join(f"{k}: {MEMORY_KINDS[k]}" for k in kinds) or "not measured")
-        + ". 'mem ÷ model' divides the peak by the cost model's prediction (ESTIMATORS.md), "
+        + ". 'mem ÷ model' divides the peak by the cost model's prediction (docs/estimators/index.md), "
         "with A = peak of one denoiser call with graph and S = one latent, both measured on the task. "
         "Times: median of the clean timed rounds (rounds slowed by other load are left out and repeated; "
         "'!' marks a row whose timing is suspect). '× full': the ratio to full's time over rounds run "
@@ -308,7 +317,9 @@ def write_report(run_dir: Path, out: Path | None = None, formats=("png",)) -> Pa
                 if source.is_file():
                     name = f"samples-{_slug(r.estimator)}-{r.steps}-{Path(r.samples_png).name}"
                     shutil.copyfile(source, out / name)
-                    page.image(name, f"{r.estimator} N={r.steps} seed {r.seed}: before (top) and after (bottom)")
+                    page.image(
+                        name, f"{r.estimator} N={r.steps} seed {r.seed}: before (top) and after (bottom)", pixels=True
+                    )
         bad = analysis.failures(part)
         page.items(
             [

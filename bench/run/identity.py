@@ -9,7 +9,7 @@ what they resolve by name at run time: the sampler, a reward, the reference esti
 at module level or inside a function, and every module a name they hold was defined in. The
 standard library and installed third-party packages are pinned by the environment in run.json,
 not by the key. The harness that measures (timing, memory, the runner) is not in the key either:
-README, "What a cell's key covers"."""
+docs/methodology.md, "What a cell's key covers"."""
 
 from __future__ import annotations
 

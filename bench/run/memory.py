@@ -2,7 +2,7 @@
 
 The meter chooses how (`--memory`): on a CPU, the peak resident memory of a process forked per
 cell from a clean worker (bench/run/memworker.py); on CUDA, the allocator's own counters; in process,
-the resident high-water mark. It also measures the units of the memory model (ESTIMATORS.md):
+the resident high-water mark. It also measures the units of the memory model (docs/estimators/index.md):
 A, the peak of one denoiser call with its graph kept, and S, one latent; a row's prediction is
 activations·A + latents·S from the estimator's Cost."""
 

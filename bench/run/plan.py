@@ -28,7 +28,7 @@ from bench.run.settings import (
 )
 
 # --remeasure: what can be measured again without computing the gradients again, and the row
-# fields each replaces (the harness's code is in no cell key: README, "What a cell's key covers")
+# fields each replaces (the harness's code is in no cell key: docs/methodology.md, "What a cell's key covers")
 REMEASURED: dict[str, Callable[[str], bool]] = {
     "time": lambda name: name.startswith("time_") or name in ("timing_suspect", "threads"),
     "memory": lambda name: name == "peak_mem_bytes" or name.startswith("mem_"),
@@ -163,7 +163,7 @@ def make_cell(
 
 
 def timing_threads(spec: SweepSpec) -> int:
-    """Intra-op threads of the timing: --threads, else 1 on a CPU (measured in README, "Timing":
+    """Intra-op threads of the timing: --threads, else 1 on a CPU (measured, docs/methodology.md, "Timing":
     one thread loses ~10 % quiet and nothing beside a busy core; two lose 3x there), else torch's."""
     if spec.threads:
         return spec.threads

@@ -3,8 +3,8 @@ SweepSpec field), the sweep file's key and the flag (`--name-with-dashes` unless
 otherwise), its kind, default, help and check. Everything else is generated from SETTINGS: the
 SweepSpec dataclass, the run command's flags (`add_flags`), a sweep file's keys and the conversion
 of their values (`lookup`, `convert`), the per-setting checks (`check_spec`, the one place they
-are applied) and the README's table of run options (`readme_table`; `python -m bench.run.settings
---write-readme` rewrites it, a test keeps the two equal).
+are applied) and the table of run options in docs/cli.md (`readme_table`; `python -m bench.cli.docs` rewrites it,
+a test keeps the two equal).
 
 A check takes the value (already of the setting's kind) and a `Context` and returns an error
 text or None; `{setting}` in the text stands for where the value came from: the flag, or the
@@ -19,7 +19,6 @@ import math
 import os
 import re
 from dataclasses import dataclass, field, make_dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 from bench.errors import SpecError
@@ -543,20 +542,5 @@ def readme_table() -> str:
     return "\n".join(lines)
 
 
-START, END = "<!-- run-options:start -->\n", "\n<!-- run-options:end -->"
-
-
-def write_readme(path: Path) -> None:
-    """Replace the table between README's run-options:start and run-options:end markers."""
-    text = path.read_text()
-    head, rest = text.split(START, 1)
-    path.write_text(head + START + readme_table() + END + rest.split(END, 1)[1])
-
-
-if __name__ == "__main__":  # python -m bench.run.settings [--write-readme]
-    import sys
-
-    if "--write-readme" in sys.argv:
-        write_readme(Path(__file__).resolve().parents[2] / "README.md")
-    else:
-        print(readme_table())
+if __name__ == "__main__":  # python -m bench.run.settings: the table docs/cli.md shows (bench/cli/docs.py)
+    print(readme_table())

@@ -125,7 +125,7 @@ def read_file(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]], dict[st
     except OSError:  # a name too long for the filesystem
         is_file = False
     if not is_file:
-        raise SpecError(f"--config {path}: no such file; give a sweep file (TOML, see README 'Sweeps as data')")
+        raise SpecError(f"--config {path}: no such file; give a sweep file (TOML, see docs/sweeps.md)")
     try:
         data = tomllib.loads(path.read_bytes().decode("utf-8-sig"))  # a byte-order mark is valid UTF-8
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:

@@ -1,5 +1,5 @@
 """Micro-benchmarks of one sampler step on the digits U-Net (batch 8, float32): the units F and V
-of ESTIMATORS.md's cost model, so per-step costs can be compared across commits.
+of the cost model (docs/estimators/index.md), so per-step costs can be compared across commits.
 
 Not part of `make test`: run `make bench` (pytest-benchmark; add --benchmark-autosave and
 --benchmark-compare to compare with an earlier run)."""

@@ -1,5 +1,5 @@
-"""The row's fields are declared once (bench/results/fields.py): the README's table is rendered from the
-declaration, and every key a real sweep writes is declared."""
+"""The row's fields are declared once (bench/results/fields.py): the table of docs/run-folders.md is
+rendered from the declaration, and every key a real sweep writes is declared."""
 
 import json
 import re
@@ -8,15 +8,15 @@ from pathlib import Path
 from bench.results import fields
 from bench.run.runner import SweepSpec, run_sweep
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "run-folders.md"
 
 
-def test_readme_field_table_is_the_declaration():
-    text = README.read_text()
+def test_the_docs_field_table_is_the_declaration():
+    text = PAGE.read_text()
     table = re.search(r"<!-- fields:start -->\n(.*?)\n<!-- fields:end -->", text, re.S)
-    assert table, "README lacks the fields:start/fields:end markers"
+    assert table, "docs/run-folders.md lacks the fields:start/fields:end markers"
     assert table.group(1) == fields.readme_table(), (
-        "README field table is stale: run python -m bench.results.fields --write-readme"
+        "docs/run-folders.md's field table is stale: run python -m bench.cli.docs"
     )
 
 

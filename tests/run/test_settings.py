@@ -1,5 +1,5 @@
 """Run settings are declared once (bench/run/settings.py): SweepSpec, the run command's flags, a sweep
-file's keys, the checks and the README's table of run options all come from the declaration."""
+file's keys, the checks and the table of run options in docs/cli.md all come from the declaration."""
 
 import dataclasses
 import re
@@ -13,7 +13,7 @@ from bench.errors import SpecError
 from bench.run.settings import INT, SETTINGS, Setting, SweepSpec
 from bench.run.sweepfile import build
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+CLI_PAGE = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
 TOY = "toy[d=2,batch=2]"
 # the run command's flags that are not settings of a sweep part: the run itself and the launcher
 RUN_ONLY = {"-h", "--help", "--config", "--out", "--force", "--remeasure", "--no-progress"}
@@ -233,12 +233,12 @@ def test_a_new_setting_is_a_flag_a_key_a_field_a_check_and_a_row_of_the_table(wi
     assert not (tmp_path / "r").exists()
 
 
-def test_the_readme_table_of_run_options_is_the_declaration():
-    text = README.read_text()
+def test_the_docs_table_of_run_options_is_the_declaration():
+    text = CLI_PAGE.read_text()
     table = re.search(r"<!-- run-options:start -->\n(.*?)\n<!-- run-options:end -->", text, re.DOTALL)
-    assert table, "README lacks the run-options:start/run-options:end markers"
+    assert table, "docs/cli.md lacks the run-options:start/run-options:end markers"
     assert table.group(1) == settings.readme_table(), (
-        "README's run options are stale: run python -m bench.run.settings --write-readme"
+        "docs/cli.md's run options are stale: run python -m bench.cli.docs"
     )
     for setting in SETTINGS:
         assert f"`{setting.flag}" in table.group(1) and f"`{setting.key}`" in table.group(1)

@@ -109,7 +109,7 @@ def test_adjoint_cache_and_backward_agree_closely(toy):
 
 
 def _sdo_closed_form(task, target, steps, k, seed=0):
-    """ESTIMATORS.md: dx0/dxN ~ (a0/aN)[I + beta_k a_k J_x(eps_k)] (J term only if k = N);
+    """docs/estimators/index.md: dx0/dxN ~ (a0/aN)[I + beta_k a_k J_x(eps_k)] (J term only if k = N);
     dx0/dtheta ~ a0 beta_k d eps_k/d theta; each contracted with g = dL/dx0 at the true sample."""
     problem = task.make_problem(target, steps, seed)
     chain, schedule = problem.chain, problem.chain.schedule
