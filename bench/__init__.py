@@ -9,6 +9,8 @@ no cycles):
     bench/api.py                  the one module a plug-in imports
     bench/results/                reading rows: fields, store, analysis, summary, report, plots,
                                   figures, compare, status
+    bench/planner/                every estimator's memory and cost on a real architecture, from its
+                                  configs, counted under fake tensors (python -m bench plan)
     bench/run/                    running sweeps: settings, plan, cells, isolation, launchers,
                                   the execute loop, identity (cell keys), provenance
     bench/check/                  the conformance suites (estimators, samplers, tasks)

@@ -134,6 +134,7 @@ class Adjoint(Estimator):
             memory="A" if recovers else "A + N·S",
             activations=1,
             latents=0 if recovers else steps,
+            activations_at_reward=0,
         )
 
     def estimate(self, problem: Problem, rng: random.Random) -> Estimate:

@@ -35,6 +35,12 @@ class Cost:
     memory: str
     activations: float | None = None
     latents: float = 0.0
+    # The coefficient of A alive while the reward's own graph is (the VAE decode, the reward
+    # model) and its backward runs: None, all of `activations` (the graph is kept from the forward,
+    # as in full or sdo); 0 for an estimator that takes the reward's gradient first and recomputes
+    # its calls afterwards (checkpoint, the adjoints). The planner's peak (bench/planner/table.py)
+    # is max(activations_at_reward·A + reward graph, activations·A) + latents·S.
+    activations_at_reward: float | None = None
     # Forwards (among nfe_forward) run inside torch's non-reentrant checkpoint, first passes and
     # replays: each records a graph through pack/unpack hooks, H beyond a plain forward.
     checkpointed_forwards: float = 0.0
@@ -69,6 +75,9 @@ class Estimator(Configurable):
     convergence_order: ClassVar[float | None] = None
     samples_long_chain: ClassVar[bool] = True  # False if its gradient pass samples another chain than the task's
     random_counts: ClassVar[bool] = False  # True if call counts depend on random draws (reported, not checked)
+    # False if no gradient of the reward is taken (a likelihood ratio, finite differences): the
+    # planner keeps no graph of the VAE decode for it (bench/planner/table.py)
+    reward_gradient: ClassVar[bool] = True
     # (colour, marker) in every figure, unique among the registered estimators; None: the figures
     # pick a pair no registered estimator has (bench/results/plots.py)
     plot_style: ClassVar[tuple[str, str] | None] = None

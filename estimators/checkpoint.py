@@ -112,6 +112,7 @@ class Checkpoint(Estimator):
                 checkpointed_forwards=recursive_forwards(steps),
                 activations=1,
                 latents=depth,
+                activations_at_reward=0,
             )
         segments = math.ceil(steps / self.segment)
         return Cost(
@@ -121,6 +122,7 @@ class Checkpoint(Estimator):
             memory="A + N·S" if self.segment == 1 else "s·A + (N/s)·S",
             activations=self.segment,
             latents=segments,
+            activations_at_reward=0,
         )
 
     def cost_for(self, problem: Problem) -> Cost:

@@ -96,6 +96,7 @@ class DNO(Estimator):
                 activations=1,
                 latents=steps,
                 checkpointed_forwards=2 * steps,
+                activations_at_reward=0,
             )
         return Cost(nfe_forward=steps, nfe_vjp=steps, memory="N·A", activations=steps)
 

@@ -87,7 +87,14 @@ class EDICT(Estimator):
     def cost(self, steps: int, target: str) -> Cost:
         if not self.reconstruct:
             return Cost(nfe_forward=2 * steps, nfe_vjp=2 * steps, memory="2N·A", activations=2 * steps)
-        return Cost(nfe_forward=6 * steps, nfe_vjp=2 * steps, memory="2A + 4S", activations=2, latents=4)
+        return Cost(
+            nfe_forward=6 * steps,
+            nfe_vjp=2 * steps,
+            memory="2A + 4S",
+            activations=2,
+            latents=4,
+            activations_at_reward=0,
+        )
 
     def step(self, problem: Problem, i: int, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         a, b, _ = problem.chain.schedule.coefficients(i)

@@ -49,6 +49,7 @@ def _clip_range(value: float) -> str | None:
 
 class ScoreFunction(Estimator):
     name = "score-function"
+    reward_gradient = False  # the reward is only evaluated
     plot_style = ("#9467bd", "X")  # colour and marker in every figure
     summary = "REINFORCE / DDPO likelihood ratio on the eta > 0 sampler; reward may be non-differentiable"
     options = (

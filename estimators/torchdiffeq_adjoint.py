@@ -70,7 +70,14 @@ class TorchdiffeqAdjoint(Estimator):
         return None
 
     def cost(self, steps: int, target: str) -> Cost:
-        return Cost(nfe_forward=2 * steps, nfe_vjp=steps, memory="A + N·S", activations=1, latents=steps)
+        return Cost(
+            nfe_forward=2 * steps,
+            nfe_vjp=steps,
+            memory="A + N·S",
+            activations=1,
+            latents=steps,
+            activations_at_reward=0,
+        )
 
     def cost_for(self, problem: Problem) -> Cost:
         intervals = (

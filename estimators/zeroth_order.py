@@ -27,6 +27,7 @@ def _positive(value: float) -> str | None:
 
 class ZerothOrder(Estimator):
     name = "zeroth-order"
+    reward_gradient = False  # the reward is only evaluated
     plot_style = ("#e377c2", "*")  # colour and marker in every figure
     summary = "antithetic random-direction finite differences; no backprop (SPSA / ES)"
     options = (

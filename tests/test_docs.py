@@ -28,7 +28,8 @@ FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
 
 
 def test_the_generated_docs_are_the_code_s_declarations():
-    assert not docs.stale(), "generated docs are stale: run python -m bench.cli.docs"
+    """All but the planner's tables (a minute of fake-tensor counting: `make docs` checks them in CI)."""
+    assert not docs.stale(planner=False), "generated docs are stale: run python -m bench.cli.docs"
 
 
 def test_every_estimator_has_a_page_and_a_row():

@@ -26,6 +26,7 @@ LAYERS = {
     "measure": ("bench.measure",),
     "plug-ins": ("estimators", "tasks", "bench.api"),
     "results": ("bench.results",),
+    "planner": ("bench.planner",),
     "run": ("bench.run",),
     "check": ("bench.check",),
     "cli": ("bench.cli", "bench.__main__"),

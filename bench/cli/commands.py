@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
             return _check(args)
         if args.command == "status":
             return _status(args)
+        if args.command == "plan":
+            return _plan(args)
         return _run(args, argv)
     except SpecError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -316,6 +318,42 @@ def _check(args: argparse.Namespace) -> int:
         checks = check_all(args.estimators or None, args.on)
         print_checks(checks, Console())
     return 1 if any(c.status == "fail" for c in checks) else 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from bench.planner.models import architecture
+    from bench.planner.table import PlanSpec, parse_bytes, plan_rows, plan_units, render
+    from bench.registry import ESTIMATORS, include
+
+    for path in args.include:
+        include(path)
+    arch = architecture(args.model)
+    memory = parse_bytes(args.device_memory) if args.device_memory else None
+    if memory is None:
+        import torch
+
+        if torch.cuda.is_available():
+            memory = torch.cuda.get_device_properties(0).total_memory
+    estimators = split_list(args.estimators) or None
+    for spec in estimators or ():
+        ESTIMATORS.create(spec)  # a typo is one line with "did you mean"
+    spec = PlanSpec(
+        arch,
+        arch.default_resolution if args.resolution is None else args.resolution,
+        arch.default_steps if args.steps is None else args.steps,
+        batch=args.batch,
+        dtype=args.dtype,
+        target=args.target,
+        rank=args.rank,
+        guidance=args.guidance,
+        checkpoint_blocks=args.checkpoint_blocks,
+        vae_in_backward=args.vae_in_backward,
+        device_memory=memory,
+        tflops=args.tflops,
+    )
+    unit = plan_units(spec)
+    print(render(spec, unit, plan_rows(spec, unit, estimators), memory_label=args.device_memory or ""))
+    return 0
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -145,8 +145,58 @@ def commands_help() -> str:
     return "\n".join(parts)
 
 
-def generated() -> dict[Path, str]:
-    """Every generated file's path -> its content as the code says it should be."""
+# the planner page's settings: the models and step counts the field uses, bf16, LoRA and full weights
+PLANNED = (
+    ("sd1.5", 512, 50),
+    ("sdxl", 1024, 40),
+    ("sd3.5-medium", 512, 40),
+    ("sd3.5-medium", 1024, 40),
+    ("flux.1-dev", 1024, 28),
+)
+DEVICES_GB = (24, 48, 80, 141)
+
+
+def planner_tables() -> str:
+    """Every estimator's planned peak on the models users tune, and which device sizes it fits."""
+    from bench.planner.models import architecture
+    from bench.planner.table import PlanSpec, plan_rows, plan_units
+
+    parts = []
+    for model, resolution, steps in PLANNED:
+        by_target = {}
+        notes = []
+        for target in ("lora", "full"):
+            spec = PlanSpec(architecture(model), resolution, steps, dtype="bf16", target=target, rank=32)
+            unit = plan_units(spec)
+            by_target[target] = plan_rows(spec, unit)
+            notes.append(
+                f"{target}: A = {unit.activations / 1024**3:.1f} GiB, F = {unit.flops_forward / 1e12:.1f} TFLOP"
+            )
+        sizes = "/".join(str(gb) for gb in DEVICES_GB)
+        parts += [
+            f"### {model} at {resolution}², N = {steps}",
+            "",
+            f"Per call ({'; '.join(notes)}).",
+            "",
+            f"| estimator | LoRA r32: peak GB | smallest of {sizes} GB it fits | full: peak GB | smallest it fits |",
+            "|---|---:|---|---:|---|",
+        ]
+        for lora, full in zip(by_target["lora"], by_target["full"]):
+            cells = []
+            for row in (lora, full):
+                if row.total is None:
+                    cells += ["-", "-"]
+                    continue
+                fitting = [gb for gb in DEVICES_GB if row.total <= gb * 1e9]
+                cells += [f"{row.total / 1e9:.2f}", f"{fitting[0]} GB" if fitting else "**none**"]
+            parts.append(f"| {lora.estimator} | " + " | ".join(cells) + " |")
+        parts.append("")
+    return "\n".join(parts)
+
+
+def generated(planner: bool = True) -> dict[Path, str]:
+    """Every generated file's path -> its content as the code says it should be (`planner`: with
+    the planner's tables, which count five real architectures under fake tensors: about a minute)."""
     from bench.results import fields
     from bench.run import settings
 
@@ -164,11 +214,13 @@ def generated() -> dict[Path, str]:
     blocks(DOCS / "estimators" / "index.md", estimators=estimators_table(""))
     for name in estimator_names():
         out[DOCS / "estimators" / f"{name}.md"] = estimator_page(name)
+    if planner:
+        blocks(DOCS / "planner.md", planner_tables=planner_tables())
     return out
 
 
-def stale() -> list[Path]:
-    return [path for path, text in generated().items() if not path.is_file() or path.read_text() != text]
+def stale(planner: bool = True) -> list[Path]:
+    return [path for path, text in generated(planner).items() if not path.is_file() or path.read_text() != text]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""python -m bench {list,run,report,compare,figures,check,status}: the command line. Bad input is one line on stderr and exit 2."""
+"""python -m bench {list,run,report,compare,figures,check,status,plan}: the command line. Bad input is one line on stderr and exit 2."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from bench.errors import SpecError
 from bench.options import split_list
 
-DESCRIPTION = "gradient estimators through diffusion samplers: list, run, report, compare, figures, check, status"
+DESCRIPTION = "gradient estimators through diffusion samplers: list, run, report, compare, figures, check, status, plan"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -112,6 +112,50 @@ def build_parser() -> argparse.ArgumentParser:
         "--specs", type=_folder_arg, default=None, help="folder of figure specs (default: reports/figures)"
     )
     figures.add_argument("--out", type=_folder_arg, default=None, help="output folder (default: the specs folder)")
+
+    plan = sub.add_parser(
+        "plan", help="every estimator's peak memory, FLOPs and time on a real architecture, without weights or a GPU"
+    )
+    plan.add_argument(
+        "--model",
+        required=True,
+        help="sd1.5, sd2.1, sdxl, sd3.5-medium, sd3.5-large, flux.1-dev, "
+        "flux.1-schnell, or a local model folder (only its config files are read)",
+    )
+    plan.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the model's)")
+    plan.add_argument("--steps", type=int, default=None, help="sampler steps N (default: the model's usual)")
+    plan.add_argument("--batch", type=int, default=1, help="samples per gradient (default 1)")
+    plan.add_argument("--dtype", default="bf16", help="bf16 (default), fp16 or fp32")
+    plan.add_argument("--target", default="lora", help="latent, cond, lora (default) or full")
+    plan.add_argument("--rank", type=int, default=32, help="LoRA rank on the attention projections (default 32)")
+    plan.add_argument(
+        "--no-guidance",
+        dest="guidance",
+        action="store_false",
+        help="no classifier-free guidance (it doubles the denoiser's batch where the model uses it)",
+    )
+    plan.add_argument(
+        "--checkpoint-blocks", action="store_true", help="activation checkpointing inside the denoiser, per block"
+    )
+    plan.add_argument(
+        "--no-vae",
+        dest="vae_in_backward",
+        action="store_false",
+        help="the reward reads latents: no VAE decode in the backward",
+    )
+    plan.add_argument(
+        "--device-memory",
+        default=None,
+        metavar="SIZE",
+        help="say whether each fits, e.g. 24GiB, 80GB (default: the present GPU's, if any)",
+    )
+    plan.add_argument(
+        "--tflops", type=float, default=400.0, help="sustained throughput the times assume, TFLOP/s (default 400)"
+    )
+    plan.add_argument("--estimators", default="", help="comma-separated specs (default: every registered one)")
+    plan.add_argument(
+        "--include", action="append", default=[], metavar="FILE.py", help="import a file that registers estimators"
+    )
 
     status = sub.add_parser("status", help="cells of a run folder: done, failed, running, queued, pending; its jobs")
     status.add_argument("run_dir", type=_folder_arg, metavar="DIR", help="a run folder")
