@@ -42,14 +42,15 @@ def load_run(run_dir: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
 
 
 def derive(frame: pd.DataFrame) -> pd.DataFrame:
-    frame = frame.copy()
-    for column in NUMERIC + eval_columns(frame):
-        if column not in frame:
-            frame[column] = np.nan
-        frame[column] = pd.to_numeric(frame[column], errors="coerce")
-    for column in ("reason", "error", "mem_kind", "mem_class", "timing_suspect", "time_baseline", "eval_reference"):
-        if column not in frame:
-            frame[column] = None
+    numeric = NUMERIC + eval_columns(frame)
+    text = ("reason", "error", "mem_kind", "mem_class", "timing_suspect", "time_baseline", "eval_reference")
+    missing = {c: np.nan for c in dict.fromkeys(numeric) if c not in frame}
+    missing.update({c: None for c in text if c not in frame})
+    # the missing columns in one step (one insert per column fragments the frame)
+    frame = pd.concat([frame, pd.DataFrame(missing, index=frame.index)], axis=1) if missing else frame.copy()
+    numeric = list(dict.fromkeys(numeric))
+    converted = frame[numeric].apply(pd.to_numeric, errors="coerce")
+    frame = pd.concat([frame.drop(columns=numeric), converted], axis=1)[list(frame.columns)].copy()
     frame["family"] = frame["estimator"].str.split("[").str[0]
     frame["reward_gain"] = frame["reward_final"] - frame["reward_init"]
     frame["mem_over_pred"] = frame["peak_mem_bytes"] / frame["mem_pred_bytes"].where(frame["mem_pred_bytes"] > 0)
