@@ -44,9 +44,9 @@ class Units:
     """Counted on one architecture at one shape and dtype (per denoiser call: the batch that goes
     through the denoiser, doubled by classifier-free guidance)."""
 
-    params: int  # denoiser parameters
+    params: int  # the denoiser's own parameters (adapters not included)
     param_bytes: int
-    trainable: int  # parameters that get a gradient for this kind of target
+    trainable: int  # parameters that get a gradient for this kind of target (a LoRA's: the adapters)
     activations: int  # A, bytes
     activations_checkpointed: int  # A with every block checkpointed: block inputs + the largest block
     state: int  # S, bytes of one latent state (the sampler's batch, not doubled)
@@ -230,10 +230,10 @@ def count_module(build, inputs_of, kind: str, rank: int, input_of, decode: bool 
     with FakeTensorMode() if fake else contextlib.nullcontext():
         model = build()
         model.requires_grad_(kind == "full")
+        params = sum(p.numel() for p in model.parameters())  # the model's own, before any adapter
+        param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         if kind == "lora":
             add_lora(model, rank)
-        params = sum(p.numel() for p in model.parameters())
-        param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         exclude = {_storage_key(p) for p in model.parameters()} | {_storage_key(b) for b in model.buffers()}
 
