@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import os
 import sys
@@ -75,7 +76,7 @@ def _list(args: argparse.Namespace) -> int:
             "Estimators",
             ESTIMATORS,
             ("exact", "options (type = default)", "what it does"),
-            lambda cls: (_exactness(cls), _options(cls), cls.summary),
+            lambda cls: (exactness(cls), _options(cls), cls.summary),
         )
     )
     console.print(
@@ -112,7 +113,12 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _exactness(cls) -> str:
+def documentation(cls) -> str:
+    """What `list NAME` prints and the docs' page shows: the module's docstring, else the class's."""
+    return inspect.getdoc(sys.modules[cls.__module__]) or inspect.getdoc(cls) or ""
+
+
+def exactness(cls) -> str:
     """yes, no, or "some options" where `exact` is a property of the options (adjoint)."""
     if isinstance(cls.exact, property):
         return "some options"
@@ -136,7 +142,6 @@ def _class_table(title: str, registry, columns: tuple[str, ...], cells):
 
 
 def _describe(name: str, console) -> int:
-    import inspect
 
     from rich.markup import escape
 
@@ -146,7 +151,7 @@ def _describe(name: str, console) -> int:
     registry = TASKS if name in TASKS.names() else SAMPLERS if name in SAMPLERS.names() else ESTIMATORS
     cls = registry.get(name)
     console.print(f"[bold]{registry.kind} {escape(cls.name)}[/]  ({escape(origin(cls))})")
-    doc = inspect.getdoc(sys.modules[cls.__module__]) or inspect.getdoc(cls) or ""
+    doc = documentation(cls)
     console.print(escape(doc), soft_wrap=True)
     console.print("\n[bold]options[/]" if cls.options else "\nno options")
     for opt in cls.options:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from bench.errors import SpecError
 from bench.planner.models import Architecture
 from bench.planner.units import DTYPES, Units, units
-from bench.results.summary import format_bytes
+from bench.results.summary import format_bytes as size
 
 GIB = 1024**3
 TARGETS = {"latent": "input", "cond": "input", "lora": "lora", "full": "full"}
@@ -107,22 +107,23 @@ def plan_rows(spec: PlanSpec, unit: Units, estimators: list[str] | None = None) 
             continue  # options that cannot run N steps (a plan lists what can)
         trainable = unit.trainable if TARGETS[spec.target] != "input" else 0
         lora_bytes = int(trainable * param_element) if TARGETS[spec.target] == "lora" else 0
+        weights = unit.param_bytes + unit.vae_param_bytes + lora_bytes
+        optimiser = trainable * ADAM_BYTES
+        gradients = int(trainable * param_element) if trainable else unit.state
         through_vae = spec.vae_in_backward and estimator.reward_gradient and cost.nfe_vjp > 0
         vae = unit.vae_activations if through_vae else 0
-        states = cost.latents * unit.state
         if cost.memory == "sampling only":
             activations, peak_activations = 0, 0
         elif cost.activations is None:
             activations = peak_activations = None
         else:
             at_reward = cost.activations if cost.activations_at_reward is None else cost.activations_at_reward
-            activations = int(cost.activations * a + states)
+            activations = int(cost.predicted_bytes(a, unit.state))
             # the reward's graph and the calls' graphs are alive together only where the estimator
             # keeps the calls' graphs from the forward (Cost.activations_at_reward)
-            peak_activations = int(states + max(at_reward * a + vae, cost.activations * a))
-        held = unit.param_bytes + unit.vae_param_bytes + lora_bytes + trainable * ADAM_BYTES
-        held += int(trainable * param_element) if trainable else unit.state
-        flops = cost.nfe_forward * unit.flops_forward + cost.nfe_vjp * unit.flops_backward
+            peak_activations = int(cost.latents * unit.state + max(at_reward * a + vae, cost.activations * a))
+        # the time model (forwards·F + VJPs·V), in FLOPs
+        flops = cost.predicted_seconds(unit.flops_forward, unit.flops_backward)
         if spec.checkpoint_blocks:
             flops += cost.nfe_vjp * unit.flops_forward  # each VJP's call is recomputed block by block
         flops += unit.vae_flops_forward + (unit.vae_flops_backward if through_vae else 0.0)
@@ -132,21 +133,17 @@ def plan_rows(spec: PlanSpec, unit: Units, estimators: list[str] | None = None) 
                 memory_class=cost.memory,
                 forwards=cost.nfe_forward,
                 vjps=cost.nfe_vjp,
-                weights=unit.param_bytes + unit.vae_param_bytes + lora_bytes,
-                optimiser=trainable * ADAM_BYTES,
-                gradients=int(trainable * param_element) if trainable else unit.state,
+                weights=weights,
+                optimiser=optimiser,
+                gradients=gradients,
                 activations=activations,
                 vae=vae,
-                total=None if peak_activations is None else held + peak_activations,
+                total=None if peak_activations is None else weights + optimiser + gradients + peak_activations,
                 flops=flops,
                 seconds=flops / (spec.tflops * 1e12),
             )
         )
     return rows
-
-
-def size(value: float | None) -> str:
-    return format_bytes(value)
 
 
 def flops(value: float) -> str:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from bench.planner.models import Architecture
 
@@ -35,7 +36,6 @@ DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
-KINDS = ("input", "lora", "full")
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
 
@@ -52,7 +52,6 @@ class Units:
     state: int  # S, bytes of one latent state (the sampler's batch, not doubled)
     flops_forward: float  # F
     flops_backward: float  # what a VJP adds to a forward
-    vae_params: int
     vae_param_bytes: int
     vae_activations: int  # bytes kept by one decode with its graph (input requiring grad)
     vae_flops_forward: float
@@ -73,17 +72,13 @@ class LoRALinear(nn.Module):
         return self.base(x) + self.up(self.down(x))
 
 
-def add_lora(model: nn.Module, rank: int, targets: tuple[str, ...] = LORA_TARGETS) -> list[nn.Parameter]:
-    """Replace every nn.Linear whose name ends in one of `targets` by a LoRALinear; its parameters."""
-    params = []
+def add_lora(model: nn.Module, rank: int, targets: tuple[str, ...] = LORA_TARGETS) -> None:
+    """Replace every nn.Linear whose name ends in one of `targets` by a LoRALinear."""
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
             if isinstance(child, nn.Linear) and any(full.endswith(t) for t in targets):
-                wrapped = LoRALinear(child, rank)
-                setattr(module, child_name, wrapped)
-                params += [wrapped.down.weight, wrapped.up.weight]
-    return params
+                setattr(module, child_name, LoRALinear(child, rank))
 
 
 def _storage_key(t: torch.Tensor):
@@ -145,12 +140,13 @@ def default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(saved)
 
 
-def _flops(fn) -> float:
+def _flops(fn) -> tuple[float, object]:
+    """(FLOPs of fn(), its result)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
-        fn()
-    return float(counter.get_total_flops())
+        result = fn()
+    return float(counter.get_total_flops()), result
 
 
 def denoiser_inputs(arch: Architecture, batch: int, resolution: int, dtype: torch.dtype) -> dict:
@@ -210,16 +206,6 @@ def _build_denoiser(arch: Architecture) -> nn.Module:
     return cls.from_config({**arch.denoiser, **arch.denoiser_overrides})
 
 
-def _tensors(value) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
-    return []
-
-
 def count_module(build, inputs_of, kind: str, rank: int, input_of, decode: bool = False, fake: bool = True) -> dict:
     """Count one call of the module `build()` on `inputs_of()` under fake tensors: saved bytes with
     and without block checkpointing, forward and backward FLOPs, parameters. `input_of(inputs)` is
@@ -250,8 +236,9 @@ def count_module(build, inputs_of, kind: str, rank: int, input_of, decode: bool 
         def enter(name):
             def hook(module, args, kwargs):
                 saved.block = name
-                for x in _tensors(args) + _tensors(kwargs):
-                    block_inputs.setdefault(_storage_key(x), x.untyped_storage().nbytes())
+                for x in tree_leaves((args, kwargs)):
+                    if isinstance(x, torch.Tensor):
+                        block_inputs.setdefault(_storage_key(x), x.untyped_storage().nbytes())
 
             return hook
 
@@ -260,12 +247,11 @@ def count_module(build, inputs_of, kind: str, rank: int, input_of, decode: bool 
             hooks.append(block.register_forward_pre_hook(enter(name), with_kwargs=True))
             hooks.append(block.register_forward_hook(lambda m, a, o: setattr(saved, "block", None)))
         with saved.counting():
-            inputs, out = call()
+            forward, (inputs, out) = _flops(call)
         for hook in hooks:
             hook.remove()
         leaves = [input_of(inputs)] + [p for p in model.parameters() if p.requires_grad]
-        backward = _flops(lambda: torch.autograd.grad(out, leaves, grad_outputs=torch.ones_like(out)))
-        forward = _flops(call)
+        backward, _ = _flops(lambda: torch.autograd.grad(out, leaves, grad_outputs=torch.ones_like(out)))
     outside = saved.total - sum(saved.by_block.values())
     kept_inputs = sum(size for key, size in block_inputs.items() if key not in exclude)
     return {
@@ -324,7 +310,6 @@ def units(arch: Architecture, resolution: int, batch: int, dtype: str, kind: str
         state=batch * arch.latent_channels * h * h * element,
         flops_forward=denoiser["flops_forward"],
         flops_backward=denoiser["flops_backward"],
-        vae_params=vae["params"],
         vae_param_bytes=vae["param_bytes"],
         vae_activations=vae["activations"],
         vae_flops_forward=vae["flops_forward"],
