@@ -7,7 +7,12 @@ class SpecError(ValueError):
 
 
 class SkipCell(Exception):
-    """Raised by an estimator or task when a cell cannot be computed by design (not a failure)."""
+    """Raised by an estimator or task when a cell cannot be computed by design (not a failure);
+    `fields` go into the skip row beside its reason."""
+
+    def __init__(self, reason: str = "", fields: dict | None = None) -> None:
+        super().__init__(reason)
+        self.fields = fields or {}
 
 
 class Diverged(Exception):

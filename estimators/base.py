@@ -44,6 +44,10 @@ class Cost:
     # Forwards (among nfe_forward) run inside torch's non-reentrant checkpoint, first passes and
     # replays: each records a graph through pack/unpack hooks, H beyond a plain forward.
     checkpointed_forwards: float = 0.0
+    # Calls without a graph that run while the graph of `activations` calls is alive (sdo's N - 1
+    # calls after its kept one): the working memory W of one call (its transient buffers) adds to
+    # the peak then.
+    working: float = 0.0
 
     def predicted_seconds(self, f: float, v: float, h: float = 0.0) -> float:
         """The time model: forwards·F + VJPs·V + checkpointed forwards·H, from units measured on
@@ -54,6 +58,16 @@ class Cost:
         if self.activations is None or a_bytes is None or s_bytes is None:
             return None
         return self.activations * a_bytes + self.latents * s_bytes
+
+    def predicted_peak_bytes(self, a: float, s: float, reward: float = 0.0, w: float = 0.0) -> float | None:
+        """The peak of one gradient above what is resident (docs/estimators/index.md, 'Cost model'):
+        latents·S + max(activations_at_reward·A + reward, activations·A + working·W), with `reward`
+        the bytes the reward's graph keeps (0 where no reward gradient is taken) and W one call's
+        working memory without a graph."""
+        if self.activations is None:
+            return None
+        at_reward = self.activations if self.activations_at_reward is None else self.activations_at_reward
+        return self.latents * s + max(at_reward * a + reward, self.activations * a + self.working * w)
 
 
 class Estimator(Configurable):
@@ -92,6 +106,11 @@ class Estimator(Configurable):
         name at run time (a solver or another estimator chosen by an option): their code is in
         every cell's key."""
         return ()
+
+    def unit_chain(self, problem: Problem):
+        """The chain whose calls the memory class's A counts (a distilled student's for an
+        estimator that differentiates one in place of the task's)."""
+        return problem.chain
 
     def reference_spec(self) -> str:
         """An estimator whose gradient is the exact gradient of the chain this one differentiates

@@ -103,7 +103,10 @@ class SDO(Estimator):
             # x_N reaches eps_k only when k = N; otherwise the latent's gradient is the identity
             # path alone and no VJP is taken (with step=random, that happens with prob. 1 - 1/N)
             vjp = 1.0 / steps if self.step == "random" else float(self.kept_grid_index(steps, None) == steps)
-        return Cost(nfe_forward=steps, nfe_vjp=vjp, memory="A", activations=1)
+        # the calls after the kept one run without a graph while its graph is alive (none after
+        # the last call)
+        later = 1.0 if self.step == "random" or self.kept_grid_index(steps, None) > 1 else 0.0
+        return Cost(nfe_forward=steps, nfe_vjp=vjp, memory="A", activations=1, working=later)
 
     def estimate(self, problem: Problem, rng: random.Random) -> Estimate:
         chain, schedule, cond = problem.chain, problem.chain.schedule, problem.cond

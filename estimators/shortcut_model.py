@@ -59,6 +59,9 @@ class ShortcutModel(Estimator):
     def cost(self, steps: int, target: str) -> Cost:
         return Cost(nfe_forward=self.steps, nfe_vjp=self.steps, memory="K·A", activations=self.steps)
 
+    def unit_chain(self, problem: Problem):
+        return problem.extras[FEW_STEP_CHAIN](self.steps)
+
     def estimate(self, problem: Problem, rng: random.Random) -> Estimate:
         chain = problem.extras[FEW_STEP_CHAIN](self.steps)  # built once per problem by the task
         state = (problem.x_start,)

@@ -77,6 +77,9 @@ class TorchdiffeqAdjoint(Estimator):
             activations=1,
             latents=steps,
             activations_at_reward=0,
+            # torchdiffeq takes each VJP with retain_graph=True: the call's graph stays alive while
+            # the VJP's buffers are allocated, about one call's working memory on top of A
+            working=1,
         )
 
     def cost_for(self, problem: Problem) -> Cost:

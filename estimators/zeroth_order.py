@@ -38,7 +38,7 @@ class ZerothOrder(Estimator):
     provides = frozenset({IN_ORDER})
 
     def cost(self, steps: int, target: str) -> Cost:
-        return Cost(nfe_forward=(2 * self.n + 1) * steps, nfe_vjp=0, memory="sampling only")
+        return Cost(nfe_forward=(2 * self.n + 1) * steps, nfe_vjp=0, memory="sampling only", activations=0, working=1)
 
     @torch.no_grad()
     def estimate(self, problem: Problem, rng: random.Random) -> Estimate:

@@ -4,10 +4,11 @@ S, forwards and VJPs) and the units counted under fake tensors (bench/planner/un
 
 Peak memory = weights (the denoiser's and the VAE's; text encoders are run once per prompt set and
 left out) + the trainable parameters' gradients and Adam's two moments in float32 + the
-estimator's activations (its class in A and S) and the VAE decode's graph where the estimator
-backpropagates the reward through it: both at once where the estimator keeps its calls' graphs
-from the forward, the larger of the two where it takes the reward's gradient first and recomputes
-afterwards (`Cost.activations_at_reward`). FLOPs per gradient = forwards·F + VJPs·V (+ a recomputed
+estimator's peak (`Cost.predicted_peak_bytes`): its activations (its class in A and S) and the VAE
+decode's graph where the estimator backpropagates the reward through it, both at once where it
+keeps its calls' graphs from the forward, the larger of the two where it takes the reward's
+gradient first and recomputes afterwards (`Cost.activations_at_reward`), and one call's working
+memory W where calls without a graph run while a graph is kept (`Cost.working`). FLOPs per gradient = forwards·F + VJPs·V (+ a recomputed
 forward per VJP with the denoiser's blocks checkpointed) + one VAE decode (and its backward).
 Time = FLOPs at a stated sustained throughput."""
 
@@ -112,16 +113,12 @@ def plan_rows(spec: PlanSpec, unit: Units, estimators: list[str] | None = None) 
         gradients = int(trainable * param_element) if trainable else unit.state
         through_vae = spec.vae_in_backward and estimator.reward_gradient and cost.nfe_vjp > 0
         vae = unit.vae_activations if through_vae else 0
-        if cost.memory == "sampling only":
-            activations, peak_activations = 0, 0
-        elif cost.activations is None:
-            activations = peak_activations = None
-        else:
-            at_reward = cost.activations if cost.activations_at_reward is None else cost.activations_at_reward
-            activations = int(cost.predicted_bytes(a, unit.state))
-            # the reward's graph and the calls' graphs are alive together only where the estimator
-            # keeps the calls' graphs from the forward (Cost.activations_at_reward)
-            peak_activations = int(cost.latents * unit.state + max(at_reward * a + vae, cost.activations * a))
+        activations = cost.predicted_bytes(a, unit.state)
+        activations = None if activations is None else int(activations)
+        # the reward's graph and the calls' graphs are alive together only where the estimator
+        # keeps the calls' graphs from the forward (Cost.activations_at_reward)
+        peak_activations = cost.predicted_peak_bytes(a, unit.state, vae, unit.working)
+        peak_activations = None if peak_activations is None else int(peak_activations)
         # the time model (forwards·F + VJPs·V), in FLOPs
         flops = cost.predicted_seconds(unit.flops_forward, unit.flops_backward)
         if spec.checkpoint_blocks:

@@ -5,6 +5,8 @@ seconds.
 - A: the bytes autograd keeps for one denoiser call with its graph, counted once per storage,
   without the parameters' and buffers' own storages (autograd saves frozen weights too; they are
   resident anyway and counted as weights);
+- W: the working memory of one call without a graph, the peak of its ops' outputs alive at once
+  (a lower bound: a kernel's internal buffers are not seen);
 - S: one latent state;
 - F, V in FLOPs: one forward, and what its backward adds (torch.utils.flop_counter);
 - the same for one VAE decode, and the parameters of both.
@@ -24,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from bench.planner.models import Architecture
@@ -49,6 +53,7 @@ class Units:
     trainable: int  # parameters that get a gradient for this kind of target (a LoRA's: the adapters)
     activations: int  # A, bytes
     activations_checkpointed: int  # A with every block checkpointed: block inputs + the largest block
+    working: int  # W, the peak of a call's op outputs alive at once without a graph
     state: int  # S, bytes of one latent state (the sampler's batch, not doubled)
     flops_forward: float  # F
     flops_backward: float  # what a VJP adds to a forward
@@ -82,9 +87,39 @@ def add_lora(model: nn.Module, rank: int, targets: tuple[str, ...] = LORA_TARGET
 
 
 def _storage_key(t: torch.Tensor):
-    from torch.multiprocessing.reductions import StorageWeakRef
-
     return StorageWeakRef(t.untyped_storage())
+
+
+class Allocations(TorchDispatchMode):
+    """The storages the ops run inside it allocate (an output whose storage is none of its inputs'),
+    and the peak of their bytes alive at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.created: dict[StorageWeakRef, int] = {}
+        self.live: dict[StorageWeakRef, int] = {}
+        self.alive = 0
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {StorageWeakRef(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if _dense(t)}
+        for key in [k for k in self.live if k.expired()]:
+            self.alive -= self.live.pop(key)
+        for t in tree_leaves(out):
+            if _dense(t):
+                key = StorageWeakRef(t.untyped_storage())
+                if key not in inputs and key not in self.created:
+                    size = t.untyped_storage().nbytes()
+                    self.created[key] = size
+                    self.live[key] = size
+                    self.alive += size
+        self.peak = max(self.peak, self.alive)
+        return out
+
+
+def _dense(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.layout == torch.strided
 
 
 class SavedBytes:
@@ -252,6 +287,9 @@ def count_module(build, inputs_of, kind: str, rank: int, input_of, decode: bool 
             hook.remove()
         leaves = [input_of(inputs)] + [p for p in model.parameters() if p.requires_grad]
         backward, _ = _flops(lambda: torch.autograd.grad(out, leaves, grad_outputs=torch.ones_like(out)))
+        with torch.no_grad(), Allocations() as allocations:
+            inputs = inputs_of()
+            model.decode(**inputs) if decode else model(**inputs)
     outside = saved.total - sum(saved.by_block.values())
     kept_inputs = sum(size for key, size in block_inputs.items() if key not in exclude)
     return {
@@ -262,6 +300,7 @@ def count_module(build, inputs_of, kind: str, rank: int, input_of, decode: bool 
         # checkpointed blocks keep their inputs and, during the backward, one block's activations
         # at a time, recomputed
         "activations_checkpointed": outside + kept_inputs + max(saved.by_block.values(), default=0),
+        "working": allocations.peak,
         "flops_forward": forward,
         "flops_backward": backward,
         "largest_saved": saved.largest_saved,
@@ -307,6 +346,7 @@ def units(arch: Architecture, resolution: int, batch: int, dtype: str, kind: str
         trainable=denoiser["trainable"],
         activations=denoiser["activations"],
         activations_checkpointed=denoiser["activations_checkpointed"],
+        working=denoiser["working"],
         state=batch * arch.latent_channels * h * h * element,
         flops_forward=denoiser["flops_forward"],
         flops_backward=denoiser["flops_backward"],

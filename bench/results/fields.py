@@ -70,6 +70,12 @@ FIELDS: tuple[Field, ...] = (
         numeric=False,
     ),
     Field("reason", "", "why a cell was skipped", numeric=False),
+    Field(
+        "skip_kind",
+        "",
+        "`memory-limit`: skipped as predicted not to fit; a resumed sweep runs the cell again",
+        numeric=False,
+    ),
     Field("error", "", "first line of the error of a failed cell", numeric=False),
     Field("error_type", "", "the exception's class", numeric=False),
     Field("traceback", "", "the last frames of the traceback", numeric=False),
@@ -181,6 +187,21 @@ FIELDS: tuple[Field, ...] = (
     Field("mem_unit_a_bytes", "bytes", "A: peak of one denoiser call with its graph, measured like the cells"),
     Field("mem_unit_s_bytes", "bytes", "S: one latent"),
     Field("mem_pred_bytes", "bytes", "the memory model: `mem_pred_activations`·A + `mem_pred_latents`·S"),
+    Field(
+        "mem_plan_bytes",
+        "bytes",
+        "the planned peak above what is resident, from the cost model and units counted on the problem "
+        "(bench/planner/live.py): latents·S + max(at reward·A + reward graph, activations·A + working·W)",
+    ),
+    Field("mem_plan_unit_a_bytes", "bytes", "A counted: what autograd keeps for one call, each storage once"),
+    Field("mem_plan_unit_w_bytes", "bytes", "W counted: one call's working memory without a graph"),
+    Field("mem_plan_reward_bytes", "bytes", "what the reward's graph keeps for x_0 (0 without a reward gradient)"),
+    Field(
+        "mem_fit_pred_bytes",
+        "bytes",
+        "the cell's predicted footprint: the problem's resident tensors, the gradient and `mem_plan_bytes`",
+    ),
+    Field("mem_fit_limit_bytes", "bytes", "the memory it was compared with (`--memory-limit`, or the device's free memory)"),
     # optimisation and quality
     Field("reward_init", "reward", "mean reward of the sampler's output before the optimisation"),
     Field("reward_final", "reward", "mean reward after it (evaluated outside the timed part)"),

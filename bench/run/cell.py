@@ -1,7 +1,8 @@
 """The phases of a cell, each returning its part of the row (a failing phase ends the cell with
 its outcome, never the sweep):
 
-  setup      build the problem, check it can be served, the cost model's prediction
+  setup      build the problem, check it can be served, the cost model's prediction, and that
+             it fits the device's memory (bench/run/fit.py)
   agreement  one untimed gradient: counts, finiteness, cosine to the reference
   reference  the exact gradient at the point (computed once per point, in float64 where possible)
   timing     rounds, interleaved with the point's other cells and with the time model's units
@@ -24,6 +25,7 @@ import torch
 from bench.errors import Diverged, SkipCell
 from bench.run.guard import leave_if_forked
 from bench.run.limits import Clock, is_user_interrupt, outcome
+from bench.run.fit import FitCheck, parse_limit
 from bench.run.memory import MemoryMeter
 from bench.run.plan import (
     DEFAULT_STABLE_CAP_S,
@@ -111,6 +113,7 @@ class CellRunner:
         self.threads, self.threads_before = timing_threads(spec), torch.get_num_threads()
         torch.set_num_threads(self.threads)  # restored by close()
         self.memory = MemoryMeter(spec.memory, self.device, spec.includes)
+        self.fit = FitCheck(parse_limit(spec.memory_limit), self.device)
         self.baseline = ESTIMATORS.create(spec.baseline).spec
         self.references: dict[tuple, torch.Tensor | None] = {}
         self.initial_quality: dict[tuple, dict[str, Any]] = {}
@@ -191,7 +194,9 @@ class CellRunner:
             raise SkipCell(reason)
         attempt.problem, attempt.cost = problem, cell.estimator.cost_for(problem)
         cost = attempt.cost
+        planned = self.fit.fields(cell, problem, cost)  # SkipCell if it is predicted not to fit
         return {
+            **planned,
             "sampler": cell.estimator.sampler or problem.chain.schedule.sampler,
             "threads": self.threads,
             "nfe_forward_pred": cost.nfe_forward,

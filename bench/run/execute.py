@@ -1,9 +1,10 @@
 """One execute loop for every launcher: plan the parts, lock the run folder, make the launcher (a
 table entry of bench/run/launch.py's LAUNCHERS, which refuses then if it cannot run here), read the
-done rows, write run.json, work out what is left (--force, --remeasure's kept rows, the cells a
-live job holds), report the start, hand the work to the launcher, report the cells that got no
-row, and return the sweep's rows. Progress goes out as events (bench/run/launch.py's Event) to one
-callback; the CLI turns them into its bar and lines."""
+done rows (a cell skipped as predicted not to fit is not done: bench/run/fit.py), write run.json,
+work out what is left (--force, --remeasure's kept rows, the cells a live job holds), report the
+start, hand the work to the launcher, report the cells that got no row, and return the sweep's
+rows. Progress goes out as events (bench/run/launch.py's Event) to one callback; the CLI turns
+them into its bar and lines."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any, Callable
 from bench.results import store
 from bench.errors import SpecError
 from bench.results.jobs import busy_cells
+from bench.run.fit import SKIP_KIND
 from bench.run.launch import LAUNCHERS, Event, LaunchSpec, Tally
 from bench.run.plan import REMEASURED, SweepSpec, plan
 from bench.run.provenance import write_run_json
@@ -48,6 +50,8 @@ def execute(
         launcher = kind(launch, out, parts)
         store.repair(out / store.ROWS)
         done = store.latest_by_key(store.read_rows(out))  # rows.jsonl and every job's rows.d file
+        # a cell skipped as predicted not to fit is run again: the memory is the machine's, not the cell's
+        done = {key: row for key, row in done.items() if row.get("skip_kind") != SKIP_KIND}
         write_run_json(out, [s for s, _ in parts], argv, cells, extra)
         kept = {} if force or not remeasure else {key: row for key, row in done.items() if row.get("status") == "ok"}
         seen: set[str] = set()

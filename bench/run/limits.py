@@ -60,7 +60,7 @@ def outcome(exc: BaseException) -> dict[str, Any]:
     if is_user_interrupt(exc):
         raise exc
     if isinstance(exc, SkipCell):
-        return {"status": "skipped", "reason": exception_text(exc)}
+        return {**getattr(exc, "fields", {}), "status": "skipped", "reason": exception_text(exc)}
     if isinstance(exc, Diverged):
         return {"status": "diverged", "error": exception_text(exc)}
     if isinstance(exc, CellTimeout):

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 
 from bench.measure.memory import cuda_peak_bytes, rss_peak_bytes, rss_supported, tensor_bytes
+from bench.planner.live import resident_tensors
 from bench.run.memworker import MemoryWorker, one_kept_call
 
 MODES = {
@@ -53,7 +54,7 @@ class MemoryMeter:
 
     def measure(self, cell, problem, rng: random.Random, cost) -> dict[str, Any]:
         """The row's memory fields: the peak of one gradient call and the model's prediction."""
-        fields: dict[str, Any] = {"mem_baseline_bytes": tensor_bytes(problem_tensors(problem))}
+        fields: dict[str, Any] = {"mem_baseline_bytes": tensor_bytes(resident_tensors(problem))}
         if self.mode in ("off", "unavailable"):
             return {**fields, "peak_mem_bytes": None, "mem_kind": self.mode}
         if self.mode == "process":
@@ -108,12 +109,3 @@ class MemoryMeter:
                 one_kept_call(problem)  # warm-up
                 self.units[key] = self._inprocess_peak(lambda: one_kept_call(problem))
         return self.units[key].get("peak")
-
-
-def problem_tensors(problem):
-    yield from problem.chain.denoiser.parameters()
-    yield from problem.chain.denoiser.buffers()
-    yield problem.x_start
-    if problem.cond is not None:
-        yield problem.cond
-    yield from problem.noises or ()

@@ -198,6 +198,16 @@ def _device(value: str, context: Context) -> str | None:
     return None
 
 
+def _memory_limit(value: str, context: Context) -> str | None:
+    from bench.run.fit import MEMORY_LIMITS, parse_limit
+
+    try:
+        parse_limit(value)
+    except SpecError:
+        return f"{{setting}} {value!r}: give {MEMORY_LIMITS}"
+    return None
+
+
 def threads_limit(launcher: str) -> tuple[int, str]:
     """The most intra-op threads a sweep may ask for, and what that limit is: this machine's cores
     where the cells run here (more threads than cores only wait for each other), MAX_SLURM_THREADS
@@ -322,6 +332,16 @@ SETTINGS: tuple[Setting, ...] = (
         "peak-memory measurement",
         metavar="MODE",
         switches=(("--no-memory", "off", "same as --memory off"),),
+    ),
+    Setting(
+        "memory_limit",
+        STR,
+        "auto",
+        "skip a cell whose predicted footprint (resident tensors, gradient, the estimator's peak from "
+        "its cost model and units counted on the problem) exceeds it, with the prediction as the "
+        "reason: auto (the device's free memory), off, or a size such as 24GiB or 80GB",
+        _memory_limit,
+        metavar="SIZE",
     ),
     Setting(
         "timeout",

@@ -5,7 +5,9 @@ reward of the decoded image.
 `model` is a pipeline folder as `save_pretrained` writes it (unet/, vae/, text_encoder/,
 tokenizer/, scheduler/), a model id already in the local Hugging Face cache, or `tiny` (a random
 1.4 M-parameter pipeline built offline: its costs scale like the real thing, its rewards mean
-nothing). Everything is loaded with local_files_only=True. The sampler (`sampler`: DDIM by
+nothing; `tiny-v` is the same with SD 2.x's v-prediction). Epsilon and v-prediction models both
+run (a v model's output is turned into the epsilon it implies, so every sampler of epsilon models
+drives it). Everything is loaded with local_files_only=True. The sampler (`sampler`: DDIM by
 default, DPM-Solver++ 2M...) runs on the scheduler configuration the pipeline ships (steps_offset,
 timestep spacing and set_alpha_to_one taken from it), tested equal to StableDiffusionPipeline's
 own latents. The VAE decode sits inside the reward path, so its time and memory count, as in
@@ -35,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from bench.chain import Chain
+from bench.chain import Chain, alpha_bar_at_time
 from bench.errors import SpecError
 from bench.options import Option, at_least
 from bench.problem import Problem
@@ -53,14 +55,16 @@ PROMPTS = (
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+TINY = {"tiny": "epsilon", "tiny-v": "v_prediction"}  # built offline: model name -> prediction type
+PREDICTIONS = ("epsilon", "v_prediction")
 
 
 def resolve_model(model: str, what: str = "model") -> Path:
     """A local pipeline folder for `model`: a path, a cached hub id, or tiny (built on first use)."""
-    if model == "tiny":
-        folder = cache_root() / "sd-tiny"
+    if model in TINY:
+        folder = cache_root() / f"sd-{model}"
         if not (folder / "model_index.json").exists():
-            tiny.build(folder)
+            tiny.build(folder, prediction=TINY[model])
         return folder
     return rewards.local_folder(model, what)
 
@@ -190,25 +194,45 @@ class GuidedUNet(nn.Module):
     order: unconditional first). The unconditional half is conditioned on `uncond`: the negative
     prompt's embedding, the empty prompt's when there is none (StableDiffusionPipeline's
     negative_prompt). With `rescale` = phi > 0 the guided prediction is rescaled as the pipeline's
-    guidance_rescale does. The U-Net runs in its own dtype; x and c may be float32 leaves."""
+    guidance_rescale does. The U-Net runs in its own dtype; x and c may be float32 leaves.
 
-    def __init__(self, unet: nn.Module, uncond: Tensor, guidance: float, rescale: float = 0.0) -> None:
+    A v-prediction U-Net (SD 2.x: v = alpha eps - sigma x_0, with x_t = alpha x_0 + sigma eps and
+    alpha^2 = abar(t)) is guided and rescaled on v, as the pipeline does, and then returns the
+    epsilon it implies, eps = alpha v + sigma x_t: every sampler of epsilon models runs on it, and
+    at fractional model times (the adjoints) abar(t) is interpolated as the samplers do
+    (`train_alpha_bar`: the training noise table, given for a v model only)."""
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        uncond: Tensor,
+        guidance: float,
+        rescale: float = 0.0,
+        train_alpha_bar: Tensor | None = None,
+    ) -> None:
         super().__init__()
         self.unet, self.guidance, self.rescale = unet, guidance, rescale
         self.register_buffer("uncond", uncond.detach().clone())
+        self.register_buffer("train_alpha_bar", None if train_alpha_bar is None else train_alpha_bar.clone())
 
     def forward(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         dtype = self.unet.dtype
         cond = cond.to(dtype).expand(x.shape[0], *cond.shape[-2:]) if cond.shape[0] == 1 else cond.to(dtype)
         if self.guidance == 1.0:
-            return self.unet(x.to(dtype), t, encoder_hidden_states=cond).sample.to(x.dtype)
-        uncond = self.uncond.to(dtype).expand_as(cond)
-        both = self.unet(
-            torch.cat([x, x]).to(dtype), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond])
-        ).sample.to(x.dtype)
-        eps_uncond, eps_cond = both.chunk(2)
-        guided = eps_uncond + self.guidance * (eps_cond - eps_uncond)
-        return rescale_guided(guided, eps_cond, self.rescale) if self.rescale > 0 else guided
+            guided = self.unet(x.to(dtype), t, encoder_hidden_states=cond).sample.to(x.dtype)
+        else:
+            uncond = self.uncond.to(dtype).expand_as(cond)
+            both = self.unet(
+                torch.cat([x, x]).to(dtype), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond])
+            ).sample.to(x.dtype)
+            out_uncond, out_cond = both.chunk(2)
+            guided = out_uncond + self.guidance * (out_cond - out_uncond)
+            guided = rescale_guided(guided, out_cond, self.rescale) if self.rescale > 0 else guided
+        if self.train_alpha_bar is None:
+            return guided
+        alpha_bar = alpha_bar_at_time(t.reshape(-1), self.train_alpha_bar).to(x.dtype)
+        alpha_bar = alpha_bar.expand(x.shape[0]).reshape(-1, *[1] * (x.dim() - 1))
+        return alpha_bar.sqrt() * guided + (1 - alpha_bar).sqrt() * x
 
 
 def rescale_guided(guided: Tensor, eps_cond: Tensor, phi: float) -> Tensor:
@@ -227,7 +251,12 @@ class StableDiffusion(Task):
     learning_rates = {"latent": 0.05, "cond": 0.01, "noise": 0.05, "weights": 1e-3}
     dtype = torch.float32  # the estimators' runs: the leaves (the option `dtype` is network_dtype)
     options = (
-        Option("model", str, "tiny", "pipeline folder, cached model id, or tiny (random, built offline)"),
+        Option(
+            "model",
+            str,
+            "tiny",
+            "pipeline folder, cached model id, or tiny / tiny-v (random, built offline: epsilon and v-prediction)",
+        ),
         Option(
             "prompt",
             str,
@@ -315,7 +344,7 @@ class StableDiffusion(Task):
 
     @property
     def reference_dtype(self) -> torch.dtype | None:
-        choice = self.reference if self.reference != "auto" else ("float64" if self.model == "tiny" else "task")
+        choice = self.reference if self.reference != "auto" else ("float64" if self.model in TINY else "task")
         return {"float64": torch.float64, "task": torch.float32, "off": None}[choice]
 
     @property
@@ -365,18 +394,24 @@ class StableDiffusion(Task):
             if hasattr(self, "pipeline_scheduler")
             else "epsilon"
         )
-        if prediction != "epsilon":
+        if prediction not in PREDICTIONS:
             raise SpecError(
-                f"sd[model={self.model}]: prediction_type={prediction!r} is not supported yet; "
-                "valid: epsilon (SD 1.x-class pipelines)"
+                f"sd[model={self.model}]: prediction_type={prediction!r} is not supported; valid: "
+                "epsilon (SD 1.x-class pipelines), v_prediction (SD 2.x)"
             )
-        return prediction
+        return "epsilon"  # a v model's denoiser returns the epsilon it implies (GuidedUNet)
+
+    @property
+    def predicts_v(self) -> bool:
+        self._check_once()
+        return self.pipeline_scheduler.get("prediction_type", "epsilon") == "v_prediction"
 
     def scheduler_config(self) -> dict:
         """The pipeline's scheduler configuration (its noise table, spacing and offsets): every
-        sampler is built on it, as a pipeline's `from_config` swap of schedulers does."""
+        sampler is built on it, as a pipeline's `from_config` swap of schedulers does; for the
+        epsilon that the denoiser returns (GuidedUNet converts a v model's output)."""
         self._check_once()
-        return dict(self.pipeline_scheduler)
+        return {**self.pipeline_scheduler, "prediction_type": "epsilon"}
 
     def _read_prompts(self) -> list[str]:
         if self.prompt is not None:
@@ -469,7 +504,7 @@ class StableDiffusion(Task):
         return hashlib.sha256(_fingerprint(self.folder).encode() + texts).hexdigest()[:16]
 
     def setup(self, device: torch.device) -> None:
-        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
         from diffusers.utils import logging as diffusers_logging
@@ -491,6 +526,8 @@ class StableDiffusion(Task):
         self.prompt_embeds = self.encode(tokenizer, text_encoder, self.prompt_list)
         self.uncond_embeds = self.encode(tokenizer, text_encoder, [self.negative_text])  # "" without one
         self._reward = REWARDS.build(self.reward, self, rewards.IMAGE)
+        # the training noise table abar_t of the pipeline's scheduler (a v model's conversion)
+        self.train_alpha_bar = DDIMScheduler.from_config(self.pipeline_scheduler).alphas_cumprod.double()
         self._copies: dict[torch.dtype, tuple[nn.Module, object]] = {}
 
     @torch.no_grad()
@@ -543,7 +580,13 @@ class StableDiffusion(Task):
                         param.data = param.data.to(dtype if dtype == torch.float64 else torch.float32)
             else:
                 unet.requires_grad_(True)
-        denoiser = GuidedUNet(unet, self.uncond_embeds.to(dtype), self.guidance, self.guidance_rescale)
+        denoiser = GuidedUNet(
+            unet,
+            self.uncond_embeds.to(dtype),
+            self.guidance,
+            self.guidance_rescale,
+            self.train_alpha_bar.to(self.device, dtype) if self.predicts_v else None,
+        )
         generator = torch.Generator().manual_seed(seed)
         x_start = torch.randn(self.batch, *self.latent_shape, generator=generator).to(self.device, dtype)
         noises = None

@@ -86,9 +86,10 @@ def make_tokenizer():
     return tokenizer, text
 
 
-def build(folder: Path, seed: int = 0) -> Path:
+def build(folder: Path, seed: int = 0, prediction: str = "epsilon") -> Path:
     """Write a tiny SD pipeline to `folder` (unet/, vae/, text_encoder/, tokenizer/, scheduler/,
-    model_index.json) and return it."""
+    model_index.json) and return it; `prediction`: the scheduler's prediction_type (epsilon as SD
+    1.x, v_prediction as SD 2.x at 768²)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
     from transformers.utils import logging as transformers_logging
@@ -105,7 +106,7 @@ def build(folder: Path, seed: int = 0) -> Path:
         text_encoder=text,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=DDIMScheduler(**SCHEDULER),
+        scheduler=DDIMScheduler(**{**SCHEDULER, "prediction_type": prediction}),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

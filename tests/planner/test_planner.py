@@ -96,13 +96,18 @@ def test_the_cost_model_decides_what_is_alive_together():
     arch = architecture("sd1.5")
     spec = PlanSpec(arch, 256, 4, dtype="fp32", target="latent")
     unit = plan_units(spec)
-    rows = {r.estimator: r for r in plan_rows(spec, unit, ["full", "checkpoint", "zeroth-order"])}
+    rows = {r.estimator: r for r in plan_rows(spec, unit, ["full", "checkpoint", "sdo", "zeroth-order"])}
     resident = unit.param_bytes + unit.vae_param_bytes + unit.state
     assert rows["full"].total == resident + 4 * unit.activations + unit.vae_activations
     assert rows["checkpoint"].total == resident + 4 * unit.state + max(unit.vae_activations, unit.activations)
-    assert rows["zeroth-order"].total == resident and rows["zeroth-order"].vae == 0
-    no_vae = plan_rows(PlanSpec(arch, 256, 4, dtype="fp32", target="latent", vae_in_backward=False), unit, ["full"])
-    assert no_vae[0].total == resident + 4 * unit.activations
+    # sdo's later calls run without a graph beside its kept one; zeroth-order keeps no graph at all
+    assert rows["sdo"].total == resident + unit.activations + max(unit.vae_activations, unit.working)
+    assert rows["zeroth-order"].total == resident + unit.working and rows["zeroth-order"].vae == 0
+    assert 0 < unit.working < unit.activations
+    no_vae = PlanSpec(arch, 256, 4, dtype="fp32", target="latent", vae_in_backward=False)
+    rows = {r.estimator: r for r in plan_rows(no_vae, unit, ["full", "sdo"])}
+    assert rows["full"].total == resident + 4 * unit.activations
+    assert rows["sdo"].total == resident + unit.activations + unit.working
 
 
 def test_a_model_folder_is_read_from_its_configs_alone(tmp_path):
