@@ -152,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument(
         "--tflops", type=float, default=400.0, help="sustained throughput the times assume, TFLOP/s (default 400)"
     )
+    plan.add_argument(
+        "--measure",
+        action="store_true",
+        help="times from F and V measured on the present device (CUDA if there, else this CPU), the "
+        "denoiser and VAE built with random weights there (they must fit), instead of --tflops",
+    )
     plan.add_argument("--estimators", default="", help="comma-separated specs (default: every registered one)")
     plan.add_argument(
         "--include", action="append", default=[], metavar="FILE.py", help="import a file that registers estimators"

@@ -10,7 +10,8 @@ keeps its calls' graphs from the forward, the larger of the two where it takes t
 gradient first and recomputes afterwards (`Cost.activations_at_reward`), and one call's working
 memory W where calls without a graph run while a graph is kept (`Cost.working`). FLOPs per gradient = forwards·F + VJPs·V (+ a recomputed
 forward per VJP with the denoiser's blocks checkpointed) + one VAE decode (and its backward).
-Time = FLOPs at a stated sustained throughput."""
+Time = FLOPs at a stated sustained throughput, or forwards·F + VJPs·V (+ the VAE decode) from F
+and V measured on the present device (bench/planner/timed.py)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass, replace
 
 from bench.errors import SpecError
 from bench.planner.models import Architecture
+from bench.planner.timed import MeasuredUnits
 from bench.planner.units import DTYPES, Units, units
 from bench.results.summary import format_bytes as size
 
@@ -93,7 +95,10 @@ def plan_units(spec: PlanSpec) -> Units:
     return units(arch, spec.resolution, spec.batch, spec.dtype, TARGETS[spec.target], spec.rank)
 
 
-def plan_rows(spec: PlanSpec, unit: Units, estimators: list[str] | None = None) -> list[PlanRow]:
+def plan_rows(
+    spec: PlanSpec, unit: Units, estimators: list[str] | None = None, measured: MeasuredUnits | None = None
+) -> list[PlanRow]:
+    """One row per estimator; times from FLOPs at spec.tflops, or from `measured` F and V seconds."""
     from bench.registry import ESTIMATORS
 
     param_element = unit.param_bytes / unit.params
@@ -124,6 +129,12 @@ def plan_rows(spec: PlanSpec, unit: Units, estimators: list[str] | None = None) 
         if spec.checkpoint_blocks:
             flops += cost.nfe_vjp * unit.flops_forward  # each VJP's call is recomputed block by block
         flops += unit.vae_flops_forward + (unit.vae_flops_backward if through_vae else 0.0)
+        seconds = flops / (spec.tflops * 1e12)
+        if measured is not None:
+            seconds = cost.predicted_seconds(measured.forward, measured.backward)
+            if spec.checkpoint_blocks:
+                seconds += cost.nfe_vjp * measured.forward
+            seconds += measured.vae_forward + (measured.vae_backward if through_vae else 0.0)
         rows.append(
             PlanRow(
                 estimator=estimator.spec,
@@ -137,7 +148,7 @@ def plan_rows(spec: PlanSpec, unit: Units, estimators: list[str] | None = None) 
                 vae=vae,
                 total=None if peak_activations is None else weights + optimiser + gradients + peak_activations,
                 flops=flops,
-                seconds=flops / (spec.tflops * 1e12),
+                seconds=seconds,
             )
         )
     return rows
@@ -158,7 +169,9 @@ def seconds(value: float) -> str:
     return f"{value:.2f}" if value >= 0.01 else f"{value:.1e}"
 
 
-def render(spec: PlanSpec, unit: Units, rows: list[PlanRow], memory_label: str = "") -> str:
+def render(
+    spec: PlanSpec, unit: Units, rows: list[PlanRow], memory_label: str = "", measured: MeasuredUnits | None = None
+) -> str:
     """The plan as Markdown: what was counted, then one row per estimator."""
     arch = spec.arch
     cfg = arch.guidance == "cfg" and spec.guidance
@@ -174,7 +187,13 @@ def render(spec: PlanSpec, unit: Units, rows: list[PlanRow], memory_label: str =
         f"{count(unit.trainable)} trainable; A = {size(a)} per call, S = {size(unit.state)}, "
         f"F = {flops(unit.flops_forward)}, V = {flops(unit.flops_backward)}; VAE decode: {size(unit.vae_activations)} "
         f"kept, {flops(unit.vae_flops_forward)}; attention {unit.attention_kernel}. "
-        f"Times at {spec.tflops:g} TFLOP/s sustained.",
+        + (
+            f"Times at {spec.tflops:g} TFLOP/s sustained."
+            if measured is None
+            else f"Times from F = {measured.forward * 1e3:.4g} ms, V = {measured.backward * 1e3:.4g} ms and the VAE "
+            f"decode's {measured.vae_forward * 1e3:.4g} + {measured.vae_backward * 1e3:.4g} ms, measured on "
+            f"{measured.device} (random weights, median of {measured.rounds} rounds)."
+        ),
         "",
     ]
     label = memory_label or (size(spec.device_memory) if spec.device_memory else "")

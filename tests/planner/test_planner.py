@@ -145,3 +145,22 @@ def test_a_folder_without_a_config_is_refused(tmp_path, capsys):
 def test_device_sizes_parse_as_sold_and_as_binary():
     assert parse_bytes("24GiB") == 24 * 1024**3 and parse_bytes("80GB") == 80 * 10**9
     assert parse_bytes("141 GB") == 141 * 10**9 and parse_bytes("512MiB") == 512 * 1024**2
+
+
+def test_times_from_units_measured_on_the_present_device(tmp_path, capsys):
+    """--measure: F and V timed on this CPU (random weights built from the folder's configs), and
+    every row's time is forwards·F + VJPs·V + the VAE decode and its backward."""
+    from bench.planner.timed import MeasuredUnits
+
+    folder = tmp_path / "my-model"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel", **TINY_UNET}))
+    argv = ["plan", "--model", str(folder), "--resolution", "64", "--steps", "3", "--dtype", "fp32", "--measure"]
+    assert main([*argv, "--estimators", "full,sdo"]) == 0
+    out = capsys.readouterr().out
+    assert "measured on this CPU" in out and "median of 3 rounds" in out and "| full |" in out, out
+    measured = MeasuredUnits("a device", forward=0.5, backward=1.0, vae_forward=0.25, vae_backward=2.0, rounds=3)
+    spec = PlanSpec(architecture(str(folder)), 64, 3, dtype="fp32", target="latent")
+    rows = {r.estimator: r for r in plan_rows(spec, plan_units(spec), ["full", "sdo"], measured)}
+    assert rows["full"].seconds == 3 * 0.5 + 3 * 1.0 + 0.25 + 2.0
+    assert rows["sdo"].seconds == 3 * 0.5 + 1.0 + 0.25 + 2.0  # its kept call (the first) is the one VJP
