@@ -2,4 +2,9 @@
 BUILT_IN maps each task's name to its class: adding a task is a module (or folder) here and a
 line below."""
 
-BUILT_IN = {"toy": "tasks.toy:Toy", "digits": "tasks.digits.task:Digits", "sd": "tasks.sd.task:StableDiffusion"}
+BUILT_IN = {
+    "toy": "tasks.toy:Toy",
+    "digits": "tasks.digits.task:Digits",
+    "sd": "tasks.sd.task:StableDiffusion",
+    "sd3": "tasks.sd3.task:StableDiffusion3",
+}

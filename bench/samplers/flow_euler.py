@@ -21,8 +21,8 @@ from bench.options import Option
 from bench.samplers import Sampler, check_steps_argument
 
 
-def _positive(value: float) -> str | None:
-    return None if value > 0 else "must be > 0"
+def _shift(value: float) -> str | None:
+    return None if value >= 0 else "must be > 0 (0: the model's own)"
 
 
 @dataclass(frozen=True)
@@ -117,10 +117,18 @@ class FlowEuler(Sampler):
     summary = "Euler on a rectified-flow velocity model: diffusers' FlowMatchEulerDiscreteScheduler"
     prediction = "flow"
     scheduler_class = "FlowMatchEulerDiscreteScheduler"
-    options = (Option("shift", float, 1.0, "timestep shift (SD3 uses 3.0)", check=_positive),)
+    options = (
+        Option(
+            "shift",
+            float,
+            0.0,
+            "timestep shift (SD3 uses 3.0); 0: the model's own, its scheduler configuration's (1 without one)",
+            check=_shift,
+        ),
+    )
 
     def scheduler_config(self) -> dict:
-        return {"shift": self.shift}
+        return {"shift": self.shift} if self.shift else {}
 
     def schedule_from(self, scheduler, steps: int, eta: float) -> FlowEulerSchedule:
         return FlowEulerSchedule.read(scheduler, steps)
