@@ -6,5 +6,6 @@ BUILT_IN = {
     "toy": "tasks.toy:Toy",
     "digits": "tasks.digits.task:Digits",
     "sd": "tasks.sd.task:StableDiffusion",
+    "sdxl": "tasks.sdxl.task:StableDiffusionXL",
     "sd3": "tasks.sd3.task:StableDiffusion3",
 }

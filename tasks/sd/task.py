@@ -105,13 +105,19 @@ TRANSFORMERS_WEIGHTS = (
     "model.safetensors.index.json",
     "pytorch_model.bin.index.json",
 )
-WEIGHT_FILES = {"unet": DIFFUSERS_WEIGHTS, "vae": DIFFUSERS_WEIGHTS, "text_encoder": TRANSFORMERS_WEIGHTS}
+WEIGHT_FILES = {
+    "unet": DIFFUSERS_WEIGHTS,
+    "vae": DIFFUSERS_WEIGHTS,
+    "text_encoder": TRANSFORMERS_WEIGHTS,
+    "text_encoder_2": TRANSFORMERS_WEIGHTS,
+}
 # The configuration entries the task and the networks' shapes depend on; a missing one would make
 # from_pretrained build a default architecture the weights do not fit.
 REQUIRED_CONFIG = {
     "unet": ("in_channels", "sample_size", "block_out_channels", "cross_attention_dim"),
     "vae": ("latent_channels", "block_out_channels"),
     "text_encoder": ("hidden_size",),
+    "text_encoder_2": ("hidden_size",),
 }
 
 
@@ -209,21 +215,41 @@ class GuidedUNet(nn.Module):
         guidance: float,
         rescale: float = 0.0,
         train_alpha_bar: Tensor | None = None,
+        added: dict[str, Tensor] | None = None,
     ) -> None:
         super().__init__()
         self.unet, self.guidance, self.rescale = unet, guidance, rescale
         self.register_buffer("uncond", uncond.detach().clone())
         self.register_buffer("train_alpha_bar", None if train_alpha_bar is None else train_alpha_bar.clone())
+        # SDXL's added conditioning: the pooled text embedding of each sample and of the negative
+        # prompt, and the size and crop ids (text_embeds, text_embeds_uncond, time_ids)
+        self.has_added = added is not None
+        for name in ("text_embeds", "text_embeds_uncond", "time_ids"):
+            self.register_buffer(name, None if added is None else added[name].detach().clone())
+
+    def _added(self, batch: int, guided: bool, dtype: torch.dtype) -> dict:
+        if not self.has_added:
+            return {}
+        pooled = self.text_embeds.to(dtype).expand(batch, -1)
+        if guided:
+            pooled = torch.cat([self.text_embeds_uncond.to(dtype).expand(batch, -1), pooled])
+        time_ids = self.time_ids.to(dtype).expand(pooled.shape[0], -1)
+        return {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
 
     def forward(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         dtype = self.unet.dtype
         cond = cond.to(dtype).expand(x.shape[0], *cond.shape[-2:]) if cond.shape[0] == 1 else cond.to(dtype)
         if self.guidance == 1.0:
-            guided = self.unet(x.to(dtype), t, encoder_hidden_states=cond).sample.to(x.dtype)
+            guided = self.unet(
+                x.to(dtype), t, encoder_hidden_states=cond, **self._added(x.shape[0], False, dtype)
+            ).sample.to(x.dtype)
         else:
             uncond = self.uncond.to(dtype).expand_as(cond)
             both = self.unet(
-                torch.cat([x, x]).to(dtype), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond])
+                torch.cat([x, x]).to(dtype),
+                torch.cat([t, t]),
+                encoder_hidden_states=torch.cat([uncond, cond]),
+                **self._added(x.shape[0], True, dtype),
             ).sample.to(x.dtype)
             out_uncond, out_cond = both.chunk(2)
             guided = out_uncond + self.guidance * (out_cond - out_uncond)
@@ -250,6 +276,8 @@ class StableDiffusion(Task):
     version = "1"
     learning_rates = {"latent": 0.05, "cond": 0.01, "noise": 0.05, "weights": 1e-3}
     dtype = torch.float32  # the estimators' runs: the leaves (the option `dtype` is network_dtype)
+    components: tuple[str, ...] = COMPONENTS  # the pipeline folder's subfolders
+    networks: tuple[str, ...] = ("unet", "vae", "text_encoder")  # those with a config and weights
     options = (
         Option(
             "model",
@@ -353,15 +381,15 @@ class StableDiffusion(Task):
 
     def preflight(self) -> None:
         self._checked = True
-        self.folder = resolve_model(self.model)
-        missing = [name for name in COMPONENTS if not (self.folder / name).is_dir()]
+        self.folder = self.model_folder()
+        missing = [name for name in self.components if not (self.folder / name).is_dir()]
         if missing:
             raise SpecError(
-                f"sd[model={self.model}]: {self.folder} is not a diffusers pipeline folder "
+                f"{self.name}[model={self.model}]: {self.folder} is not a diffusers pipeline folder "
                 f"(no {', '.join(n + '/' for n in missing)}); valid: a folder save_pretrained wrote"
             )
-        owner = f"sd[model={self.model}]"
-        configs = {name: read_component(self.folder, name, owner) for name in WEIGHT_FILES}
+        owner = f"{self.name}[model={self.model}]"
+        configs = {name: read_component(self.folder, name, owner) for name in self.networks}
         self.latent_shape = self._latent_shape(configs)
         self._check_text_width(configs)
         self.prompt_list = self._read_prompts()
@@ -387,6 +415,9 @@ class StableDiffusion(Task):
             raise SpecError(f"{owner}: {self.folder / 'scheduler' / 'scheduler_config.json'}: {exc}") from None
         REWARDS.preflight(self.reward, self, rewards.IMAGE)  # its files, or a user function that loads
 
+    def model_folder(self) -> Path:
+        return resolve_model(self.model)
+
     @property
     def model_prediction(self) -> str:
         prediction = (
@@ -396,7 +427,7 @@ class StableDiffusion(Task):
         )
         if prediction not in PREDICTIONS:
             raise SpecError(
-                f"sd[model={self.model}]: prediction_type={prediction!r} is not supported; valid: "
+                f"{self.name}[model={self.model}]: prediction_type={prediction!r} is not supported; valid: "
                 "epsilon (SD 1.x-class pipelines), v_prediction (SD 2.x)"
             )
         return "epsilon"  # a v model's denoiser returns the epsilon it implies (GuidedUNet)
@@ -451,7 +482,7 @@ class StableDiffusion(Task):
     def _latent_shape(self, configs: dict[str, dict]) -> tuple[int, int, int]:
         """(channels, side, side) of the latents for the `resolution` option, checked against the
         VAE's downsampling factor (the pipeline's vae_scale_factor) and the U-Net's."""
-        unet, vae, owner = configs["unet"], configs["vae"], f"sd[model={self.model}]"
+        unet, vae, owner = configs["unet"], configs["vae"], f"{self.name}[model={self.model}]"
         if unet["in_channels"] != vae["latent_channels"]:
             raise SpecError(
                 f"{owner}: the U-Net takes {unet['in_channels']} input channels but the VAE's latents "
@@ -481,7 +512,7 @@ class StableDiffusion(Task):
         width, attention = configs["text_encoder"]["hidden_size"], configs["unet"]["cross_attention_dim"]
         if isinstance(attention, int) and attention != width:
             raise SpecError(
-                f"sd[model={self.model}]: the U-Net attends to {attention}-wide text embeddings but the "
+                f"{self.name}[model={self.model}]: the U-Net attends to {attention}-wide text embeddings but the "
                 f"text encoder gives {width}-wide ones; valid: a pipeline whose parts belong together"
             )
 
@@ -505,7 +536,6 @@ class StableDiffusion(Task):
 
     def setup(self, device: torch.device) -> None:
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
 
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
@@ -521,14 +551,22 @@ class StableDiffusion(Task):
         self.unet.eval().requires_grad_(False)
         self.vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **load).to(device, dtype)
         self.vae.eval().requires_grad_(False)
-        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **load)
-        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **load).to(device)
-        self.prompt_embeds = self.encode(tokenizer, text_encoder, self.prompt_list)
-        self.uncond_embeds = self.encode(tokenizer, text_encoder, [self.negative_text])  # "" without one
+        self.encode_prompts()
         self._reward = REWARDS.build(self.reward, self, rewards.IMAGE)
         # the training noise table abar_t of the pipeline's scheduler (a v model's conversion)
         self.train_alpha_bar = DDIMScheduler.from_config(self.pipeline_scheduler).alphas_cumprod.double()
         self._copies: dict[torch.dtype, tuple[nn.Module, object]] = {}
+
+    def encode_prompts(self) -> None:
+        """prompt_embeds (one per prompt) and uncond_embeds (the negative prompt's, the empty
+        prompt's without one), computed once; the text encoder is released afterwards."""
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        load = dict(local_files_only=True)
+        tokenizer = CLIPTokenizer.from_pretrained(self.folder, subfolder="tokenizer", **load)
+        text_encoder = CLIPTextModel.from_pretrained(self.folder, subfolder="text_encoder", **load).to(self.device)
+        self.prompt_embeds = self.encode(tokenizer, text_encoder, self.prompt_list)
+        self.uncond_embeds = self.encode(tokenizer, text_encoder, [self.negative_text])  # "" without one
 
     @torch.no_grad()
     def encode(self, tokenizer, text_encoder, prompts: list[str]) -> Tensor:
@@ -555,6 +593,10 @@ class StableDiffusion(Task):
         images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
         return (images.to(latents.dtype) / 2 + 0.5).clamp(0, 1)
 
+    def added_conditioning(self, order: list[int], dtype: torch.dtype) -> dict[str, Tensor] | None:
+        """What the U-Net reads beside the text embedding (SDXL's pooled embedding and size ids); none for SD 1.x and 2.x."""
+        return None
+
     def make_problem(self, target: str, steps: int, seed: int, dtype: torch.dtype | None = None) -> Problem:
         self.check_target(target)
         dtype = dtype or self.dtype  # the leaves' precision (the `dtype` option is the networks')
@@ -580,12 +622,14 @@ class StableDiffusion(Task):
                         param.data = param.data.to(dtype if dtype == torch.float64 else torch.float32)
             else:
                 unet.requires_grad_(True)
+        order = [b % len(self.prompt_list) for b in range(self.batch)]
         denoiser = GuidedUNet(
             unet,
             self.uncond_embeds.to(dtype),
             self.guidance,
             self.guidance_rescale,
             self.train_alpha_bar.to(self.device, dtype) if self.predicts_v else None,
+            self.added_conditioning(order, dtype),
         )
         generator = torch.Generator().manual_seed(seed)
         x_start = torch.randn(self.batch, *self.latent_shape, generator=generator).to(self.device, dtype)
@@ -595,7 +639,6 @@ class StableDiffusion(Task):
                 torch.randn(self.batch, *self.latent_shape, generator=generator).to(self.device, dtype)
                 for _ in range(steps)
             ]
-        order = [b % len(self.prompt_list) for b in range(self.batch)]
         cond = self.prompt_embeds[order].clone().to(self.device, dtype)
         leaves = self.leaves_for(target, x_start, cond, noises, denoiser)
         schedule = self.make_schedule(steps)

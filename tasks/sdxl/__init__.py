@@ -1,0 +1,1 @@
+"""sdxl: Stable Diffusion XL-class pipelines loaded from disk through diffusers."""
