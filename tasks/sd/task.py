@@ -340,6 +340,14 @@ class StableDiffusion(Task):
             choices=("lora", "full"),
         ),
         Option("lora_rank", int, 4, "LoRA rank", check=at_least(1)),
+        Option(
+            "checkpoint_blocks",
+            bool,
+            False,
+            "activation checkpointing inside the denoiser, per block (diffusers' gradient checkpointing, as "
+            "the field's trainers run it): each call keeps its blocks' inputs and recomputes a block in the "
+            "backward; the same gradient, less memory, more time",
+        ),
         REWARDS.option(
             rewards.IMAGE,
             "clip",
@@ -542,6 +550,7 @@ class StableDiffusion(Task):
 
         super().setup(device)
         diffusers_logging.set_verbosity_error()
+        diffusers_logging.disable_progress_bar()
         transformers_logging.set_verbosity_error()
         transformers_logging.disable_progress_bar()
         self._check_once()
@@ -603,6 +612,8 @@ class StableDiffusion(Task):
         unet = copy.deepcopy(self.unet)
         if dtype == torch.float64:
             unet = unet.to(dtype)
+        if self.checkpoint_blocks:
+            unet.enable_gradient_checkpointing()
         if target == "weights":
             if self.tune == "lora":
                 from peft import LoraConfig

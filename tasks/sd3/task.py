@@ -252,6 +252,8 @@ class StableDiffusion3(StableDiffusion):
         transformer = copy.deepcopy(self.transformer)
         if dtype == torch.float64:
             transformer = transformer.to(dtype)
+        if self.checkpoint_blocks:
+            transformer.enable_gradient_checkpointing()
         if target == "weights":
             if self.tune == "lora":
                 from peft import LoraConfig

@@ -71,5 +71,12 @@ def build(folder: Path, seed: int = 0) -> Path:
         text_encoder_3=None,
         tokenizer_3=None,
     )
-    pipeline.save_pretrained(folder)
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # "text_encoder_3=None cannot be saved": none is meant
+    try:
+        pipeline.save_pretrained(folder)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     return Path(folder)
