@@ -40,6 +40,8 @@ IMAGE = REWARDS.domain("image", "images", "(B, 3, H, W) images in [0, 1]")
 # what `python -m bench list` showed of sd's rewards (kept until it reads the registry)
 DESCRIPTIONS = {
     "clip": "100 x cosine of CLIP image and reward_text embeddings (Radford et al. 2021), clip_model=PATH",
+    "pickscore": "PickScore: exp(logit scale) x cosine of the image and its own prompt under a preference-tuned "
+    "CLIP (Kirstain et al. 2023), clip_model=PATH to the PickScore CLIPModel folder",
     "aesthetic": "LAION aesthetic MLP on the CLIP image embedding (DDPO, DRaFT), aesthetic_head=PATH",
     "lpips": "minus LPIPS to reference_image (Zhang et al. 2018), AlexNet from lpips_backbone=PATH",
     "jpeg": "minus the JPEG size in kB, quality 95 (DDPO); not differentiable",
@@ -173,6 +175,34 @@ class ClipSimilarity(NetworkReward):
         return 100 * (image * self.text.to(image)).sum(-1)
 
 
+class PickScore(NetworkReward):
+    """PickScore (Kirstain et al. 2023, "Pick-a-Pic"): a CLIP model fine-tuned on human preferences,
+    scored as CLIP scores an image against its caption, exp(logit_scale) * cos(image embedding,
+    prompt embedding), with the model's learned logit scale, each sample against its own prompt
+    (sample b was drawn for prompt b mod n, as the task cycles them)."""
+
+    parts = ("clip",)
+
+    def __init__(self, clip: ClipImageEmbedding, folder: Path, prompts: list[str]) -> None:
+        from transformers import CLIPTokenizer
+
+        tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+        tokens = tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).to(clip.model.device)
+        with torch.no_grad():
+            text_embeds = clip.model.get_text_features(**tokens)
+            text_embeds = getattr(text_embeds, "pooler_output", text_embeds)
+            self.scale = float(clip.model.logit_scale.exp())
+        self.text = torch.nn.functional.normalize(text_embeds.double(), dim=-1)
+        self.clip = clip
+
+    def __call__(self, images: Tensor) -> Tensor:
+        image = self.clip.embed(images)
+        order = torch.arange(image.shape[0], device=image.device) % self.text.shape[0]
+        return self.scale * (image * self.text[order].to(image)).sum(-1)
+
+
 class LpipsDistance(NetworkReward):
     """-LPIPS(image, reference): AlexNet features (from a local torchvision state dict) with the
     lpips package's own linear heads (shipped inside the package)."""
@@ -296,6 +326,11 @@ def _clip_similarity(task) -> ClipSimilarity:
     return ClipSimilarity(clip, folder, task.reward_text)
 
 
+def _pickscore(task) -> PickScore:
+    clip, folder = _clip(task)
+    return PickScore(clip, folder, task.prompt_list)
+
+
 def _aesthetic(task) -> AestheticScore:
     clip, _ = _clip(task)
     head = head_file(task)
@@ -322,6 +357,7 @@ def _jpeg_incompressibility(task):
 
 for _name, _factory, _check in (
     ("clip", _clip_similarity, clip_folder),
+    ("pickscore", _pickscore, clip_folder),
     ("aesthetic", _aesthetic, _check_aesthetic),
     ("lpips", _lpips, _check_lpips),
     ("jpeg", _jpeg, None),

@@ -351,7 +351,7 @@ class StableDiffusion(Task):
         REWARDS.option(
             rewards.IMAGE,
             "clip",
-            "clip, aesthetic, lpips, jpeg, jpeg-incompressibility, any other reward of images "
+            "clip, pickscore, aesthetic, lpips, jpeg, jpeg-incompressibility, any other reward of images "
             "(python -m bench list: an entry point's name), or module:function / file.py:function",
         ),
         Option("reward_text", str, "a beautiful photograph", "the text the clip reward compares with"),

@@ -1,6 +1,7 @@
 """The sd task on a tiny random pipeline built offline: diffusers' own sampler, gradients through
 the VAE decoder, rewards against finite differences, loading by path, and refused input."""
 
+import math
 import random
 import shutil
 
@@ -186,6 +187,29 @@ def test_clip_and_aesthetic_rewards_match_central_finite_differences(cache):
     _check_fd(rewards.ClipSimilarity(clip, folder, "a red square"))
     head = rewards.write_tiny_aesthetic_head(cache / "head.pth", clip.model.config.projection_dim)
     _check_fd(rewards.AestheticScore(clip, head))
+
+
+def test_pickscore_is_clips_own_logits_against_each_samples_prompt(cache):
+    """exp(logit_scale) * cos(image, its prompt): the diagonal of CLIPModel's own logits_per_image
+    on the same pixels, the learned scale included (set away from its initial value here); and its
+    gradient matches central finite differences."""
+    from transformers import CLIPTokenizer
+
+    folder = tiny.build_clip(cache / "clip-pick")
+    clip = rewards.ClipImageEmbedding(folder, torch.device("cpu"), torch.float64)
+    clip.model.logit_scale.data.fill_(3.7)
+    prompts = ["a red square", "a blue circle", "a green field"]
+    score = rewards.PickScore(clip, folder, prompts)
+    images = torch.rand(4, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    tokens = CLIPTokenizer.from_pretrained(folder)(
+        [prompts[b % 3] for b in range(4)], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    )
+    pixels = (torch.nn.functional.interpolate(images, size=(32, 32), mode="bicubic") - clip.mean) / clip.std
+    with torch.no_grad():
+        logits = clip.model(input_ids=tokens.input_ids, pixel_values=pixels).logits_per_image
+    assert torch.allclose(score(images), logits.diagonal(), rtol=1e-10, atol=0)
+    assert abs(score.scale - math.exp(3.7)) < 1e-9
+    _check_fd(score)
 
 
 def test_lpips_reward_matches_finite_differences_and_runs_in_a_sweep(cache, tmp_path):
