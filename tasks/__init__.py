@@ -8,4 +8,5 @@ BUILT_IN = {
     "sd": "tasks.sd.task:StableDiffusion",
     "sdxl": "tasks.sdxl.task:StableDiffusionXL",
     "sd3": "tasks.sd3.task:StableDiffusion3",
+    "flux": "tasks.flux.task:Flux",
 }

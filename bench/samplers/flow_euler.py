@@ -54,12 +54,18 @@ class FlowEulerSchedule(Schedule):
             raise SpecError("flow-matching Euler scheduler configuration not supported: " + "; ".join(problems))
         check_steps_argument(num_steps, config.num_train_timesteps)
         scheduler.set_timesteps(num_steps)
+        return cls.on_grid(scheduler)
+
+    @classmethod
+    def on_grid(cls, scheduler) -> "FlowEulerSchedule":
+        """The schedule of a scheduler whose grid is already set (`set_timesteps`, with the sigmas
+        and the dynamic shift mu a pipeline passes, as FLUX's does)."""
         sigmas = [float(s) for s in scheduler.sigmas]  # sampling order, then the final 0
         ts = [float(t) for t in scheduler.timesteps]
         return cls(
             timesteps=tuple(reversed(ts)),
             sigmas=tuple(reversed(sigmas)),
-            train_timesteps=int(config.num_train_timesteps),
+            train_timesteps=int(scheduler.config.num_train_timesteps),
         )
 
     @property

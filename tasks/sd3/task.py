@@ -103,6 +103,10 @@ class GuidedTransformer(nn.Module):
 
 
 class StableDiffusion3(StableDiffusion):
+    pipeline_class = "StableDiffusion3Pipeline"
+    label = "SD3"
+    folders = FOLDERS
+    required = REQUIRED
     name = "sd3"
     summary = "Stable Diffusion 3 / 3.5-class flow-matching MMDiT from a local diffusers folder (tiny: random, offline)"
     version = "1"
@@ -130,6 +134,9 @@ class StableDiffusion3(StableDiffusion):
         *(option for option in StableDiffusion.options if option.name not in DROPPED),
     )
 
+    def model_folder(self) -> Path:
+        return resolve_model(self.model)
+
     @property
     def reference_dtype(self) -> torch.dtype | None:
         choice = self.reference if self.reference != "auto" else ("float64" if self.model == "tiny" else "task")
@@ -137,26 +144,27 @@ class StableDiffusion3(StableDiffusion):
 
     def preflight(self) -> None:
         self._checked = True
-        owner = f"sd3[model={self.model}]"
-        self.folder = resolve_model(self.model)
-        missing = [name for name in FOLDERS if not (self.folder / name).is_dir()]
+        owner = f"{self.name}[model={self.model}]"
+        self.folder = self.model_folder()
+        missing = [name for name in self.folders if not (self.folder / name).is_dir()]
         if missing:
             raise SpecError(
-                f"{owner}: {self.folder} is not an SD3 pipeline folder (no {', '.join(n + '/' for n in missing)}); "
-                "valid: a folder StableDiffusion3Pipeline.save_pretrained wrote"
+                f"{owner}: {self.folder} is not a pipeline folder of {self.label} "
+                f"(no {', '.join(n + '/' for n in missing)}); valid: a folder {self.pipeline_class}.save_pretrained wrote"
             )
         index = (
             read_json_object(self.folder / "model_index.json", owner)
             if (self.folder / "model_index.json").is_file()
             else {}
         )
-        kind = index.get("_class_name", "StableDiffusion3Pipeline")
-        if kind != "StableDiffusion3Pipeline":
+        kind = index.get("_class_name", self.pipeline_class)
+        if kind != self.pipeline_class:
             raise SpecError(
-                f"{owner}: model_index.json names {kind}; valid: StableDiffusion3Pipeline (for SD 1.x and 2.x use sd)"
+                f"{owner}: model_index.json names {kind}; valid: {self.pipeline_class} "
+                "(sd: SD 1.x and 2.x, sdxl: SDXL, sd3: SD3 and SD3.5, flux: FLUX.1)"
             )
         configs = {}
-        for name, (files, entries) in REQUIRED.items():
+        for name, (files, entries) in self.required.items():
             config = read_json_object(self.folder / name / "config.json", owner)
             lacking = [key for key in entries if key not in config]
             if lacking:
@@ -169,7 +177,9 @@ class StableDiffusion3(StableDiffusion):
         self.prompt_list = self._read_prompts()
         self.negative_text = self._read_negative_prompt()
         if self.guidance == 1.0 and self.negative_text:
-            raise SpecError("sd3: negative_prompt acts on classifier-free guidance, which guidance=1 turns off")
+            raise SpecError(
+                f"{self.name}: negative_prompt acts on classifier-free guidance, which guidance=1 turns off"
+            )
         config = read_json_object(self.folder / "scheduler" / "scheduler_config.json", owner)
         train = config.get("num_train_timesteps", 1000)
         if not _is_count(train):
@@ -183,7 +193,7 @@ class StableDiffusion3(StableDiffusion):
         REWARDS.preflight(self.reward, self, rewards.IMAGE)
 
     def _latent_shape(self, configs: dict[str, dict]) -> tuple[int, int, int]:
-        transformer, vae, owner = configs["transformer"], configs["vae"], f"sd3[model={self.model}]"
+        transformer, vae, owner = configs["transformer"], configs["vae"], f"{self.name}[model={self.model}]"
         if transformer["in_channels"] != vae["latent_channels"]:
             raise SpecError(
                 f"{owner}: the transformer takes {transformer['in_channels']} channels but the VAE's latents have "
@@ -194,7 +204,7 @@ class StableDiffusion3(StableDiffusion):
         size = self.resolution or transformer["sample_size"] * vae_scale
         if size % step or size < step:
             raise SpecError(
-                f"sd3[resolution={size}]: must be a positive multiple of {step} (the VAE's {vae_scale}x downsampling "
+                f"{self.name}[resolution={size}]: must be a positive multiple of {step} (the VAE's {vae_scale}x downsampling "
                 f"times the transformer's patch size {transformer['patch_size']}); e.g. {max(step, size - size % step)}"
             )
         return (vae["latent_channels"], size // vae_scale, size // vae_scale)
@@ -246,6 +256,20 @@ class StableDiffusion3(StableDiffusion):
         images = vae.decode(z).sample
         return (images.to(latents.dtype) / 2 + 0.5).clamp(0, 1)
 
+    def guided(self, transformer: nn.Module, order: list[int], dtype: torch.dtype) -> nn.Module:
+        """The denoiser the chain calls: the transformer with its guidance and fixed conditioning."""
+        return GuidedTransformer(
+            transformer,
+            self.uncond_embeds.to(dtype),
+            self.pooled_embeds[order].to(dtype),
+            self.pooled_uncond.to(dtype),
+            self.guidance,
+        )
+
+    def initial_latent(self, generator: torch.Generator, dtype: torch.dtype) -> Tensor:
+        """x_1: the pipeline's initial noise, in the chain's state layout."""
+        return torch.randn(self.batch, *self.latent_shape, generator=generator).to(self.device, dtype)
+
     def make_problem(self, target: str, steps: int, seed: int, dtype: torch.dtype | None = None) -> Problem:
         self.check_target(target)
         dtype = dtype or self.dtype
@@ -274,15 +298,8 @@ class StableDiffusion3(StableDiffusion):
             else:
                 transformer.requires_grad_(True)
         order = [b % len(self.prompt_list) for b in range(self.batch)]
-        denoiser = GuidedTransformer(
-            transformer,
-            self.uncond_embeds.to(dtype),
-            self.pooled_embeds[order].to(dtype),
-            self.pooled_uncond.to(dtype),
-            self.guidance,
-        )
-        generator = torch.Generator().manual_seed(seed)
-        x_start = torch.randn(self.batch, *self.latent_shape, generator=generator).to(self.device, dtype)
+        denoiser = self.guided(transformer, order, dtype)
+        x_start = self.initial_latent(torch.Generator().manual_seed(seed), dtype)
         cond = self.prompt_embeds[order].clone().to(self.device, dtype)
         leaves = self.leaves_for(target, x_start, cond, None, denoiser)
         vae, reward = self._networks(dtype)

@@ -155,7 +155,7 @@ def test_a_folder_of_another_pipeline_is_refused_by_name(tmp_path, capsys):
 
     assert main(["run", "--tasks", f"sd3[model={sd_model('tiny')}]", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
-    assert "is not an SD3 pipeline folder (no transformer/" in err and err.count("\n") == 1, err
+    assert "is not a pipeline folder of SD3 (no transformer/" in err and err.count("\n") == 1, err
     other = tmp_path / "other"
     shutil.copytree(resolve_model("tiny"), other)
     index = json.loads((other / "model_index.json").read_text())
