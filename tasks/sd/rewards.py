@@ -357,10 +357,10 @@ def _jpeg_incompressibility(task):
 
 for _name, _factory, _check in (
     ("clip", _clip_similarity, clip_folder),
-    ("pickscore", _pickscore, clip_folder),
     ("aesthetic", _aesthetic, _check_aesthetic),
     ("lpips", _lpips, _check_lpips),
     ("jpeg", _jpeg, None),
     ("jpeg-incompressibility", _jpeg_incompressibility, None),
+    ("pickscore", _pickscore, clip_folder),
 ):
     REWARDS.register(_name, domain=IMAGE, description=DESCRIPTIONS[_name], factory=_factory, check=_check)

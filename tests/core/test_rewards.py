@@ -18,7 +18,7 @@ DOMAINS = {"toy": "vector", "digits": "digits-image", "sd": "image"}
 BUILT_INS = {
     "vector": ["region", "distance", "inside"],
     "digits-image": ["classify", "ink", "symmetry", "decision"],
-    "image": ["clip", "aesthetic", "lpips", "jpeg", "jpeg-incompressibility"],
+    "image": ["clip", "aesthetic", "lpips", "jpeg", "jpeg-incompressibility", "pickscore"],
 }
 
 

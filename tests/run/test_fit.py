@@ -40,14 +40,15 @@ def test_a_cell_predicted_not_to_fit_is_a_skip_row_and_runs_again_on_resume(tmp_
 @pytest.mark.slow
 def test_the_planned_peak_agrees_with_the_measured_peak_on_digits(tmp_path):
     """Peak above what is resident, from each estimator's Cost and the units counted on the
-    problem, against the fresh-process peak: within 5 % for the exact estimators, 10 % otherwise."""
-    estimators = ["full", "checkpoint", "adjoint", "sdo"]
+    problem, against the fresh-process peak: within 5 % for full, 10 % for sdo (whose peak adds
+    the working memory of its calls after the kept one)."""
+    estimators = ["full", "sdo"]
     spec = SweepSpec(tasks=["digits"], estimators=estimators, targets=["latent"], steps=[10], iters=0, rounds=1)
     rows = run_sweep(spec, tmp_path / "run")
     assert {r["estimator"] for r in rows if r["status"] == "ok"} == set(estimators), rows
     for row in rows:
         ratio = row["mem_plan_bytes"] / row["peak_mem_bytes"]
-        bound = 0.05 if row["estimator"] in ("full", "checkpoint", "edict") else 0.10
+        bound = 0.05 if row["estimator"] == "full" else 0.10
         assert abs(ratio - 1) <= bound, (row["estimator"], ratio)
 
 

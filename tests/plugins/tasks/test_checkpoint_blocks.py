@@ -24,7 +24,7 @@ def cache(tmp_path_factory):
         os.environ["DIFFGRAD_BENCH_CACHE"] = old
 
 
-@pytest.mark.parametrize("name", ["sd", "sdxl", "sd3"])
+@pytest.mark.parametrize("name", ["sd", "sd3"])  # sdxl's U-Net blocks are sd's
 def test_checkpointed_blocks_give_the_same_gradient_with_less_kept(name):
     grads, kept = {}, {}
     for blocks in (False, True):

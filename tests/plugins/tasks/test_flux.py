@@ -115,7 +115,7 @@ def test_the_default_estimators_run_on_every_target(tmp_path):
         tasks=[TASK],
         estimators=["full", "checkpoint", "adjoint", "sdo", "truncated[k=2]"],
         targets=["latent", "cond", "weights"],
-        steps=[3],
+        steps=[2],
         iters=0,
         rounds=1,
         memory="off",

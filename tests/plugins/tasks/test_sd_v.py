@@ -99,11 +99,11 @@ def test_the_adjoint_converges_to_full_on_the_v_model(sd_v):
 @pytest.mark.slow
 def test_the_default_estimators_run_on_the_v_model_on_every_target(cache, tmp_path):
     spec = SweepSpec(
-        tasks=["sd[model=tiny-v,batch=2]"],
+        tasks=["sd[model=tiny-v,batch=1]"],
         estimators=["full", "checkpoint", "adjoint", "sdo", "truncated[k=2]"],
         targets=["latent", "cond", "weights"],
-        steps=[3],
-        iters=1,
+        steps=[2],
+        iters=0,
         rounds=1,
         memory="off",
     )
