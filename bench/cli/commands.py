@@ -326,25 +326,19 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from dataclasses import replace
+    import torch
 
     from bench.planner.models import architecture
-    from bench.planner.units import DTYPES
-    from bench.planner.table import PlanSpec, parse_bytes, plan_rows, plan_units, render
+    from bench.planner.table import TARGETS, PlanSpec, parse_bytes, plan_rows, plan_units, render
+    from bench.planner.timed import check_dtype, measure_units, present_device
     from bench.registry import ESTIMATORS, include
 
     for path in args.include:
         include(path)
-    from bench.planner.timed import check_dtype
-
     arch = architecture(args.model)
     memory = parse_bytes(args.device_memory) if args.device_memory else None
-    if memory is None:
-        import torch
-
-        if torch.cuda.is_available():
-            memory = torch.cuda.get_device_properties(0).total_memory
-            check_dtype(args.dtype if args.dtype in DTYPES else "fp32", torch.device("cuda"))
+    if memory is None and torch.cuda.is_available():
+        memory = torch.cuda.get_device_properties(0).total_memory
     estimators = split_list(args.estimators) or None
     for spec in estimators or ():
         ESTIMATORS.create(spec)  # a typo is one line with "did you mean"
@@ -362,17 +356,14 @@ def _plan(args: argparse.Namespace) -> int:
         device_memory=memory,
         tflops=args.tflops,
     )
+    spec.check()
+    device = present_device()
+    check_dtype(spec.dtype, device)  # a GPU that cannot run bf16 refuses it, measured or not
     unit = plan_units(spec)
     measured = None
     if args.measure:
-        from bench.planner.table import TARGETS
-        from bench.planner.timed import check_dtype, measure_units, present_device
-
-        device = present_device()
-        check_dtype(spec.dtype, device)
-        guided = spec.arch if spec.guidance or spec.arch.guidance != "cfg" else replace(spec.arch, guidance="none")
         measured = measure_units(
-            guided, spec.resolution, spec.batch, spec.dtype, TARGETS[spec.target], spec.rank, device
+            spec.guided_arch, spec.resolution, spec.batch, spec.dtype, TARGETS[spec.target], spec.rank, device
         )
     rows = plan_rows(spec, unit, estimators, measured)
     print(render(spec, unit, rows, memory_label=args.device_memory or "", measured=measured))

@@ -15,10 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-from torch.multiprocessing.reductions import StorageWeakRef
-
-from bench.planner.units import Allocations
+from bench.planner.units import Allocations, SavedBytes, working_bytes
 
 
 @dataclass(frozen=True)
@@ -33,24 +30,11 @@ class ProblemUnits:
 
 def saved_bytes(fn) -> int:
     """Bytes of the storages autograd saves while fn() runs that fn itself allocated, once each."""
-    saved: dict[StorageWeakRef, int] = {}
-
-    def pack(t):
-        saved.setdefault(StorageWeakRef(t.untyped_storage()), t.untyped_storage().nbytes())
-        return t
-
-    with Allocations() as allocations, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    saved = SavedBytes(exclude=set())
+    with Allocations() as allocations, saved.counting():
         result = fn()
-    total = sum(size for key, size in saved.items() if key in allocations.created)
     del result
-    return total
-
-
-def working_bytes(fn) -> int:
-    """The peak bytes fn()'s ops hold alive at once, without a graph."""
-    with torch.no_grad(), Allocations() as allocations:
-        fn()
-    return allocations.peak
+    return sum(size for key, size in saved.seen.items() if key in allocations.created)
 
 
 def problem_units(problem, chain=None) -> ProblemUnits:

@@ -60,6 +60,11 @@ class PlanSpec:
     device_memory: int | None = None
     tflops: float = 400.0
 
+    @property
+    def guided_arch(self) -> Architecture:
+        """The architecture as it runs: without classifier-free guidance when it is turned off."""
+        return self.arch if self.guidance or self.arch.guidance != "cfg" else replace(self.arch, guidance="none")
+
     def check(self) -> None:
         if self.target not in TARGETS:
             raise SpecError(f"--target {self.target!r}: give one of {', '.join(TARGETS)}")
@@ -91,8 +96,7 @@ class PlanRow:
 
 def plan_units(spec: PlanSpec) -> Units:
     spec.check()
-    arch = spec.arch if spec.guidance or spec.arch.guidance != "cfg" else replace(spec.arch, guidance="none")
-    return units(arch, spec.resolution, spec.batch, spec.dtype, TARGETS[spec.target], spec.rank)
+    return units(spec.guided_arch, spec.resolution, spec.batch, spec.dtype, TARGETS[spec.target], spec.rank)
 
 
 def plan_rows(

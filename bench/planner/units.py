@@ -154,6 +154,13 @@ class SavedBytes:
             yield
 
 
+def working_bytes(fn) -> int:
+    """W: the peak bytes fn()'s ops hold alive at once, without a graph."""
+    with torch.no_grad(), Allocations() as allocations:
+        fn()
+    return allocations.peak
+
+
 def blocks_of(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The blocks a trainer checkpoints: a U-Net's down, mid and up blocks, a transformer's blocks."""
     found = []
@@ -287,9 +294,7 @@ def count_module(build, inputs_of, kind: str, rank: int, input_of, decode: bool 
             hook.remove()
         leaves = [input_of(inputs)] + [p for p in model.parameters() if p.requires_grad]
         backward, _ = _flops(lambda: torch.autograd.grad(out, leaves, grad_outputs=torch.ones_like(out)))
-        with torch.no_grad(), Allocations() as allocations:
-            inputs = inputs_of()
-            model.decode(**inputs) if decode else model(**inputs)
+        working = working_bytes(lambda: (model.decode if decode else model)(**inputs_of()))
     outside = saved.total - sum(saved.by_block.values())
     kept_inputs = sum(size for key, size in block_inputs.items() if key not in exclude)
     return {
@@ -300,7 +305,7 @@ def count_module(build, inputs_of, kind: str, rank: int, input_of, decode: bool 
         # checkpointed blocks keep their inputs and, during the backward, one block's activations
         # at a time, recomputed
         "activations_checkpointed": outside + kept_inputs + max(saved.by_block.values(), default=0),
-        "working": allocations.peak,
+        "working": working,
         "flops_forward": forward,
         "flops_backward": backward,
         "largest_saved": saved.largest_saved,

@@ -26,11 +26,9 @@ from torch import Tensor, nn
 
 from bench.errors import SpecError
 from bench.options import Option, at_least
-from bench.rewards import REWARDS
-from tasks.cache import cache_root
 from tasks.flux import tiny
 from tasks.sd import rewards
-from tasks.sd.task import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS
+from tasks.sd.task import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, built_once
 from tasks.sd3.task import StableDiffusion3
 
 DROPPED = {"guidance", "negative_prompt", "negative_prompt_file", "sampler", "model"}
@@ -38,12 +36,7 @@ DROPPED = {"guidance", "negative_prompt", "negative_prompt_file", "sampler", "mo
 
 def resolve_model(model: str) -> Path:
     """A local FLUX.1 pipeline folder for `model`: a path, a cached hub id, or tiny (built on first use)."""
-    if model == "tiny":
-        folder = cache_root() / "flux-tiny"
-        if not (folder / "model_index.json").exists():
-            tiny.build(folder)
-        return folder
-    return rewards.local_folder(model, "model")
+    return built_once("flux-tiny", tiny.build) if model == "tiny" else rewards.local_folder(model, "model")
 
 
 def pack(latents: Tensor) -> Tensor:
@@ -193,35 +186,18 @@ class Flux(StableDiffusion3):
         object.__setattr__(schedule, "sampler", "flow-euler[flux]")
         return schedule
 
-    def setup(self, device: torch.device) -> None:
-        from diffusers import FluxPipeline
-        from diffusers.utils import logging as diffusers_logging
-        from transformers.utils import logging as transformers_logging
+    def left_out(self) -> dict:
+        return {}
 
-        self.device = device
-        diffusers_logging.set_verbosity_error()
-        diffusers_logging.disable_progress_bar()
-        transformers_logging.set_verbosity_error()
-        transformers_logging.disable_progress_bar()
-        self._check_once()
-        pipe = FluxPipeline.from_pretrained(
-            self.folder, local_files_only=True, image_encoder=None, feature_extractor=None
+    def encode_prompts_with(self, pipe) -> None:
+        embeds, pooled, text_ids = pipe.encode_prompt(
+            prompt=self.prompt_list,
+            prompt_2=None,
+            device=torch.device("cpu"),
+            max_sequence_length=self.max_sequence_length,
         )
-        with torch.no_grad():
-            embeds, pooled, text_ids = pipe.encode_prompt(
-                prompt=self.prompt_list,
-                prompt_2=None,
-                device=torch.device("cpu"),
-                max_sequence_length=self.max_sequence_length,
-            )
-        self.prompt_embeds, self.pooled_embeds = embeds.float().to(device), pooled.float().to(device)
-        self.text_ids = text_ids.float().to(device)
-        dtype = self.network_dtype
-        self.transformer = pipe.transformer.to(device, dtype).eval().requires_grad_(False)
-        self.vae = pipe.vae.to(device, dtype).eval().requires_grad_(False)
-        del pipe
-        self._reward = REWARDS.build(self.reward, self, rewards.IMAGE)
-        self._copies = {}
+        self.prompt_embeds, self.pooled_embeds = embeds.float().to(self.device), pooled.float().to(self.device)
+        self.text_ids = text_ids.float().to(self.device)
 
     def guided(self, transformer: nn.Module, order: list[int], dtype: torch.dtype) -> nn.Module:
         scale = (3.5 if self.guidance is None else self.guidance) if self.distilled else None

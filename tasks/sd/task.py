@@ -59,13 +59,30 @@ TINY = {"tiny": "epsilon", "tiny-v": "v_prediction"}  # built offline: model nam
 PREDICTIONS = ("epsilon", "v_prediction")
 
 
+def quiet_loading() -> None:
+    """Loading a pipeline prints warnings and progress bars of no use to a sweep: errors only."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+
+
+def built_once(name: str, build) -> Path:
+    """The pipeline folder `name` under the cache, written by build(folder) on first use (a tiny
+    random pipeline)."""
+    folder = cache_root() / name
+    if not (folder / "model_index.json").exists():
+        build(folder)
+    return folder
+
+
 def resolve_model(model: str, what: str = "model") -> Path:
     """A local pipeline folder for `model`: a path, a cached hub id, or tiny (built on first use)."""
     if model in TINY:
-        folder = cache_root() / f"sd-{model}"
-        if not (folder / "model_index.json").exists():
-            tiny.build(folder, prediction=TINY[model])
-        return folder
+        return built_once(f"sd-{model}", lambda folder: tiny.build(folder, prediction=TINY[model]))
     return rewards.local_folder(model, what)
 
 
@@ -278,6 +295,7 @@ class StableDiffusion(Task):
     dtype = torch.float32  # the estimators' runs: the leaves (the option `dtype` is network_dtype)
     components: tuple[str, ...] = COMPONENTS  # the pipeline folder's subfolders
     networks: tuple[str, ...] = ("unet", "vae", "text_encoder")  # those with a config and weights
+    tiny: tuple[str, ...] = tuple(TINY)  # the `model` names of the random pipelines built offline
     options = (
         Option(
             "model",
@@ -380,7 +398,7 @@ class StableDiffusion(Task):
 
     @property
     def reference_dtype(self) -> torch.dtype | None:
-        choice = self.reference if self.reference != "auto" else ("float64" if self.model in TINY else "task")
+        choice = self.reference if self.reference != "auto" else ("float64" if self.model in self.tiny else "task")
         return {"float64": torch.float64, "task": torch.float32, "off": None}[choice]
 
     @property
@@ -545,14 +563,8 @@ class StableDiffusion(Task):
     def setup(self, device: torch.device) -> None:
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-        from diffusers.utils import logging as diffusers_logging
-        from transformers.utils import logging as transformers_logging
-
         super().setup(device)
-        diffusers_logging.set_verbosity_error()
-        diffusers_logging.disable_progress_bar()
-        transformers_logging.set_verbosity_error()
-        transformers_logging.disable_progress_bar()
+        quiet_loading()
         self._check_once()
         dtype, folder = self.network_dtype, self.folder
         load = dict(local_files_only=True)
@@ -602,6 +614,36 @@ class StableDiffusion(Task):
         images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
         return (images.to(latents.dtype) / 2 + 0.5).clamp(0, 1)
 
+    def trainable_copy(self, network: nn.Module, target: str, seed: int, dtype: torch.dtype, lora_targets) -> nn.Module:
+        """A fresh copy of the denoiser network for one problem: in float64 for a float64 problem,
+        its blocks checkpointed with checkpoint_blocks, and for the weights target a LoRA on
+        `lora_targets` (drawn from the seed, its parameters float32 or float64) or every weight."""
+        network = copy.deepcopy(network)
+        if dtype == torch.float64:
+            network = network.to(dtype)
+        if self.checkpoint_blocks:
+            network.enable_gradient_checkpointing()
+        if target != "weights":
+            return network
+        if self.tune == "full":
+            return network.requires_grad_(True)
+        from peft import LoraConfig
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            network.add_adapter(
+                LoraConfig(
+                    r=self.lora_rank,
+                    lora_alpha=self.lora_rank,
+                    init_lora_weights="gaussian",
+                    target_modules=list(lora_targets),
+                )
+            )
+        for param in network.parameters():
+            if param.requires_grad:
+                param.data = param.data.to(dtype if dtype == torch.float64 else torch.float32)
+        return network
+
     def added_conditioning(self, order: list[int], dtype: torch.dtype) -> dict[str, Tensor] | None:
         """What the U-Net reads beside the text embedding (SDXL's pooled embedding and size ids); none for SD 1.x and 2.x."""
         return None
@@ -609,30 +651,7 @@ class StableDiffusion(Task):
     def make_problem(self, target: str, steps: int, seed: int, dtype: torch.dtype | None = None) -> Problem:
         self.check_target(target)
         dtype = dtype or self.dtype  # the leaves' precision (the `dtype` option is the networks')
-        unet = copy.deepcopy(self.unet)
-        if dtype == torch.float64:
-            unet = unet.to(dtype)
-        if self.checkpoint_blocks:
-            unet.enable_gradient_checkpointing()
-        if target == "weights":
-            if self.tune == "lora":
-                from peft import LoraConfig
-
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed)
-                    unet.add_adapter(
-                        LoraConfig(
-                            r=self.lora_rank,
-                            lora_alpha=self.lora_rank,
-                            init_lora_weights="gaussian",
-                            target_modules=LORA_TARGETS,
-                        )
-                    )
-                for param in unet.parameters():
-                    if param.requires_grad:
-                        param.data = param.data.to(dtype if dtype == torch.float64 else torch.float32)
-            else:
-                unet.requires_grad_(True)
+        unet = self.trainable_copy(self.unet, target, seed, dtype, LORA_TARGETS)
         order = [b % len(self.prompt_list) for b in range(self.batch)]
         denoiser = GuidedUNet(
             unet,

@@ -23,7 +23,6 @@ for `sd` (docs/tasks.md)."""
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
@@ -35,13 +34,14 @@ from bench.options import Option, at_least
 from bench.problem import Problem
 from bench.rewards import REWARDS
 from tasks.base import Task
-from tasks.cache import cache_root
 from tasks.sd import rewards
 from tasks.sd.task import (
     DIFFUSERS_WEIGHTS,
+    built_once,
     TRANSFORMERS_WEIGHTS,
     StableDiffusion,
     _is_count,
+    quiet_loading,
     read_json_object,
 )
 from tasks.sd3 import tiny
@@ -59,12 +59,7 @@ DROPPED = {"guidance_rescale", "eta", "tune", "model", "guidance", "resolution"}
 
 def resolve_model(model: str) -> Path:
     """A local SD3 pipeline folder for `model`: a path, a cached hub id, or tiny (built on first use)."""
-    if model == "tiny":
-        folder = cache_root() / "sd3-tiny"
-        if not (folder / "model_index.json").exists():
-            tiny.build(folder)
-        return folder
-    return rewards.local_folder(model, "model")
+    return built_once("sd3-tiny", tiny.build) if model == "tiny" else rewards.local_folder(model, "model")
 
 
 class GuidedTransformer(nn.Module):
@@ -105,6 +100,7 @@ class GuidedTransformer(nn.Module):
 class StableDiffusion3(StableDiffusion):
     pipeline_class = "StableDiffusion3Pipeline"
     label = "SD3"
+    tiny = ("tiny",)
     folders = FOLDERS
     required = REQUIRED
     name = "sd3"
@@ -136,11 +132,6 @@ class StableDiffusion3(StableDiffusion):
 
     def model_folder(self) -> Path:
         return resolve_model(self.model)
-
-    @property
-    def reference_dtype(self) -> torch.dtype | None:
-        choice = self.reference if self.reference != "auto" else ("float64" if self.model == "tiny" else "task")
-        return {"float64": torch.float64, "task": torch.float32, "off": None}[choice]
 
     def preflight(self) -> None:
         self._checked = True
@@ -218,37 +209,39 @@ class StableDiffusion3(StableDiffusion):
         return dict(self.pipeline_scheduler)
 
     def setup(self, device: torch.device) -> None:
-        from diffusers import StableDiffusion3Pipeline
-        from diffusers.utils import logging as diffusers_logging
-        from transformers.utils import logging as transformers_logging
+        import diffusers
 
         Task.setup(self, device)
-        diffusers_logging.set_verbosity_error()
-        diffusers_logging.disable_progress_bar()
-        transformers_logging.set_verbosity_error()
-        transformers_logging.disable_progress_bar()
+        quiet_loading()
         self._check_once()
-        skipped = {} if self.has_t5 else {"text_encoder_3": None, "tokenizer_3": None}
-        pipe = StableDiffusion3Pipeline.from_pretrained(
-            self.folder, local_files_only=True, image_encoder=None, feature_extractor=None, **skipped
+        pipe = getattr(diffusers, self.pipeline_class).from_pretrained(
+            self.folder, local_files_only=True, image_encoder=None, feature_extractor=None, **self.left_out()
         )
-        pipe.set_progress_bar_config(disable=True)
         with torch.no_grad():
-            embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
-                prompt=self.prompt_list,
-                prompt_2=None,
-                prompt_3=None,
-                device=torch.device("cpu"),
-                negative_prompt=[self.negative_text] * len(self.prompt_list),
-            )
-        self.prompt_embeds, self.pooled_embeds = embeds.float().to(device), pooled.float().to(device)
-        self.uncond_embeds, self.pooled_uncond = negative[:1].float().to(device), negative_pooled[:1].float().to(device)
+            self.encode_prompts_with(pipe)
         dtype = self.network_dtype
         self.transformer = pipe.transformer.to(device, dtype).eval().requires_grad_(False)
         self.vae = pipe.vae.to(device, dtype).eval().requires_grad_(False)
         del pipe  # the text encoders are not needed again
         self._reward = REWARDS.build(self.reward, self, rewards.IMAGE)
         self._copies = {}
+
+    def left_out(self) -> dict:
+        """Components the folder does not have, given to from_pretrained as None (T5 may be)."""
+        return {} if self.has_t5 else {"text_encoder_3": None, "tokenizer_3": None}
+
+    def encode_prompts_with(self, pipe) -> None:
+        """The pipeline's own encodings of the prompts and of the negative prompt, computed once."""
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+            prompt=self.prompt_list,
+            prompt_2=None,
+            prompt_3=None,
+            device=torch.device("cpu"),
+            negative_prompt=[self.negative_text] * len(self.prompt_list),
+        )
+        self.prompt_embeds, self.pooled_embeds = embeds.float().to(self.device), pooled.float().to(self.device)
+        self.uncond_embeds = negative[:1].float().to(self.device)
+        self.pooled_uncond = negative_pooled[:1].float().to(self.device)
 
     def decode(self, latents: Tensor, vae: nn.Module) -> Tensor:
         """Images in [0, 1] from latents (the pipeline's unscaling and shift, decode and postprocessing)."""
@@ -273,30 +266,7 @@ class StableDiffusion3(StableDiffusion):
     def make_problem(self, target: str, steps: int, seed: int, dtype: torch.dtype | None = None) -> Problem:
         self.check_target(target)
         dtype = dtype or self.dtype
-        transformer = copy.deepcopy(self.transformer)
-        if dtype == torch.float64:
-            transformer = transformer.to(dtype)
-        if self.checkpoint_blocks:
-            transformer.enable_gradient_checkpointing()
-        if target == "weights":
-            if self.tune == "lora":
-                from peft import LoraConfig
-
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed)
-                    transformer.add_adapter(
-                        LoraConfig(
-                            r=self.lora_rank,
-                            lora_alpha=self.lora_rank,
-                            init_lora_weights="gaussian",
-                            target_modules=LORA_TARGETS,
-                        )
-                    )
-                for param in transformer.parameters():
-                    if param.requires_grad:
-                        param.data = param.data.to(dtype if dtype == torch.float64 else torch.float32)
-            else:
-                transformer.requires_grad_(True)
+        transformer = self.trainable_copy(self.transformer, target, seed, dtype, LORA_TARGETS)
         order = [b % len(self.prompt_list) for b in range(self.batch)]
         denoiser = self.guided(transformer, order, dtype)
         x_start = self.initial_latent(torch.Generator().manual_seed(seed), dtype)

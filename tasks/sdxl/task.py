@@ -22,9 +22,8 @@ from torch import Tensor
 
 from bench.errors import SpecError
 from bench.options import Option
-from tasks.cache import cache_root
 from tasks.sd import rewards
-from tasks.sd.task import COMPONENTS, StableDiffusion
+from tasks.sd.task import COMPONENTS, StableDiffusion, built_once
 from tasks.sdxl import tiny
 
 RENAMED = {"model"}
@@ -32,12 +31,7 @@ RENAMED = {"model"}
 
 def resolve_model(model: str) -> Path:
     """A local SDXL pipeline folder for `model`: a path, a cached hub id, or tiny (built on first use)."""
-    if model == "tiny":
-        folder = cache_root() / "sdxl-tiny"
-        if not (folder / "model_index.json").exists():
-            tiny.build(folder)
-        return folder
-    return rewards.local_folder(model, "model")
+    return built_once("sdxl-tiny", tiny.build) if model == "tiny" else rewards.local_folder(model, "model")
 
 
 class StableDiffusionXL(StableDiffusion):
@@ -46,6 +40,7 @@ class StableDiffusionXL(StableDiffusion):
     version = "1"
     components = (*COMPONENTS, "text_encoder_2", "tokenizer_2")
     networks = ("unet", "vae", "text_encoder", "text_encoder_2")
+    tiny = ("tiny",)
     options = (
         Option("model", str, "tiny", "SDXL pipeline folder, cached model id, or tiny (random, built offline)"),
         *(option for option in StableDiffusion.options if option.name not in RENAMED),
@@ -53,11 +48,6 @@ class StableDiffusionXL(StableDiffusion):
 
     def model_folder(self) -> Path:
         return resolve_model(self.model)
-
-    @property
-    def reference_dtype(self) -> torch.dtype | None:
-        choice = self.reference if self.reference != "auto" else ("float64" if self.model == "tiny" else "task")
-        return {"float64": torch.float64, "task": torch.float32, "off": None}[choice]
 
     def _check_text_width(self, configs: dict[str, dict]) -> None:
         owner, unet = f"sdxl[model={self.model}]", configs["unet"]
