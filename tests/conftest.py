@@ -32,6 +32,20 @@ def registries_scoped_to_the_test_file():
     registry._INCLUDED.update(included)
 
 
+@pytest.fixture(scope="module")
+def pipeline_cache(tmp_path_factory):
+    """A fresh cache folder (DIFFGRAD_BENCH_CACHE) for one module: the tiny pipelines and CLIPs it
+    uses are built there, never in the user's cache; the variable is restored afterwards."""
+    folder = tmp_path_factory.mktemp("pipeline-cache")
+    old = os.environ.get("DIFFGRAD_BENCH_CACHE")
+    os.environ["DIFFGRAD_BENCH_CACHE"] = str(folder)
+    yield folder
+    if old is None:
+        del os.environ["DIFFGRAD_BENCH_CACHE"]
+    else:
+        os.environ["DIFFGRAD_BENCH_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def toy():
     task = TASKS.create("toy")

@@ -11,17 +11,8 @@ from bench.registry import ESTIMATORS, TASKS
 
 
 @pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory):
-    import os
-
-    folder = tmp_path_factory.mktemp("blocks-cache")
-    old = os.environ.get("DIFFGRAD_BENCH_CACHE")
-    os.environ["DIFFGRAD_BENCH_CACHE"] = str(folder)
-    yield folder
-    if old is None:
-        del os.environ["DIFFGRAD_BENCH_CACHE"]
-    else:
-        os.environ["DIFFGRAD_BENCH_CACHE"] = old
+def cache(pipeline_cache):
+    return pipeline_cache
 
 
 @pytest.mark.parametrize("name", ["sd", "sd3"])  # sdxl's U-Net blocks are sd's

@@ -23,17 +23,8 @@ TASK = "flux[batch=2,max_sequence_length=32]"  # tiny: 32² images
 
 
 @pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory):
-    import os
-
-    folder = tmp_path_factory.mktemp("flux-cache")
-    old = os.environ.get("DIFFGRAD_BENCH_CACHE")
-    os.environ["DIFFGRAD_BENCH_CACHE"] = str(folder)
-    yield folder
-    if old is None:
-        del os.environ["DIFFGRAD_BENCH_CACHE"]
-    else:
-        os.environ["DIFFGRAD_BENCH_CACHE"] = old
+def cache(pipeline_cache):
+    return pipeline_cache
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ reward functions that cannot be called as function(images) or exit while loading
 that calls sys.exit() while scoring, which fails its cells and never ends the sweep."""
 
 import json
-import os
 import shutil
 
 import pytest
@@ -15,15 +14,8 @@ from tasks.sd.task import resolve_model
 
 
 @pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sd-cache")
-    old = os.environ.get("DIFFGRAD_BENCH_CACHE")
-    os.environ["DIFFGRAD_BENCH_CACHE"] = str(folder)
-    yield folder
-    if old is None:
-        del os.environ["DIFFGRAD_BENCH_CACHE"]
-    else:
-        os.environ["DIFFGRAD_BENCH_CACHE"] = old
+def cache(pipeline_cache):
+    return pipeline_cache
 
 
 def _edit_json(path, **changes):

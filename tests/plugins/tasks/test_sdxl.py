@@ -20,17 +20,8 @@ MATCH = 1e-5  # float32; measured 9e-7 to 1.4e-6 at N = 4
 
 
 @pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory):
-    import os
-
-    folder = tmp_path_factory.mktemp("sdxl-cache")
-    old = os.environ.get("DIFFGRAD_BENCH_CACHE")
-    os.environ["DIFFGRAD_BENCH_CACHE"] = str(folder)
-    yield folder
-    if old is None:
-        del os.environ["DIFFGRAD_BENCH_CACHE"]
-    else:
-        os.environ["DIFFGRAD_BENCH_CACHE"] = old
+def cache(pipeline_cache):
+    return pipeline_cache
 
 
 @pytest.fixture(scope="module")
