@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance", type=float, default=2.0)
     parser.add_argument("--per-class", type=int, default=10)
     parser.add_argument("--models", default="")
-    parser.add_argument("--model", default="epsilon", choices=("epsilon", "flow"))
+    parser.add_argument("--model", default="epsilon", choices=("epsilon", "flow", "transformer"))
     parser.add_argument("--sampler", default="", help="a sampler spec (default: the model's own)")
     args = parser.parse_args(argv)
     options = (

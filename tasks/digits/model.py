@@ -1,12 +1,17 @@
 """The digits denoiser: a diffusers UNet2DConditionModel whose conditioning is a continuous
 embedding read through cross-attention, exactly as a text embedding is in Stable Diffusion.
 Class k's embedding is a learned (TOKENS, WIDTH) table entry; entry 10 is the null embedding
-that classifier-free guidance uses."""
+that classifier-free guidance uses.
+
+The digits transformer (`digits[model=transformer]`) is a diffusers SD3Transformer2DModel, the
+MMDiT of Stable Diffusion 3, over 2x2 patches: the class embedding's tokens join the image tokens
+in its joint attention, and their mean is its pooled projection (SD3 reads CLIP's pooled output
+there), so both of its conditioning paths carry the class."""
 
 from __future__ import annotations
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 from torch import Tensor, nn
 
 TOKENS, WIDTH = 4, 32
@@ -25,6 +30,21 @@ UNET_CONFIG = dict(
     attention_head_dim=4,
     norm_num_groups=8,
 )
+
+TRANSFORMER_CONFIG = dict(
+    sample_size=8,
+    patch_size=2,
+    in_channels=1,
+    out_channels=1,
+    num_layers=6,
+    num_attention_heads=4,
+    attention_head_dim=32,
+    joint_attention_dim=WIDTH,
+    caption_projection_dim=128,
+    pooled_projection_dim=WIDTH,
+    pos_embed_max_size=4,
+)
+
 
 # The sampler's noise levels (DDPM linear betas), read by bench.chain through DDIMScheduler.
 SCHEDULER_CONFIG = dict(
@@ -54,6 +74,35 @@ class ClassEmbedding(nn.Module):
 
     def forward(self, labels: Tensor) -> Tensor:
         return self.table(labels).view(-1, TOKENS, WIDTH)
+
+
+class ClassTransformer(nn.Module):
+    """An SD3Transformer2DModel called as the U-Net is, (x, t, encoder_hidden_states) -> .sample,
+    with the mean of the class tokens as its pooled projection."""
+
+    def __init__(self, transformer: SD3Transformer2DModel) -> None:
+        super().__init__()
+        self.transformer = transformer
+
+    @classmethod
+    def fresh(cls) -> ClassTransformer:
+        return cls(SD3Transformer2DModel(**TRANSFORMER_CONFIG))
+
+    @property
+    def config(self):
+        return self.transformer.config
+
+    def add_adapter(self, config) -> None:
+        """LoRA adapters on the transformer (peft, through diffusers' adapter mixin)."""
+        self.transformer.add_adapter(config)
+
+    def forward(self, sample: Tensor, timestep: Tensor, encoder_hidden_states: Tensor):
+        return self.transformer(
+            hidden_states=sample,
+            timestep=timestep,
+            encoder_hidden_states=encoder_hidden_states,
+            pooled_projections=encoder_hidden_states.mean(dim=1),
+        )
 
 
 class GuidedDenoiser(nn.Module):

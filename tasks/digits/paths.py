@@ -25,13 +25,23 @@ FLOW_FILES = (
 )
 
 
+# The rectified-flow transformer (`digits[model=transformer]`) in transformer/, sharing the classifier.
+TRANSFORMER_FILES = (
+    "transformer/transformer/config.json",
+    "transformer/transformer/diffusion_pytorch_model.safetensors",
+    "transformer/embedding.safetensors",
+    "classifier.safetensors",
+)
+MODELS = {"epsilon": FILES, "flow": FLOW_FILES, "transformer": TRANSFORMER_FILES}
+
+
 def files(model: str = "epsilon") -> tuple[str, ...]:
-    return FLOW_FILES if model == "flow" else FILES
+    return MODELS[model]
 
 
 def model_dir(folder: Path, model: str = "epsilon") -> Path:
-    """Where a model's unet/ and embedding.safetensors are."""
-    return folder / "flow" if model == "flow" else folder
+    """Where a model's network folder (unet/ or transformer/) and embedding.safetensors are."""
+    return folder if model == "epsilon" else folder / model
 
 
 def cache_dir() -> Path:

@@ -7,8 +7,9 @@ trained classifier, so every target has something to gain: move the initial late
 (DRaFT/AlignProp reward fine-tuning, LoRA adapters through peft, or all weights with tune=full).
 Other rewards: `ink` (mean brightness, the analogue of DDPO's brightness/compressibility rewards)
 and `symmetry` (negative left-right mirror error). `model=flow` swaps in a rectified-flow U-Net
-(velocity prediction, same data and architecture) sampled by flow-matching Euler; `sampler`
-picks any sampler the model can drive (ddim or dpmpp2m for the epsilon model)."""
+(velocity prediction, same data and architecture) sampled by flow-matching Euler, and
+`model=transformer` a rectified-flow SD3 MMDiT (tasks/digits/model.py); `sampler` picks any
+sampler the model can drive (ddim or dpmpp2m for the epsilon model)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import functools
 import math
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
 from safetensors.torch import load_file
 from torch import Tensor
@@ -32,9 +33,19 @@ from tasks.base import Task, sampler_option
 from tasks.digits import data, gates, metrics, paths, rewards, shortcut
 from tasks.digits.gates import GATES
 from tasks.digits.classifier import DigitClassifier
-from tasks.digits.model import FLOW_SCHEDULER_CONFIG, NULL_CLASS, SCHEDULER_CONFIG, TOKENS, WIDTH, GuidedDenoiser
+from tasks.digits.model import (
+    FLOW_SCHEDULER_CONFIG,
+    NULL_CLASS,
+    SCHEDULER_CONFIG,
+    TOKENS,
+    WIDTH,
+    ClassTransformer,
+    GuidedDenoiser,
+)
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
+# The transformer's: both streams' attention projections, as SD3 LoRA trainers adapt them.
+TRANSFORMER_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
 
 def _digit(value: int) -> str | None:
@@ -78,8 +89,9 @@ class Digits(Task):
             str,
             "epsilon",
             "epsilon: the DDPM noise-prediction U-Net; flow: the "
-            "rectified-flow velocity U-Net (same architecture and data)",
-            choices=("epsilon", "flow"),
+            "rectified-flow velocity U-Net (same architecture and data); transformer: a rectified-flow "
+            "SD3 MMDiT (same data)",
+            choices=tuple(paths.MODELS),
         ),
         sampler_option(),
         Option(
@@ -109,10 +121,10 @@ class Digits(Task):
 
     @property
     def model_prediction(self) -> str:
-        return self.model
+        return "epsilon" if self.model == "epsilon" else "flow"
 
     def scheduler_config(self) -> dict:
-        return dict(FLOW_SCHEDULER_CONFIG if self.model == "flow" else SCHEDULER_CONFIG)
+        return dict(SCHEDULER_CONFIG if self.model == "epsilon" else FLOW_SCHEDULER_CONFIG)
 
     def preflight(self) -> None:
         super().preflight()
@@ -150,7 +162,11 @@ class Digits(Task):
         if not paths.complete(folder, self.model):
             raise SpecError(f"digits[models={self.models}]: missing {', '.join(paths.files(self.model))} there")
         weights = paths.model_dir(folder, self.model)
-        self.unet = UNet2DConditionModel.from_pretrained(weights / "unet", local_files_only=True).eval()
+        if self.model == "transformer":  # read as the U-Net is: `unet` names the denoising network
+            network = SD3Transformer2DModel.from_pretrained(weights / "transformer", local_files_only=True)
+            self.unet = ClassTransformer(network).eval()
+        else:
+            self.unet = UNet2DConditionModel.from_pretrained(weights / "unet", local_files_only=True).eval()
         self.unet.requires_grad_(False)
         self.embeddings = load_file(weights / "embedding.safetensors")["table"].view(-1, TOKENS, WIDTH)
         self.classifier = DigitClassifier()
@@ -166,8 +182,11 @@ class Digits(Task):
     def _train_and_cache(model: str):
         from tasks.digits import train
 
-        train.train_all(paths.cache_dir(), "all" if model == "epsilon" else "flow")
-        return paths.cache_dir()
+        folder = paths.cache_dir()
+        if not (folder / "classifier.safetensors").exists():
+            train.train_all(folder, "classifier")
+        train.train_all(folder, "unet" if model == "epsilon" else model)
+        return folder
 
     def classifier_in(self, dtype: torch.dtype) -> DigitClassifier:
         if dtype not in self._classifiers:
@@ -195,7 +214,7 @@ class Digits(Task):
                             r=self.lora_rank,
                             lora_alpha=self.lora_rank,
                             init_lora_weights="gaussian",
-                            target_modules=LORA_TARGETS,
+                            target_modules=TRANSFORMER_LORA_TARGETS if self.model == "transformer" else LORA_TARGETS,
                         )
                     )
             else:
@@ -267,6 +286,11 @@ class Digits(Task):
         return {FEW_STEP_CHAIN: shortcut.shipped_steps(self._folder()) if self.model == "epsilon" else []}
 
     def check_point(self, target: str, steps: int) -> None:
+        if target == GATES and self.model == "transformer":
+            raise SpecError(
+                f"target 'gates' gates the digits U-Net's five blocks; {self.spec} is the transformer: "
+                "use model=epsilon or model=flow"
+            )
         if target == GATES and steps < 2:
             raise SpecError(
                 f"target 'gates' needs N >= 2 steps, got {steps}: step N computes every block, so "

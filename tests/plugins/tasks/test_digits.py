@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from bench.cli import main
+from bench.errors import SpecError
 from bench.registry import ESTIMATORS, TASKS
 from conftest import cosine
 from digits_fixtures import write_random_models
@@ -189,22 +190,43 @@ def test_class_matched_quality_moves_the_right_way_when_the_reward_succeeds(ship
     assert floor["fid"] < scores[7]["fid"] and abs(floor["kid"]) < scores[1]["kid"]
 
 
-@pytest.fixture(scope="module")
-def shipped_flow():
-    if paths.locate("flow") != paths.COMMITTED:
-        pytest.fail("the rectified-flow digits model is not in tasks/digits/weights/flow/")
-    task = TASKS.create("digits[model=flow,batch=4]")
+@pytest.fixture(scope="module", params=["flow", "transformer"])
+def shipped_flow(request):
+    """The two rectified-flow models: the U-Net and the transformer (an SD3 MMDiT)."""
+    model = request.param
+    if paths.locate(model) != paths.COMMITTED:
+        pytest.fail(f"the {model} digits model is not in tasks/digits/weights/{model}/")
+    task = TASKS.create(f"digits[model={model},batch=4]")
     task.setup(torch.device("cpu"))
     return task
 
 
-def test_the_flow_model_draws_recognisable_digits_with_flow_matching_euler(shipped_flow):
+def test_the_flow_models_draw_recognisable_digits_with_flow_matching_euler(shipped_flow):
     assert shipped_flow.chosen_sampler().name == "flow-euler"
     assert recognised(shipped_flow) >= 0.9
 
 
+def test_the_transformer_reads_the_class_through_joint_attention_and_the_pooled_projection():
+    """The task's denoiser is diffusers' SD3Transformer2DModel called with the class tokens as
+    encoder_hidden_states and their mean as pooled_projections; LoRA adapts both streams."""
+    task = TASKS.create("digits[model=transformer,batch=2]")
+    task.setup(torch.device("cpu"))
+    problem = task.make_problem("latent", 2, 0)
+    network = task.unet.transformer
+    x, t = problem.x_start.detach(), torch.full((2,), 500.0)
+    cond = problem.cond.expand(2, *problem.cond.shape)
+    theirs = network(hidden_states=x, timestep=t, encoder_hidden_states=cond, pooled_projections=cond.mean(1)).sample
+    assert torch.equal(task.unet(x, t, encoder_hidden_states=cond).sample, theirs)
+    adapted = [
+        name for name, p in task.make_problem("weights", 2, 0).chain.denoiser.named_parameters() if p.requires_grad
+    ]
+    assert any("add_q_proj.lora" in name for name in adapted) and any(".to_q.lora" in name for name in adapted)
+    with pytest.raises(SpecError, match="gates the digits U-Net's five blocks"):
+        task.check_point("gates", 10)
+
+
 @pytest.mark.parametrize("target", TARGETS)
-def test_the_default_estimators_run_on_the_flow_model(shipped_flow, target):
+def test_the_default_estimators_run_on_the_flow_models(shipped_flow, target):
     from bench.options import split_list
     from bench.run.runner import DEFAULT_ESTIMATORS
 
