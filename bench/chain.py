@@ -86,6 +86,14 @@ class Schedule:
     def start(self, x: Tensor) -> State:
         return (x,)
 
+    def clean_estimate(self, x: Tensor, i: int, out: Tensor) -> Tensor:
+        """The model's estimate of x_0 from x_i and its output there (the posterior mean, for a
+        well-trained model): (x_i - sigma_i eps) / alpha_i for an epsilon model; x_i - sigma_i v
+        for a rectified-flow velocity (x_i = (1 - sigma_i) x_0 + sigma_i noise, v = noise - x_0)."""
+        if self.prediction == "flow":
+            return x - self.sigma(i) * out
+        return (x - self.sigma(i) * out) / self.alpha(i)
+
     # --- the linear structure -------------------------------------------------------------------
     @functools.cached_property
     def _linear_map(self) -> tuple[float, ...]:

@@ -16,6 +16,9 @@ BUILT_IN = {
     "torchdiffeq-adjoint": "estimators.torchdiffeq_adjoint:TorchdiffeqAdjoint",
     "shortcut-model": "estimators.shortcut_model:ShortcutModel",
     "coarse-adjoint": "estimators.coarse_adjoint:CoarseAdjoint",
+    "refl": "estimators.refl:ReFL",
+    "drtune": "estimators.drtune:DRTune",
+    "direct-align": "estimators.direct_align:DirectAlign",
 }
 ALIASES = {
     "bptt": "full",
@@ -27,4 +30,5 @@ ALIASES = {
     "spsa": "zeroth-order",
     "es": "zeroth-order",
     "shortft": "shortcut-model",
+    "srpo": "direct-align",
 }
