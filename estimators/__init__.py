@@ -19,6 +19,8 @@ BUILT_IN = {
     "refl": "estimators.refl:ReFL",
     "drtune": "estimators.drtune:DRTune",
     "direct-align": "estimators.direct_align:DirectAlign",
+    "leapalign": "estimators.leapalign:LeapAlign",
+    "flowbp": "estimators.flowbp:FlowBP",
 }
 ALIASES = {
     "bptt": "full",

@@ -13,7 +13,8 @@ and output_weight):
 computed as x_0 = x_0^ng + W_x (x_N - sg(x_N)) + sum_{k in A} W_k (out_k - sg(out_k)). With K = N
 this is the gradient of the chain with every Jacobian of a call in its input set to zero: exact
 where the outputs do not depend on the state. `sdo` is the point K = 1 with its kept call's input
-left attached. Memory K A, time N F + K V (no VJP for the latent: its path is the identity).
+left attached. Memory K A, time N F + K V (no VJP for the latent and the injected noises: their
+paths are linear).
 """
 
 from __future__ import annotations
@@ -63,11 +64,6 @@ class DRTune(Estimator):
         offset = rng.random() * stride if self.offset == "random" and rng is not None else 0.0
         return [effective[min(int(offset + j * stride), n - 1)] for j in range(k)]
 
-    def skip_reason(self, problem: Problem) -> str | None:
-        if problem.target == "noise":
-            return "DRTune's paths run through the model outputs and x_N; the injected noises are not on them"
-        return None
-
     def cost(self, steps: int, target: str) -> Cost:
         return self._cost(steps, min(self.k, steps), target)
 
@@ -77,7 +73,7 @@ class DRTune(Estimator):
 
     @staticmethod
     def _cost(steps: int, keep: int, target: str) -> Cost:
-        if target == "latent":  # the identity path alone: no call keeps a graph
+        if target in ("latent", "noise"):  # the linear path alone: no call reads them with its graph
             return Cost(nfe_forward=steps, nfe_vjp=0, memory="S", activations=0, latents=1)
         later = 1.0 if keep < steps else 0.0  # graph-free calls run while kept graphs are alive
         return Cost(nfe_forward=steps, nfe_vjp=keep, memory="K·A", activations=keep, working=later)
@@ -89,7 +85,7 @@ class DRTune(Estimator):
         state = schedule.start(x_start.detach())
         kept_path = 0.0
         for i in range(schedule.num_steps, 0, -1):
-            if i in kept and problem.target != "latent":
+            if i in kept and problem.target not in ("latent", "noise"):
                 out = chain.eps(state[0].detach(), i, cond)
                 kept_path = kept_path + schedule.output_weight(i) * (out - out.detach())
                 out = out.detach()

@@ -239,3 +239,149 @@ def test_direct_align_skips_what_it_cannot_serve(toy, toy_eta):
     assert "gets no gradient" in estimator.skip_reason(toy.make_problem("latent", 10, 0))
     assert "stochastic or multistep" in estimator.skip_reason(toy_eta.make_problem("cond", 10, 0))
     assert estimator.skip_reason(toy.make_problem("weights", 10, 0)) is None
+
+
+@pytest.mark.parametrize("name", ["toy", "toy_flow"])
+@pytest.mark.parametrize("target", ["latent", "cond", "weights"])
+def test_leapalign_on_two_steps_without_discount_is_the_chains_gradient(request, name, target):
+    """On N = 2 the two leaps are the sampler's own steps (N divides T: each lands on the next grid
+    point), so with the nested term whole the gradient is the exact one."""
+    task = request.getfixturevalue(name)
+    ours, _ = gradient(task, "leapalign[first=0,second=1,discount=1]", target, 2)
+    exact, _ = gradient(task, "full", target, 2)
+    assert float(exact.norm()) > 0
+    assert rel_err(ours, exact) < 1e-10
+
+
+def _leapalign_closed_form(task, target, steps, k, j, g):
+    """R at the rollout's x_0, its gradient g0 pulled back along the two leaps written out: the
+    second leap's Jacobians (its linear path whole, its call's input Jacobian times g) applied to
+    the first leap's derivative, plus the second call's own parameter derivative."""
+    problem = task.make_problem(target, steps, 0)
+    chain, schedule = problem.chain, problem.chain.schedule
+    x0, states = chain.sample(problem.x_start, problem.cond, keep_states=True)
+    x0 = x0.detach().requires_grad_(True)
+    (g0,) = torch.autograd.grad(problem.loss(x0)[0], x0)
+    x_j = states[steps - j].detach().requires_grad_(True)
+
+    def second(x_lin, x_in):
+        out = chain.eps(x_in, j, problem.cond)
+        clean = (
+            (x_lin - schedule.sigma(j) * out) / schedule.alpha(j)
+            if schedule.prediction != "flow"
+            else x_lin - schedule.sigma(j) * out
+        )
+        noise = (x_lin - schedule.alpha(j) * clean) / schedule.sigma(j)
+        return schedule.alpha(0) * clean + schedule.sigma(0) * noise
+
+    x_in = x_j.detach().requires_grad_(True)
+    out2 = second(x_j, x_in)
+    grads = torch.autograd.grad(out2, [x_j, x_in, *problem.leaves], g0, allow_unused=True)
+    through_j = grads[0] + g * grads[1]  # dL/dx_j': the linear path whole, the call's input Jacobian discounted
+    direct = [torch.zeros_like(leaf) if gr is None else gr for leaf, gr in zip(problem.leaves, grads[2:])]
+    x_k = problem.x_start if k == steps else states[steps - k].detach()
+    out1 = chain.eps(x_k, k, problem.cond)
+    clean1 = schedule.clean_estimate(x_k, k, out1)
+    first = schedule.alpha(j) * clean1 + schedule.sigma(j) * (x_k - schedule.alpha(k) * clean1) / schedule.sigma(k)
+    via_first = torch.autograd.grad(first, problem.leaves, through_j, allow_unused=True)
+    total = [d + (torch.zeros_like(d) if v is None else v) for d, v in zip(direct, via_first)]
+    return torch.cat([t.reshape(-1) for t in total])
+
+
+@pytest.mark.parametrize("name", ["toy", "toy_flow"])
+@pytest.mark.parametrize("target,first,second", [("latent", "0", "3"), ("cond", "2", "6"), ("weights", "1", "8")])
+@pytest.mark.parametrize("discount", [0.0, 0.5])
+def test_leapalign_matches_its_closed_form(request, name, target, first, second, discount):
+    task = request.getfixturevalue(name)
+    steps = 10
+    spec = f"leapalign[first={first},second={second},discount={discount}]"
+    grad, problem = gradient(task, spec, target, steps)
+    expected = _leapalign_closed_form(task, target, steps, steps - int(first), steps - int(second), discount)
+    assert float(expected.norm()) > 0
+    assert rel_err(grad, expected) < 1e-10
+    assert problem.chain.counter.forward == steps + 2 and problem.chain.counter.vjp == 2
+    values = problem.chain.sample(problem.x_start, problem.cond)
+    assert torch.equal(ESTIMATORS.create(spec)(problem, random.Random(0)).x0, values)  # connectors: the rollout's x_0
+
+
+def test_leapalign_draws_its_leaps_in_order():
+    estimator = ESTIMATORS.create("leapalign")
+    draws = {estimator.leap_points(12, random.Random(seed)) for seed in range(30)}
+    assert all(12 >= k > j >= 1 for k, j in draws) and len(draws) > 10
+
+
+FLOWBP_POINTS = [
+    # (flowbp options, the estimator it is, targets)
+    ("k=0,bridge=1", "full", ["latent", "cond", "weights"]),
+    ("k=3,offset=first,bridge=0", "drtune[k=3,offset=first]", ["latent", "cond", "weights"]),
+    ("k=1,offset=first,bridge=1", "sdo[step=first]", ["latent", "cond", "weights"]),
+    ("reward_input=mean,k=1,offset=first", "refl[step=0]", ["cond", "weights"]),
+]
+
+
+@pytest.mark.parametrize("name", ["toy", "toy_flow"])
+@pytest.mark.parametrize("options,other,targets", FLOWBP_POINTS)
+def test_flowbp_at_the_matching_options_is_the_estimator_it_contains(request, name, options, other, targets):
+    task = request.getfixturevalue(name)
+    for target in targets:
+        ours, _ = gradient(task, f"flowbp[{options}]", target, 10)
+        theirs, _ = gradient(task, other, target, 10)
+        assert float(theirs.norm()) > 0
+        assert rel_err(ours, theirs) < 1e-10, (target, options)
+
+
+def test_flowbp_on_the_injected_noises(toy_eta):
+    """With every call coupled it is the exact gradient on the noise target too; with stopped
+    inputs the noises reach x_0 by the linear path alone (no VJP), as DRTune's do."""
+    ours, _ = gradient(toy_eta, "flowbp[k=0,bridge=1]", "noise", 10)
+    exact, _ = gradient(toy_eta, "full", "noise", 10)
+    assert rel_err(ours, exact) < 1e-10
+    stopped, problem = gradient(toy_eta, "flowbp[k=3,offset=first]", "noise", 10)
+    drtune, _ = gradient(toy_eta, "drtune[k=3,offset=first]", "noise", 10)
+    assert float(stopped.norm()) > 0 and rel_err(stopped, drtune) < 1e-12 and problem.chain.counter.vjp == 0
+
+
+@pytest.mark.parametrize("name", ["toy", "toy_flow"])
+@pytest.mark.parametrize("target", ["latent", "cond", "weights"])
+def test_flowbp_lagrange_weights_match_their_closed_form(request, name, target):
+    """Each step's output read as the linear interpolant (in s) of the active outputs: the
+    gradient is sum_a w_a VJP(out_a(sg x_a)) + W_x g, with w_a from numpy's interp, and the weights
+    sum to the steps' total weight."""
+    import numpy as np
+
+    task = request.getfixturevalue(name)
+    steps = 12
+    estimator = ESTIMATORS.create("flowbp[k=4,offset=first,weights=lagrange]")
+    problem = task.make_problem(target, steps, 0)
+    chain, schedule = problem.chain, problem.chain.schedule
+    active = estimator.active_set(schedule.effective_steps(), None)
+    nodes = sorted(active, key=schedule.ode_point)
+    points = np.array([schedule.ode_point(a) for a in nodes])
+    weights = {}
+    for a_index, a in enumerate(nodes):
+        basis = np.eye(len(nodes))[a_index]
+        weights[a] = sum(
+            schedule.output_weight(i) * float(np.interp(schedule.ode_point(i), points, basis))
+            for i in range(1, steps + 1)
+        )
+    assert sum(weights.values()) == pytest.approx(sum(schedule.output_weight(i) for i in range(1, steps + 1)))
+    x0, states = chain.sample(problem.x_start, problem.cond, keep_states=True)
+    x0 = x0.detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(problem.loss(x0)[0], x0)
+    if target == "latent":
+        expected = (schedule.state_weight * g).reshape(-1)
+    else:
+        expected = 0
+        for a in active:
+            out = chain.eps(states[steps - a].detach(), a, problem.cond)
+            grads = torch.autograd.grad(out, problem.leaves, weights[a] * g)
+            expected = expected + torch.cat([gr.reshape(-1) for gr in grads])
+    grad, _ = gradient(task, "flowbp[k=4,offset=first,weights=lagrange]", target, steps)
+    assert rel_err(grad, expected) < 1e-10
+
+
+def test_flowbp_refuses_what_its_axes_cannot_combine():
+    from bench.errors import SpecError
+
+    with pytest.raises(SpecError, match="use bridge=0"):
+        ESTIMATORS.create("flowbp[weights=lagrange,bridge=0.5]")
