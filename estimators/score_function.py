@@ -9,7 +9,10 @@ mu_i = a_i x_i + b_i eps(x_i, t_i, c). For a sampled trajectory,
     log p(x_{i-1} | x_i) = -||x_{i-1} - mu_i||^2 / (2 s_i^2) + const,
 
 where the baseline b does not change the expectation: `loo` (leave-one-out batch mean; keeps
-the estimate unbiased), `mean` (batch mean, DDPO's choice, O(1/B) biased) or `none`. The
+the estimate unbiased), `mean` (batch mean, DDPO's choice, O(1/B) biased), `group` ((R - mean) /
+std over the batch, Flow-GRPO's group-normalised advantage: the mean's direction, rescaled) or
+`none`. `logp`: each step's log-density summed over the sample's D dimensions (the density's
+own) or their mean (Flow-GRPO's): the same direction, 1/D the length. The
 trajectory is sampled without graph (fresh injected noise from the estimator's rng, or the
 problem's own with fresh=false), then each step's mean is recomputed with its graph and
 backpropagated at once: memory A, time 2NF + NV.
@@ -20,6 +23,11 @@ r = 1 and the gradient equals REINFORCE's; with reuse = k the sampled trajectori
 old log-probabilities serve k consecutive calls on the same problem (DDPO's inner epochs), and
 clipping bounds how far the later calls move. Those calls sample nothing and return the rewards
 of the reused samples.
+
+On the flow-sde sampler (bench/samplers/flow_sde.py: the flow ODE as a marginal-preserving SDE,
+its noise level the task's eta) this is Flow-GRPO's policy gradient, e.g.
+score-function[baseline=group,logp=mean,clip=0.2] on digits[model=flow,sampler=flow-sde,eta=0.7];
+the group is the problem's batch (one prompt or class per problem).
 
 A step that injects no noise (s_i = 0: set_alpha_to_one = True makes the last step so, and an
 identity step is one) has no density. Such steps at the end of the chain are a deterministic map
@@ -57,8 +65,16 @@ class ScoreFunction(Estimator):
             "baseline",
             str,
             "loo",
-            "loo: leave-one-out mean (unbiased); mean: batch mean; none",
-            choices=("loo", "mean", "none"),
+            "loo: leave-one-out mean (unbiased); mean: batch mean; group: (R - mean) / std, Flow-GRPO's "
+            "group-normalised advantage; none",
+            choices=("loo", "mean", "group", "none"),
+        ),
+        Option(
+            "logp",
+            str,
+            "sum",
+            "each step's log-probability summed over the sample's dimensions, or their mean (Flow-GRPO's)",
+            choices=("sum", "mean"),
         ),
         Option("fresh", bool, True, "draw fresh injected noise each call (false: the problem's own)"),
         Option("clip", float, 0.0, "PPO clip range epsilon (0: plain REINFORCE)", check=_clip_range),
@@ -70,7 +86,13 @@ class ScoreFunction(Estimator):
             check=at_least(1),
         ),
     )
-    variants = ("baseline=mean", "baseline=none,fresh=false", "clip=0.2,reuse=2", "clip=0.1,reuse=3")
+    variants = (
+        "baseline=mean",
+        "baseline=none,fresh=false",
+        "clip=0.2,reuse=2",
+        "clip=0.1,reuse=3",
+        "baseline=group,logp=mean,clip=0.2",
+    )
 
     def __init__(self, **values):
         super().__init__(**values)
@@ -112,6 +134,8 @@ class ScoreFunction(Estimator):
             return rewards
         if self.baseline == "mean":
             return rewards - rewards.mean()
+        if self.baseline == "group":  # Flow-GRPO: normalised within the group (here, the batch)
+            return (rewards - rewards.mean()) / (rewards.std() + 1e-8)
         return rewards - (rewards.sum() - rewards) / (rewards.numel() - 1)
 
     @torch.no_grad()
@@ -154,7 +178,8 @@ class ScoreFunction(Estimator):
             a, b, s = schedule.coefficients(i)
             x_in = problem.x_start if i == schedule.num_steps else x_i  # x_N is a leaf when optimised
             mean = a * x_in + b * chain.eps(x_in, i, problem.cond)
-            logp = -((x_prev - mean) ** 2).flatten(1).sum(1) / (2 * s * s)
+            squares = ((x_prev - mean) ** 2).flatten(1)
+            logp = -(squares.mean(1) if self.logp == "mean" else squares.sum(1)) / (2 * s * s)
             if self.clip > 0:
                 old = batch["old_logp"].setdefault(i, logp.detach())
                 ratio = torch.exp(logp - old)

@@ -87,8 +87,15 @@ SAMPLERS = Registry(
         "ddim": "bench.samplers.ddim:DDIM",
         "dpmpp2m": "bench.samplers.dpm_solver:DPMSolverPP",
         "flow-euler": "bench.samplers.flow_euler:FlowEuler",
+        "flow-sde": "bench.samplers.flow_sde:FlowSDE",
     },
-    aliases={"dpmpp": "dpmpp2m", "dpm-solver": "dpmpp2m", "euler-flow": "flow-euler", "flow-match-euler": "flow-euler"},
+    aliases={
+        "dpmpp": "dpmpp2m",
+        "dpm-solver": "dpmpp2m",
+        "euler-flow": "flow-euler",
+        "flow-match-euler": "flow-euler",
+        "flow-grpo-sde": "flow-sde",
+    },
 )
 
 

@@ -1,0 +1,112 @@
+"""The flow ODE turned into a marginal-preserving SDE (Flow-GRPO, Liu et al. 2025, "Flow-GRPO:
+Training Flow Matching Models via Online RL", its Eq. 9 discretised by Euler-Maruyama), on the
+grid of diffusers' FlowMatchEulerDiscreteScheduler. With x_sigma = (1 - sigma) x_0 + sigma noise
+and v = noise - x_0, the reverse SDE with noise level sigma_t = a sqrt(sigma / (1 - sigma)) has
+the ODE's marginals; one step from sigma_i to sigma_{i-1} (dt = sigma_{i-1} - sigma_i < 0) is
+
+    x_{i-1} = x_i (1 + s^2 dt / (2 sigma)) + v (1 + s^2 (1 - sigma) / (2 sigma)) dt + s sqrt(-dt) xi,
+
+s = sigma_t at sigma = sigma_i, a the task's `eta` (Flow-GRPO's noise level, 0.7 there). Where
+sigma_i = 1 the ratio sigma / (1 - sigma) is read at the next grid point, as Flow-GRPO does. Each
+step is Gaussian, so the score-function estimator (Flow-GRPO's policy gradient) has its per-step
+log-probabilities; with eta = 0 it is flow-matching Euler. Every step is affine in (x_i, v_i, xi_i):
+x_{i-1} = a_i x_i + b_i v_i + s_i xi_i (`coefficients`)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from bench.chain import State
+from bench.samplers import Sampler
+from bench.samplers.flow_euler import FlowEuler, FlowEulerSchedule
+
+
+@dataclass(frozen=True)
+class FlowSDESchedule(FlowEulerSchedule):
+    eta: float = 0.0
+    sampler: str = "flow-sde"
+
+    def noise_scale(self, i: int) -> float:
+        """sigma_t of step i: eta sqrt(sigma_i / (1 - sigma_i)), the next grid point's ratio at sigma_i = 1."""
+        sigma = self.sigmas[i]
+        below = self.sigmas[i - 1] if sigma >= 1 else sigma
+        return self.eta * math.sqrt(sigma / (1 - below)) if below < 1 else 0.0
+
+    def coefficients(self, i: int) -> tuple[float, float, float]:
+        """(a_i, b_i, s_i): x_{i-1} = a_i x_i + b_i v_i + s_i xi_i."""
+        sigma, dt = self.sigmas[i], self.sigmas[i - 1] - self.sigmas[i]
+        if dt == 0:
+            return 1.0, 0.0, 0.0
+        if self.eta == 0 or sigma == 0:
+            return 1.0, dt, 0.0
+        scale = self.noise_scale(i)
+        a = 1 + scale**2 * dt / (2 * sigma)
+        b = (1 + scale**2 * (1 - sigma) / (2 * sigma)) * dt
+        return a, b, scale * math.sqrt(-dt)
+
+    def noise_std(self, i: int) -> float:
+        return self.coefficients(i)[2]
+
+    def step(self, x: Tensor, i: int, out: Tensor, noise: Tensor | None = None) -> Tensor:
+        a, b, s = self.coefficients(i)
+        x_next = a * x + b * out
+        if s > 0:
+            if noise is None:
+                raise ValueError(f"step {i} has eta > 0 and needs its injected noise")
+            x_next = x_next + s * noise
+        return x_next
+
+    def advance(self, state: State, i: int, out: Tensor, noise: Tensor | None = None) -> State:
+        return (self.step(state[0], i, out, noise),)
+
+
+class FlowSDEScheduler:
+    """The reference the sampler suite runs against: diffusers' FlowMatchEulerDiscreteScheduler for
+    the grid and the deterministic step, and Flow-GRPO's SDE step written in its own form (the mean
+    from sigma, dt and the noise level; then the noise) when eta > 0."""
+
+    def __init__(self, scheduler) -> None:
+        object.__setattr__(self, "inner", scheduler)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __setattr__(self, name, value):  # the suite reads the scheduler's tables in float64
+        setattr(self.inner, name, value)
+
+    def step(self, model_output: Tensor, timestep, sample: Tensor, eta: float = 0.0, variance_noise=None):
+        if eta == 0:
+            return self.inner.step(model_output, timestep, sample)
+        sigmas = self.inner.sigmas.to(torch.float64)
+        index = int((self.inner.timesteps == timestep).nonzero()[0])
+        sigma, sigma_prev = float(sigmas[index]), float(sigmas[index + 1])
+        sigma_max = float(sigmas[1])  # Flow-GRPO's stand-in for 1 - sigma where sigma = 1
+        std = math.sqrt(sigma / (1 - (sigma_max if sigma == 1 else sigma))) * eta
+        dt = sigma_prev - sigma
+        mean = sample * (1 + std**2 / (2 * sigma) * dt) + model_output * (1 + std**2 * (1 - sigma) / (2 * sigma)) * dt
+        return _Output(mean + std * math.sqrt(-dt) * variance_noise)
+
+
+@dataclass
+class _Output:
+    prev_sample: Tensor
+
+
+class FlowSDE(FlowEuler):
+    name = "flow-sde"
+    summary = "Flow-GRPO's marginal-preserving SDE on a rectified-flow model (eta: its noise level)"
+    stochastic = True
+
+    def scheduler(self, config):
+        return FlowSDEScheduler(Sampler.scheduler(self, config))
+
+    def schedule_from(self, scheduler, steps: int, eta: float) -> FlowSDESchedule:
+        inner = scheduler.inner if isinstance(scheduler, FlowSDEScheduler) else scheduler
+        grid = FlowEulerSchedule.read(inner, steps)
+        return FlowSDESchedule(
+            timesteps=grid.timesteps, sigmas=grid.sigmas, train_timesteps=grid.train_timesteps, eta=float(eta)
+        )
