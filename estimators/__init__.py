@@ -21,6 +21,7 @@ BUILT_IN = {
     "direct-align": "estimators.direct_align:DirectAlign",
     "leapalign": "estimators.leapalign:LeapAlign",
     "flowbp": "estimators.flowbp:FlowBP",
+    "adjoint-matching": "estimators.adjoint_matching:AdjointMatching",
 }
 ALIASES = {
     "bptt": "full",

@@ -10,7 +10,7 @@ the parameters only through the active calls. The four axes:
 - `reward_input`: x0, the reward on the surrogate's x_0 (= the rollout's); or mean, on the
   model's clean estimate at the last active call (ReFL's input), where the pass stops.
 - `active`: K calls (`k`) spread at a stride of N / K from `offset` (random or first), as DRTune;
-  k = 0 for every call.
+  k = 0 (or K > N) for every call.
 - `weights`: euler, each active call carries its own step's weight W_i in
   x_0 = W_x x_N + sum_i W_i out_i (Schedule.output_weight); lagrange, every step's output is read
   as the linear interpolant of the active outputs in the ODE variable s (constant beyond the end
@@ -78,7 +78,7 @@ class FlowBP(Estimator):
             "x0: the surrogate's x_0; mean: the last active call's clean estimate",
             choices=("x0", "mean"),
         ),
-        Option("k", int, 4, "active calls, spread at a stride of N / K (0: every call)", check=at_least(0)),
+        Option("k", int, 4, "active calls, spread at a stride of N / K (0, or K > N: every call)", check=at_least(0)),
         Option(
             "offset", str, "random", "where the spread starts: random (per call) or first", choices=("random", "first")
         ),
@@ -106,10 +106,6 @@ class FlowBP(Estimator):
     @property
     def samples_long_chain(self) -> bool:  # the mean input stops the pass at the last active call
         return self.reward_input == "x0"
-
-    def check_steps(self, steps: int) -> None:
-        if self.k > steps:
-            raise SpecError(f"{self.spec}: k = {self.k} active calls in a {steps}-step chain; valid: 0..{steps}")
 
     def active_set(self, effective: tuple[int, ...], rng: random.Random | None) -> list[int]:
         """Grid indices of the active calls in sampling order (among the calls whose output enters x_0)."""
