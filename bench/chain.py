@@ -303,10 +303,15 @@ class Chain:
     def _count_vjp(self, grad: Tensor) -> None:
         self.counter.vjp += 1
 
-    def denoise_at(self, x: Tensor, t: float, cond: Tensor | None) -> Tensor:
+    def denoise_at(self, x: Tensor, t: float | Tensor, cond: Tensor | None) -> Tensor:
+        """The denoiser at model time t: one number for the batch, or a (B,) tensor, one per sample."""
         self.counter.forward += 1
-        t_tensor = torch.full(
-            (x.shape[0],), t, dtype=x.dtype if x.is_floating_point() else torch.float32, device=x.device
+        t_tensor = (
+            t.to(device=x.device)
+            if isinstance(t, Tensor)
+            else torch.full(
+                (x.shape[0],), t, dtype=x.dtype if x.is_floating_point() else torch.float32, device=x.device
+            )
         )
         out = self.denoiser(x, t_tensor, cond)
         if out.requires_grad:

@@ -22,6 +22,7 @@ BUILT_IN = {
     "leapalign": "estimators.leapalign:LeapAlign",
     "flowbp": "estimators.flowbp:FlowBP",
     "adjoint-matching": "estimators.adjoint_matching:AdjointMatching",
+    "diffusion-nft": "estimators.diffusion_nft:DiffusionNFT",
 }
 ALIASES = {
     "bptt": "full",

@@ -251,12 +251,19 @@ class Suite:
                 warnings.simplefilter("ignore")
                 return sum(1 for obj in gc.get_objects() if isinstance(obj, torch.Tensor))
 
-        for _ in range(COUNT_CALLS):  # whole reuse cycles, so that no cycle is held half-way
-            estimator(problem, rng)
-        before = live_tensors()
-        for _ in range(2 * COUNT_CALLS):
-            estimator(problem, rng)
-        growth = live_tensors() - before
+        # Objects that exist now cannot be what these calls leak: frozen, the collections and the
+        # census below skip them (a full pass over a test session's heap costs a second a spec).
+        gc.collect()
+        gc.freeze()
+        try:
+            for _ in range(COUNT_CALLS):  # whole reuse cycles, so that no cycle is held half-way
+                estimator(problem, rng)
+            before = live_tensors()
+            for _ in range(2 * COUNT_CALLS):
+                estimator(problem, rng)
+            growth = live_tensors() - before
+        finally:
+            gc.unfreeze()
         require(growth <= 4, f"{growth} more live tensors after {2 * COUNT_CALLS} more calls (a graph or a hook kept?)")
         return f"{target}: {growth:+d} live tensors over {2 * COUNT_CALLS} calls"
 

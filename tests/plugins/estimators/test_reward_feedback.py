@@ -385,3 +385,40 @@ def test_flowbp_refuses_what_its_axes_cannot_combine():
 
     with pytest.raises(SpecError, match="use bridge=0"):
         ESTIMATORS.create("flowbp[weights=lagrange,bridge=0.5]")
+
+
+@pytest.mark.parametrize("name", ["toy", "toy_flow"])
+@pytest.mark.parametrize("target", ["cond", "weights"])
+def test_diffusion_nft_is_the_reward_split_forward_process_loss(request, name, target):
+    """On-policy the implicit policies' loss has the gradient of mean_b beta (2 r_b - 1) ||out_b -
+    target_b||^2 / D, with the same draws of grid points and noise (the estimator's rng)."""
+    from estimators.diffusion_nft import DiffusionNFT
+    from estimators.randomness import torch_generator
+
+    task = request.getfixturevalue(name)
+    grad, _ = gradient(task, "diffusion-nft[beta=0.5]", target, 10)
+    problem = task.make_problem(target, 10, 0)
+    chain, schedule = problem.chain, problem.chain.schedule
+    x0 = chain.sample(problem.x_start, problem.cond)
+    r = DiffusionNFT.optimality(problem.reward_fn(x0).detach())
+    generator = torch_generator(random.Random(0))
+    effective = schedule.effective_steps()
+    picks = [effective[int(p)] for p in torch.randint(len(effective), (x0.shape[0],), generator=generator)]
+    xi = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+    alpha = torch.tensor([schedule.alpha(i) for i in picks], dtype=x0.dtype)[:, None]
+    sigma = torch.tensor([schedule.sigma(i) for i in picks], dtype=x0.dtype)[:, None]
+    times = torch.tensor([schedule.model_time(i) for i in picks], dtype=x0.dtype)
+    out = chain.denoiser(alpha * x0 + sigma * xi, times, problem.cond)
+    target_out = xi - x0 if schedule.prediction == "flow" else xi
+    loss = (0.5 * (2 * r - 1) * ((out - target_out) ** 2).mean(1)).mean()
+    expected = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, problem.leaves)])
+    assert float(expected.norm()) > 0
+    assert rel_err(grad, expected) < 1e-10
+
+
+def test_diffusion_nft_needs_no_differentiable_reward():
+    task = TASKS.create("toy[reward=inside]")
+    task.setup(torch.device("cpu"))
+    grad, problem = gradient(task, "diffusion-nft", "weights", 8)
+    assert torch.isfinite(grad).all()
+    assert problem.chain.counter.forward == 9 and problem.chain.counter.vjp == 1
