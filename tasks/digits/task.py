@@ -77,7 +77,7 @@ class Digits(Task):
         Option("cls", int, 1, "the class the sampler is conditioned on", check=_digit),
         Option("batch", int, 8, "samples per problem", check=at_least(1)),
         Option("guidance", float, 2.0, "classifier-free guidance scale (1: none)", check=_positive),
-        Option("eta", float, 0.0, "DDIM eta (0: deterministic)", check=at_least(0.0)),
+        Option("eta", float, 0.0, "DDIM eta, or flow-sde's noise level (0: deterministic)", check=at_least(0.0)),
         Option(
             "tune", str, "lora", "weights target: LoRA adapters (peft) or all U-Net weights", choices=("lora", "full")
         ),

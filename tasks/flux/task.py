@@ -31,7 +31,7 @@ from tasks.sd import rewards
 from tasks.sd.task import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, built_once
 from tasks.sd3.task import StableDiffusion3
 
-DROPPED = {"guidance", "negative_prompt", "negative_prompt_file", "sampler", "model"}
+DROPPED = {"guidance", "negative_prompt", "negative_prompt_file", "sampler", "model", "eta"}
 
 
 def resolve_model(model: str) -> Path:
@@ -112,6 +112,8 @@ class Flux(StableDiffusion3):
     summary = "FLUX.1-class flow-matching transformer from a local diffusers folder (tiny: random, offline)"
     version = "1"
     sampler = ""  # FLUX's own flow-matching Euler grid, dynamically shifted
+    eta = 0.0  # deterministic: no flow-sde on the shifted grid yet
+    targets = ("latent", "cond", "weights")
     negative_prompt = negative_prompt_file = ""
     options = (
         Option("model", str, "tiny", "FLUX.1 pipeline folder, cached model id, or tiny (random, built offline)"),

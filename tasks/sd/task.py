@@ -348,7 +348,13 @@ class StableDiffusion(Task):
         ),
         Option("batch", int, 2, "samples per problem (prompts cycle over them)", check=at_least(1)),
         Option("dtype", str, "fp32", "precision of the frozen networks (leaves stay fp32)", choices=tuple(DTYPES)),
-        Option("eta", float, 0.0, "DDIM eta (0: deterministic)", check=at_least(0.0)),
+        Option(
+            "eta",
+            float,
+            0.0,
+            "injected noise: DDIM's eta, or flow-sde's noise level (0: deterministic)",
+            check=at_least(0.0),
+        ),
         sampler_option(),
         Option(
             "tune",

@@ -54,7 +54,7 @@ REQUIRED = {  # component -> (weights files, config entries the shapes depend on
     "text_encoder_2": (TRANSFORMERS_WEIGHTS, ("hidden_size",)),
 }
 FOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
-DROPPED = {"guidance_rescale", "eta", "tune", "model", "guidance", "resolution"}
+DROPPED = {"guidance_rescale", "tune", "model", "guidance", "resolution"}
 
 
 def resolve_model(model: str) -> Path:
@@ -107,8 +107,7 @@ class StableDiffusion3(StableDiffusion):
     summary = "Stable Diffusion 3 / 3.5-class flow-matching MMDiT from a local diffusers folder (tiny: random, offline)"
     version = "1"
     learning_rates = {"latent": 0.05, "cond": 0.01, "weights": 1e-3}
-    targets = ("latent", "cond", "weights")
-    eta = 0.0  # flow-matching Euler is deterministic
+    targets = ("latent", "cond", "weights", "noise")  # noise: with sampler=flow-sde and eta > 0
     options = (
         Option("model", str, "tiny", "SD3 pipeline folder, cached model id, or tiny (random, built offline, no T5)"),
         Option("guidance", float, 7.0, "classifier-free guidance scale (1: none)", check=at_least(1.0)),
@@ -269,9 +268,11 @@ class StableDiffusion3(StableDiffusion):
         transformer = self.trainable_copy(self.transformer, target, seed, dtype, LORA_TARGETS)
         order = [b % len(self.prompt_list) for b in range(self.batch)]
         denoiser = self.guided(transformer, order, dtype)
-        x_start = self.initial_latent(torch.Generator().manual_seed(seed), dtype)
+        generator = torch.Generator().manual_seed(seed)
+        x_start = self.initial_latent(generator, dtype)
+        noises = [self.initial_latent(generator, dtype) for _ in range(steps)] if self.eta > 0 else None
         cond = self.prompt_embeds[order].clone().to(self.device, dtype)
-        leaves = self.leaves_for(target, x_start, cond, None, denoiser)
+        leaves = self.leaves_for(target, x_start, cond, noises, denoiser)
         vae, reward = self._networks(dtype)
 
         def reward_of(x0: Tensor) -> Tensor:
@@ -281,7 +282,7 @@ class StableDiffusion3(StableDiffusion):
             chain=Chain(denoiser, self.make_schedule(steps)),
             x_start=x_start,
             cond=cond,
-            noises=None,
+            noises=noises,
             reward_fn=reward_of,
             target=target,
             leaves=leaves,

@@ -153,3 +153,26 @@ def test_a_folder_of_another_pipeline_is_refused_by_name(tmp_path, capsys):
     (other / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
     assert main(["run", "--tasks", f"sd3[model={other}]", "--out", str(tmp_path / "run")]) == 2
     assert "names FluxPipeline; valid: StableDiffusion3Pipeline" in capsys.readouterr().err
+
+
+def test_flow_grpo_runs_on_sd3_with_the_flow_sde_sampler(cache):
+    """sd3[sampler=flow-sde,eta=0.7]: the SDE's injected noise is drawn per step (the noise target
+    exists), the policy gradient gets a finite gradient on the LoRA, checkpoint equals full on the
+    noise, and flow-euler with eta > 0 is refused in one line."""
+    from bench.errors import SpecError
+
+    task = TASKS.create("sd3[sampler=flow-sde,eta=0.7,batch=2]")
+    task.setup(torch.device("cpu"))
+    problem = task.make_problem("weights", 2, 0)
+    assert problem.chain.schedule.sampler == "flow-sde" and len(problem.noises) == 2
+    ESTIMATORS.create("score-function[baseline=group,logp=mean,clip=0.2]")(problem, random.Random(0))
+    grad = problem.flat_grad()
+    assert torch.isfinite(grad).all() and float(grad.norm()) > 0
+    grads = []
+    for spec in ("full", "checkpoint"):
+        noisy = task.make_problem("noise", 2, 0)
+        ESTIMATORS.create(spec)(noisy, random.Random(0))
+        grads.append(noisy.flat_grad().clone())
+    assert float(grads[0].norm()) > 0 and cosine(grads[0], grads[1]) > 0.9999
+    with pytest.raises(SpecError, match="stochastic sampler"):
+        TASKS.create("sd3[eta=0.7]").chosen_sampler()
