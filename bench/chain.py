@@ -197,6 +197,24 @@ class Schedule:
         return self.ode_from_rho(math.sqrt(rho_a * rho_b))
 
 
+class AffineStep:
+    """The step of a one-step sampler given by its coefficients (a_i, b_i, s_i) = `coefficients(i)`,
+    which the schedule defines: x_{i-1} = a_i x_i + b_i out_i + s_i xi_i (DDIM, flow-sde)."""
+
+    def step(self, x: Tensor, i: int, out: Tensor, noise: Tensor | None = None) -> Tensor:
+        """x_{i-1} from x_i and the denoiser output at (x_i, t_i). Pure tensor arithmetic."""
+        a, b, s = self.coefficients(i)
+        x_next = a * x + b * out
+        if s > 0:
+            if noise is None:
+                raise ValueError(f"step {i} has eta > 0 and needs its injected noise")
+            x_next = x_next + s * noise
+        return x_next
+
+    def advance(self, state: State, i: int, out: Tensor, noise: Tensor | None = None) -> State:
+        return (self.step(state[0], i, out, noise),)
+
+
 @dataclass(frozen=True)
 class VPSchedule(Schedule):
     """A variance-preserving grid from a training table abar(t) (DDPM betas): alpha_i = sqrt(abar_i).

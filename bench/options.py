@@ -52,6 +52,8 @@ class Option:
                 ) from None
         elif self.type is float and isinstance(raw, int) and not isinstance(raw, bool):
             value = float(raw)
+        elif self.type is str and isinstance(raw, int) and not isinstance(raw, bool):
+            value = str(raw)  # e.g. a step index, sdo(step=3), for an option that also takes names
         if not isinstance(value, self.type) or (self.type is int and isinstance(value, bool)):
             raise SpecError(f"{owner}: option {self.name}={raw!r} must be {self.type.__name__} ({self.describe()})")
         if self.type is float and not math.isfinite(value):

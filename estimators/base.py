@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import torch
 from torch import Tensor
@@ -153,6 +154,17 @@ class Estimator(Configurable):
     def __call__(self, problem: Problem, rng: random.Random) -> Estimate:
         problem.zero_grad()
         return self.estimate(problem, rng)
+
+
+def step_choice(*named: str) -> Callable[[str], str | None]:
+    """An Option check for a step given by name (`named`) or by its 0-based index in sampling order."""
+
+    def check(value: str) -> str | None:
+        if value in named or re.fullmatch(r"[0-9]+", value):  # not isdigit(): it accepts '²'
+            return None
+        return f"must be {', '.join(named)} or a 0-based step index"
+
+    return check
 
 
 def reached_calls(steps: int, target: str) -> int:

@@ -27,11 +27,7 @@ import torch
 from bench.errors import SpecError
 from bench.options import Option
 from bench.problem import Problem
-from estimators.base import Cost, Estimate, Estimator, require_graph
-
-
-def _step(value: str) -> str | None:
-    return None if value == "random" or value.isascii() and value.isdigit() else "must be random or a 0-based index"
+from estimators.base import Cost, Estimate, Estimator, backprop, step_choice
 
 
 class DirectAlign(Estimator):
@@ -45,7 +41,7 @@ class DirectAlign(Estimator):
             str,
             "random",
             "the injection point: random (uniform per call) or a 0-based index in sampling order",
-            check=_step,
+            check=step_choice("random"),
             metavar="random|<index>",
         ),
     )
@@ -55,19 +51,16 @@ class DirectAlign(Estimator):
     def random_counts(self) -> bool:
         return False  # N + 1 forwards and one VJP whatever the draw
 
-    def __init__(self, **values):
-        if isinstance(values.get("step"), int) and not isinstance(values.get("step"), bool):
-            values["step"] = str(values["step"])
-        super().__init__(**values)
-
     def check_steps(self, steps: int) -> None:
         if self.step != "random" and int(self.step) >= steps:
             raise SpecError(f"{self.spec}: step index {self.step} is outside the chain; valid: 0..{steps - 1}, random")
 
-    def injection_point(self, effective: tuple[int, ...], steps: int, rng: random.Random | None) -> int:
+    def injection_point(self, schedule, rng: random.Random | None) -> int:
+        """Grid index s of the re-noised sample: `step`'s, or drawn among the calls that enter x_0."""
         if self.step == "random":
-            return effective[rng.randrange(len(effective))] if rng is not None else effective[0]
-        return steps - int(self.step)
+            effective = schedule.effective_steps()
+            return effective[rng.randrange(len(effective))]
+        return schedule.num_steps - int(self.step)
 
     def skip_reason(self, problem: Problem) -> str | None:
         if problem.target in ("latent", "noise"):
@@ -76,9 +69,9 @@ class DirectAlign(Estimator):
                 f"{problem.target} gets no gradient"
             )
         schedule = problem.chain.schedule
-        if self.step != "random" and schedule.is_identity(self.injection_point((), schedule.num_steps, None)):
+        if self.step != "random" and schedule.is_identity(self.injection_point(schedule, None)):
             return f"the step at step={self.step} is an identity step (its output has weight 0); choose another"
-        if schedule.history_size or any(schedule.noise_std(i) > 0 for i in range(1, schedule.num_steps + 1)):
+        if schedule.eta > 0 or schedule.history_size:
             return (
                 f"{schedule.sampler} is stochastic or multistep: one step from the re-noised sample has no "
                 "single noise level to remove the known noise at (use a deterministic one-step sampler)"
@@ -99,14 +92,11 @@ class DirectAlign(Estimator):
 
     def estimate(self, problem: Problem, rng: random.Random) -> Estimate:
         chain, schedule, cond = problem.chain, problem.chain.schedule, problem.cond
-        s = self.injection_point(schedule.effective_steps(), schedule.num_steps, rng)
+        s = self.injection_point(schedule, rng)
         xi = problem.x_start.detach()
         x0 = chain.sample(xi, cond, problem.noises)
         x_s = schedule.alpha(s) * x0 + schedule.sigma(s) * xi
         landed = schedule.advance(schedule.start(x_s), s, chain.eps(x_s, s, cond))[0]
         alpha, sigma = self.landing(schedule, s)
         recovered = (landed - sigma * xi) / alpha
-        loss, rewards = problem.loss(recovered)
-        require_graph(loss)
-        loss.backward()
-        return Estimate(loss=float(loss.detach()), rewards=rewards.detach(), x0=recovered.detach())
+        return backprop(problem, recovered)

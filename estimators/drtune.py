@@ -29,6 +29,17 @@ from bench.problem import Problem
 from estimators.base import Cost, Estimate, Estimator, backprop
 
 
+def spread(effective: tuple[int, ...], k: int, rng: random.Random | None) -> list[int]:
+    """Grid indices of K calls (all of them where K exceeds their number) at positions offset + j n / K
+    (j = 0..K-1) among the n calls whose output enters x_0 (Schedule.effective_steps), in sampling
+    order; the offset is drawn uniformly in [0, n / K) from `rng`, or 0 without one."""
+    n = len(effective)
+    k = min(k, n)
+    stride = n / k
+    offset = rng.random() * stride if rng is not None else 0.0
+    return [effective[min(int(offset + j * stride), n - 1)] for j in range(k)]
+
+
 class DRTune(Estimator):
     name = "drtune"
     plot_style = ("#bcbd22", "P")
@@ -56,12 +67,7 @@ class DRTune(Estimator):
         return False  # K calls keep a graph whatever the offset
 
     def kept(self, effective: tuple[int, ...], rng: random.Random | None) -> list[int]:
-        """Grid indices of the K kept calls: positions offset + j N / K (j = 0..K-1) among the calls
-        whose output enters x_0 (Schedule.effective_steps), in sampling order."""
-        n, k = len(effective), min(self.k, len(effective))
-        stride = n / k
-        offset = rng.random() * stride if self.offset == "random" and rng is not None else 0.0
-        return [effective[min(int(offset + j * stride), n - 1)] for j in range(k)]
+        return spread(effective, self.k, rng if self.offset == "random" else None)
 
     def cost(self, steps: int, target: str) -> Cost:
         return self._cost(steps, min(self.k, steps), target)

@@ -37,7 +37,8 @@ from bench.chain import noise_for
 from bench.errors import SpecError
 from bench.options import Option, at_least
 from bench.problem import Problem
-from estimators.base import Cost, Estimate, Estimator, require_graph
+from estimators.base import Cost, Estimate, Estimator, backprop
+from estimators.drtune import spread
 
 
 def _bridge(value: float) -> str | None:
@@ -108,12 +109,8 @@ class FlowBP(Estimator):
         return self.reward_input == "x0"
 
     def active_set(self, effective: tuple[int, ...], rng: random.Random | None) -> list[int]:
-        """Grid indices of the active calls in sampling order (among the calls whose output enters x_0)."""
-        n = len(effective)
-        k = n if self.k == 0 else min(self.k, n)
-        stride = n / k
-        offset = rng.random() * stride if self.offset == "random" and rng is not None and k < n else 0.0
-        return [effective[min(int(offset + j * stride), n - 1)] for j in range(k)]
+        """Grid indices of the active calls in sampling order (drtune's spread; k = 0: every call)."""
+        return spread(effective, self.k or len(effective), rng if self.offset == "random" else None)
 
     def skip_reason(self, problem: Problem) -> str | None:
         if problem.target in ("latent", "noise") and self.reward_input == "mean" and self.bridge == 0:
@@ -180,7 +177,4 @@ class FlowBP(Estimator):
             scored = z[0]
         if c == 0 and self.reward_input == "x0":
             scored = scored + schedule.state_weight * (x_start - x_start.detach()) + moved
-        loss, rewards = problem.loss(scored)
-        require_graph(loss)
-        loss.backward()
-        return Estimate(loss=float(loss.detach()), rewards=rewards.detach(), x0=scored.detach())
+        return backprop(problem, scored)

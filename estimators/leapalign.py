@@ -27,11 +27,7 @@ import random
 from bench.errors import SpecError
 from bench.options import Option
 from bench.problem import Problem
-from estimators.base import Cost, Estimate, Estimator, backprop
-
-
-def _index(value: str) -> str | None:
-    return None if value == "random" or value.isascii() and value.isdigit() else "must be random or a 0-based index"
+from estimators.base import Cost, Estimate, Estimator, step_choice, backprop
 
 
 def _discount(value: float) -> str | None:
@@ -55,7 +51,7 @@ class LeapAlign(Estimator):
             str,
             "random",
             "the first leap's start k (0-based index in sampling order); random: k > j drawn per call",
-            check=_index,
+            check=step_choice("random"),
             metavar="random|<index>",
         ),
         Option(
@@ -63,7 +59,7 @@ class LeapAlign(Estimator):
             str,
             "random",
             "the second leap's start j (0-based index, after first); random: uniform after k",
-            check=_index,
+            check=step_choice("random"),
             metavar="random|<index>",
         ),
         Option("discount", float, 0.5, "weight of the nested term through the second call's input", check=_discount),
@@ -93,7 +89,7 @@ class LeapAlign(Estimator):
         if problem.target == "noise":
             return "the leaps run through the model outputs; the injected noises are not on them"
         schedule = problem.chain.schedule
-        if schedule.history_size or schedule.noise_std(1) > 0:
+        if schedule.eta > 0 or schedule.history_size:
             return f"{schedule.sampler}: a leap is a one-step jump of a deterministic one-step sampler"
         return None
 

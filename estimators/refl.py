@@ -25,15 +25,11 @@ import torch
 from bench.errors import SpecError
 from bench.options import Option
 from bench.problem import Problem
-from estimators.base import Cost, Estimate, Estimator, require_graph
+from estimators.base import Cost, Estimate, Estimator, backprop, step_choice
 
 
 def _window(value: float) -> str | None:
     return None if 0 < value <= 1 else "must be in (0, 1]: the fraction of the last sampling steps k is drawn from"
-
-
-def _step(value: str) -> str | None:
-    return None if value == "random" or value.isascii() and value.isdigit() else "must be random or a 0-based index"
 
 
 class ReFL(Estimator):
@@ -48,7 +44,7 @@ class ReFL(Estimator):
             str,
             "random",
             "random: uniform in the window on every call; or a 0-based index in sampling order",
-            check=_step,
+            check=step_choice("random"),
             metavar="random|<index>",
         ),
     )
@@ -57,11 +53,6 @@ class ReFL(Estimator):
     @property
     def random_counts(self) -> bool:
         return self.step == "random"
-
-    def __init__(self, **values):
-        if isinstance(values.get("step"), int) and not isinstance(values.get("step"), bool):
-            values["step"] = str(values["step"])
-        super().__init__(**values)
 
     def check_steps(self, steps: int) -> None:
         if self.step != "random" and int(self.step) >= steps:
@@ -107,7 +98,4 @@ class ReFL(Estimator):
                 state = chain.advance(state, i, cond, problem.noises)
         x_k = x_start if k == steps else state[0]
         clean = schedule.clean_estimate(x_k, k, chain.eps(x_k, k, cond))
-        loss, rewards = problem.loss(clean)
-        require_graph(loss)
-        loss.backward()
-        return Estimate(loss=float(loss.detach()), rewards=rewards.detach(), x0=clean.detach())
+        return backprop(problem, clean)

@@ -23,7 +23,6 @@ weight 0, and keeping it would give cond and weights a silent zero. Memory A, ti
 from __future__ import annotations
 
 import random
-import re
 
 import torch
 
@@ -31,15 +30,7 @@ from bench.chain import noise_for
 from bench.errors import SpecError
 from bench.options import Option
 from bench.problem import Problem
-from estimators.base import Cost, Estimate, Estimator, backprop
-
-_NAMED_STEPS = ("first", "last", "random")
-
-
-def _step_choice(value: str) -> str | None:
-    if value in _NAMED_STEPS or re.fullmatch(r"[0-9]+", value):  # not isdigit(): it accepts '²'
-        return None
-    return "must be first, last, random or a 0-based step index"
+from estimators.base import Cost, Estimate, Estimator, step_choice, backprop
 
 
 class SDO(Estimator):
@@ -52,7 +43,7 @@ class SDO(Estimator):
             str,
             "first",
             "which call keeps its graph (index: 0-based, sampling order)",
-            check=_step_choice,
+            check=step_choice("first", "last", "random"),
             metavar="first|last|random|<index>",
         ),
     )
@@ -61,11 +52,6 @@ class SDO(Estimator):
     @property
     def random_counts(self) -> bool:
         return self.step == "random"
-
-    def __init__(self, **values):
-        if isinstance(values.get("step"), int) and not isinstance(values.get("step"), bool):
-            values["step"] = str(values["step"])
-        super().__init__(**values)
 
     def check_steps(self, steps: int) -> None:
         if self.step.isdigit() and int(self.step) >= steps:

@@ -29,15 +29,13 @@ import warnings
 import math
 from dataclasses import dataclass
 
-from torch import Tensor
-
-from bench.chain import State, VPSchedule
+from bench.chain import AffineStep, VPSchedule
 from bench.errors import SpecError
 from bench.samplers import Sampler, check_steps_argument
 
 
 @dataclass(frozen=True)
-class DDIMSchedule(VPSchedule):
+class DDIMSchedule(AffineStep, VPSchedule):
     alpha_bar_prev: tuple[float, ...] = ()  # where step i lands, at [i - 1]: abar_{i-1} on leading
     #                                         grids and trailing ones with N dividing T, not on linspace
     #                                         grids nor trailing ones with N not dividing T
@@ -111,18 +109,7 @@ class DDIMSchedule(VPSchedule):
     # against 151.54, diffusers' default linear betas), by a factor 2.6 on linspace spacing at N = 4
     # (157.40 against 61.00; 157.40 against 130.19 at N = 25).
 
-    def step(self, x: Tensor, i: int, eps: Tensor, noise: Tensor | None = None) -> Tensor:
-        """x_{i-1} from x_i and the denoiser output at (x_i, t_i). Pure tensor arithmetic."""
-        a, b, s = self.coefficients(i)
-        out = a * x + b * eps
-        if s > 0:
-            if noise is None:
-                raise ValueError(f"step {i} has eta > 0 and needs its injected noise")
-            out = out + s * noise
-        return out
-
-    def advance(self, state: State, i: int, out: Tensor, noise: Tensor | None = None) -> State:
-        return (self.step(state[0], i, out, noise),)
+    # step and advance: AffineStep's, on these coefficients
 
 
 # DDIMScheduler options that make its step non-affine in (x_i, eps): the chain cannot take them.

@@ -14,19 +14,19 @@ x_{i-1} = a_i x_i + b_i v_i + s_i xi_i (`coefficients`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from bench.chain import State
-from bench.samplers import Sampler
+from bench.chain import AffineStep
 from bench.samplers.flow_euler import FlowEuler, FlowEulerSchedule
 
 
 @dataclass(frozen=True)
-class FlowSDESchedule(FlowEulerSchedule):
+class FlowSDESchedule(AffineStep, FlowEulerSchedule):
     eta: float = 0.0
     sampler: str = "flow-sde"
 
@@ -51,17 +51,7 @@ class FlowSDESchedule(FlowEulerSchedule):
     def noise_std(self, i: int) -> float:
         return self.coefficients(i)[2]
 
-    def step(self, x: Tensor, i: int, out: Tensor, noise: Tensor | None = None) -> Tensor:
-        a, b, s = self.coefficients(i)
-        x_next = a * x + b * out
-        if s > 0:
-            if noise is None:
-                raise ValueError(f"step {i} has eta > 0 and needs its injected noise")
-            x_next = x_next + s * noise
-        return x_next
-
-    def advance(self, state: State, i: int, out: Tensor, noise: Tensor | None = None) -> State:
-        return (self.step(state[0], i, out, noise),)
+    # step and advance: AffineStep's, on these coefficients
 
 
 class FlowSDEScheduler:
@@ -102,11 +92,7 @@ class FlowSDE(FlowEuler):
     stochastic = True
 
     def scheduler(self, config):
-        return FlowSDEScheduler(Sampler.scheduler(self, config))
+        return FlowSDEScheduler(super().scheduler(config))
 
     def schedule_from(self, scheduler, steps: int, eta: float) -> FlowSDESchedule:
-        inner = scheduler.inner if isinstance(scheduler, FlowSDEScheduler) else scheduler
-        grid = FlowEulerSchedule.read(inner, steps)
-        return FlowSDESchedule(
-            timesteps=grid.timesteps, sigmas=grid.sigmas, train_timesteps=grid.train_timesteps, eta=float(eta)
-        )
+        return dataclasses.replace(FlowSDESchedule.read(scheduler, steps), eta=float(eta))

@@ -88,10 +88,6 @@ class ClassTransformer(nn.Module):
     def fresh(cls) -> ClassTransformer:
         return cls(SD3Transformer2DModel(**TRANSFORMER_CONFIG))
 
-    @property
-    def config(self):
-        return self.transformer.config
-
     def add_adapter(self, config) -> None:
         """LoRA adapters on the transformer (peft, through diffusers' adapter mixin)."""
         self.transformer.add_adapter(config)
