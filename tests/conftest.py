@@ -53,6 +53,38 @@ def toy():
     return task
 
 
+@pytest.fixture(scope="session")
+def toy_eta():
+    task = TASKS.create("toy[eta=0.6]")
+    task.setup(torch.device("cpu"))
+    return task
+
+
+# The estimator set every pipeline task's sweep runs (the issue's and the docs' list)
+PIPELINE_ESTIMATORS = ["full", "checkpoint", "adjoint", "sdo", "truncated[k=2]"]
+
+
+def sweep_rows(task_spec, folder, estimators=PIPELINE_ESTIMATORS, steps=2):
+    """Rows of a sweep of `estimators` on latent, cond and weights at N = `steps`, no optimisation,
+    one round, no memory: one row per cell, each ok or skipped with its reason."""
+    from bench.run.runner import SweepSpec, run_sweep
+
+    spec = SweepSpec(
+        tasks=[task_spec],
+        estimators=list(estimators),
+        targets=["latent", "cond", "weights"],
+        steps=[steps],
+        iters=0,
+        rounds=1,
+        memory="off",
+    )
+    rows = run_sweep(spec, folder)
+    assert len(rows) == 3 * len(estimators)
+    for row in rows:
+        assert row["status"] == "ok" or (row["status"] == "skipped" and row["reason"]), row
+    return rows
+
+
 def gradient(task, spec, target, steps, seed=0, rng_seed=0):
     """(flat gradient, problem) of estimator `spec` on a fresh problem."""
     problem = task.make_problem(target, steps, seed)

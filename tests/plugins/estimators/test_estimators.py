@@ -11,13 +11,6 @@ from conftest import cosine, gradient, rel_err
 TARGETS = ["latent", "cond", "weights"]
 
 
-@pytest.fixture(scope="module")
-def toy_eta():
-    task = TASKS.create("toy[eta=0.6]")
-    task.setup(torch.device("cpu"))
-    return task
-
-
 def loss_of_leaf(problem, leaf_index, value):
     """L as a function of one leaf (used by the finite-difference check)."""
     leaf = problem.leaves[leaf_index]
@@ -251,7 +244,6 @@ def test_skip_reasons_are_explicit(toy, toy_eta):
 def test_write_gradients_hands_gradients_to_the_leaves_like_backward():
     import pytest as _pytest
 
-    from bench.registry import TASKS
     from estimators.base import write_gradients
 
     task = TASKS.create("toy[d=2,batch=2]")

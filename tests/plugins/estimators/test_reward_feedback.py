@@ -18,17 +18,15 @@ from conftest import gradient, rel_err
 
 
 @pytest.fixture(scope="module")
-def toy_eta():
-    task = TASKS.create("toy[eta=0.6]")
-    task.setup(torch.device("cpu"))
-    return task
-
-
-@pytest.fixture(scope="module")
 def toy_flow():
     task = TASKS.create("toy[sampler=flow-euler]")
     task.setup(torch.device("cpu"))
     return task
+
+
+def flat(tensors):
+    """Gradients of several leaves as one vector, in the leaves' order (as Problem.flat_grad)."""
+    return torch.cat([t.reshape(-1) for t in tensors])
 
 
 def posterior_mean(task, x, alpha, sigma):
@@ -80,7 +78,7 @@ def _refl_closed_form(task, target, steps, k):
     out = chain.eps(x_k, k, problem.cond)
     x_hat = (x_k - schedule.sigma(k) * out) / schedule.alpha(k)
     loss = -problem.reward_fn(x_hat).mean()
-    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, problem.leaves)])
+    return flat(torch.autograd.grad(loss, problem.leaves))
 
 
 @pytest.mark.parametrize("target,step", [("cond", "3"), ("weights", "7"), ("weights", "9"), ("latent", "0")])
@@ -125,8 +123,8 @@ def _drtune_closed_form(task, target, steps, kept):
     for k in kept:
         out = chain.eps(states[steps - k].detach(), k, problem.cond)
         grads = torch.autograd.grad(out, problem.leaves, schedule.output_weight(k) * g)
-        flat = torch.cat([gr.reshape(-1) for gr in grads])
-        total = flat if total is None else total + flat
+        part = flat(grads)
+        total = part if total is None else total + part
     return total
 
 
@@ -213,7 +211,7 @@ def _direct_align_closed_form(task, target, steps, s):
         landed = schedule.alpha(s - 1) * clean + schedule.sigma(s - 1) * out
     recovered = (landed - schedule.sigma(s - 1) * xi) / schedule.alpha(s - 1)
     loss = -problem.reward_fn(recovered).mean()
-    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, problem.leaves)])
+    return flat(torch.autograd.grad(loss, problem.leaves))
 
 
 @pytest.mark.parametrize("name", ["toy", "toy_flow"])
@@ -285,7 +283,7 @@ def _leapalign_closed_form(task, target, steps, k, j, g):
     first = schedule.alpha(j) * clean1 + schedule.sigma(j) * (x_k - schedule.alpha(k) * clean1) / schedule.sigma(k)
     via_first = torch.autograd.grad(first, problem.leaves, through_j, allow_unused=True)
     total = [d + (torch.zeros_like(d) if v is None else v) for d, v in zip(direct, via_first)]
-    return torch.cat([t.reshape(-1) for t in total])
+    return flat(total)
 
 
 @pytest.mark.parametrize("name", ["toy", "toy_flow"])
@@ -375,7 +373,7 @@ def test_flowbp_lagrange_weights_match_their_closed_form(request, name, target):
         for a in active:
             out = chain.eps(states[steps - a].detach(), a, problem.cond)
             grads = torch.autograd.grad(out, problem.leaves, weights[a] * g)
-            expected = expected + torch.cat([gr.reshape(-1) for gr in grads])
+            expected = expected + flat(grads)
     grad, _ = gradient(task, "flowbp[k=4,offset=first,weights=lagrange]", target, steps)
     assert rel_err(grad, expected) < 1e-10
 
@@ -411,7 +409,7 @@ def test_diffusion_nft_is_the_reward_split_forward_process_loss(request, name, t
     out = chain.denoiser(alpha * x0 + sigma * xi, times, problem.cond)
     target_out = xi - x0 if schedule.prediction == "flow" else xi
     loss = (0.5 * (2 * r - 1) * ((out - target_out) ** 2).mean(1)).mean()
-    expected = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, problem.leaves)])
+    expected = flat(torch.autograd.grad(loss, problem.leaves))
     assert float(expected.norm()) > 0
     assert rel_err(grad, expected) < 1e-10
 

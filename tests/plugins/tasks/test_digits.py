@@ -10,7 +10,7 @@ import torch
 from bench.cli import main
 from bench.errors import SpecError
 from bench.registry import ESTIMATORS, TASKS
-from conftest import cosine
+from conftest import cosine, gradient
 from digits_fixtures import write_random_models
 from tasks.digits import metrics, paths
 
@@ -90,11 +90,7 @@ def test_the_shipped_model_draws_recognisable_digits(shipped):
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_checkpoint_agrees_with_full_in_float32(shipped, target):
-    grads = []
-    for spec in ("full", "checkpoint"):
-        problem = shipped.make_problem(target, 8, 0)
-        ESTIMATORS.create(spec)(problem, random.Random(0))
-        grads.append(problem.flat_grad())
+    grads = [gradient(shipped, spec, target, 8)[0] for spec in ("full", "checkpoint")]
     assert cosine(grads[0], grads[1]) > 0.9999
 
 

@@ -4,7 +4,6 @@ guidance scale as an input), its decoded images the pipeline's, checkpoint equal
 target, the default estimators run, and bad input is one line."""
 
 import json
-import random
 import shutil
 
 import pytest
@@ -12,11 +11,10 @@ import torch
 from diffusers import FluxPipeline
 
 from bench.cli import main
-from bench.registry import ESTIMATORS, TASKS
-from bench.run.runner import SweepSpec, run_sweep
+from bench.registry import TASKS
 from tasks.flux.task import dynamic_shift, resolve_model
 
-from conftest import cosine, rel_err
+from conftest import cosine, gradient, rel_err, sweep_rows
 
 MATCH = 1e-5  # float32; measured 0 (the same float32 operations in the same order)
 TASK = "flux[batch=2,max_sequence_length=32]"  # tiny: 32² images
@@ -92,29 +90,13 @@ def test_the_decoded_images_are_the_pipelines(flux, pipe):
 
 @pytest.mark.parametrize("target", ["latent", "cond", "weights"])
 def test_checkpoint_agrees_with_full(flux, target):
-    grads = {}
-    for spec in ("full", "checkpoint"):
-        problem = flux.make_problem(target, 3, 0)
-        ESTIMATORS.create(spec)(problem, random.Random(0))
-        grads[spec] = problem.flat_grad().clone()
+    grads = {spec: gradient(flux, spec, target, 3)[0] for spec in ("full", "checkpoint")}
     assert float(grads["full"].norm()) > 0 and cosine(grads["full"], grads["checkpoint"]) > 0.9999
 
 
 @pytest.mark.slow
 def test_the_default_estimators_run_on_every_target(tmp_path):
-    spec = SweepSpec(
-        tasks=[TASK],
-        estimators=["full", "checkpoint", "adjoint", "sdo", "truncated[k=2]"],
-        targets=["latent", "cond", "weights"],
-        steps=[2],
-        iters=0,
-        rounds=1,
-        memory="off",
-    )
-    rows = run_sweep(spec, tmp_path / "run")
-    assert len(rows) == 15
-    for row in rows:
-        assert row["status"] == "ok" or (row["status"] == "skipped" and row["reason"]), row
+    rows = sweep_rows(TASK, tmp_path / "run")
     assert all(r["grad_cos"] >= 0.9999 for r in rows if r["estimator"] == "checkpoint")
 
 

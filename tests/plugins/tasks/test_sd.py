@@ -15,7 +15,7 @@ from bench.run.runner import SweepSpec, run_sweep
 from tasks.sd import rewards, tiny
 from tasks.sd.task import resolve_model
 
-from conftest import cosine, rel_err
+from conftest import cosine, gradient, rel_err
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -140,21 +140,13 @@ def test_the_rescale_is_lin_et_als_equation_16():
 def test_gradients_flow_through_the_negative_prompt_and_the_rescale(cache):
     task = TASKS.create("sd[batch=2,negative_prompt=a blurry photo,guidance_rescale=0.7]")
     task.setup(torch.device("cpu"))
-    grads = {}
-    for spec in ("full", "checkpoint"):
-        problem = task.make_problem("cond", 2, 0)
-        ESTIMATORS.create(spec)(problem, random.Random(0))
-        grads[spec] = problem.flat_grad().clone()
+    grads = {spec: gradient(task, spec, "cond", 2)[0] for spec in ("full", "checkpoint")}
     assert float(grads["full"].norm()) > 0 and cosine(grads["full"], grads["checkpoint"]) > 0.9999
 
 
 @pytest.mark.parametrize("target", ["latent", "cond", "weights"])
 def test_checkpoint_agrees_with_full_through_the_vae(sd, target):
-    grads = {}
-    for spec in ("full", "checkpoint"):
-        problem = sd.make_problem(target, 3, 0)
-        ESTIMATORS.create(spec)(problem, random.Random(0))
-        grads[spec] = problem.flat_grad().clone()
+    grads = {spec: gradient(sd, spec, target, 3)[0] for spec in ("full", "checkpoint")}
     assert float(grads["full"].norm()) > 0
     assert cosine(grads["full"], grads["checkpoint"]) > 0.9999
 

@@ -13,10 +13,9 @@ from diffusers import StableDiffusion3Pipeline
 
 from bench.cli import main
 from bench.registry import ESTIMATORS, TASKS
-from bench.run.runner import SweepSpec, run_sweep
 from tasks.sd3.task import resolve_model
 
-from conftest import cosine, rel_err
+from conftest import cosine, gradient, rel_err, sweep_rows
 
 MATCH = 1e-5  # float32; measured 5e-7 at N = 4
 
@@ -96,30 +95,14 @@ def test_the_decoded_images_are_the_pipelines(sd3, pipe):
 
 @pytest.mark.parametrize("target", ["latent", "cond", "weights"])
 def test_checkpoint_agrees_with_full_through_the_transformer_and_the_vae(sd3, target):
-    grads = {}
-    for spec in ("full", "checkpoint"):
-        problem = sd3.make_problem(target, 3, 0)
-        ESTIMATORS.create(spec)(problem, random.Random(0))
-        grads[spec] = problem.flat_grad().clone()
+    grads = {spec: gradient(sd3, spec, target, 3)[0] for spec in ("full", "checkpoint")}
     assert float(grads["full"].norm()) > 0 and cosine(grads["full"], grads["checkpoint"]) > 0.9999
 
 
 @pytest.mark.slow
 def test_every_registered_estimator_gives_a_row_on_every_target(tmp_path):
     estimators = [n for n in ESTIMATORS.names() if n != "shortcut-model"] + ["truncated[k=2]"]
-    spec = SweepSpec(
-        tasks=["sd3[batch=1]"],
-        estimators=estimators,
-        targets=["latent", "cond", "weights"],
-        steps=[2],
-        iters=0,
-        rounds=1,
-        memory="off",
-    )
-    rows = run_sweep(spec, tmp_path / "run")
-    assert len(rows) == 3 * len(estimators)
-    for row in rows:
-        assert row["status"] == "ok" or (row["status"] == "skipped" and row["reason"]), row
+    rows = sweep_rows("sd3[batch=1]", tmp_path / "run", estimators)
     for row in rows:
         if row["estimator"] in ("checkpoint", "edict") or row["estimator"] == "full":
             assert row["grad_cos"] >= 0.9999, row
@@ -168,11 +151,7 @@ def test_flow_grpo_runs_on_sd3_with_the_flow_sde_sampler(cache):
     ESTIMATORS.create("score-function[baseline=group,logp=mean,clip=0.2]")(problem, random.Random(0))
     grad = problem.flat_grad()
     assert torch.isfinite(grad).all() and float(grad.norm()) > 0
-    grads = []
-    for spec in ("full", "checkpoint"):
-        noisy = task.make_problem("noise", 2, 0)
-        ESTIMATORS.create(spec)(noisy, random.Random(0))
-        grads.append(noisy.flat_grad().clone())
+    grads = [gradient(task, spec, "noise", 2)[0] for spec in ("full", "checkpoint")]
     assert float(grads[0].norm()) > 0 and cosine(grads[0], grads[1]) > 0.9999
     with pytest.raises(SpecError, match="stochastic sampler"):
         TASKS.create("sd3[eta=0.7]").chosen_sampler()

@@ -9,10 +9,9 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
 
 from bench.registry import ESTIMATORS, TASKS
-from bench.run.runner import SweepSpec, run_sweep
 from tasks.sd.task import resolve_model
 
-from conftest import cosine, rel_err
+from conftest import cosine, rel_err, sweep_rows
 
 MATCH = 1e-5  # float32 (the epsilon pipeline's measured agreement: 1e-7 to 9e-7)
 SCHEDULERS = {"ddim": DDIMScheduler, "dpmpp2m": DPMSolverMultistepScheduler}
@@ -89,19 +88,6 @@ def test_the_adjoint_converges_to_full_on_the_v_model(sd_v):
 
 @pytest.mark.slow
 def test_the_default_estimators_run_on_the_v_model_on_every_target(cache, tmp_path):
-    spec = SweepSpec(
-        tasks=["sd[model=tiny-v,batch=1]"],
-        estimators=["full", "checkpoint", "adjoint", "sdo", "truncated[k=2]"],
-        targets=["latent", "cond", "weights"],
-        steps=[2],
-        iters=0,
-        rounds=1,
-        memory="off",
-    )
-    rows = run_sweep(spec, tmp_path / "run")
-    assert len(rows) == 15
-    for row in rows:
-        assert row["status"] in ("ok", "skipped"), row
-        assert row["status"] == "ok" or row["reason"], row
+    rows = sweep_rows("sd[model=tiny-v,batch=1]", tmp_path / "run")
     checkpoint = [r for r in rows if r["estimator"] == "checkpoint"]
     assert all(r["status"] == "ok" and r["grad_cos"] >= 0.9999 for r in checkpoint), checkpoint

@@ -3,18 +3,15 @@ is StableDiffusionXLPipeline's own sampler (two text encoders, the pooled embedd
 through the added embedding, zeros for the empty negative prompt, guidance rescale), checkpoint
 equals full on every target, the default estimators run, and bad input is one line."""
 
-import random
-
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
 from bench.cli import main
-from bench.registry import ESTIMATORS, TASKS
-from bench.run.runner import SweepSpec, run_sweep
+from bench.registry import TASKS
 from tasks.sdxl.task import resolve_model
 
-from conftest import cosine, rel_err
+from conftest import cosine, gradient, rel_err, sweep_rows
 
 MATCH = 1e-5  # float32; measured 9e-7 to 1.4e-6 at N = 4
 
@@ -86,29 +83,13 @@ def test_the_decoded_images_are_the_pipelines(sdxl, pipe):
 
 @pytest.mark.parametrize("target", ["latent", "cond", "weights"])
 def test_checkpoint_agrees_with_full_through_the_vae(sdxl, target):
-    grads = {}
-    for spec in ("full", "checkpoint"):
-        problem = sdxl.make_problem(target, 3, 0)
-        ESTIMATORS.create(spec)(problem, random.Random(0))
-        grads[spec] = problem.flat_grad().clone()
+    grads = {spec: gradient(sdxl, spec, target, 3)[0] for spec in ("full", "checkpoint")}
     assert float(grads["full"].norm()) > 0 and cosine(grads["full"], grads["checkpoint"]) > 0.9999
 
 
 @pytest.mark.slow
 def test_the_default_estimators_run_on_every_target(tmp_path):
-    spec = SweepSpec(
-        tasks=["sdxl[batch=1]"],
-        estimators=["full", "checkpoint", "adjoint", "sdo", "truncated[k=2]"],
-        targets=["latent", "cond", "weights"],
-        steps=[2],
-        iters=0,
-        rounds=1,
-        memory="off",
-    )
-    rows = run_sweep(spec, tmp_path / "run")
-    assert len(rows) == 15
-    for row in rows:
-        assert row["status"] == "ok" or (row["status"] == "skipped" and row["reason"]), row
+    rows = sweep_rows("sdxl[batch=1]", tmp_path / "run")
     assert all(r["grad_cos"] >= 0.9999 for r in rows if r["estimator"] == "checkpoint")
 
 
