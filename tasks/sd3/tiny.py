@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from tasks.sd.tiny import TEXT, make_tokenizer
+from tasks.sd.tiny import VAE as SD_VAE
 
 TRANSFORMER = dict(
     sample_size=16,
@@ -27,19 +28,14 @@ TRANSFORMER = dict(
     pooled_projection_dim=64,  # the two CLIPs' pooled projections side by side
     pos_embed_max_size=32,
 )
-VAE = dict(
-    block_out_channels=[32, 64],
-    in_channels=3,
-    out_channels=3,
-    latent_channels=4,
-    down_block_types=["DownEncoderBlock2D"] * 2,
-    up_block_types=["UpDecoderBlock2D"] * 2,
-    sample_size=32,
-    scaling_factor=1.5035,
-    shift_factor=0.0609,
-    use_quant_conv=False,
-    use_post_quant_conv=False,
-)
+# sd's tiny VAE with SD3's scaling and shift, and no quantisation convolutions (SD3's VAE has none)
+VAE = {
+    **SD_VAE,
+    "scaling_factor": 1.5035,
+    "shift_factor": 0.0609,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
 SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
 
 
