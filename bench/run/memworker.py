@@ -7,7 +7,9 @@ reuse it (sdo then measured 0 MB instead of 13 MB on digits). A fresh interprete
 before its interpreter starts (glibc reads it only then), imports everything and sets up tasks but
 never computes a gradient; for each cell it forks a child that builds the problem, runs one
 warm-up call and one measured call, reports the peak, and exits. Every child starts from the same
-clean heap.
+clean heap. The zygote also builds each task's schedule once (diffusers imports every scheduler
+module on a first `from_config`: half a second each child would pay) and freezes its objects
+(`gc.freeze`), so that a child's collection before measuring scans only what the child made.
 
 The zygote runs with one intra-op thread so that no OpenMP pool exists at fork time (a child of a
 process with a live pool can hang): memory figures are single-threaded runs of the same code.
@@ -15,6 +17,8 @@ The main process waits for the zygote to be idle before timing anything."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import multiprocessing as mp
 import os
@@ -106,6 +110,9 @@ def _serve_requests(conn, includes: list[str]) -> None:
             if request["task"] not in tasks:
                 task = TASKS.create(request["task"])
                 task.setup(torch.device("cpu"))
+                with contextlib.suppress(Exception):  # only a warm-up: a cell reports its own errors
+                    task.make_schedule(1)  # the lazy imports of the first schedule, once
+                gc.freeze()  # what the children inherit is not theirs to collect
                 tasks[request["task"]] = task
         except BaseException as exc:  # sys.exit() in a task's set-up too
             conn.send({"error": f"{type(exc).__name__}: {exception_text(exc)}"})
