@@ -34,7 +34,15 @@ identity step is one) has no density. Such steps at the end of the chain are a d
 x_0 = g(x_m) of the last stochastic state, so R(g(x_m)) is the reward and its parameter dependence
 is a pathwise term added to the score term: grad E[R] = E[grad log p(tau) (R - b)] + E[grad R(g(x_m))]
 (only where g depends on the target; it needs a differentiable reward, else the cell is skipped).
-A deterministic step before a stochastic one has neither, and is a skip reason."""
+A deterministic step before a stochastic one has neither, and is a skip reason.
+
+ode=frozen is MixGRPO's and Flow-GRPO-Fast's reading of a sampler whose SDE covers a window of
+steps (flow-sde[window=w,start=k]): the steps without noise are part of the environment, so the
+gradient is the score term of the window's steps alone, E[sum_{i in W} grad log p(x_{i-1} | x_i)
+(R - b)], with neither the pathwise term of the steps after the window nor the dependence of the
+window's first state on the target through the steps before it. That is the gradient of E[R] only
+where those terms vanish (every step in the window; or the steps outside it do not depend on the
+target); otherwise it is biased, by design: fewer steps scored, fewer calls."""
 
 from __future__ import annotations
 
@@ -76,6 +84,14 @@ class ScoreFunction(Estimator):
             "each step's log-probability summed over the sample's dimensions, or their mean (Flow-GRPO's)",
             choices=("sum", "mean"),
         ),
+        Option(
+            "ode",
+            str,
+            "exact",
+            "steps without noise: exact (a pathwise term through the final ones; one before a noisy step "
+            "is a skip) or frozen (MixGRPO / Flow-GRPO-Fast: the environment, no gradient through them)",
+            choices=("exact", "frozen"),
+        ),
         Option("fresh", bool, True, "draw fresh injected noise each call (false: the problem's own)"),
         Option("clip", float, 0.0, "PPO clip range epsilon (0: plain REINFORCE)", check=_clip_range),
         Option(
@@ -92,6 +108,7 @@ class ScoreFunction(Estimator):
         "clip=0.2,reuse=2",
         "clip=0.1,reuse=3",
         "baseline=group,logp=mean,clip=0.2",
+        "ode=frozen",
     )
 
     def __init__(self, **values):
@@ -107,11 +124,16 @@ class ScoreFunction(Estimator):
         stochastic = _stochastic_steps(schedule)
         if not stochastic:
             return "no step of this schedule injects noise (every s_i = 0): the chain has no density"
+        if self.ode == "frozen":
+            if problem.target == "latent" and stochastic[0] != schedule.num_steps:
+                return "with ode=frozen the latent reaches the first noisy step only through frozen steps"
+            return None
         inside = [i for i in range(schedule.num_steps, stochastic[-1], -1) if i not in stochastic]
         if inside:
             return (
                 f"step {inside[0]} injects no noise (s_i = 0) but a noisy step follows it: the "
-                "trajectory has no density there and no pathwise term is taken"
+                "trajectory has no density there and no pathwise term is taken (ode=frozen scores "
+                "the noisy steps alone, as MixGRPO and Flow-GRPO-Fast do)"
             )
         return None
 
@@ -125,7 +147,7 @@ class ScoreFunction(Estimator):
         if len(stochastic) == schedule.num_steps or not stochastic:
             return self.cost(schedule.num_steps, target)
         scored = 1 if target == "latent" else len(stochastic)
-        pathwise = 0 if target == "latent" else len(_pathwise_steps(schedule))
+        pathwise = 0 if target == "latent" or self.ode == "frozen" else len(_pathwise_steps(schedule))
         calls = scored + pathwise
         return Cost(nfe_forward=schedule.num_steps / self.reuse + calls, nfe_vjp=calls, memory="A", activations=1)
 
@@ -187,7 +209,7 @@ class ScoreFunction(Estimator):
             else:
                 surrogate = logp * advantages
             (-surrogate.mean()).backward()
-        pathwise = _pathwise_steps(schedule)
+        pathwise = _pathwise_steps(schedule) if self.ode == "exact" else ()
         if pathwise and not latent_only:
             self._pathwise_term(problem, batch, pathwise)
         if batch["uses"] >= self.reuse:

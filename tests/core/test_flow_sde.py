@@ -66,6 +66,8 @@ def _independent_policy_gradient(task, target, steps, normalise):
     total = 0
     for i in range(steps, 0, -1):
         a, b, s = schedule.coefficients(i)
+        if s == 0:  # outside an SDE window: no density, not scored
+            continue
         x_i = problem.x_start if i == steps else states[steps - i]
         mean = a * x_i + b * chain.eps(x_i, i, problem.cond)
         logp = torch.distributions.Normal(mean, s).log_prob(states[steps - i + 1]).sum(-1)
@@ -82,6 +84,43 @@ def test_the_policy_gradient_on_the_sde_uses_its_gaussian_steps(toy_sde, target,
     expected = _independent_policy_gradient(toy_sde, target, 8, baseline == "group")
     assert float(expected.norm()) > 0
     assert rel_err(problem.flat_grad(), expected) < 1e-10
+
+
+WINDOW = "toy[sampler=flow-sde[start=1,window=2],eta=0.7,batch=6]"
+
+
+def test_the_sde_window_injects_noise_on_its_steps_only():
+    """Steps 1 and 2 in sampling order (grid indices N - 1, N - 2) are the SDE's, bit for bit; the
+    others are flow-matching Euler's."""
+    steps = 6
+    window, sde, ode = (
+        toy(spec).make_problem("latent", steps, 0).chain.schedule
+        for spec in (WINDOW, "toy[sampler=flow-sde,eta=0.7]", "toy[sampler=flow-euler]")
+    )
+    assert [i for i in range(steps, 0, -1) if window.noise_std(i) > 0] == [steps - 1, steps - 2]
+    for i in range(1, steps + 1):
+        same = sde if i in (steps - 1, steps - 2) else ode
+        assert window.coefficients(i) == same.coefficients(i), i
+
+
+@pytest.mark.parametrize("target", ["cond", "weights"])
+def test_frozen_ode_steps_leave_the_score_of_the_window_alone(target):
+    """MixGRPO / Flow-GRPO-Fast: with ode=frozen the gradient is the window's Gaussian steps'
+    score term alone, computed independently; the exact reading refuses the deterministic first
+    step; on a chain that is all SDE the two readings are one."""
+    task = toy(WINDOW)
+    problem = task.make_problem(target, 6, 0)
+    exact = ESTIMATORS.create("score-function[baseline=group,fresh=false]")
+    assert "ode=frozen" in exact.skip_reason(problem)
+    ESTIMATORS.create("score-function[baseline=group,fresh=false,ode=frozen]")(problem, random.Random(0))
+    expected = _independent_policy_gradient(task, target, 6, True)
+    assert float(expected.norm()) > 0
+    assert rel_err(problem.flat_grad(), expected) < 1e-10
+    everywhere = toy("toy[sampler=flow-sde,eta=0.7,batch=6]")
+    frozen, plain = (everywhere.make_problem(target, 6, 0) for _ in range(2))
+    ESTIMATORS.create("score-function[fresh=false,ode=frozen]")(frozen, random.Random(0))
+    ESTIMATORS.create("score-function[fresh=false]")(plain, random.Random(0))
+    assert torch.equal(frozen.flat_grad(), plain.flat_grad())
 
 
 def test_on_policy_ratio_is_one_and_mean_logp_is_the_same_direction(toy_sde):
