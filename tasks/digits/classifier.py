@@ -1,5 +1,8 @@
 """A small CNN classifier of 8x8 digits: the `classify` reward (log-probability of a class) and
-the feature extractor of the digits-FID (its penultimate layer, NUM_FEATURES wide)."""
+the feature extractor of the digits-FID (its penultimate layer, NUM_FEATURES wide). And a second
+classifier of another kind (an MLP on the pixels, another seed), the `audit` reward: a judge that
+optimising `classify` never sees, so that a sample which fools the first but not the second shows
+as reward hacking."""
 
 from __future__ import annotations
 
@@ -35,6 +38,26 @@ class DigitClassifier(nn.Module):
         return self.head(self.features(images))
 
 
+class AuditClassifier(nn.Module):
+    """An MLP on the 64 pixels: no convolution, no pooling, so it does not share the CNN's blind spots."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(64, 256),
+            nn.SiLU(),
+            nn.Dropout(0.2),
+            nn.Linear(256, 128),
+            nn.SiLU(),
+            nn.Linear(128, 10),
+        )
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Class logits of images in [-1, 1], shape (B, 1, 8, 8)."""
+        return self.net(images)
+
+
 class FeatureExtractor(nn.Module):
     """What torchmetrics' FrechetInceptionDistance calls: images -> (B, NUM_FEATURES)."""
 
@@ -55,10 +78,12 @@ def jitter(images: Tensor, generator: torch.Generator) -> Tensor:
     return padded[..., dy : dy + 8, dx : dx + 8]
 
 
-def train_classifier(images: Tensor, labels: Tensor, epochs: int = 40, seed: int = 0, progress=None) -> DigitClassifier:
+def train_classifier(
+    images: Tensor, labels: Tensor, epochs: int = 40, seed: int = 0, progress=None, kind: type = DigitClassifier
+) -> nn.Module:
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    model = DigitClassifier()
+    model = kind()
     optimiser = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     steps_per_epoch = (len(images) + 63) // 64
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=3e-3, total_steps=epochs * steps_per_epoch)
@@ -77,5 +102,5 @@ def train_classifier(images: Tensor, labels: Tensor, epochs: int = 40, seed: int
 
 
 @torch.no_grad()
-def accuracy(model: DigitClassifier, images: Tensor, labels: Tensor) -> float:
+def accuracy(model: nn.Module, images: Tensor, labels: Tensor) -> float:
     return float((model(images).argmax(-1) == labels).float().mean())

@@ -33,6 +33,7 @@ TRANSFORMER_FILES = (
     "classifier.safetensors",
 )
 MODELS = {"epsilon": FILES, "flow": FLOW_FILES, "transformer": TRANSFORMER_FILES}
+AUDIT = "audit.safetensors"  # the held-out judge of the audit reward, read only where it is named
 
 
 def files(model: str = "epsilon") -> tuple[str, ...]:
@@ -57,6 +58,10 @@ def locate(model: str = "epsilon") -> Path | None:
         if complete(folder, model):
             return folder
     return None
+
+
+def file_fingerprint(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def fingerprint(folder: Path, model: str = "epsilon") -> str:

@@ -16,6 +16,14 @@ def _classify(task):
     return lambda x: torch.log_softmax(task.classifier_in(x.dtype)(x), dim=-1)[:, task.digit]
 
 
+def _audit(task):
+    return lambda x: torch.log_softmax(task.audit_in(x.dtype)(x), dim=-1)[:, task.digit]
+
+
+def _audit_check(task):
+    task.audit_file()  # a SpecError naming the file and the command that trains it
+
+
 def _decision(task):  # a thresholded decision: zero gradient almost everywhere
     return lambda x: (task.classifier_in(x.dtype)(x).argmax(dim=-1) == task.digit).to(x.dtype)
 
@@ -34,6 +42,14 @@ REWARDS.register(
     description="log p(digit | x) under the trained digits classifier",
     factory=_classify,
     traits=(NAMES_A_CLASS,),
+)
+REWARDS.register(
+    "audit",
+    domain=DIGITS,
+    description="log p(digit | x) under a second classifier (a pixel MLP, another seed): a held-out judge",
+    factory=_audit,
+    traits=(NAMES_A_CLASS,),
+    check=_audit_check,
 )
 REWARDS.register("ink", domain=DIGITS, description="mean brightness (DDPO's brightness analogue)", factory=_ink)
 REWARDS.register("symmetry", domain=DIGITS, description="-(left-right mirror error)", factory=_symmetry)

@@ -32,7 +32,7 @@ from bench.rewards import REWARDS
 from tasks.base import Task, sampler_option
 from tasks.digits import data, gates, metrics, paths, rewards, shortcut
 from tasks.digits.gates import GATES
-from tasks.digits.classifier import DigitClassifier
+from tasks.digits.classifier import AuditClassifier, DigitClassifier
 from tasks.digits.model import (
     FLOW_SCHEDULER_CONFIG,
     NULL_CLASS,
@@ -60,6 +60,9 @@ def _fraction(value: float) -> str | None:
     return None if 0 < value <= 1 else "must be in (0, 1]"
 
 
+AUDIT = "audit"
+
+
 class Digits(Task):
     name = "digits"
     summary = "class-conditional U-Net trained on sklearn digits; classifier rewards; digits-FID"
@@ -69,11 +72,20 @@ class Digits(Task):
         REWARDS.option(
             rewards.DIGITS,
             "classify",
-            "a reward of the images (python -m bench list): classify, log p(digit | x); ink, mean "
-            "brightness; symmetry, -(left-right mirror error); decision, 1 if the classifier's top "
-            "class is `digit`, else 0 (not differentiable); or module:function / file.py:function",
+            "a reward of the images (python -m bench list): classify, log p(digit | x); audit, the "
+            "same under a second classifier; ink, mean brightness; symmetry, -(left-right mirror "
+            "error); decision, 1 if the classifier's top class is `digit`, else 0 (not "
+            "differentiable); or module:function / file.py:function",
         ),
-        Option("digit", int, 7, "the class the classify reward asks for", check=_digit),
+        Option(
+            "held_out",
+            str,
+            "",
+            "a second reward evaluated on the optimised sampler's samples (eval_held_out) and never "
+            "optimised, e.g. audit beside classify: reward hacking shows as a gap; empty: none",
+            check=lambda value: None if value == "" else REWARDS.refusal(value, rewards.DIGITS),
+        ),
+        Option("digit", int, 7, "the class the classify and audit rewards ask for", check=_digit),
         Option("cls", int, 1, "the class the sampler is conditioned on", check=_digit),
         Option("batch", int, 8, "samples per problem", check=at_least(1)),
         Option("guidance", float, 2.0, "classifier-free guidance scale (1: none)", check=_positive),
@@ -129,6 +141,13 @@ class Digits(Task):
     def preflight(self) -> None:
         super().preflight()
         REWARDS.preflight(self.reward, self, rewards.DIGITS)
+        if self.held_out:
+            if self.held_out == self.reward:
+                raise SpecError(
+                    f"digits[held_out={self.held_out}]: the held-out reward is the optimised one; "
+                    "name another (e.g. audit beside classify) or omit held_out"
+                )
+            REWARDS.preflight(self.held_out, self, rewards.DIGITS)
         if self.models and not paths.complete(self._folder(), self.model):
             raise SpecError(
                 f"digits[models={self.models}]: not a folder of digits models (needs "
@@ -137,11 +156,29 @@ class Digits(Task):
 
     def data_fingerprint(self) -> str:
         folder = self._folder()
-        return (
-            paths.fingerprint(folder, self.model)
-            if folder is not None and paths.complete(folder, self.model)
-            else "untrained"
-        )
+        if folder is None or not paths.complete(folder, self.model):
+            return "untrained"
+        fingerprint = paths.fingerprint(folder, self.model)
+        if AUDIT in (self.reward, self.held_out) and (folder / paths.AUDIT).exists():
+            fingerprint += "+" + paths.file_fingerprint(folder / paths.AUDIT)  # only where it is read
+        return fingerprint
+
+    def audit_file(self, train_missing: bool = False) -> paths.Path:
+        """The audit classifier's weights (in the cache, trained there when missing and asked to),
+        or a SpecError that says how to make them."""
+        folder = self._folder() or paths.cache_dir()
+        path = folder / paths.AUDIT
+        if path.exists() or folder != paths.cache_dir():
+            if not path.exists():
+                raise SpecError(
+                    f"digits: the audit reward needs {path} (python -m tasks.digits.train --what audit --out {folder})"
+                )
+            return path
+        if train_missing:
+            from tasks.digits import train
+
+            train.train_all(folder, "audit")
+        return path
 
     @property
     def learning_rates(self) -> dict[str, float]:
@@ -172,11 +209,13 @@ class Digits(Task):
         self.classifier = DigitClassifier()
         self.classifier.load_state_dict(load_file(folder / "classifier.safetensors"))
         self.classifier.eval().requires_grad_(False)
-        self.held_out, self.held_out_labels = data.split("held_out")
+        self.held_out_images, self.held_out_labels = data.split("held_out")
         self._classifiers: dict[torch.dtype, DigitClassifier] = {}
+        self._audits: dict[torch.dtype, AuditClassifier] = {}
         self._flops: dict[str, float] | None = None
         self._static_results: dict[tuple, dict[str, float]] = {}  # the gates' static baselines, per N
         self._reward = REWARDS.build(self.reward, self, rewards.DIGITS)
+        self._held_out = REWARDS.build(self.held_out, self, rewards.DIGITS) if self.held_out else None
 
     @staticmethod
     def _train_and_cache(model: str):
@@ -185,6 +224,8 @@ class Digits(Task):
         folder = paths.cache_dir()
         if not (folder / "classifier.safetensors").exists():
             train.train_all(folder, "classifier")
+        if not (folder / paths.AUDIT).exists():
+            train.train_all(folder, "audit")
         train.train_all(folder, "unet" if model == "epsilon" else model)
         return folder
 
@@ -193,13 +234,21 @@ class Digits(Task):
             self._classifiers[dtype] = copy.deepcopy(self.classifier).to(device=self.device, dtype=dtype)
         return self._classifiers[dtype]
 
+    def audit_in(self, dtype: torch.dtype) -> AuditClassifier:
+        if dtype not in self._audits:
+            audit = AuditClassifier()
+            audit.load_state_dict(load_file(self.audit_file(train_missing=True)))
+            self._audits[dtype] = audit.eval().requires_grad_(False).to(device=self.device, dtype=dtype)
+        return self._audits[dtype]
+
     def reward_of(self, x: Tensor) -> Tensor:
         """Per-sample reward of x_0 in [-1, 1], shape (B, 1, 8, 8): the `reward` option's, from the registry."""
         return self._reward(x)
 
     def code_objects(self) -> tuple:
-        """The sampler and the reward, resolved by name: their code is in the cells' keys."""
-        return super().code_objects() + REWARDS.code_objects(self.reward, rewards.DIGITS)
+        """The sampler and the rewards, resolved by name: their code is in the cells' keys."""
+        held_out = REWARDS.code_objects(self.held_out, rewards.DIGITS) if self.held_out else ()
+        return super().code_objects() + REWARDS.code_objects(self.reward, rewards.DIGITS) + held_out
 
     def denoiser(self, target: str, dtype: torch.dtype, seed: int) -> GuidedDenoiser:
         unet = copy.deepcopy(self.unet).to(device=self.device, dtype=dtype)
@@ -322,7 +371,7 @@ class Digits(Task):
         """What FID and KID compare samples with: the held-out digits of `_reference_class`, or
         every held-out digit."""
         cls = self._reference_class(target)
-        return self.held_out if cls is None else self.held_out[self.held_out_labels == cls]
+        return self.held_out_images if cls is None else self.held_out_images[self.held_out_labels == cls]
 
     def quality_reference(self, target: str | None = None) -> str:
         cls = self._reference_class(target)
@@ -359,6 +408,7 @@ class Digits(Task):
         reals = self._reference_images().to(self.device)
         result = {
             "reward": float(values.mean()),
+            **({"held_out": float(self._held_out(samples).mean())} if self._held_out is not None else {}),
             "fid": metrics.digits_fid(classifier, samples, reals),
             "kid": metrics.digits_kid(classifier, samples, reals),
             "fid_samples": float(len(samples)),

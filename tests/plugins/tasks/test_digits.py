@@ -68,7 +68,7 @@ def test_clean_fid_skips_cleanly_without_inception_weights(tmp_path):
 
 
 def test_digits_fid_separates_real_from_noise(shipped):
-    reals = shipped.held_out
+    reals = shipped.held_out_images
     half = len(reals) // 2
     same = metrics.digits_fid(shipped.classifier, reals[:half], reals[half:])
     noise = metrics.digits_fid(shipped.classifier, torch.rand(half, 1, 8, 8) * 2 - 1, reals[half:])
@@ -155,8 +155,8 @@ def test_kid_is_torchmetrics_kid_over_one_subset_of_every_sample(shipped):
     from tasks.digits.classifier import FeatureExtractor
 
     generator = torch.Generator().manual_seed(0)
-    for fakes in (torch.rand(12, 1, 8, 8, generator=generator) * 2 - 1, shipped.held_out[20:32]):
-        reals = shipped.held_out[:12]
+    for fakes in (torch.rand(12, 1, 8, 8, generator=generator) * 2 - 1, shipped.held_out_images[20:32]):
+        reals = shipped.held_out_images[:12]
         theirs = KernelInceptionDistance(
             feature=FeatureExtractor(shipped.classifier).float(), subsets=1, subset_size=12
         )
@@ -184,6 +184,38 @@ def test_class_matched_quality_moves_the_right_way_when_the_reward_succeeds(ship
     assert scores[7]["fid"] < scores[1]["fid"] and scores[7]["kid"] < scores[1]["kid"]
     floor = task.quality_floor()
     assert floor["fid"] < scores[7]["fid"] and abs(floor["kid"]) < scores[1]["kid"]
+
+
+def test_the_audit_reward_is_a_second_judge_that_the_optimisation_never_sees(shipped, random_digits):
+    """The shipped audit classifier (a pixel MLP, another seed) recognises held-out digits but is
+    another function than the reward's classifier; held_out=audit is evaluated beside the optimised
+    reward with its own baseline, its weights are in the cell's key only where it is named, and
+    naming the optimised reward or a folder without the audit weights is refused."""
+    from tasks.digits.classifier import accuracy
+
+    task = TASKS.create("digits[batch=4,held_out=audit]")
+    task.setup(torch.device("cpu"))
+    audit = task.audit_in(torch.float32)
+    images, labels = task.held_out_images, task.held_out_labels
+    assert accuracy(audit, images, labels) > 0.97
+    logp = torch.log_softmax(audit(images), -1)
+    assert (logp - torch.log_softmax(task.classifier(images), -1)).abs().mean() > 0.01
+    problem = task.make_problem("latent", 4, 0)
+    x0 = problem.chain.sample(problem.x_start, problem.cond)
+    found = task.evaluate(problem, x0)
+    expected = torch.log_softmax(audit(x0), -1)[:, task.digit].mean()
+    assert found["held_out"] == pytest.approx(float(expected), rel=1e-6)
+    assert found["reward"] == pytest.approx(float(shipped.reward_of(x0).mean()), rel=1e-6)
+    assert task.data_fingerprint().startswith(shipped.data_fingerprint() + "+")
+    judged = TASKS.create("digits[batch=2,reward=audit]")
+    judged.setup(torch.device("cpu"))
+    x = x0[:2].clone().requires_grad_(True)
+    judged.reward_of(x).sum().backward()
+    assert float(x.grad.norm()) > 0
+    with pytest.raises(SpecError, match="held-out reward is the optimised one"):
+        TASKS.create("digits[held_out=classify]").preflight()
+    with pytest.raises(SpecError, match="--what audit"):
+        TASKS.create(f"{random_digits.spec[:-1]},held_out=audit]").preflight()
 
 
 @pytest.fixture(scope="module", params=["flow", "transformer"])
