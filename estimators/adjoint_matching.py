@@ -7,19 +7,21 @@ A rollout of the stochastic sampler without graph (the problem's own injected no
 lean adjoint solved backwards with vector-Jacobian products in x only, through the base model
 (the network as it was when the problem was first seen):
 
-    a_0 = dL/dx_0 = -grad R(x_0) / B,    a_i = a_{i-1} d step_i(x_i, out_base(x_i)) / d x_i,
+    a_0 = -lambda grad R(x_0),    a_i = a_{i-1} d step_i(x_i, out_base(x_i)) / d x_i,
 
-and the regression of the control on it: with step i's output weight b_i and noise scale s_i,
+per sample, lambda the reward multiplier (`tilt`), and the regression of the control on it: with
+step i's output weight b_i and noise scale s_i, averaged over the batch's B samples,
 
-    L_AM = 1/2 sum_i || b_i (out_theta(x_i) - sg(out_base(x_i))) / s_i + s_i sg(a_{i-1}) ||^2,
+    L_AM = 1/(2B) sum_b sum_i || b_i (out_theta(x_i) - sg(out_base(x_i))) / s_i + s_i sg(a_{i-1}) ||^2,
 
 the discrete form of the paper's || u_theta - u_base + sigma a~ ||^2 with u the drift the output
 adds. Its gradient, sum_i b_i (d out_theta / d theta)^T (b_i (out_theta - out_base) / s_i^2 +
-a_{i-1}), is at the base model (out_theta = out_base) exactly the chain's pathwise reward gradient
-with the noise held fixed, what `full` computes on the same problem (tested): that is what the
+a_{i-1}) / B, is at the base model (out_theta = out_base) exactly lambda times the chain's pathwise
+reward gradient with the noise held fixed, what `full` computes on the same problem (tested): that is what the
 paper's lean adjoint is built to match, and it is what the row's agreement measures. Away from
 the base the loss regresses toward the tilted model instead. The memoryless noise schedule the
-paper samples with makes that regression's fixed point the reward-tilted distribution; the
+paper samples with makes that regression's fixed point the reward-tilted distribution
+p_base(x) exp(lambda R(x)) / Z (per sample, whatever the batch size); the
 agreement at the base holds for any stochastic sampler. Needs eta > 0 (the control is defined by
 the noise), a weights or cond target. Memory A + N S, time 3N F + 2N V.
 """
@@ -32,6 +34,7 @@ import random
 import torch
 
 from bench.chain import noise_for
+from bench.options import Option
 from bench.problem import Problem
 from estimators.base import Cost, Estimate, Estimator, require_graph
 
@@ -47,10 +50,24 @@ def _base(problem: Problem):
     return problem.extras[BASE]
 
 
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be > 0"
+
+
 class AdjointMatching(Estimator):
     name = "adjoint-matching"
     plot_style = ("#1f77b4", "p")
     summary = "Adjoint Matching: lean adjoint through the base model, regression of the control on it"
+    options = (
+        Option(
+            "tilt",
+            float,
+            1.0,
+            "the reward multiplier lambda: the regression's fixed point is p_base exp(lambda R)",
+            check=_positive,
+        ),
+    )
+    variants = ("tilt=10",)
 
     def skip_reason(self, problem: Problem) -> str | None:
         schedule = problem.chain.schedule
@@ -76,7 +93,9 @@ class AdjointMatching(Estimator):
         x0 = x0.detach().requires_grad_(True)
         loss, rewards = problem.loss(x0)
         require_graph(loss)
+        batch = x0.shape[0]
         (adjoint,) = torch.autograd.grad(loss, x0)
+        adjoint = adjoint * (self.tilt * batch)  # -lambda grad R per sample: the loss is a batch mean
         base_chain = type(chain)(base, schedule, counter=chain.counter)
         adjoints, base_outs = {}, {}
         for i in range(1, steps + 1):  # the lean adjoint, from x_0 back to x_N
@@ -94,5 +113,5 @@ class AdjointMatching(Estimator):
             control = b * (chain.eps(states[steps - i].detach(), i, problem.cond) - base_outs[i]) / s
             residual = control + s * adjoints[i]
             total = total + 0.5 * (residual**2).sum()
-        total.backward()
+        (total / batch).backward()
         return Estimate(loss=float(loss.detach()), rewards=rewards.detach(), x0=x0.detach())

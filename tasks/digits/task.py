@@ -394,21 +394,27 @@ class Digits(Task):
 
     @torch.no_grad()
     def evaluate(self, problem: Problem, x0: Tensor) -> dict[str, float]:
-        """Reward of the problem's own samples; FID, KID, accuracy and diversity on fresh samples
-        where the optimised quantity allows drawing more (cond, weights), else on the batch itself
+        """Reward (and the held-out reward) of the problem's own samples; FID, KID, accuracy,
+        diversity and both rewards again (`reward_fresh`, `held_out_fresh`) on fresh samples where
+        the optimised quantity allows drawing more (cond, weights), else on the batch itself
         (latent, noise). FID and KID compare with `_reference_images`."""
         if problem.target == GATES:
             return self._evaluate_gates(problem, x0)
         values = self.reward_of(x0)
         samples = x0
+        judged = {"reward": float(values.mean())}
+        if self._held_out is not None:  # the second judge, on the same samples as the reward
+            judged["held_out"] = float(self._held_out(x0).mean())
         if problem.target in ("cond", "weights"):
             fresh, noises = self._fresh(problem, x0)
             samples = problem.chain.sample(fresh, problem.cond, noises)
+            judged["reward_fresh"] = float(self.reward_of(samples).mean())
+            if self._held_out is not None:
+                judged["held_out_fresh"] = float(self._held_out(samples).mean())
         classifier = self.classifier_in(torch.float32)
         reals = self._reference_images().to(self.device)
         result = {
-            "reward": float(values.mean()),
-            **({"held_out": float(self._held_out(samples).mean())} if self._held_out is not None else {}),
+            **judged,
             "fid": metrics.digits_fid(classifier, samples, reals),
             "kid": metrics.digits_kid(classifier, samples, reals),
             "fid_samples": float(len(samples)),

@@ -159,6 +159,9 @@ def test_adjoint_matching_at_the_base_model_is_the_pathwise_reward_gradient(spec
     ESTIMATORS.create("full")(reference, random.Random(0))
     assert float(reference.flat_grad().norm()) > 0
     assert rel_err(ours, reference.flat_grad()) < 1e-10
+    tilted = task.make_problem(target, 8, 0)
+    ESTIMATORS.create("adjoint-matching[tilt=3]")(tilted, random.Random(0))
+    assert rel_err(tilted.flat_grad(), 3 * reference.flat_grad()) < 1e-10
     with torch.no_grad():
         for leaf in problem.leaves:
             leaf.add_(0.3 * torch.ones_like(leaf))

@@ -206,6 +206,7 @@ def test_the_audit_reward_is_a_second_judge_that_the_optimisation_never_sees(shi
     expected = torch.log_softmax(audit(x0), -1)[:, task.digit].mean()
     assert found["held_out"] == pytest.approx(float(expected), rel=1e-6)
     assert found["reward"] == pytest.approx(float(shipped.reward_of(x0).mean()), rel=1e-6)
+    assert "held_out_fresh" not in found  # the latent target draws no fresh samples
     assert task.data_fingerprint().startswith(shipped.data_fingerprint() + "+")
     judged = TASKS.create("digits[batch=2,reward=audit]")
     judged.setup(torch.device("cpu"))

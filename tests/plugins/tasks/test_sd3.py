@@ -155,3 +155,18 @@ def test_flow_grpo_runs_on_sd3_with_the_flow_sde_sampler(cache):
     assert float(grads[0].norm()) > 0 and cosine(grads[0], grads[1]) > 0.9999
     with pytest.raises(SpecError, match="stochastic sampler"):
         TASKS.create("sd3[eta=0.7]").chosen_sampler()
+
+
+def test_flow_grpo_in_bf16_points_where_fp32_does_and_its_on_policy_ratio_is_one(cache):
+    """The transformer in bf16, the states, log-probabilities and advantages in float32 (as
+    Flow-GRPO computes them): one trajectory's policy gradient against fp32's, and PPO's ratio on
+    freshly sampled data exactly 1 in bf16 too (the clipped surrogate's gradient is REINFORCE's)."""
+    spec = "score-function[baseline=group,logp=mean,fresh=false]"
+    grads = {}
+    for dtype in ("fp32", "bf16"):
+        task = TASKS.create(f"sd3[sampler=flow-sde,eta=0.7,batch=2,dtype={dtype}]")
+        task.setup(torch.device("cpu"))
+        grads[dtype] = gradient(task, spec, "weights", 2)[0].float()
+    clipped = gradient(task, spec[:-1] + ",clip=0.2]", "weights", 2)[0].float()
+    assert rel_err(clipped, grads["bf16"]) < 1e-6
+    assert cosine(grads["bf16"], grads["fp32"]) > 0.99, cosine(grads["bf16"], grads["fp32"])
