@@ -17,7 +17,7 @@ from bench.rewards import REWARD_GROUP, REWARDS
 DOMAINS = {"toy": "vector", "digits": "digits-image", "sd": "image"}
 BUILT_INS = {
     "vector": ["region", "distance", "inside"],
-    "digits-image": ["classify", "ink", "symmetry", "decision"],
+    "digits-image": ["classify", "audit", "ink", "symmetry", "decision"],
     "image": ["clip", "aesthetic", "lpips", "jpeg", "jpeg-incompressibility", "pickscore"],
 }
 

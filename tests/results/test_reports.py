@@ -101,17 +101,24 @@ def test_figures_redraw_from_the_committed_reference_results(tmp_path):
         "5_frontier",
         "6_shortft",
         "7_dipgo",
+        "8_frontier_2026",
+        "9_methods_2026_compute",
     ]
     for r in results:
         for suffix in ("png", "svg"):
             assert (tmp_path / f"{r['name']}.{suffix}").stat().st_size > 10_000
         assert r["claim"] and any(ch.isdigit() for ch in r["measured"])
     index = (tmp_path / "README.md").read_text()
-    assert index.count("**Claim.**") == 7 and "digits-scaling" in index
+    assert index.count("**Claim.**") == 9 and "digits-scaling" in index
     frontier = next(r for r in results if r["name"] == "5_frontier")["measured"]
     assert "In the region (cosine ≥ 0.99 at ≤ 12.5 VJPs" in frontier and "coarse-adjoint: cosine" in frontier
     shortft = next(r for r in results if r["name"] == "6_shortft")["measured"]
     assert "shortcut-model -0.0005 after" in shortft and "95 % of the best gain" in shortft
+    frontier_2026 = next(r for r in results if r["name"] == "8_frontier_2026")["measured"]
+    assert "In the region (cosine ≥ 0.9 at ≤ 2 VJPs, mean over 2 seeds): none." in frontier_2026
+    assert "direct-align: cosine" in frontier_2026 and "flowbp[k=2]: cosine" in frontier_2026
+    compute = next(r for r in results if r["name"] == "9_methods_2026_compute")["measured"]
+    assert compute.count("gains after the budget on the problem's samples, and the class-matched KID") == 3
     dipgo = next(r for r in results if r["name"] == "7_dipgo")["measured"]
     assert "within 2 points: full (keep 0.6)" in dipgo and "searched 3.19× (full keep 0.3)" in dipgo
     for spec in (ROOT / "reports" / "figures").glob("*.toml"):
