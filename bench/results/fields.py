@@ -226,7 +226,8 @@ FIELDS: tuple[Field, ...] = (
         "",
         "the task's evaluation of the optimised sampler, outside the timed part: `eval_reward`; "
         "on `digits` also `eval_held_out` (the `held_out` reward, never optimised, on the same samples), "
-        "`eval_reward_fresh` and `eval_held_out_fresh` (both on the fresh samples of cond and weights), `eval_fid`, `eval_kid` (class-matched where the reward names a class), "
+        "`eval_reward_fresh` and `eval_held_out_fresh` (both on the fresh samples of cond and weights), "
+        "`eval_fid`, `eval_kid` (class-matched where the reward names a class), "
         "`eval_fid_samples`, `eval_accuracy`, `eval_diversity` (and `eval_clean_fid` with local Inception "
         "weights); on the `gates` target the deployed pruned sampler: `eval_pruned_<m>`, the static "
         "baselines `eval_deepcache<k>_<m>` and `eval_reuse<k>_<m>`, and `eval_unpruned_<m>`, with m in "

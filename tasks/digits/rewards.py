@@ -12,12 +12,17 @@ DIGITS = REWARDS.domain("digits-image", "images", "(B, 1, 8, 8) images in [-1, 1
 NAMES_A_CLASS = "names-a-class"  # the reward asks for the class `digit`
 
 
+def _log_probability(task, judge_in):
+    """log p(digit | x) under the classifier that judge_in(dtype) gives."""
+    return lambda x: torch.log_softmax(judge_in(x.dtype)(x), dim=-1)[:, task.digit]
+
+
 def _classify(task):
-    return lambda x: torch.log_softmax(task.classifier_in(x.dtype)(x), dim=-1)[:, task.digit]
+    return _log_probability(task, task.classifier_in)
 
 
 def _audit(task):
-    return lambda x: torch.log_softmax(task.audit_in(x.dtype)(x), dim=-1)[:, task.digit]
+    return _log_probability(task, task.audit_in)
 
 
 def _audit_check(task):

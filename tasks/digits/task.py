@@ -60,7 +60,7 @@ def _fraction(value: float) -> str | None:
     return None if 0 < value <= 1 else "must be in (0, 1]"
 
 
-AUDIT = "audit"
+AUDIT_REWARD = "audit"  # the reward that reads paths.AUDIT
 
 
 class Digits(Task):
@@ -159,7 +159,7 @@ class Digits(Task):
         if folder is None or not paths.complete(folder, self.model):
             return "untrained"
         fingerprint = paths.fingerprint(folder, self.model)
-        if AUDIT in (self.reward, self.held_out) and (folder / paths.AUDIT).exists():
+        if AUDIT_REWARD in (self.reward, self.held_out) and (folder / paths.AUDIT).exists():
             fingerprint += "+" + paths.file_fingerprint(folder / paths.AUDIT)  # only where it is read
         return fingerprint
 
@@ -168,16 +168,15 @@ class Digits(Task):
         or a SpecError that says how to make them."""
         folder = self._folder() or paths.cache_dir()
         path = folder / paths.AUDIT
-        if path.exists() or folder != paths.cache_dir():
-            if not path.exists():
+        if not path.exists():
+            if folder != paths.cache_dir():
                 raise SpecError(
                     f"digits: the audit reward needs {path} (python -m tasks.digits.train --what audit --out {folder})"
                 )
-            return path
-        if train_missing:
-            from tasks.digits import train
+            if train_missing:
+                from tasks.digits import train
 
-            train.train_all(folder, "audit")
+                train.train_all(folder, "audit")
         return path
 
     @property
@@ -210,8 +209,8 @@ class Digits(Task):
         self.classifier.load_state_dict(load_file(folder / "classifier.safetensors"))
         self.classifier.eval().requires_grad_(False)
         self.held_out_images, self.held_out_labels = data.split("held_out")
-        self._classifiers: dict[torch.dtype, DigitClassifier] = {}
-        self._audits: dict[torch.dtype, AuditClassifier] = {}
+        self._audit: AuditClassifier | None = None  # loaded where a reward reads it
+        self._judges: dict[tuple[str, torch.dtype], torch.nn.Module] = {}  # the classifiers, per dtype
         self._flops: dict[str, float] | None = None
         self._static_results: dict[tuple, dict[str, float]] = {}  # the gates' static baselines, per N
         self._reward = REWARDS.build(self.reward, self, rewards.DIGITS)
@@ -230,16 +229,20 @@ class Digits(Task):
         return folder
 
     def classifier_in(self, dtype: torch.dtype) -> DigitClassifier:
-        if dtype not in self._classifiers:
-            self._classifiers[dtype] = copy.deepcopy(self.classifier).to(device=self.device, dtype=dtype)
-        return self._classifiers[dtype]
+        return self._judge_in("classifier", self.classifier, dtype)
 
     def audit_in(self, dtype: torch.dtype) -> AuditClassifier:
-        if dtype not in self._audits:
-            audit = AuditClassifier()
-            audit.load_state_dict(load_file(self.audit_file(train_missing=True)))
-            self._audits[dtype] = audit.eval().requires_grad_(False).to(device=self.device, dtype=dtype)
-        return self._audits[dtype]
+        if self._audit is None:
+            self._audit = AuditClassifier()
+            self._audit.load_state_dict(load_file(self.audit_file(train_missing=True)))
+            self._audit.eval().requires_grad_(False)
+        return self._judge_in("audit", self._audit, dtype)
+
+    def _judge_in(self, name: str, network: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+        """A copy of a frozen classifier on the task's device in `dtype`, made once."""
+        if (name, dtype) not in self._judges:
+            self._judges[name, dtype] = copy.deepcopy(network).to(device=self.device, dtype=dtype)
+        return self._judges[name, dtype]
 
     def reward_of(self, x: Tensor) -> Tensor:
         """Per-sample reward of x_0 in [-1, 1], shape (B, 1, 8, 8): the `reward` option's, from the registry."""
