@@ -23,15 +23,16 @@ from diffusers.utils import logging as diffusers_logging
 from safetensors.torch import load_file
 from torch import Tensor
 
-from bench.capabilities import FEW_STEP_CHAIN, IN_ORDER
+from bench.capabilities import FEW_STEP_CHAIN
 from bench.chain import Chain
 from bench.errors import SpecError
 from bench.options import Option, at_least
 from bench.problem import TARGETS, Problem
 from bench.rewards import REWARDS
 from tasks.base import Task, sampler_option
-from tasks.digits import data, gates, metrics, paths, rewards, shortcut
-from tasks.digits.gates import GATES
+from tasks import gating
+from tasks.digits import data, metrics, paths, rewards, shortcut
+from tasks.gating import GATES
 from tasks.digits.classifier import AuditClassifier, DigitClassifier
 from tasks.digits.model import (
     FLOW_SCHEDULER_CONFIG,
@@ -304,33 +305,31 @@ class Digits(Task):
             problem.extras[FEW_STEP_CHAIN] = functools.cache(lambda k: shortcut.student_chain(self, problem, k))
         return problem
 
+    @property
+    def gated_path(self) -> tuple[str, ...]:
+        """Where the gated network sits in the problem's denoiser: the U-Net, or the transformer
+        inside ClassTransformer."""
+        return ("unet", "transformer") if self.model == "transformer" else ("unet",)
+
     def _gate_problem(self, steps: int, seed: int, dtype: torch.dtype) -> Problem:
-        """DiP-GO's search (tasks/digits/gates.py): gate logits per (step, block) of a frozen U-Net;
-        reward: consistency, -(mean squared distance of x_0 to the unpruned sampler's x_0 from the
-        same noise); penalty: sparsity on the gates' operations fraction above gate_keep."""
+        """DiP-GO's search (tasks/gating.py) on the frozen U-Net's five blocks or the transformer's
+        six: gate logits per (step, block), the consistency reward and the sparsity penalty."""
         self.check_point(GATES, steps)
         problem = self.make_problem("latent", steps, seed, dtype)
-        problem.x_start.requires_grad_(False)
-        with torch.no_grad():
-            unpruned = problem.chain.sample(problem.x_start, problem.cond, problem.noises)
-        generator = torch.Generator().manual_seed(seed)
-        logits = self.gate_init + self.gate_spread * torch.randn(steps - 1, len(gates.BLOCKS), generator=generator)
+        blocks = len(self.block_flops()) - 1
+        logits = gating.initial_logits(steps, blocks, seed, self.gate_init, self.gate_spread)
         logits = logits.to(device=self.device, dtype=dtype).requires_grad_(True)
-        denoiser = problem.chain.denoiser
-        denoiser.unet = gates.GatedUNet(denoiser.unet, gates.model_times(problem.chain.schedule), logits)
-        flops, settings = self.block_flops(), gates.GateSettings(self.gate_keep, self.gate_sparsity)
-        problem.chain.counter.reset()
-        problem.target, problem.leaves = GATES, [logits]
-        problem.reward_fn = lambda x: -((x - unpruned) ** 2).mean(dim=(1, 2, 3))
-        problem.penalty = lambda: settings.penalty(logits, flops)
-        problem.requires[IN_ORDER] = "the gates target's denoiser reuses block outputs of the previous step"
-        problem.extras.pop(FEW_STEP_CHAIN, None)
-        return problem
+        settings = gating.GateSettings(self.gate_keep, self.gate_sparsity)
+        return gating.gate_problem(problem, self.gated_path, logits, self.block_flops(), settings)
 
     def block_flops(self) -> dict[str, float]:
-        """Operations of each gated block of one guided call (gates.block_flops), counted once."""
+        """Operations of each gated block and of the rest of one guided call (batch 2: the null
+        and conditional halves), counted once on an all-open call."""
         if self._flops is None:
-            self._flops = gates.block_flops(self.unet, self.embeddings[self.cls])
+            cond, x = self.embeddings[self.cls].expand(2, -1, -1), torch.zeros(2, 1, 8, 8)
+            network = functools.reduce(getattr, self.gated_path, self)
+            with torch.no_grad():
+                self._flops = gating.block_flops(network, lambda: self.unet(x, torch.full((2,), 500.0), cond))
         return self._flops
 
     def offers(self) -> dict[str, object]:
@@ -338,11 +337,6 @@ class Digits(Task):
         return {FEW_STEP_CHAIN: shortcut.shipped_steps(self._folder()) if self.model == "epsilon" else []}
 
     def check_point(self, target: str, steps: int) -> None:
-        if target == GATES and self.model == "transformer":
-            raise SpecError(
-                f"target 'gates' gates the digits U-Net's five blocks; {self.spec} is the transformer: "
-                "use model=epsilon or model=flow"
-            )
         if target == GATES and steps < 2:
             raise SpecError(
                 f"target 'gates' needs N >= 2 steps, got {steps}: step N computes every block, so "
@@ -445,7 +439,7 @@ class Digits(Task):
         """The searched gates deployed (closed blocks skipped) on fid_samples fresh samples: speed-up
         over the unpruned sampler (wall-clock, operations, block calls) and quality (accuracy for the
         conditioning class, digits-FID, distance to the unpruned samples); the static baselines
-        (gates.STATIC) beside, measured once per step count."""
+        (gating.static_patterns) beside, measured once per step count."""
         chain, logits = problem.chain, problem.leaves[0]
         fresh, noises = self._fresh(problem, x0)
         classifier = self.classifier_in(torch.float32)
@@ -459,9 +453,9 @@ class Digits(Task):
             }
 
         measure = dict(
-            unet=chain.denoiser.unet.unet,
-            denoiser=chain.denoiser,
             chain=chain,
+            path=self.gated_path,
+            network=gating.ungated(problem, self.gated_path),
             fresh=fresh,
             cond=problem.cond,
             noises=noises,
@@ -470,7 +464,7 @@ class Digits(Task):
             device=self.device,
             threads=torch.get_num_threads(),
         )
-        found = gates.evaluate_patterns({"pruned": gates.hard_pattern(logits)}, **measure)
+        found = gating.evaluate_patterns({"pruned": gating.hard_pattern(logits)}, **measure)
         # the baselines do not depend on the gate options: measured once per sweep for the rest
         key = (
             self.data_fingerprint(),
@@ -479,6 +473,7 @@ class Digits(Task):
             str(x0.dtype),
         )
         if key not in self._static_results:
-            self._static_results[key] = gates.evaluate_patterns(gates.static_patterns(problem.num_steps), **measure)
+            patterns = gating.static_patterns(problem.num_steps, logits.shape[1])
+            self._static_results[key] = gating.evaluate_patterns(patterns, **measure)
         static = {k: v for k, v in self._static_results[key].items() if not k.startswith("unpruned_")}
         return {"reward": float(problem.reward_fn(x0).mean()), **found, **static}

@@ -1,12 +1,13 @@
-"""DiP-GO's gates target on digits: the gated U-Net against diffusers' own forward, the
-straight-through gradient against finite differences, the estimators that drive it, bad input."""
+"""DiP-GO's gates: the gated network against diffusers' own forward on every denoiser the suite
+loads (the digits U-Net and transformer, tiny SD, SDXL, SD3 and FLUX networks), the straight-through
+gradient against finite differences, the estimators that drive it, bad input."""
 
 import json
 import random
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 
 from bench.results import figures
 from bench.results.analysis import load_run
@@ -14,8 +15,12 @@ from bench.cli import main
 from bench.registry import ESTIMATORS, TASKS
 from estimators.masked_chain import run_masked_chain
 from digits_fixtures import write_random_models
-from tasks.digits import gates
-from tasks.digits.model import UNET_CONFIG
+from tasks import gating as gates
+from tasks.digits.model import TRANSFORMER_CONFIG, UNET_CONFIG
+from tasks.flux import tiny as flux_tiny
+from tasks.sd import tiny as sd_tiny
+from tasks.sd3 import tiny as sd3_tiny
+from tasks.sdxl import tiny as sdxl_tiny
 
 STEPS = 3
 
@@ -53,18 +58,19 @@ def test_all_open_gates_are_diffusers_own_forward_and_closed_ones_hand_on_the_la
         return gated(x_in, torch.full((3,), t, dtype=torch.float64), cond).sample
 
     with torch.no_grad():
-        everything = gates.GatedUNet(unet, times, torch.ones(2, 5, dtype=torch.bool))
+        everything = gates.GatedNetwork(unet, times, torch.ones(2, 5, dtype=torch.bool))
+        assert everything.labels == ["down0", "down1", "mid", "up0", "up1"]
         for t in times:  # every step of an all-open pass is the model itself
             x_t = x * (1 + t / 1000)
             assert torch.equal(
                 eps(everything, t, x_t),
                 unet(x_t, torch.full((3,), t, dtype=torch.float64), encoder_hidden_states=cond).sample,
             )
-        nothing = gates.GatedUNet(unet, times, torch.zeros(2, 5, dtype=torch.bool))
+        nothing = gates.GatedNetwork(unet, times, torch.zeros(2, 5, dtype=torch.bool))
         first = eps(nothing, 700.0, x)
         assert torch.equal(eps(nothing, 400.0, x * 2), first)  # every block reused: the same output
         assert (nothing.counter.computed, nothing.counter.reused) == (5, 5)
-        deep = gates.GatedUNet(unet, times, gates.pattern(3, "deepcache", 2))  # step 2 shallow, step 1 full
+        deep = gates.GatedNetwork(unet, times, gates.pattern(3, 5, "deepcache", 2))  # step 2 shallow, step 1 full
         eps(deep, 700.0, x)
         shallow = eps(deep, 400.0, x * 2)
         assert not torch.equal(shallow, first)  # the shallow branch saw the new input
@@ -74,9 +80,99 @@ def test_all_open_gates_are_diffusers_own_forward_and_closed_ones_hand_on_the_la
         eps(deep, 100.0, x)
         assert (deep.counter.computed, deep.counter.reused) == (5 + 2 + 5, 3)
         with pytest.raises(RuntimeError, match="in order"):
-            gates.GatedUNet(unet, times, torch.ones(2, 5, dtype=torch.bool))(x, torch.full((3,), 400.0), cond)
+            gates.GatedNetwork(unet, times, torch.ones(2, 5, dtype=torch.bool))(x, torch.full((3,), 400.0), cond)
         with pytest.raises(RuntimeError, match="off its sampler's grid"):
             everything(x, torch.full((3,), 555.0, dtype=torch.float64), cond)
+
+
+def _network_and_inputs(kind):
+    """A denoiser network of each kind the suite loads (random weights, from the tiny configs), its
+    keyword inputs at one timestep, and the blocks the gates should find."""
+    torch.manual_seed(0)
+    b, d = 2, torch.float64
+    if kind in ("sd", "sdxl", "digits-unet"):
+        config = {"sd": sd_tiny.UNET, "sdxl": sdxl_tiny.UNET, "digits-unet": UNET_CONFIG}[kind]
+        net = UNet2DConditionModel(**config)
+        c, side = net.config.in_channels, net.config.sample_size
+        inputs = {
+            "sample": torch.randn(b, c, side, side, dtype=d),
+            "encoder_hidden_states": torch.randn(b, 4, net.config.cross_attention_dim, dtype=d),
+        }
+        if kind == "sdxl":
+            inputs["added_cond_kwargs"] = {
+                "text_embeds": torch.randn(b, sdxl_tiny.POOLED, dtype=d),
+                "time_ids": torch.randn(b, 6, dtype=d),
+            }
+        labels = ["down0", "down1", "mid", "up0", "up1"]
+    elif kind in ("sd3", "digits-transformer"):
+        config = sd3_tiny.TRANSFORMER if kind == "sd3" else TRANSFORMER_CONFIG
+        net = SD3Transformer2DModel(**config)
+        cfg = net.config
+        inputs = {
+            "hidden_states": torch.randn(b, cfg.in_channels, cfg.sample_size, cfg.sample_size, dtype=d),
+            "encoder_hidden_states": torch.randn(b, 5, cfg.joint_attention_dim, dtype=d),
+            "pooled_projections": torch.randn(b, cfg.pooled_projection_dim, dtype=d),
+        }
+        labels = [f"block{i}" for i in range(cfg.num_layers)]
+    else:  # flux: double-stream blocks, then single-stream ones
+        net = FluxTransformer2DModel(**flux_tiny.TRANSFORMER)
+        tokens = 16
+        inputs = {
+            "hidden_states": torch.randn(b, tokens, net.config.in_channels, dtype=d),
+            "encoder_hidden_states": torch.randn(b, 5, net.config.joint_attention_dim, dtype=d),
+            "pooled_projections": torch.randn(b, net.config.pooled_projection_dim, dtype=d),
+            "img_ids": torch.randn(tokens, 3, dtype=d),
+            "txt_ids": torch.zeros(5, 3, dtype=d),
+            "guidance": torch.full((b,), 3.5, dtype=d),
+        }
+        labels = ["block0", "single0", "single1"]
+    return net.double().eval(), inputs, labels
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl", "digits-unet", "sd3", "digits-transformer", "flux"])
+def test_gates_are_built_from_each_networks_own_blocks_and_all_open_is_its_forward(kind):
+    """Every gate open: each step of a pass equals the network's own forward (torch.equal). A
+    closed U-Net block hands on its last output; a closed transformer block adds its last residual
+    to the new input, so that the hidden states reaching the output head differ from the block
+    inputs by the previous step's total residual."""
+    net, inputs, labels = _network_and_inputs(kind)
+    times = [0.9, 0.5, 0.2] if kind == "flux" else [900.0, 500.0, 200.0]
+    x_name = "sample" if "sample" in inputs else "hidden_states"
+
+    def call(network, t, scale):
+        moved = {**inputs, x_name: inputs[x_name] * scale}
+        return network(**moved, timestep=torch.full((2,), t, dtype=torch.float64)).sample
+
+    with torch.no_grad():
+        everything = gates.GatedNetwork(net, times, torch.ones(2, len(labels), dtype=torch.bool))
+        assert everything.labels == labels
+        for step, t in enumerate(times):
+            assert torch.equal(call(everything, t, 1 + step / 3), call(net, t, 1 + step / 3)), (kind, t)
+        assert everything.counter.reused == 0
+        assert not any("forward" in block.module.__dict__ for block in everything.blocks)  # swapped back
+        nothing = gates.GatedNetwork(net, times, torch.zeros(2, len(labels), dtype=torch.bool))
+        first = call(nothing, times[0], 1.0)
+        if kind in ("sd", "sdxl", "digits-unet"):
+            assert torch.equal(call(nothing, times[1], 2.0), first)  # every block reused: the same output
+            return
+        seen = {}
+        head = net.norm_out
+        hooks = [
+            nothing.blocks[0].module.register_forward_pre_hook(
+                lambda m, a, k: seen.setdefault("in", []).append(k["hidden_states"]), with_kwargs=True
+            ),
+            head.register_forward_pre_hook(lambda m, a: seen.setdefault("out", []).append(a[0])),
+        ]
+        nothing = gates.GatedNetwork(net, times, torch.zeros(2, len(labels), dtype=torch.bool))
+        call(nothing, times[0], 1.0)
+        second = call(nothing, times[1], 2.0)
+        for hook in hooks:
+            hook.remove()
+        assert not torch.equal(second, first)
+        if kind == "flux":  # the single blocks see text and image tokens; the head sees the image's
+            return
+        torch.testing.assert_close(seen["out"][1] - seen["in"][1], seen["out"][0] - seen["in"][0])
+        assert (nothing.counter.computed, nothing.counter.reused) == (len(labels), len(labels))
 
 
 def test_the_gates_gradient_is_the_straight_through_derivative(task, monkeypatch):
@@ -91,6 +187,7 @@ def test_the_gates_gradient_is_the_straight_through_derivative(task, monkeypatch
     monkeypatch.setattr(gates, "straight_through", lambda g: g)  # gates are the mixing weights themselves
     hard = (logits.detach() > 0).to(torch.float64)
     gated = problem.chain.denoiser.unet
+    assert isinstance(gated, gates.GatedNetwork)
 
     def loss_at(g):  # the chain with its graph recorded, so that every block is computed and mixed by g
         g = g.clone().requires_grad_(True)
@@ -135,7 +232,7 @@ def test_in_order_estimators_drive_the_gates_and_the_rest_skip(task):
     z = _problem(task, MIXED).leaves[0].detach()
     sparsity = (
         task.gate_sparsity
-        * torch.tensor([flops[b] for b in gates.BLOCKS], dtype=torch.float64)
+        * torch.tensor([flops[b] for b in ("down0", "down1", "mid", "up0", "up1")], dtype=torch.float64)
         / (STEPS * sum(flops.values()))
         * torch.sigmoid(z)
         * (1 - torch.sigmoid(z))
