@@ -357,6 +357,8 @@ def _plan(args: argparse.Namespace) -> int:
         tflops=args.tflops,
     )
     spec.check()
+    if args.gate_pattern is not None and not args.gates:
+        raise SpecError("--gate-pattern needs --gates")
     device = present_device()
     check_dtype(spec.dtype, device)  # a GPU that cannot run bf16 refuses it, measured or not
     unit = plan_units(spec)
@@ -367,6 +369,11 @@ def _plan(args: argparse.Namespace) -> int:
         )
     rows = plan_rows(spec, unit, estimators, measured)
     print(render(spec, unit, rows, memory_label=args.device_memory or "", measured=measured))
+    if args.gates:
+        from bench.planner import gates
+
+        print()
+        print(gates.render(arch, spec.resolution, spec.steps, spec.batch, spec.dtype, args.gate_pattern))
     return 0
 
 

@@ -158,6 +158,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="times from F and V measured on the present device (CUDA if there, else this CPU), the "
         "denoiser and VAE built with random weights there (they must fit), instead of --tflops",
     )
+    plan.add_argument(
+        "--gates",
+        action="store_true",
+        help="also DiP-GO's gates: each gated block's share of a denoiser call and the operations of the "
+        "static reuse patterns over N steps (FLOPs counted under fake tensors)",
+    )
+    plan.add_argument(
+        "--gate-pattern",
+        type=Path,
+        default=None,
+        metavar="FILE.json",
+        help="with --gates: the operations of this pattern too (N - 1 rows of one 0/1 per block)",
+    )
     plan.add_argument("--estimators", default="", help="comma-separated specs (default: every registered one)")
     plan.add_argument(
         "--include", action="append", default=[], metavar="FILE.py", help="import a file that registers estimators"

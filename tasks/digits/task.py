@@ -30,9 +30,9 @@ from bench.options import Option, at_least
 from bench.problem import TARGETS, Problem
 from bench.rewards import REWARDS
 from tasks.base import Task, sampler_option
-from tasks import gating
+from bench import gating
 from tasks.digits import data, metrics, paths, rewards, shortcut
-from tasks.gating import GATES
+from bench.gating import GATES
 from tasks.digits.classifier import AuditClassifier, DigitClassifier
 from tasks.digits.model import (
     FLOW_SCHEDULER_CONFIG,
@@ -55,10 +55,6 @@ def _digit(value: int) -> str | None:
 
 def _positive(value: float) -> str | None:
     return None if value > 0 else "must be > 0"
-
-
-def _fraction(value: float) -> str | None:
-    return None if 0 < value <= 1 else "must be in (0, 1]"
 
 
 AUDIT_REWARD = "audit"  # the reward that reads paths.AUDIT
@@ -107,23 +103,7 @@ class Digits(Task):
             choices=tuple(paths.MODELS),
         ),
         sampler_option(),
-        Option(
-            "gate_keep",
-            float,
-            0.5,
-            "gates target: the fraction of the unpruned sampler's operations the sparsity term allows for free",
-            check=_fraction,
-        ),
-        Option("gate_sparsity", float, 1.0, "gates target: the sparsity term's weight", check=at_least(0.0)),
-        Option("gate_init", float, 1.0, "gates target: the mean initial gate logit (> 0: computed)"),
-        Option(
-            "gate_spread",
-            float,
-            1.0,
-            "gates target: the standard deviation of the initial logits "
-            "around gate_init (seeded; 0: all equal, where the consistency term has no gradient)",
-            check=at_least(0.0),
-        ),
+        *gating.gate_options(),
     )
     targets = (*TARGETS, GATES)
 
@@ -312,15 +292,11 @@ class Digits(Task):
         return ("unet", "transformer") if self.model == "transformer" else ("unet",)
 
     def _gate_problem(self, steps: int, seed: int, dtype: torch.dtype) -> Problem:
-        """DiP-GO's search (tasks/gating.py) on the frozen U-Net's five blocks or the transformer's
+        """DiP-GO's search (bench/gating.py) on the frozen U-Net's five blocks or the transformer's
         six: gate logits per (step, block), the consistency reward and the sparsity penalty."""
         self.check_point(GATES, steps)
         problem = self.make_problem("latent", steps, seed, dtype)
-        blocks = len(self.block_flops()) - 1
-        logits = gating.initial_logits(steps, blocks, seed, self.gate_init, self.gate_spread)
-        logits = logits.to(device=self.device, dtype=dtype).requires_grad_(True)
-        settings = gating.GateSettings(self.gate_keep, self.gate_sparsity)
-        return gating.gate_problem(problem, self.gated_path, logits, self.block_flops(), settings)
+        return gating.search(self, problem, self.gated_path, seed, self.block_flops())
 
     def block_flops(self) -> dict[str, float]:
         """Operations of each gated block and of the rest of one guided call (batch 2: the null

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from bench.errors import SpecError
 from bench.options import Option, at_least
+from bench.gating import GATES
 from tasks.flux import tiny
 from tasks.sd import rewards
 from tasks.sd.task import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, built_once
@@ -113,7 +114,8 @@ class Flux(StableDiffusion3):
     version = "1"
     sampler = ""  # FLUX's own flow-matching Euler grid, dynamically shifted
     eta = 0.0  # deterministic: no flow-sde on the shifted grid yet
-    targets = ("latent", "cond", "weights")
+    targets = ("latent", "cond", "weights", GATES)
+    gate_time_scale = 1 / 1000  # FLUX's transformer reads the noise level sigma = t / 1000
     negative_prompt = negative_prompt_file = ""
     options = (
         Option("model", str, "tiny", "FLUX.1 pipeline folder, cached model id, or tiny (random, built offline)"),

@@ -40,10 +40,12 @@ from torch import Tensor, nn
 from bench.chain import Chain, alpha_bar_at_time
 from bench.errors import SpecError
 from bench.options import Option, at_least
-from bench.problem import Problem
+from bench.problem import TARGETS, Problem
 from bench.rewards import REWARDS
+from bench import gating
 from tasks.base import Task, sampler_option
 from tasks.cache import cache_root
+from bench.gating import GATES
 from tasks.sd import rewards, tiny
 
 PROMPTS = (
@@ -291,7 +293,10 @@ class StableDiffusion(Task):
     name = "sd"
     summary = "Stable Diffusion-class latent diffusion from a local diffusers folder (tiny: random, offline)"
     version = "1"
-    learning_rates = {"latent": 0.05, "cond": 0.01, "noise": 0.05, "weights": 1e-3}
+    learning_rates = {"latent": 0.05, "cond": 0.01, "noise": 0.05, "weights": 1e-3, GATES: 0.1}
+    targets = (*TARGETS, GATES)
+    gated_path: tuple[str, ...] = ("unet",)  # where the gated network sits in the guided denoiser
+    gate_time_scale = 1.0  # the network's timestep per model time
     dtype = torch.float32  # the estimators' runs: the leaves (the option `dtype` is network_dtype)
     components: tuple[str, ...] = COMPONENTS  # the pipeline folder's subfolders
     networks: tuple[str, ...] = ("unet", "vae", "text_encoder")  # those with a config and weights
@@ -393,6 +398,7 @@ class StableDiffusion(Task):
             "dtype (task), or off; auto: float64 for tiny, else task",
             choices=("auto", "float64", "task", "off"),
         ),
+        *gating.gate_options(),
     )
 
     def __init__(self, **values) -> None:
@@ -654,8 +660,75 @@ class StableDiffusion(Task):
         """What the U-Net reads beside the text embedding (SDXL's pooled embedding and size ids); none for SD 1.x and 2.x."""
         return None
 
+    def check_point(self, target: str, steps: int) -> None:
+        if target == GATES and steps < 2:
+            raise SpecError(
+                f"target 'gates' needs N >= 2 steps, got {steps}: step N computes every block, so "
+                "at N = 1 there is nothing to gate"
+            )
+        if target == GATES and self.checkpoint_blocks:
+            raise SpecError(
+                f"{self.spec}: target 'gates' skips blocks that checkpoint_blocks would recompute; "
+                "leave checkpoint_blocks off for the gates"
+            )
+
+    def gate_problem(self, steps: int, seed: int, dtype: torch.dtype | None) -> Problem:
+        """DiP-GO's search (bench/gating.py) on the frozen denoiser's blocks: gate logits per
+        (step, block), the consistency reward and the sparsity penalty."""
+        self.check_point(GATES, steps)
+        problem = self.make_problem("latent", steps, seed, dtype)
+        return gating.search(self, problem, self.gated_path, seed, time_scale=self.gate_time_scale)
+
+    @torch.no_grad()
+    def evaluate(self, problem: Problem, x0: Tensor) -> dict[str, float]:
+        """The reward of the samples; on the gates target the searched gates deployed (closed
+        blocks skipped) from `batch` fresh latents against the static baselines: speed-up over the
+        unpruned sampler, the task's reward and the distance to the unpruned samples."""
+        if problem.target != GATES:
+            return super().evaluate(problem, x0)
+        generator = torch.Generator().manual_seed(10_000)
+        fresh = torch.randn(x0.shape, generator=generator).to(x0)
+        noises = (
+            None
+            if problem.noises is None
+            else [torch.randn(x0.shape, generator=generator).to(x0) for _ in problem.noises]
+        )
+        vae, reward = self._networks(x0.dtype)
+
+        def quality(samples: Tensor, unpruned: Tensor) -> dict[str, float]:
+            return {
+                "reward": float(reward(self.decode(samples, vae)).mean()),
+                "consistency_mse": float(((samples - unpruned) ** 2).mean()),
+            }
+
+        logits = problem.leaves[0]
+        measure = dict(
+            chain=problem.chain,
+            path=self.gated_path,
+            network=gating.ungated(problem, self.gated_path),
+            fresh=fresh,
+            cond=problem.cond,
+            noises=noises,
+            quality=quality,
+            flops=gating.problem_flops(self.make_problem("latent", problem.num_steps, 0), self.gated_path),
+            device=self.device,
+            threads=torch.get_num_threads(),
+            time_scale=self.gate_time_scale,
+        )
+        found = gating.evaluate_patterns({"pruned": gating.hard_pattern(logits)}, **measure)
+        # the baselines do not depend on the gate options: measured once per point for the rest
+        key = (*sorted((k, v) for k, v in self.values.items() if not k.startswith("gate_")), problem.num_steps)
+        statics = self.__dict__.setdefault("_static_results", {})
+        if key not in statics:
+            patterns = gating.static_patterns(problem.num_steps, logits.shape[1])
+            statics[key] = gating.evaluate_patterns(patterns, **measure)
+        static = {k: v for k, v in statics[key].items() if not k.startswith("unpruned_")}
+        return {"reward": float(problem.reward_fn(x0).mean()), **found, **static}
+
     def make_problem(self, target: str, steps: int, seed: int, dtype: torch.dtype | None = None) -> Problem:
         self.check_target(target)
+        if target == GATES:
+            return self.gate_problem(steps, seed, dtype)
         dtype = dtype or self.dtype  # the leaves' precision (the `dtype` option is the networks')
         unet = self.trainable_copy(self.unet, target, seed, dtype, LORA_TARGETS)
         order = [b % len(self.prompt_list) for b in range(self.batch)]

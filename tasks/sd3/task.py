@@ -34,6 +34,7 @@ from bench.options import Option, at_least
 from bench.problem import Problem
 from bench.rewards import REWARDS
 from tasks.base import Task
+from bench.gating import GATES
 from tasks.sd import rewards
 from tasks.sd.task import (
     DIFFUSERS_WEIGHTS,
@@ -106,8 +107,9 @@ class StableDiffusion3(StableDiffusion):
     name = "sd3"
     summary = "Stable Diffusion 3 / 3.5-class flow-matching MMDiT from a local diffusers folder (tiny: random, offline)"
     version = "1"
-    learning_rates = {"latent": 0.05, "cond": 0.01, "weights": 1e-3}
-    targets = ("latent", "cond", "weights", "noise")  # noise: with sampler=flow-sde and eta > 0
+    learning_rates = {"latent": 0.05, "cond": 0.01, "weights": 1e-3, GATES: 0.1}
+    targets = ("latent", "cond", "weights", "noise", GATES)  # noise: with sampler=flow-sde and eta > 0
+    gated_path = ("transformer",)
     options = (
         Option("model", str, "tiny", "SD3 pipeline folder, cached model id, or tiny (random, built offline, no T5)"),
         Option("guidance", float, 7.0, "classifier-free guidance scale (1: none)", check=at_least(1.0)),
@@ -264,6 +266,8 @@ class StableDiffusion3(StableDiffusion):
 
     def make_problem(self, target: str, steps: int, seed: int, dtype: torch.dtype | None = None) -> Problem:
         self.check_target(target)
+        if target == GATES:
+            return self.gate_problem(steps, seed, dtype)
         dtype = dtype or self.dtype
         transformer = self.trainable_copy(self.transformer, target, seed, dtype, LORA_TARGETS)
         order = [b % len(self.prompt_list) for b in range(self.batch)]

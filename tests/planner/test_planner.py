@@ -164,3 +164,44 @@ def test_times_from_units_measured_on_the_present_device(tmp_path, capsys):
     rows = {r.estimator: r for r in plan_rows(spec, plan_units(spec), ["full", "sdo"], measured)}
     assert rows["full"].seconds == 3 * 0.5 + 3 * 1.0 + 0.25 + 2.0
     assert rows["sdo"].seconds == 3 * 0.5 + 1.0 + 0.25 + 2.0  # its kept call (the first) is the one VJP
+
+
+def test_gate_flops_under_fake_tensors_equal_the_count_on_real_tensors_and_the_static_patterns_add_up():
+    """The planner's gate table: each gated block's FLOPs counted under fake tensors equal the same
+    count on a real network; an N-step pattern's operations fraction is the computed blocks' share."""
+    from diffusers import UNet2DConditionModel
+
+    from bench import gating
+    from bench.planner import gates
+
+    arch = architecture("sd1.5")
+    arch = type(arch)(**{**arch.__dict__, "denoiser": TINY_UNET})
+    fake = gates.block_flops(arch, 128, 1, "fp32")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(TINY_UNET)
+    inputs = denoiser_inputs(arch, 2, 128, torch.float32)
+    with torch.no_grad():
+        real = gating.block_flops(unet, lambda: unet(**inputs))
+    assert fake == real and list(fake) == ["down0", "down1", "mid", "up0", "up1", "rest"]
+    assert all(v > 0 for v in fake.values())
+    steps, total = 4, sum(fake.values())
+    reuse2 = gating.static_patterns(steps, 5)["reuse2"]  # steps 3 and 1 reuse every block, step 2 computes
+    assert gating.flops_fraction(reuse2, fake) == pytest.approx((2 * total + 2 * fake["rest"]) / (4 * total))
+
+
+def test_plan_states_the_gates_operations_on_a_real_architecture(tmp_path, capsys):
+    pattern = tmp_path / "pattern.json"
+    pattern.write_text(json.dumps([[1] * 57, [0] * 57, [1] + [0] * 55 + [1]]))  # FLUX.1-dev's 19 + 38 blocks
+    argv = ["plan", "--model", "flux.1-dev", "--estimators", "full", "--steps", "4", "--resolution", "512"]
+    assert main([*argv, "--gates", "--gate-pattern", str(pattern)]) == 0
+    out = capsys.readouterr().out
+    assert "57 gated blocks" in out and "| block0 |" in out and "| single37 |" in out
+    row = next(line for line in out.splitlines() if line.startswith("| file pattern.json"))
+    fraction = float(row.split("|")[2])
+    assert 0.5 < fraction < 0.6  # steps 4 and 3 all, step 2 none, step 1 two of 57: (2 + 2 / 57) / 4, and the rest
+    pattern.write_text("[[1, 0]]")
+    assert main([*argv, "--gates", "--gate-pattern", str(pattern)]) == 2
+    err = capsys.readouterr().err
+    assert "expected N - 1 = 3 rows" in err and err.count("\n") == 1
+    assert main([*argv, "--gate-pattern", str(pattern)]) == 2
+    assert "--gate-pattern needs --gates" in capsys.readouterr().err

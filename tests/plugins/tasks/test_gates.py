@@ -15,7 +15,7 @@ from bench.cli import main
 from bench.registry import ESTIMATORS, TASKS
 from estimators.masked_chain import run_masked_chain
 from digits_fixtures import write_random_models
-from tasks import gating as gates
+from bench import gating as gates
 from tasks.digits.model import TRANSFORMER_CONFIG, UNET_CONFIG
 from tasks.flux import tiny as flux_tiny
 from tasks.sd import tiny as sd_tiny
@@ -296,3 +296,28 @@ def test_a_gate_search_is_a_row_with_the_deployed_sampler_and_its_baselines(tmp_
     frame, _ = load_run(out)
     fig, text = figures.KINDS["pruning"](frame, steps=STEPS)
     assert "searched" in text.lower() and "deepcache2" in text
+
+
+@pytest.mark.parametrize("spec", ["sd[batch=1]", "flux[batch=1]"])
+def test_the_gate_search_runs_on_the_pipeline_tasks_with_its_baselines(spec, tmp_path, pipeline_cache):
+    """The gates target of the pipeline tasks (sd's code serves sdxl, flux's sd3 and flux with its
+    timestep scale): the search's gradient agrees with the float64 reference, the deployed sampler
+    and the static baselines are in the row."""
+    out = tmp_path / "run"
+    argv = ["run", "--tasks", spec, "--targets", "gates", "--steps", "3", "--estimators", "full,sdo"]
+    assert main([*argv, "--iters", "1", "--rounds", "1", "--out", str(out)]) == 0
+    rows = {row["estimator"]: row for row in map(json.loads, (out / "rows.jsonl").read_text().splitlines())}
+    assert rows["sdo"]["status"] == "skipped" and "previous step" in rows["sdo"]["reason"]
+    row = rows["full"]
+    assert row["status"] == "ok" and row["nfe_vjp"] == 2 and row["grad_cos"] == pytest.approx(1.0, abs=1e-6)
+    for name in ("pruned", "reuse2"):
+        assert row[f"eval_{name}_speedup"] > 0 and 0 < row[f"eval_{name}_flops_fraction"] <= 1
+        assert row[f"eval_{name}_consistency_mse"] >= 0 and f"eval_{name}_reward" in row
+    assert row["eval_reuse2_block_fraction"] == pytest.approx(2 / 3)  # steps 3 and 1 computed, step 2 reused
+
+
+def test_gates_refuse_checkpointed_blocks_in_one_line(tmp_path, capsys, pipeline_cache):
+    argv = ["run", "--tasks", "sd[checkpoint_blocks=true]", "--targets", "gates", "--estimators", "full"]
+    assert main([*argv, "--iters", "1", "--out", str(tmp_path / "never")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "checkpoint_blocks" in err and "\n" not in err

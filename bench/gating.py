@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.capabilities import FEW_STEP_CHAIN, IN_ORDER
+from bench.options import Option, at_least
 from bench.problem import Problem, Target, register_target
 
 GATES = register_target(
@@ -265,8 +266,8 @@ def with_network(holder: nn.Module, path: tuple[str, ...], network: nn.Module) -
     return top
 
 
-def model_times(schedule) -> list[float]:
-    return [schedule.model_time(i) for i in range(schedule.num_steps, 0, -1)]
+def model_times(schedule, scale: float = 1.0) -> list[float]:
+    return [schedule.model_time(i) * scale for i in range(schedule.num_steps, 0, -1)]
 
 
 # --- gate patterns ---------------------------------------------------------------------------------
@@ -346,8 +347,60 @@ class GateSettings:
 # --- the search problem ----------------------------------------------------------------------------
 
 
+def _fraction(value: float) -> str | None:
+    return None if 0 < value <= 1 else "must be in (0, 1]"
+
+
+def gate_options() -> tuple[Option, ...]:
+    """The options of a task with the gates target."""
+    return (
+        Option(
+            "gate_keep",
+            float,
+            0.5,
+            "gates target: the fraction of the unpruned sampler's operations the sparsity term allows for free",
+            check=_fraction,
+        ),
+        Option("gate_sparsity", float, 1.0, "gates target: the sparsity term's weight", check=at_least(0.0)),
+        Option("gate_init", float, 1.0, "gates target: the mean initial gate logit (> 0: computed)"),
+        Option(
+            "gate_spread",
+            float,
+            1.0,
+            "gates target: the standard deviation of the initial logits "
+            "around gate_init (seeded; 0: all equal, where the consistency term has no gradient)",
+            check=at_least(0.0),
+        ),
+    )
+
+
+def problem_flops(problem: Problem, path: tuple[str, ...]) -> dict[str, float]:
+    """block_flops of one call of the problem's own denoiser (guidance included) at step N."""
+    network = functools.reduce(getattr, path, problem.chain.denoiser)
+    t = torch.full((problem.x_start.shape[0],), problem.chain.schedule.model_time(problem.num_steps))
+    with torch.no_grad():
+        return block_flops(
+            network, lambda: problem.chain.denoiser(problem.x_start, t.to(problem.x_start), problem.cond)
+        )
+
+
+def search(task, problem: Problem, path: tuple[str, ...], seed: int, flops=None, time_scale: float = 1.0) -> Problem:
+    """gate_problem with the task's gate options (gate_init, gate_spread, gate_keep, gate_sparsity)
+    on a latent problem; `time_scale`: what the network receives per model time (FLUX: 1/1000)."""
+    flops = flops or problem_flops(problem, path)
+    logits = initial_logits(problem.num_steps, len(flops) - 1, seed, task.gate_init, task.gate_spread)
+    logits = logits.to(problem.x_start).requires_grad_(True)
+    settings = GateSettings(task.gate_keep, task.gate_sparsity)
+    return gate_problem(problem, path, logits, flops, settings, time_scale)
+
+
 def gate_problem(
-    problem: Problem, path: tuple[str, ...], logits: Tensor, flops: dict[str, float], settings: GateSettings
+    problem: Problem,
+    path: tuple[str, ...],
+    logits: Tensor,
+    flops: dict[str, float],
+    settings: GateSettings,
+    time_scale: float = 1.0,
 ) -> Problem:
     """DiP-GO's search on a latent problem of the frozen model: gate logits per (step, block) of
     the network at `problem.chain.denoiser.<path>`; reward: consistency, -(mean squared distance of
@@ -356,7 +409,7 @@ def gate_problem(
     problem.x_start.requires_grad_(False)
     with torch.no_grad():
         unpruned = problem.chain.sample(problem.x_start, problem.cond, problem.noises)
-    install(problem.chain.denoiser, path, model_times(problem.chain.schedule), logits)
+    install(problem.chain.denoiser, path, model_times(problem.chain.schedule, time_scale), logits)
     problem.chain.counter.reset()
     problem.target, problem.leaves = GATES, [logits]
     dims = tuple(range(1, unpruned.dim()))
@@ -389,13 +442,20 @@ class SamplerOutcome:
 
 @torch.no_grad()
 def deployed_samples(
-    chain, path: tuple[str, ...], network: nn.Module, gate_pattern: Tensor, x_start: Tensor, cond, noises
+    chain,
+    path: tuple[str, ...],
+    network: nn.Module,
+    gate_pattern: Tensor,
+    x_start: Tensor,
+    cond,
+    noises,
+    time_scale: float = 1.0,
 ) -> SamplerOutcome:
     """x_0 of the pruned sampler (closed blocks skipped), with its block counts: `chain`'s
     denoiser with `network` gated by the pattern at `path`."""
     from bench.chain import Chain
 
-    gated = GatedNetwork(network, model_times(chain.schedule), gate_pattern)
+    gated = GatedNetwork(network, model_times(chain.schedule, time_scale), gate_pattern)
     pruned = Chain(with_network(chain.denoiser, path, gated), chain.schedule)
     samples = pruned.sample(x_start, cond, noises)
     return SamplerOutcome(samples, gated.counter.computed, gated.counter.reused)
@@ -421,6 +481,7 @@ def evaluate_patterns(
     threads: int,
     rounds: int = 3,
     timing_samples: int = 64,
+    time_scale: float = 1.0,
 ) -> dict[str, float]:
     """For each named pattern: quality of its samples from `fresh` (quality(samples, unpruned) ->
     metrics), its operations and block fractions, and its wall-clock per pass on the first
@@ -432,7 +493,7 @@ def evaluate_patterns(
     everything = torch.ones(steps - 1, blocks, dtype=torch.bool)
 
     def run(gate_pattern, x, noise):
-        return deployed_samples(chain, path, network, gate_pattern, x, cond, noise)
+        return deployed_samples(chain, path, network, gate_pattern, x, cond, noise, time_scale)
 
     reference = run(everything, fresh, noises).samples
     timed = fresh[:timing_samples]
