@@ -26,6 +26,7 @@ from bench.registry import ESTIMATORS
 
 ROOT = Path(__file__).resolve().parents[2]
 FIGURES = ROOT / "reports" / "figures"
+PAPERS = FIGURES / "papers"  # the papers' figures on their own models: rows made on a GPU
 KINDS: dict[str, Callable[..., tuple[Any, str]]] = {}
 
 
@@ -465,6 +466,14 @@ def _short(task: str, width: int = 48) -> str:
     return "\n".join([*lines, line])
 
 
+PRUNING_PANELS = {  # metric: (axis label, scale, log axis, text)
+    "accuracy": ("classifier accuracy (conditioning class), %", 100.0, False, "accuracy {:.1f} %"),
+    "fid": ("digits-FID to held-out digits of that class", 1.0, False, "FID {:.1f}"),
+    "reward": ("the task's reward of the deployed samples", 1.0, False, "reward {:.3g}"),
+    "consistency_mse": ("mean squared distance to the unpruned samples", 1.0, True, "distance {:.4f}"),
+}
+
+
 @kind("pruning")
 def pruning(
     frame: pd.DataFrame,
@@ -472,23 +481,25 @@ def pruning(
     speedup: float = 1.5,
     accuracy_drop: float = 0.02,
     statics: tuple[str, ...] = ("deepcache", "reuse"),
+    quality: str = "accuracy",
 ):
     """DiP-GO's result: each searched gate pattern (a row: estimator and gate_keep) deployed, its
-    wall-clock speed-up over the unpruned sampler against its classifier accuracy, digits-FID and
-    distance to the unpruned samples, beside the static baselines (every k-th step computed), with
-    the target region (at least `speedup` times faster, accuracy within `accuracy_drop`)."""
+    wall-clock speed-up over the unpruned sampler against the quality metrics the rows carry
+    (digits: classifier accuracy and digits-FID; pipelines: the task's reward) and the distance to
+    the unpruned samples, beside the static baselines (every k-th step computed), with the target
+    region: at least `speedup` times faster, `quality` within `accuracy_drop` of the unpruned
+    sampler's (in its own units; accuracy as a fraction)."""
     ok = frame[(frame["status"] == "ok") & (frame["target"] == "gates") & (frame["steps"] == steps)]
     if ok.empty:
         raise SpecError(f"the reference rows have no ok cell on gates at N={steps}")
+    metrics = [m for m in PRUNING_PANELS if f"eval_pruned_{m}" in ok and ok[f"eval_pruned_{m}"].notna().all()]
+    if quality not in metrics:
+        raise SpecError(f"the gates rows carry no eval_pruned_{quality}; they have {', '.join(metrics)}")
     first = ok.iloc[0]
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5.2))
-    panels = (
-        ("accuracy", "classifier accuracy (conditioning class), %", 100.0, False),
-        ("fid", "digits-FID to held-out digits of that class", 1.0, False),
-        ("consistency_mse", "mean squared distance to the unpruned samples", 1.0, True),
-    )
-    unpruned_accuracy = float(ok["eval_unpruned_accuracy"].mean())
-    for ax, (metric, label, scale, log) in zip(axes, panels):
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.7 * len(metrics), 5.2), squeeze=False)
+    unpruned_quality = float(ok[f"eval_unpruned_{quality}"].mean())
+    for ax, metric in zip(axes[0], metrics):
+        label, scale, log, _ = PRUNING_PANELS[metric]
         shown = []  # the values the axis is scaled to: baselines, unpruned, searched within reach
         for name, style_ in zip(statics, ("s--", "^:")):
             ks = _static_intervals(ok.columns, name)
@@ -501,7 +512,7 @@ def pruning(
                 style_,
                 color="#777777" if name == "deepcache" else "#bbbbbb",
                 markersize=7,
-                label=f"static: {'DeepCache-like' if name == 'deepcache' else 'reuse the whole output'}, "
+                label=f"static: {'DeepCache-like' if name == 'deepcache' else 'reuse every block'}, "
                 "every k-th step computed",
             )
             for k, x, y in zip(ks, xs, ys):
@@ -511,7 +522,7 @@ def pruning(
             ax.plot([1.0], [shown[-1]], "k*", markersize=12, label="unpruned")
         low, high = min(shown), max(shown)
         if log:
-            low, high = low / 2, high * 2
+            low, high = max(low, 1e-12) / 2, max(high, 1e-12) * 2
         else:
             pad = 0.15 * (high - low) if high > low else 1.0
             low, high = low - pad, high + pad
@@ -541,61 +552,69 @@ def pruning(
         if log:
             plots.plain_log(ax, "y")
         ax.set_ylim(low, high)
-        if metric == "accuracy":
-            ax.axhspan((unpruned_accuracy - accuracy_drop) * 100, high, color="#3cb44b", alpha=0.08)
+        if metric == quality:
+            ax.axhspan((unpruned_quality - accuracy_drop) * scale, high, color="#3cb44b", alpha=0.08)
         ax.axvline(speedup, color="#e6194b", linestyle="--", linewidth=0.8)
         ax.set_xlabel("wall-clock speed-up over the unpruned sampler (×)")
         ax.set_ylabel(label)
         ax.set_title(f"N = {steps}: {metric.replace('_', ' ')}")
         ax.grid(True, alpha=0.3)
-    axes[0].set_title(f"N = {steps}: accuracy (band: within {accuracy_drop * 100:g} points, line: {speedup:g}×)")
-    handles, labels = axes[0].get_legend_handles_labels()
+    drop_text = f"{accuracy_drop * 100:g} points" if quality == "accuracy" else f"{accuracy_drop:g}"
+    axes[0][metrics.index(quality)].set_title(f"N = {steps}: {quality} (band: within {drop_text}, line: {speedup:g}×)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
     unique = dict(zip(labels, handles))
     fig.legend(unique.values(), unique.keys(), loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.1, 1, 0.94))
+
+    def values(prefix: str, source) -> str:
+        return ", ".join(
+            PRUNING_PANELS[m][3].format(float(source[f"eval_{prefix}_{m}"]) * PRUNING_PANELS[m][1]) for m in metrics
+        )
+
+    def close_enough(value: float) -> bool:
+        return unpruned_quality - value <= accuracy_drop
+
     parts, hits = [], []
     for _, r in ok.sort_values("eval_pruned_speedup").iterrows():
         keep = _task_value(r["task"], "gate_keep", 0.5)
-        drop = unpruned_accuracy - r["eval_pruned_accuracy"]
-        if r["eval_pruned_speedup"] >= speedup and drop <= accuracy_drop:
+        if r["eval_pruned_speedup"] >= speedup and close_enough(r[f"eval_pruned_{quality}"]):
             hits.append(f"{r['estimator']} (keep {keep:g})")
         parts.append(
             f"{r['estimator']}, keep {keep:g}: {r['eval_pruned_speedup']:.2f}× wall-clock "
             f"({r['eval_pruned_flops_fraction']:.2f} of the operations, {r['eval_pruned_block_fraction']:.2f} "
-            f"of the block calls), accuracy {r['eval_pruned_accuracy'] * 100:.1f} %, FID "
-            f"{r['eval_pruned_fid']:.1f}, distance {r['eval_pruned_consistency_mse']:.4f} after "
-            f"{r['iters_done']:.0f} search steps"
+            f"of the block calls), {values('pruned', r)} after {r['iters_done']:.0f} search steps"
         )
+    intervals = [(name, k) for name in statics for k in _static_intervals(ok.columns, name)]
     base = [
-        f"{name}{k}: {first[f'eval_{name}{k}_speedup']:.2f}×, {first[f'eval_{name}{k}_accuracy'] * 100:.1f} %, "
-        f"FID {first[f'eval_{name}{k}_fid']:.1f}, distance {first[f'eval_{name}{k}_consistency_mse']:.4f}"
-        for name in statics
-        for k in _static_intervals(ok.columns, name)
+        f"{name}{k}: {first[f'eval_{name}{k}_speedup']:.2f}×, {values(f'{name}{k}', first)}" for name, k in intervals
     ]
     within = [
         (first[f"eval_{name}{k}_speedup"], f"{name}{k}")
-        for name in statics
-        for k in _static_intervals(ok.columns, name)
-        if unpruned_accuracy - first[f"eval_{name}{k}_accuracy"] <= accuracy_drop
+        for name, k in intervals
+        if close_enough(first[f"eval_{name}{k}_{quality}"])
     ]
     searched = [
         (r["eval_pruned_speedup"], f"{r['estimator']} keep {_task_value(r['task'], 'gate_keep', 0.5):g}")
         for _, r in ok.iterrows()
-        if unpruned_accuracy - r["eval_pruned_accuracy"] <= accuracy_drop
+        if close_enough(r[f"eval_pruned_{quality}"])
     ]
     best = (
-        f"The fastest within {accuracy_drop * 100:g} points of the unpruned accuracy: searched "
+        f"The fastest within {drop_text} of the unpruned {quality}: searched "
         + (f"{max(searched)[0]:.2f}× ({max(searched)[1]})" if searched else "none")
         + ", static "
         + (f"{max(within)[0]:.2f}× ({max(within)[1]})" if within else "none")
         + ". "
     )
-    samples = int(_task_value(first["task"], "fid_samples", 64))
+    unpruned = ", ".join(
+        PRUNING_PANELS[m][3].format(ok[f"eval_unpruned_{m}"].mean() * PRUNING_PANELS[m][1])
+        for m in metrics
+        if m != "consistency_mse"
+    )
+    samples = int(_task_value(first["task"], "fid_samples", 64)) if "eval_fid_samples" in ok or "fid" in metrics else 0
+    drawn = f"{samples} fresh samples; the timed pass draws {min(samples, 64)}" if samples else "fresh samples"
     return fig, (
-        f"Unpruned at N = {steps}: accuracy {unpruned_accuracy * 100:.1f} %, FID "
-        f"{ok['eval_unpruned_fid'].mean():.1f} ({samples} fresh samples; the timed pass draws "
-        f"{min(samples, 64)}, {int(first['threads'])} thread(s)). At least {speedup:g}× faster with accuracy "
-        f"within {accuracy_drop * 100:g} points: {', '.join(hits) or 'none of the searched patterns'}. "
+        f"Unpruned at N = {steps}: {unpruned} ({drawn}, {int(first['threads'])} thread(s)). At least {speedup:g}× "
+        f"faster with {quality} within {drop_text}: {', '.join(hits) or 'none of the searched patterns'}. "
         + best
         + "Searched: "
         + "; ".join(parts)
@@ -622,7 +641,16 @@ def _task_value(task: str, option: str, default: float) -> float:
     return float(parse_spec(task)[1].get(option, default))
 
 
-SPEC_KEYS = {"title": str, "kind": str, "source": str, "claim": str, "sweep": str, "options": dict}
+SPEC_KEYS = {
+    "title": str,
+    "kind": str,
+    "source": str,
+    "claim": str,
+    "sweep": str,
+    "options": dict,
+    "model": str,  # the papers' figures on the models they were written for (reports/figures/papers)
+    "here": str,  # what of it runs on this suite's own models and pipelines without a GPU
+}
 REQUIRED_KEYS = ("title", "kind", "source", "claim")
 
 
@@ -768,4 +796,30 @@ def _write_index(out: Path, results: list[dict[str, Any]]) -> None:
             f"**Measured** ({r['device']}; rows in `{r['source']}`{rerun}). {r['measured']}",
             "",
         ]
+    lines += _papers_section()
     (out / "README.md").write_text("\n".join(lines))
+
+
+def _papers_section() -> list[str]:
+    """The papers' figures on the models they were written for: what runs here, what needs a GPU."""
+    specs = [(path, load_spec(path)) for path in sorted(PAPERS.glob("*.toml"))]
+    if not specs:
+        return []
+    lines = [
+        "## On the models the papers were written for",
+        "",
+        "Each paper's comparison on its own model is a sweep file and a figure spec in `reports/figures/papers`. "
+        "Without a GPU the same sweep runs on the suite's tiny random pipelines (a smoke test: its rows and "
+        "figure are drawn in `tests/results/test_papers.py`; their numbers mean nothing); the real models "
+        "need a GPU and their weights on disk: run the sweep with your folders (its comment shows the command), "
+        "then `python -m bench figures --specs reports/figures/papers --only NAME`.",
+        "",
+        "| figure | the paper's model | runs here without a GPU | needs a GPU |",
+        "|---|---|---|---|",
+    ]
+    for path, spec in specs:
+        lines.append(
+            f"| `{path.stem}`: {spec['title']} | {spec.get('model', '')} | {spec.get('here', '')} | "
+            f"`python -m bench run --config {spec.get('sweep', '')}` with your folders, rows in `{spec['source']}` |"
+        )
+    return [*lines, ""]
