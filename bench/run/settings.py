@@ -293,7 +293,7 @@ SETTINGS: tuple[Setting, ...] = (
         "targets",
         STRS,
         ["latent", "cond", "weights"],
-        "what is optimised: latent, cond, weights, noise (needs eta > 0), gates (digits: DiP-GO's block gates)",
+        "what is optimised: latent, cond, weights, noise (needs eta > 0), gates (DiP-GO's block gates: digits, sd, sdxl, sd3, flux)",
         nonempty_each(),
         metavar="NAME,...",
     ),
