@@ -38,7 +38,9 @@ def load_run(run_dir: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     if frame.empty:
         raise SpecError(f"{run_dir} holds no rows (in {store.ROWS} or {store.ROWS_DIR}/*.jsonl)")
     meta = store.read_run_json(run_dir) or {}
-    return derive(frame), meta
+    derived = derive(frame)
+    derived.attrs["superseded"] = frame.attrs.get("superseded", 0)
+    return derived, meta
 
 
 def derive(frame: pd.DataFrame) -> pd.DataFrame:

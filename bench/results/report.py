@@ -274,6 +274,11 @@ def write_report(run_dir: Path, out: Path | None = None, formats=("png",)) -> Pa
         "Cells: "
         + ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
         + f". Rows: {rows_files_text(Path(run_dir))}."
+        + (
+            f" {frame.attrs['superseded']} row(s) of cells rerun since on changed code or weights are left out."
+            if frame.attrs.get("superseded")
+            else ""
+        )
     )
     kinds = sorted(k for k in frame["mem_kind"].dropna().unique() if k in MEMORY_KINDS)
     page.text(

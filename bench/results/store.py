@@ -195,11 +195,30 @@ def latest_by_key(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {row["key"]: row for row in rows if "key" in row}
 
 
+# What a cell is, read from its row: the cell key hashes these and the code (task_code, task_data,
+# estimator_code, reference_code); a row whose readable identity a later row repeats under another
+# key ran on code or data that has changed since.
+READABLE_IDENTITY = ("schema", "task", "task_version", "estimator", "target", "steps", "seed", "iters", "device", "budget")
+
+
+def current_rows(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """(the latest row of each cell, the number of superseded rows left out): the last row per key,
+    then, of rows with the same readable identity under different keys (a sweep rerun after a
+    change to the code or the weights), the last one read."""
+    latest = list(latest_by_key(rows).values())
+    by_cell = {tuple(str(row.get(name)) for name in READABLE_IDENTITY): row for row in latest}
+    return list(by_cell.values()), len(latest) - len(by_cell)
+
+
 def load_frame(run_dir: str | Path):
-    """The run's rows as a pandas DataFrame, one row per cell (latest wins)."""
+    """The run's rows as a pandas DataFrame, one row per cell (latest wins; the number of rows
+    superseded by a rerun on changed code is in `frame.attrs["superseded"]`)."""
     import pandas as pd
 
-    return pd.DataFrame(list(latest_by_key(read_rows(Path(run_dir))).values()))
+    rows, superseded = current_rows(read_rows(Path(run_dir)))
+    frame = pd.DataFrame(rows)
+    frame.attrs["superseded"] = superseded
+    return frame
 
 
 LOCK = ".lock"

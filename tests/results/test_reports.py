@@ -57,6 +57,26 @@ def test_report_has_a_table_and_a_figure_per_task_and_target(toy_run, tmp_path, 
     assert "<table>" in (out / "index.html").read_text()
 
 
+def test_a_cell_rerun_on_changed_code_counts_once(toy_run, tmp_path):
+    """A folder rerun after a code change holds the old row under its old key too: the analysis
+    and the report read the latest row of each cell, never the superseded one as another seed."""
+    from bench.results import analysis
+
+    folder = tmp_path / "rerun"
+    shutil.copytree(toy_run, folder)
+    rows = store.read_rows(folder)
+    stale = {**rows[0], "key": "0" * 16, "estimator_code": "older", "grad_cos": -1.0}
+    lines = (folder / store.ROWS).read_text()
+    (folder / store.ROWS).write_text(json.dumps(stale) + "\n" + lines)  # read first: the older run's row
+    frame, _ = analysis.load_run(folder)
+    assert frame.attrs["superseded"] == 1 and len(frame) == len(store.latest_by_key(rows))
+    means = analysis.cell_means(frame)
+    cell = means[(means["estimator"] == rows[0]["estimator"]) & (means["target"] == rows[0]["target"])]
+    assert (cell["seeds"] == 1).all() and not (frame["grad_cos"] == -1.0).any()
+    assert main(["report", str(folder), "--out", str(tmp_path / "report")]) == 0
+    assert "1 row(s) of cells rerun since on changed code" in (tmp_path / "report" / "index.md").read_text()
+
+
 def test_report_of_a_missing_folder_is_one_line(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err
