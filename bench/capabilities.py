@@ -19,6 +19,9 @@ IN_ORDER = "in-order"  # the denoiser is called only on the sampler's grid, N..1
 # an extra: K -> a K-step Chain of (a distilled copy of) the task's model sharing the problem's
 # leaves, built once per K; a task's offers() gives the K it ships
 FEW_STEP_CHAIN = "few-step-chain"
+# an extra beside it: the largest trajectory error (tasks/shortcut/check.py) the task accepts of its
+# student; absent: no bound, the error is only reported
+FEW_STEP_BOUND = "few-step-bound"
 # what an estimator without a capability does instead, for the skip reason
 WITHOUT = {IN_ORDER: "calls the denoiser out of the sampler's order (a step alone, off the grid, or another chain)"}
 

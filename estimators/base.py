@@ -133,6 +133,11 @@ class Estimator(Configurable):
         """Why this estimator gives no gradient to this problem's target, or None."""
         return None
 
+    def problem_fields(self, problem: Problem) -> dict:
+        """Row fields this estimator measures on the problem once it applies (shortcut-model: how
+        far its student departs from the chain); none by default."""
+        return {}
+
     def applies(self, problem: Problem) -> str | None:
         """Why this estimator cannot serve this problem, or None: what the runner asks
         (bench/capabilities.py decides: requirements, skip_reason, needs)."""

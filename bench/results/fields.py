@@ -161,6 +161,20 @@ FIELDS: tuple[Field, ...] = (
     Field("nfe_vjp", "count", "VJPs through the denoiser per gradient, counted"),
     Field("nfe_forward_pred", "count", "forwards the cost model predicts (docs/estimators/index.md)"),
     Field("nfe_vjp_pred", "count", "VJPs the cost model predicts"),
+    # shortcut-model's student (tasks/shortcut/check.py)
+    Field(
+        "student_traj_err",
+        "ratio",
+        "shortcut-model: the student's trajectory error, from the problem's x_N the largest RMS(student "
+        "state − N-step chain state) / RMS(N-step chain state) over the student's states at noise levels "
+        "the N-step chain visits (x_0 always); past `student_bound` times `student_plain_err` the cell is skipped",
+    ),
+    Field("student_traj_points", "count", "shortcut-model: how many states that error compared"),
+    Field(
+        "student_plain_err",
+        "ratio",
+        "shortcut-model: the same error of the teacher's own undistilled K-step chain, for scale",
+    ),
     # memory
     Field(
         "peak_mem_bytes",

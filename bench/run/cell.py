@@ -205,6 +205,7 @@ class CellRunner:
             "mem_class": cost.memory,
             "mem_pred_activations": cost.activations,
             "mem_pred_latents": cost.latents,
+            **cell.estimator.problem_fields(problem),
         }
 
     def _agreement(self, attempt: Attempt) -> dict[str, Any]:

@@ -70,8 +70,11 @@ def fingerprint(folder: Path, model: str = "epsilon") -> str:
     for name in files(model):
         digest.update(name.encode())
         digest.update((folder / name).read_bytes())
-    if model == "epsilon":  # the distilled students (tasks/digits/shortcut.py) ride on this model
-        for path in sorted((folder / "shortcut").glob("k*.safetensors")):
+    # the distilled students (tasks/digits/shortcut.py) ride on the epsilon model and the transformer
+    students = {"epsilon": ("shortcut", "k*.safetensors"), "transformer": ("transformer/shortcut", "student.*")}
+    if model in students:
+        where, pattern = students[model]
+        for path in sorted((folder / where).glob(pattern)):
             digest.update(path.name.encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()[:16]

@@ -12,7 +12,12 @@ student's weights are the long model's, trainable parameters included, plus the 
 
 The check (written beside the weights, in training.json): from fresh noise, the student's K-step
 samples against the teacher's K·M-step samples (mean absolute error per pixel, images in [-1, 1]),
-and how often the classifier recognises the conditioned class in each."""
+and how often the classifier recognises the conditioned class in each.
+
+The transformer's student (`digits[model=transformer]`) is the generic one (tasks/shortcut), in
+the repo's student format in weights/transformer/shortcut/, distilled on the task's own problem:
+
+    python -m tasks.shortcut --task 'digits[model=transformer]' --steps 4 --out tasks/digits/weights/transformer/shortcut"""
 
 from __future__ import annotations
 
@@ -24,14 +29,19 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from bench.chain import Chain
 from bench.errors import SpecError
 from tasks.digits import paths
 from tasks.digits.model import NULL_CLASS, GuidedDenoiser
+from tasks.shortcut import Student
+from tasks.shortcut import student_chain as generic_chain
+from tasks.shortcut.sources import DELTA, RECORD
 
 FOLDER = "shortcut"
+TRANSFORMER_FOLDER = "transformer/shortcut"  # the transformer's student, in the repo's student format
+# the options a transformer student was distilled at that its chain depends on
+DISTILLED_AT = ("guidance", "cls", "sampler", "eta")
 SEGMENT = 10  # teacher steps per student step (M)
 GUIDANCE = 2.0  # the guidance the shipped students were distilled at (the task's default)
 
@@ -60,33 +70,38 @@ def load_delta(folder: Path, steps: int) -> tuple[dict[str, Tensor], dict]:
     return load_file(path), meta
 
 
-class Student(nn.Module):
-    """The long model's denoiser (its trainable leaves untouched) called with each distilled
-    weight w + delta in place of w. LoRA layers of peft wrap the weight as `base_layer`."""
+def transformer_record(folder: Path | None) -> dict | None:
+    """The record (student.json) of the transformer's student in `folder`, if there is one."""
+    if folder is None or not (folder / TRANSFORMER_FOLDER / RECORD).is_file():
+        return None
+    return json.loads((folder / TRANSFORMER_FOLDER / RECORD).read_text())
 
-    def __init__(self, denoiser: nn.Module, delta: dict[str, Tensor]) -> None:
-        super().__init__()
-        self.denoiser = denoiser
-        self.delta = {}
-        for name, param in denoiser.named_parameters():
-            plain = name.removeprefix("unet.").replace(".base_layer", "")
-            if plain in delta:
-                self.delta[name] = delta[plain].to(device=param.device, dtype=param.dtype)
-        missing = len(delta) - len(self.delta)
-        if missing:
-            raise SpecError(f"the student's delta names {missing} weights this U-Net does not have")
 
-    def forward(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
-        params = dict(self.denoiser.named_parameters())
-        shifted = {name: params[name] + d for name, d in self.delta.items()}  # a leaf stays a leaf's function
-        return functional_call(self.denoiser, shifted, (x, t, cond), strict=False)
+def offered_steps(folder: Path | None, model: str) -> list[int]:
+    """The student step counts `model` has in `folder`: the epsilon model's files, the transformer's one."""
+    if model == "epsilon":
+        return shipped_steps(folder)
+    record = transformer_record(folder) if model == "transformer" else None
+    return [record["steps"]] if record else []
+
+
+def applies(task) -> bool:
+    """Whether the task's chain is the one its students follow: the epsilon model's deterministic
+    DDIM at GUIDANCE, or the transformer's chain at the options its student was distilled at."""
+    if task.model == "epsilon":
+        return task.chosen_sampler().name == "ddim" and task.eta == 0 and task.guidance == GUIDANCE
+    record = transformer_record(task._folder()) if task.model == "transformer" else None
+    return record is not None and all(task.values[k] == record["options"].get(k) for k in DISTILLED_AT)
 
 
 def student_chain(task, problem, steps: int) -> Chain:
     """The K-step chain of the student built on `problem`'s denoiser, counted with the problem's chain."""
-    delta, meta = load_delta(task._folder(), steps)
-    schedule = task.make_schedule(steps)
-    return Chain(Student(problem.chain.denoiser, delta), schedule, counter=problem.chain.counter)
+    folder = task._folder()
+    if task.model == "transformer":
+        delta = {k: v.float() for k, v in load_file(folder / TRANSFORMER_FOLDER / DELTA).items()}
+        return generic_chain(problem, delta, task.make_schedule(steps), "digits' transformer student")
+    delta, meta = load_delta(folder, steps)
+    return generic_chain(problem, delta, task.make_schedule(steps), "digits' student")
 
 
 def _teacher_grid(task, steps: int, segment: int):

@@ -309,8 +309,8 @@ class Digits(Task):
         return self._flops
 
     def offers(self) -> dict[str, object]:
-        """shortcut-model's distilled students: the step counts shipped for the epsilon model."""
-        return {FEW_STEP_CHAIN: shortcut.shipped_steps(self._folder()) if self.model == "epsilon" else []}
+        """shortcut-model's distilled students: the step counts shipped for the model."""
+        return {FEW_STEP_CHAIN: shortcut.offered_steps(self._folder(), self.model)}
 
     def check_point(self, target: str, steps: int) -> None:
         if target == GATES and steps < 2:
@@ -321,13 +321,8 @@ class Digits(Task):
 
     def _student_applies(self) -> bool:
         """The shipped students follow the deterministic DDIM chain of the epsilon model at their
-        guidance (tasks/digits/shortcut.py)."""
-        return (
-            self.model == "epsilon"
-            and self.chosen_sampler().name == "ddim"
-            and self.eta == 0
-            and self.guidance == shortcut.GUIDANCE
-        )
+        guidance, the transformer's the chain of the options it was distilled at (tasks/digits/shortcut.py)."""
+        return shortcut.applies(self)
 
     def images(self, problem: Problem, x0: Tensor) -> Tensor:
         return ((x0.detach().float() + 1) / 2).clamp(0, 1)

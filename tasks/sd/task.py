@@ -22,6 +22,10 @@ the attention projections, as diffusers' LoRA training scripts; or all U-Net wei
 tune=full), noise (eta > 0). Frozen networks run in the option `dtype` (`network_dtype`); the
 optimised leaves stay float32 (`Task.dtype`, the precision of the estimators' runs).
 
+shortcut-model's few-step student (`student`, `student_steps`, `student_bound`; tasks/shortcut): a
+folder the repo's distillation wrote, a diffusers-format LoRA, or a distilled checkpoint of the same
+architecture, run on the task's sampler at K steps where it is deterministic.
+
 The exact reference: float64 backprop where that fits (`reference=auto` picks it for tiny); at SD
 size checkpointed backprop in the task's precision (`reference=task`), or none (`reference=off`:
 agreement is not measured, rows say so)."""
@@ -29,6 +33,7 @@ agreement is not measured, rows say so)."""
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -37,6 +42,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from bench.capabilities import FEW_STEP_BOUND, FEW_STEP_CHAIN
 from bench.chain import Chain, alpha_bar_at_time
 from bench.errors import SpecError
 from bench.options import Option, at_least
@@ -47,6 +53,8 @@ from tasks.base import Task, sampler_option
 from tasks.cache import cache_root
 from bench.gating import GATES
 from tasks.sd import rewards, tiny
+from tasks.shortcut import denoising_network, student_chain
+from tasks.shortcut.sources import StudentSource, read_source
 
 PROMPTS = (
     "a photograph of an astronaut riding a horse",
@@ -59,6 +67,11 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 TINY = {"tiny": "epsilon", "tiny-v": "v_prediction"}  # built offline: model name -> prediction type
 PREDICTIONS = ("epsilon", "v_prediction")
+# The largest trajectory error a student may have, as a fraction of the undistilled K-step chain's
+# (tasks/shortcut/check.py): the undistilled chain is at 1 by definition. Measured at N = 20 and 50
+# for students python -m tasks.shortcut distilled: 0.36 to 0.59 on tiny sd and sdxl (K = 2 and 4),
+# 0.16 to 0.22 on tiny sd3, 0.26 on the digits transformer; randomly perturbed weights 1.0 to 2.2.
+STUDENT_BOUND = 0.7
 
 
 def quiet_loading() -> None:
@@ -109,6 +122,10 @@ def _guidance(value: float) -> str | None:
 
 def _rescale(value: float) -> str | None:
     return None if 0.0 <= value <= 1.0 else "must be in [0, 1] (0: off; Lin et al. suggest 0.7)"
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be > 0"
 
 
 # The files from_pretrained loads when no variant is named: one file, or the index of shards.
@@ -301,6 +318,7 @@ class StableDiffusion(Task):
     components: tuple[str, ...] = COMPONENTS  # the pipeline folder's subfolders
     networks: tuple[str, ...] = ("unet", "vae", "text_encoder")  # those with a config and weights
     tiny: tuple[str, ...] = tuple(TINY)  # the `model` names of the random pipelines built offline
+    pipeline_class = "StableDiffusionPipeline"  # whose lora_state_dict reads a student LoRA
     options = (
         Option(
             "model",
@@ -399,6 +417,32 @@ class StableDiffusion(Task):
             choices=("auto", "float64", "task", "off"),
         ),
         *gating.gate_options(),
+        Option(
+            "student",
+            str,
+            "",
+            "shortcut-model's few-step student of the denoiser: a folder python -m tasks.shortcut wrote, a "
+            "diffusers-format LoRA (a .safetensors file, or a folder with pytorch_lora_weights.safetensors: "
+            "LCM, TCD, Hyper-SD, PCM), or a distilled checkpoint of the same architecture (a folder with "
+            "unet/ or transformer/); empty: none",
+        ),
+        Option(
+            "student_steps",
+            int,
+            0,
+            "the student's step count K (0: from its student.json; required for a LoRA or a checkpoint)",
+            check=at_least(0),
+        ),
+        Option(
+            "student_bound",
+            float,
+            STUDENT_BOUND,
+            "the largest trajectory error a student may have, as a fraction of the undistilled K-step "
+            "chain's (that chain is at 1): from each problem's x_N, the largest RMS(student state - N-step "
+            "chain state) / RMS(N-step chain state) over the student's states at noise levels the N-step "
+            "chain visits (x_0 always); past it the cell is skipped",
+            check=_positive,
+        ),
     )
 
     def __init__(self, **values) -> None:
@@ -452,6 +496,7 @@ class StableDiffusion(Task):
         except SpecError as exc:
             raise SpecError(f"{owner}: {self.folder / 'scheduler' / 'scheduler_config.json'}: {exc}") from None
         REWARDS.preflight(self.reward, self, rewards.IMAGE)  # its files, or a user function that loads
+        self._student = self.read_student("unet", configs["unet"])
 
     def model_folder(self) -> Path:
         return resolve_model(self.model)
@@ -554,6 +599,39 @@ class StableDiffusion(Task):
                 f"text encoder gives {width}-wide ones; valid: a pipeline whose parts belong together"
             )
 
+    def read_student(self, network: str, config: dict) -> StudentSource | None:
+        """The `student` option's student, checked against the task's denoising network (the
+        pipeline folder `network` with configuration `config`); None without one."""
+        if not self.student:
+            if self.student_steps:
+                raise SpecError(f"{self.name}[student_steps={self.student_steps}]: no student; set student=PATH")
+            return None
+        owner = f"{self.name}[student={self.student}]"
+        return read_source(self.student, self.student_steps, owner, self.pipeline_class, network, config)
+
+    def _student_applies(self) -> bool:
+        """A student follows the deterministic chain it was distilled on: eta 0."""
+        return bool(self.student) and self.eta == 0
+
+    def attach_student(self, problem: Problem) -> None:
+        """shortcut-model's K-step chain of the student on the problem's denoiser, and the bound of
+        its trajectory error, where the student applies."""
+        if not self._student_applies():
+            return
+        source = self._student
+
+        def chain(steps: int) -> Chain:
+            delta = source.delta(denoising_network(problem.chain.denoiser)[1])
+            return student_chain(problem, delta, self.make_schedule(steps), source.owner)
+
+        problem.extras[FEW_STEP_CHAIN] = functools.cache(chain)
+        problem.extras[FEW_STEP_BOUND] = self.student_bound
+
+    def offers(self) -> dict[str, object]:
+        """shortcut-model's student: the step count of the `student` option's."""
+        self._check_once()
+        return {FEW_STEP_CHAIN: [self._student.steps] if self._student else []}
+
     def _check_once(self) -> None:
         """preflight, unless done (resolve() runs it; fingerprint and set-up need its results)."""
         if not getattr(self, "_checked", False):
@@ -567,10 +645,13 @@ class StableDiffusion(Task):
     def data_fingerprint(self) -> str:
         self._check_once()
         if not (self.prompts or self.negative_prompt_file):
-            return _fingerprint(self.folder)
-        # the texts of the prompt files too: an edited file must not reuse the old rows
-        texts = json.dumps([self.prompt_list, self.negative_text]).encode()
-        return hashlib.sha256(_fingerprint(self.folder).encode() + texts).hexdigest()[:16]
+            fingerprint = _fingerprint(self.folder)
+        else:  # the texts of the prompt files too: an edited file must not reuse the old rows
+            texts = json.dumps([self.prompt_list, self.negative_text]).encode()
+            fingerprint = hashlib.sha256(_fingerprint(self.folder).encode() + texts).hexdigest()[:16]
+        if not self.student:
+            return fingerprint
+        return hashlib.sha256(f"{fingerprint}+{self._student.fingerprint()}".encode()).hexdigest()[:16]
 
     def setup(self, device: torch.device) -> None:
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -756,7 +837,7 @@ class StableDiffusion(Task):
         def reward_of(x0: Tensor) -> Tensor:
             return reward(self.decode(x0, vae))
 
-        return Problem(
+        problem = Problem(
             chain=Chain(denoiser, schedule),
             x_start=x_start,
             cond=cond,
@@ -765,6 +846,8 @@ class StableDiffusion(Task):
             target=target,
             leaves=leaves,
         )
+        self.attach_student(problem)
+        return problem
 
     @torch.no_grad()
     def images(self, problem: Problem, x0: Tensor) -> Tensor:

@@ -183,6 +183,7 @@ class StableDiffusion3(StableDiffusion):
         except SpecError as exc:
             raise SpecError(f"{owner}: {self.folder / 'scheduler' / 'scheduler_config.json'}: {exc}") from None
         REWARDS.preflight(self.reward, self, rewards.IMAGE)
+        self._student = self.read_student("transformer", configs["transformer"])
 
     def _latent_shape(self, configs: dict[str, dict]) -> tuple[int, int, int]:
         transformer, vae, owner = configs["transformer"], configs["vae"], f"{self.name}[model={self.model}]"
@@ -282,7 +283,7 @@ class StableDiffusion3(StableDiffusion):
         def reward_of(x0: Tensor) -> Tensor:
             return reward(self.decode(x0, vae))
 
-        return Problem(
+        problem = Problem(
             chain=Chain(denoiser, self.make_schedule(steps)),
             x_start=x_start,
             cond=cond,
@@ -291,3 +292,5 @@ class StableDiffusion3(StableDiffusion):
             target=target,
             leaves=leaves,
         )
+        self.attach_student(problem)
+        return problem

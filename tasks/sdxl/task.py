@@ -41,6 +41,7 @@ class StableDiffusionXL(StableDiffusion):
     components = (*COMPONENTS, "text_encoder_2", "tokenizer_2")
     networks = ("unet", "vae", "text_encoder", "text_encoder_2")
     tiny = ("tiny",)
+    pipeline_class = "StableDiffusionXLPipeline"
     options = (
         Option("model", str, "tiny", "SDXL pipeline folder, cached model id, or tiny (random, built offline)"),
         *(option for option in StableDiffusion.options if option.name not in RENAMED),
