@@ -466,6 +466,7 @@ def _short(task: str, width: int = 48) -> str:
     return "\n".join([*lines, line])
 
 
+LOWER_IS_BETTER = ("fid", "consistency_mse")
 PRUNING_PANELS = {  # metric: (axis label, scale, log axis, text)
     "accuracy": ("classifier accuracy (conditioning class), %", 100.0, False, "accuracy {:.1f} %"),
     "fid": ("digits-FID to held-out digits of that class", 1.0, False, "FID {:.1f}"),
@@ -488,7 +489,8 @@ def pruning(
     (digits: classifier accuracy and digits-FID; pipelines: the task's reward) and the distance to
     the unpruned samples, beside the static baselines (every k-th step computed), with the target
     region: at least `speedup` times faster, `quality` within `accuracy_drop` of the unpruned
-    sampler's (in its own units; accuracy as a fraction)."""
+    sampler's (in its own units, accuracy as a fraction; below it where higher is better, above it
+    for FID and the distance)."""
     ok = frame[(frame["status"] == "ok") & (frame["target"] == "gates") & (frame["steps"] == steps)]
     if ok.empty:
         raise SpecError(f"the reference rows have no ok cell on gates at N={steps}")
@@ -497,7 +499,8 @@ def pruning(
         raise SpecError(f"the gates rows carry no eval_pruned_{quality}; they have {', '.join(metrics)}")
     first = ok.iloc[0]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.7 * len(metrics), 5.2), squeeze=False)
-    unpruned_quality = float(ok[f"eval_unpruned_{quality}"].mean())
+    unpruned_quality = float(ok[f"eval_unpruned_{quality}"].mean()) if quality != "consistency_mse" else 0.0
+    lower_is_better = quality in LOWER_IS_BETTER
     for ax, metric in zip(axes[0], metrics):
         label, scale, log, _ = PRUNING_PANELS[metric]
         shown = []  # the values the axis is scaled to: baselines, unpruned, searched within reach
@@ -552,7 +555,9 @@ def pruning(
         if log:
             plots.plain_log(ax, "y")
         ax.set_ylim(low, high)
-        if metric == quality:
+        if metric == quality and lower_is_better:
+            ax.axhspan(low, (unpruned_quality + accuracy_drop) * scale, color="#3cb44b", alpha=0.08)
+        elif metric == quality:
             ax.axhspan((unpruned_quality - accuracy_drop) * scale, high, color="#3cb44b", alpha=0.08)
         ax.axvline(speedup, color="#e6194b", linestyle="--", linewidth=0.8)
         ax.set_xlabel("wall-clock speed-up over the unpruned sampler (×)")
@@ -572,7 +577,8 @@ def pruning(
         )
 
     def close_enough(value: float) -> bool:
-        return unpruned_quality - value <= accuracy_drop
+        worse = value - unpruned_quality if lower_is_better else unpruned_quality - value
+        return worse <= accuracy_drop
 
     parts, hits = [], []
     for _, r in ok.sort_values("eval_pruned_speedup").iterrows():

@@ -23,17 +23,37 @@ CASES = {  # figure -> (sweep, the tiny tasks, steps, what the figure's options 
 }
 
 
+@pytest.fixture(scope="module")
+def sdxl_student(tmp_path_factory, pipeline_cache):
+    """A 4-step student of the tiny SDXL pipeline distilled by the repo (briefly: a smoke test)."""
+    from tasks.shortcut.__main__ import main as distil
+
+    folder = tmp_path_factory.mktemp("sdxl-student")
+    argv = ["--task", "sdxl[batch=1]", "--steps", "4", "--segment", "2", "--train-steps", "30"]
+    assert distil([*argv, "--trajectories", "8", "--threads", "1", "--out", str(folder)]) == 0
+    return folder
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(CASES))
-def test_each_papers_sweep_runs_on_the_tiny_pipeline_and_draws_its_figure(name, tmp_path, pipeline_cache):
-    sweep, tasks, steps, options = CASES[name]
+@pytest.mark.parametrize("name", [*CASES, "shortft_sdxl"])
+def test_each_papers_sweep_runs_on_the_tiny_pipeline_and_draws_its_figure(name, tmp_path, pipeline_cache, request):
+    if name == "shortft_sdxl":  # the student's 4-step grid lies on the 8-step one; any error passes here
+        student = request.getfixturevalue("sdxl_student")
+        sweep, tasks, steps = "sdxl-shortft", [f"sdxl[batch=1,student={student},student_bound=100]"], "8"
+        options = {"steps": 8, "budget": 2.0}
+    else:
+        sweep, tasks, steps, options = CASES[name]
     out = tmp_path / "rows"
     argv = ["run", "--config", str(SWEEPS / f"{sweep}.toml"), "--tasks", ",".join(tasks), "--steps", steps]
     argv += ["--device", "cpu", "--seeds", "0", "--iters", "2", "--rounds", "1", "--timeout", "600"]
+    argv += ["--budget", "2"] if name == "shortft_sdxl" else []  # its figure: equal compute
     assert main([*argv, "--out", str(out), "--no-progress"]) == 0
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
     failed = [(r["estimator"], r["target"], r.get("reason")) for r in rows if r["status"] not in ("ok", "skipped")]
     assert not failed and sum(r["status"] == "ok" for r in rows) >= 2, failed  # skips: by design (DRaFT's x_N)
+    if name == "shortft_sdxl":
+        (row,) = [r for r in rows if r["estimator"] == "shortcut-model"]
+        assert row["status"] == "ok" and row["student_traj_points"] >= 1 and row["student_traj_err"] >= 0
     path = PAPERS / f"{name}.toml"
     spec = figures.load_spec(path)
     spec = {**spec, "source": str(out), "options": {**spec.get("options", {}), **options}}

@@ -321,3 +321,19 @@ def test_gates_refuse_checkpointed_blocks_in_one_line(tmp_path, capsys, pipeline
     assert main([*argv, "--iters", "1", "--out", str(tmp_path / "never")]) == 2
     err = capsys.readouterr().err.strip()
     assert "checkpoint_blocks" in err and "\n" not in err
+
+
+def test_the_digits_transformer_searches_gates_over_its_six_blocks(tmp_path):
+    """digits[model=transformer]: gates per joint block (residual reuse), the search exact against
+    the float64 reference, the deployed sampler and the static baselines in the row."""
+    out = tmp_path / "run"
+    argv = ["run", "--tasks", "digits[model=transformer,batch=2,fid_samples=8]", "--targets", "gates"]
+    assert (
+        main([*argv, "--steps", "3", "--estimators", "full", "--iters", "1", "--rounds", "1", "--out", str(out)]) == 0
+    )
+    (row,) = map(json.loads, (out / "rows.jsonl").read_text().splitlines())
+    assert row["status"] == "ok" and row["grad_cos"] == pytest.approx(1.0) and row["nfe_vjp"] == 2
+    assert row["eval_reuse2_block_fraction"] == pytest.approx(2 / 3) and row["eval_deepcache2_block_fraction"] < 1
+    task = TASKS.create("digits[model=transformer]")
+    task.setup(torch.device("cpu"))
+    assert list(task.block_flops()) == [f"block{i}" for i in range(6)] + ["rest"]
