@@ -24,7 +24,7 @@ LAYERS = {
         "bench.samplers",
     ),
     "measure": ("bench.measure",),
-    "plug-ins": ("estimators", "tasks", "bench.api"),
+    "plug-ins": ("estimators", "tasks", "bench.api", "bench.gating"),
     "results": ("bench.results",),
     "planner": ("bench.planner",),
     "run": ("bench.run",),

@@ -752,10 +752,16 @@ def render(path: Path, out: Path, formats=("png", "svg"), spec: dict[str, Any] |
     }
 
 
+def _figure_order(path: Path) -> tuple:
+    """Figures by their leading number (2_... before 10_...), then by name."""
+    number = path.stem.split("_")[0]
+    return (int(number) if number.isdigit() else float("inf"), path.stem)
+
+
 def render_all(
     folder: Path = FIGURES, out: Path | None = None, only: list[str] | None = None, formats=("png", "svg")
 ) -> list[dict[str, Any]]:
-    specs = sorted(folder.glob("*.toml"))
+    specs = sorted(folder.glob("*.toml"), key=_figure_order)
     if only:
         unknown = set(only) - {p.stem for p in specs}
         if unknown:

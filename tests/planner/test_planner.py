@@ -191,14 +191,14 @@ def test_gate_flops_under_fake_tensors_equal_the_count_on_real_tensors_and_the_s
 
 def test_plan_states_the_gates_operations_on_a_real_architecture(tmp_path, capsys):
     pattern = tmp_path / "pattern.json"
-    pattern.write_text(json.dumps([[1] * 57, [0] * 57, [1] + [0] * 55 + [1]]))  # FLUX.1-dev's 19 + 38 blocks
-    argv = ["plan", "--model", "flux.1-dev", "--estimators", "full", "--steps", "4", "--resolution", "512"]
+    pattern.write_text(json.dumps([[1] * 9, [0] * 9, [1] + [0] * 7 + [1]]))  # SD 1.5's 4 + 1 + 4 blocks
+    argv = ["plan", "--model", "sd1.5", "--estimators", "full", "--steps", "4", "--resolution", "256"]
     assert main([*argv, "--gates", "--gate-pattern", str(pattern)]) == 0
     out = capsys.readouterr().out
-    assert "57 gated blocks" in out and "| block0 |" in out and "| single37 |" in out
+    assert "9 gated blocks" in out and "| down0 |" in out and "| mid |" in out and "| up3 |" in out
     row = next(line for line in out.splitlines() if line.startswith("| file pattern.json"))
     fraction = float(row.split("|")[2])
-    assert 0.5 < fraction < 0.6  # steps 4 and 3 all, step 2 none, step 1 two of 57: (2 + 2 / 57) / 4, and the rest
+    assert 0.5 < fraction < 0.6  # steps 4 and 3 all, step 2 none, step 1 down0 and up3, and the rest
     pattern.write_text("[[1, 0]]")
     assert main([*argv, "--gates", "--gate-pattern", str(pattern)]) == 2
     err = capsys.readouterr().err

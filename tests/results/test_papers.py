@@ -37,15 +37,15 @@ def sdxl_student(tmp_path_factory, pipeline_cache):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [*CASES, "shortft_sdxl"])
 def test_each_papers_sweep_runs_on_the_tiny_pipeline_and_draws_its_figure(name, tmp_path, pipeline_cache, request):
-    if name == "shortft_sdxl":  # the student's 4-step grid lies on the 8-step one; any error passes here
+    if name == "shortft_sdxl":  # N = 12: truncated[k=12] runs; x_0 is compared, any error passes here
         student = request.getfixturevalue("sdxl_student")
-        sweep, tasks, steps = "sdxl-shortft", [f"sdxl[batch=1,student={student},student_bound=100]"], "8"
-        options = {"steps": 8, "budget": 2.0}
+        sweep, tasks, steps = "sdxl-shortft", [f"sdxl[batch=1,student={student},student_bound=100]"], "12"
+        options = {"steps": 12, "budget": 2.0}
     else:
         sweep, tasks, steps, options = CASES[name]
     out = tmp_path / "rows"
     argv = ["run", "--config", str(SWEEPS / f"{sweep}.toml"), "--tasks", ",".join(tasks), "--steps", steps]
-    argv += ["--device", "cpu", "--seeds", "0", "--iters", "2", "--rounds", "1", "--timeout", "600"]
+    argv += ["--device", "cpu", "--seeds", "0", "--iters", "1", "--rounds", "1", "--timeout", "600"]
     argv += ["--budget", "2"] if name == "shortft_sdxl" else []  # its figure: equal compute
     assert main([*argv, "--out", str(out), "--no-progress"]) == 0
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]

@@ -123,13 +123,16 @@ def test_figures_redraw_from_the_committed_reference_results(tmp_path):
         "7_dipgo",
         "8_frontier_2026",
         "9_methods_2026_compute",
+        "10_dipgo_transformer",
     ]
     for r in results:
         for suffix in ("png", "svg"):
             assert (tmp_path / f"{r['name']}.{suffix}").stat().st_size > 10_000
         assert r["claim"] and any(ch.isdigit() for ch in r["measured"])
     index = (tmp_path / "README.md").read_text()
-    assert index.count("**Claim.**") == 9 and "digits-scaling" in index
+    assert index.count("**Claim.**") == 10 and "digits-scaling" in index
+    assert "## On the models the papers were written for" in index and "reports/figures/papers" in index
+    assert all(f"| `{name}`" in index for name in ("sdo_sd15", "adjointdpm_sd15", "dipgo_sd15", "shortft_sdxl"))
     frontier = next(r for r in results if r["name"] == "5_frontier")["measured"]
     assert "In the region (cosine ≥ 0.99 at ≤ 12.5 VJPs" in frontier and "coarse-adjoint: cosine" in frontier
     shortft = next(r for r in results if r["name"] == "6_shortft")["measured"]
