@@ -38,7 +38,6 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from bench.capabilities import FEW_STEP_CHAIN, IN_ORDER
 from bench.options import Option, at_least
@@ -303,9 +302,12 @@ def hard_pattern(logits: Tensor) -> Tensor:
 
 def block_flops(network: nn.Module, call: Callable[[], object]) -> dict[str, float]:
     """Floating-point operations of each gated block (by label) and of the rest ("rest") of one
-    call, counted by torch's FlopCounterMode: `call()` calls `network` once (real or fake tensors)."""
+    call, counted by torch's FlopCounterMode (attention too: bench/measure/flops.py): `call()` calls
+    `network` once (real or fake tensors)."""
     blocks = blocks_of(network)
-    with FlopCounterMode(display=False) as counter:
+    from bench.measure.flops import flop_counter
+
+    with flop_counter() as counter:
         call()
     by_module = counter.get_flop_counts()
     total = float(sum(by_module["Global"].values()))

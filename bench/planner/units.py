@@ -184,9 +184,9 @@ def default_dtype(dtype: torch.dtype):
 
 def _flops(fn) -> tuple[float, object]:
     """(FLOPs of fn(), its result)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from bench.measure.flops import flop_counter
 
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         result = fn()
     return float(counter.get_total_flops()), result
 

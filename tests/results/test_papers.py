@@ -17,7 +17,7 @@ SWEEPS = ROOT / "results" / "reference" / "sweeps"
 PAPERS = ROOT / "reports" / "figures" / "papers"
 
 CASES = {  # figure -> (sweep, the tiny tasks, steps, what the figure's options need here)
-    "sdo_sd15": ("sd15-sdo", ["sd[reward=aesthetic,batch=1]"], "3", {"steps": 3}),
+    "sdo_sd15": ("sd15-sdo", ["sd[reward=aesthetic,batch=1]"], "3", {"steps": 3, "targets": ["latent"]}),
     "adjointdpm_sd15": ("sd15-adjointdpm", ["sd[reward=clip,batch=1]"], "2,4", {}),
     "dipgo_sd15": ("sd15-dipgo", ["sd[batch=1,gate_keep=0.3]", "sd[batch=1,gate_keep=0.6]"], "3", {"steps": 3}),
 }
@@ -40,13 +40,15 @@ def test_each_papers_sweep_runs_on_the_tiny_pipeline_and_draws_its_figure(name, 
     if name == "shortft_sdxl":  # N = 12: truncated[k=12] runs; x_0 is compared, any error passes here
         student = request.getfixturevalue("sdxl_student")
         sweep, tasks, steps = "sdxl-shortft", [f"sdxl[batch=1,student={student},student_bound=100]"], "12"
-        options = {"steps": 12, "budget": 2.0}
+        options = {"steps": 12, "budget": 1.0}
     else:
         sweep, tasks, steps, options = CASES[name]
     out = tmp_path / "rows"
     argv = ["run", "--config", str(SWEEPS / f"{sweep}.toml"), "--tasks", ",".join(tasks), "--steps", steps]
-    argv += ["--device", "cpu", "--seeds", "0", "--iters", "1", "--rounds", "1", "--timeout", "600"]
-    argv += ["--budget", "2"] if name == "shortft_sdxl" else []  # its figure: equal compute
+    argv += ["--device", "cpu", "--seeds", "0", "--iters", "1", "--rounds", "1", "--warmup", "0", "--timeout", "600"]
+    argv += ["--budget", "1"] if name == "shortft_sdxl" else []  # its figure: equal compute
+    argv += ["--no-memory"] if name in ("shortft_sdxl", "dipgo_sd15") else []  # their figures draw no memory
+    argv += ["--targets", "latent"] if name == "sdo_sd15" else []  # its weights target: figure 1 on digits
     assert main([*argv, "--out", str(out), "--no-progress"]) == 0
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
     failed = [(r["estimator"], r["target"], r.get("reason")) for r in rows if r["status"] not in ("ok", "skipped")]

@@ -323,17 +323,20 @@ def test_gates_refuse_checkpointed_blocks_in_one_line(tmp_path, capsys, pipeline
     assert "checkpoint_blocks" in err and "\n" not in err
 
 
-def test_the_digits_transformer_searches_gates_over_its_six_blocks(tmp_path):
-    """digits[model=transformer]: gates per joint block (residual reuse), the search exact against
-    the float64 reference, the deployed sampler and the static baselines in the row."""
-    out = tmp_path / "run"
-    argv = ["run", "--tasks", "digits[model=transformer,batch=2,fid_samples=8]", "--targets", "gates"]
-    assert (
-        main([*argv, "--steps", "3", "--estimators", "full", "--iters", "1", "--rounds", "1", "--out", str(out)]) == 0
-    )
-    (row,) = map(json.loads, (out / "rows.jsonl").read_text().splitlines())
-    assert row["status"] == "ok" and row["grad_cos"] == pytest.approx(1.0) and row["nfe_vjp"] == 2
-    assert row["eval_reuse2_block_fraction"] == pytest.approx(2 / 3) and row["eval_deepcache2_block_fraction"] < 1
-    task = TASKS.create("digits[model=transformer]")
+def test_the_digits_transformer_searches_gates_over_its_six_blocks():
+    """digits[model=transformer]: gates per joint block (residual reuse), the search's gradient
+    that of the float64 problem, the deployed sampler and the static baselines in its evaluation."""
+    task = TASKS.create("digits[model=transformer,batch=2,fid_samples=4]")
     task.setup(torch.device("cpu"))
     assert list(task.block_flops()) == [f"block{i}" for i in range(6)] + ["rest"]
+    grads = []
+    for dtype in (torch.float32, torch.float64):
+        problem = task.make_problem("gates", 3, 0, dtype=dtype)
+        ESTIMATORS.create("full")(problem, random.Random(0))
+        grads.append(problem.flat_grad().double())
+        assert problem.chain.counter.vjp == 2 and problem.leaves[0].shape == (2, 6)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-7)
+    with torch.no_grad():
+        x0 = problem.chain.sample(problem.x_start, problem.cond, problem.noises)
+    metrics = task.evaluate(problem, x0)
+    assert metrics["reuse2_block_fraction"] == pytest.approx(2 / 3) and metrics["deepcache2_block_fraction"] < 1
