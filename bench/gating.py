@@ -419,6 +419,7 @@ def gate_problem(
     problem.penalty = lambda: settings.penalty(logits, flops)
     problem.requires[IN_ORDER] = "the gates target's denoiser reuses block outputs of the previous step"
     problem.extras.pop(FEW_STEP_CHAIN, None)
+    problem.extras[GATES] = flops  # the operations per block, for the evaluation of the found gates
     return problem
 
 
@@ -516,3 +517,16 @@ def evaluate_patterns(
         fields[f"{name}_time_s"] = seconds
         fields[f"{name}_speedup"] = unpruned / seconds
     return fields
+
+
+def evaluate_search(problem: Problem, baselines: dict, key: tuple, **measure) -> dict[str, float]:
+    """The searched gates of a gates problem deployed (evaluate_patterns, as `pruned_<metric>`)
+    with the static baselines beside them, measured once per `key` in `baselines` (they do not
+    depend on the gate options). `measure`: evaluate_patterns' keywords but `flops`, which are
+    the search's own (gate_problem keeps them in the problem's extras)."""
+    logits = problem.leaves[0]
+    measure["flops"] = problem.extras[GATES]
+    found = evaluate_patterns({"pruned": hard_pattern(logits)}, **measure)
+    if key not in baselines:
+        baselines[key] = evaluate_patterns(static_patterns(problem.num_steps, logits.shape[1]), **measure)
+    return {**found, **{k: v for k, v in baselines[key].items() if not k.startswith("unpruned_")}}

@@ -411,7 +411,6 @@ class Digits(Task):
         over the unpruned sampler (wall-clock, operations, block calls) and quality (accuracy for the
         conditioning class, digits-FID, distance to the unpruned samples); the static baselines
         (gating.static_patterns) beside, measured once per step count."""
-        chain, logits = problem.chain, problem.leaves[0]
         fresh, noises = self._fresh(problem, x0)
         classifier = self.classifier_in(torch.float32)
         reals = self._reference_images(GATES).to(self.device)
@@ -423,28 +422,25 @@ class Digits(Task):
                 "consistency_mse": float(((samples - unpruned) ** 2).mean()),
             }
 
-        measure = dict(
-            chain=chain,
-            path=self.gated_path,
-            network=gating.ungated(problem, self.gated_path),
-            fresh=fresh,
-            cond=problem.cond,
-            noises=noises,
-            quality=quality,
-            flops=self.block_flops(),
-            device=self.device,
-            threads=torch.get_num_threads(),
-        )
-        found = gating.evaluate_patterns({"pruned": gating.hard_pattern(logits)}, **measure)
-        # the baselines do not depend on the gate options: measured once per sweep for the rest
+        # the baselines do not depend on the gate options: measured once per task for the rest
         key = (
             self.data_fingerprint(),
             *sorted((k, v) for k, v in self.values.items() if not k.startswith("gate_")),
             problem.num_steps,
             str(x0.dtype),
         )
-        if key not in self._static_results:
-            patterns = gating.static_patterns(problem.num_steps, logits.shape[1])
-            self._static_results[key] = gating.evaluate_patterns(patterns, **measure)
-        static = {k: v for k, v in self._static_results[key].items() if not k.startswith("unpruned_")}
-        return {"reward": float(problem.reward_fn(x0).mean()), **found, **static}
+        deployed = gating.evaluate_search(
+            problem,
+            self._static_results,
+            key,
+            chain=problem.chain,
+            path=self.gated_path,
+            network=gating.ungated(problem, self.gated_path),
+            fresh=fresh,
+            cond=problem.cond,
+            noises=noises,
+            quality=quality,
+            device=self.device,
+            threads=torch.get_num_threads(),
+        )
+        return {"reward": float(problem.reward_fn(x0).mean()), **deployed}

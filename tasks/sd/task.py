@@ -36,7 +36,6 @@ import copy
 import functools
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -50,7 +49,7 @@ from bench.problem import TARGETS, Problem
 from bench.rewards import REWARDS
 from bench import gating
 from tasks.base import Task, sampler_option
-from tasks.cache import cache_root
+from tasks.cache import add_file, cache_root
 from bench.gating import GATES
 from tasks.sd import rewards, tiny
 from tasks.shortcut import denoising_network, student_chain
@@ -106,13 +105,7 @@ def _fingerprint(folder: Path) -> str:
     retrained or replaced model changes it."""
     digest = hashlib.sha256()
     for file in sorted(p for p in folder.rglob("*") if p.is_file()):
-        size = file.stat().st_size
-        digest.update(f"{file.relative_to(folder)}:{size}".encode())
-        with open(file, "rb") as handle:
-            digest.update(handle.read(2**20))
-            if size > 2**21:
-                handle.seek(-(2**20), os.SEEK_END)
-                digest.update(handle.read())
+        add_file(digest, file, str(file.relative_to(folder)))
     return digest.hexdigest()[:16]
 
 
@@ -782,8 +775,11 @@ class StableDiffusion(Task):
                 "consistency_mse": float(((samples - unpruned) ** 2).mean()),
             }
 
-        logits = problem.leaves[0]
-        measure = dict(
+        key = (*sorted((k, v) for k, v in self.values.items() if not k.startswith("gate_")), problem.num_steps)
+        deployed = gating.evaluate_search(
+            problem,
+            self.__dict__.setdefault("_static_results", {}),  # the baselines, once per point
+            key,
             chain=problem.chain,
             path=self.gated_path,
             network=gating.ungated(problem, self.gated_path),
@@ -791,20 +787,11 @@ class StableDiffusion(Task):
             cond=problem.cond,
             noises=noises,
             quality=quality,
-            flops=gating.problem_flops(self.make_problem("latent", problem.num_steps, 0), self.gated_path),
             device=self.device,
             threads=torch.get_num_threads(),
             time_scale=self.gate_time_scale,
         )
-        found = gating.evaluate_patterns({"pruned": gating.hard_pattern(logits)}, **measure)
-        # the baselines do not depend on the gate options: measured once per point for the rest
-        key = (*sorted((k, v) for k, v in self.values.items() if not k.startswith("gate_")), problem.num_steps)
-        statics = self.__dict__.setdefault("_static_results", {})
-        if key not in statics:
-            patterns = gating.static_patterns(problem.num_steps, logits.shape[1])
-            statics[key] = gating.evaluate_patterns(patterns, **measure)
-        static = {k: v for k, v in statics[key].items() if not k.startswith("unpruned_")}
-        return {"reward": float(problem.reward_fn(x0).mean()), **found, **static}
+        return {"reward": float(problem.reward_fn(x0).mean()), **deployed}
 
     def make_problem(self, target: str, steps: int, seed: int, dtype: torch.dtype | None = None) -> Problem:
         self.check_target(target)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from bench.errors import SpecError
+from tasks.cache import add_file
 from tasks.shortcut import lora
 from tasks.shortcut.student import check_shapes, plain_name
 
@@ -53,13 +53,7 @@ class StudentSource:
         """Size and first and last MiB of each file it reads: a replaced student changes it."""
         digest = hashlib.sha256()
         for file in self.files:
-            size = file.stat().st_size
-            digest.update(f"{file.name}:{size}".encode())
-            with open(file, "rb") as handle:
-                digest.update(handle.read(2**20))
-                if size > 2**21:
-                    handle.seek(-(2**20), os.SEEK_END)
-                    digest.update(handle.read())
+            add_file(digest, file, file.name)
         return digest.hexdigest()[:16]
 
     def delta(self, teacher: nn.Module) -> dict[str, Tensor]:
